@@ -1,0 +1,3 @@
+from qlora_lightning.cli import main
+
+main()

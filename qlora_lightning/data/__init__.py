@@ -1,0 +1,10 @@
+"""DataModules: one shared base, one small file per dataset."""
+
+from qlora_lightning.data.base import SFTDataModule, load_raw_dataset, pad_batch
+from qlora_lightning.data.codealpaca import CodeAlpacaDataModule
+from qlora_lightning.data.generic import ColumnDataModule
+from qlora_lightning.data.gsm8k import GSM8KDataModule
+from qlora_lightning.data.guanaco import GuanacoDataModule
+
+__all__ = ["SFTDataModule", "GuanacoDataModule", "CodeAlpacaDataModule", "GSM8KDataModule", "ColumnDataModule",
+           "load_raw_dataset", "pad_batch"]

@@ -1,0 +1,237 @@
+"""The shared SFT DataModule: load (hub id or local file) -> messages -> tokens -> padded batches.
+
+A dataset subclass only says where its data lives by default and how one raw row becomes
+chat messages (``messages_fn``); everything else lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import datasets
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from qlora_lightning.data.tokenize import ChatFormat, Message, RowError, tokenize_messages
+from qlora_lightning.errors import UserError
+from qlora_lightning.losses import IGNORE_INDEX
+from qlora_lightning.model import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
+                  ".arrow": "arrow", ".txt": "text"}
+
+
+def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> datasets.DatasetDict:
+    """A local file or directory, or else a hub dataset id, as a DatasetDict of splits."""
+    local = Path(path).expanduser()
+    try:
+        if local.is_file():
+            builder = _FILE_BUILDERS.get("".join(local.suffixes[-1:]).lower())
+            if builder is None:
+                raise UserError(f"data file '{path}': unsupported extension (use {', '.join(_FILE_BUILDERS)})")
+            return datasets.load_dataset(builder, data_files={"train": str(local)})
+        if local.is_dir():
+            if (local / "dataset_dict.json").is_file():
+                return datasets.load_from_disk(str(local))
+            return datasets.load_dataset(str(local))
+        if path.startswith((".", "/", "~")) or Path(path).suffix in _FILE_BUILDERS:
+            raise UserError(f"data path '{path}' does not exist")
+        return datasets.load_dataset(path, hub_config)
+    except UserError:
+        raise
+    except Exception as err:  # datasets raises many types; the user needs the first line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load data '{path}': {first}") from None
+
+
+def _encode_row(row: dict, to_messages: Callable[[dict], list[Message]], tokenizer: PreTrainedTokenizerBase,
+                fmt: ChatFormat, max_seq_length: int, use_chat_template: bool) -> dict:
+    """Module-level (not a method) so that `datasets` can hash it and cache the tokenized split."""
+    try:
+        out = tokenize_messages(to_messages(row), tokenizer, fmt, max_seq_length, use_chat_template)
+        return {**out, "drop_reason": ""}
+    except RowError as err:
+        return {"input_ids": [], "labels": [], "truncated": False, "drop_reason": str(err)}
+
+
+class SFTDataModule(LightningDataModule):
+    """Supervised fine-tuning data with loss on response tokens only.
+
+    Args:
+        path: Hub dataset id or a local file / directory (JSON, JSONL, CSV, Parquet, Arrow).
+        tokenizer: Tokenizer hub id or directory; the CLI fills it in from the model.
+        hub_config: Dataset config name on the hub (e.g. ``main`` for GSM8K).
+        train_split: Split to train on.
+        val_split: The dataset's own validation split; when the dataset lacks it,
+            ``val_fraction`` of the training rows are held out instead.
+        val_fraction: Fraction of training rows held out when there is no ``val_split``.
+        num_samples: Train on this many rows drawn at random (all when None).
+        num_val_samples: Validate on this many rows (all when None).
+        seed: Seed of the sampling, the held-out split and the shuffling.
+        max_seq_length: Longest example in tokens (see the truncation policy in ``data/tokenize.py``).
+        batch_size: Examples per micro-batch.
+        num_workers: DataLoader worker processes.
+        use_chat_template: Format turns with the tokenizer's chat template instead of ``user_template``.
+        user_template: Text of a user turn with ``{content}``; ends with the cue before the response.
+        system_template: Text of a system message with ``{content}``.
+        pad_to_multiple_of: Pad each batch's length up to a multiple of this (tensor-core friendly).
+    """
+
+    default_path: str = ""
+    default_hub_config: Optional[str] = None
+    default_user_template: str = ChatFormat.user_template
+
+    def __init__(
+        self,
+        path: Optional[str] = None,
+        tokenizer: Optional[Union[str, PreTrainedTokenizerBase]] = None,
+        hub_config: Optional[str] = None,
+        train_split: str = "train",
+        val_split: Optional[str] = "test",
+        val_fraction: float = 0.05,
+        num_samples: Optional[int] = None,
+        num_val_samples: Optional[int] = None,
+        seed: int = 42,
+        max_seq_length: int = 512,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        use_chat_template: bool = False,
+        user_template: Optional[str] = None,
+        system_template: str = ChatFormat.system_template,
+        pad_to_multiple_of: Optional[int] = None,
+    ):
+        super().__init__()
+        if max_seq_length < 2:
+            raise UserError(f"data.max_seq_length must be at least 2, got {max_seq_length}")
+        if not 0.0 < val_fraction < 1.0:
+            raise UserError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        for key, value in (("num_samples", num_samples), ("num_val_samples", num_val_samples)):
+            if value is not None and value <= 0:
+                raise UserError(f"data.{key} must be positive, got {value}")
+        self.path = path or self.default_path
+        self.hub_config = hub_config if hub_config is not None else self.default_hub_config
+        self.tokenizer = tokenizer
+        self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
+        self.num_samples, self.num_val_samples, self.seed = num_samples, num_val_samples, seed
+        self.max_seq_length, self.batch_size, self.num_workers = max_seq_length, batch_size, num_workers
+        self.use_chat_template = use_chat_template
+        self.format = ChatFormat(user_template or self.default_user_template, system_template)
+        if "{content}" not in self.format.user_template:
+            raise UserError(f"data.user_template must contain '{{content}}': {self.format.user_template!r}")
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.splits: dict[str, datasets.Dataset] = {}
+        self.dropped: dict[str, Counter] = {}
+
+    def messages_fn(self) -> Callable[[dict], list[Message]]:
+        """The row -> chat messages function of this dataset; raises ``RowError`` for a bad row.
+
+        Subclasses return a module-level function (or a ``functools.partial`` of one): `datasets`
+        hashes it to cache the tokenized split, which a bound method would defeat.
+        """
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """What this data is, for run summaries."""
+        return {"dataset": self.path, "hub_config": self.hub_config, "num_samples": self.num_samples,
+                "train_rows": len(self.splits["train"]) if "train" in self.splits else None,
+                "val_rows": len(self.splits["val"]) if "val" in self.splits else None,
+                "max_seq_length": self.max_seq_length, "dropped": {k: dict(v) for k, v in self.dropped.items()}}
+
+    # ---- Lightning hooks -------------------------------------------------------------
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.splits:
+            return
+        if self.tokenizer is None:
+            raise UserError("data.tokenizer is not set (the CLI takes it from the model)")
+        if isinstance(self.tokenizer, str):
+            self.tokenizer = load_tokenizer(self.tokenizer)
+        raw = load_raw_dataset(self.path, self.hub_config)
+        train, val = self._split(raw)
+        self.splits = {"train": self._encode(train, "train"), "val": self._encode(val, "val")}
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["train"], shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["val"], shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    # ---- pieces ----------------------------------------------------------------------
+
+    def _split(self, raw: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dataset]:
+        if self.train_split not in raw:
+            raise UserError(f"data '{self.path}' has no split '{self.train_split}' (it has: {', '.join(raw)})")
+        train = raw[self.train_split]
+        if self.val_split and self.val_split in raw:
+            val = raw[self.val_split]
+        else:
+            held = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
+            train, val = held["train"], held["test"]
+        return self._sample(train, self.num_samples), self._sample(val, self.num_val_samples)
+
+    def _sample(self, ds: datasets.Dataset, n: Optional[int]) -> datasets.Dataset:
+        if n is None or n >= len(ds):
+            return ds
+        return ds.shuffle(seed=self.seed).select(range(n))
+
+    def _encode(self, ds: datasets.Dataset, name: str) -> datasets.Dataset:
+        encoded = ds.map(
+            _encode_row,
+            fn_kwargs={"to_messages": self.messages_fn(), "tokenizer": self.tokenizer, "fmt": self.format,
+                       "max_seq_length": self.max_seq_length, "use_chat_template": self.use_chat_template},
+            remove_columns=ds.column_names,
+            desc=f"tokenizing {name}",
+        )
+        reasons = Counter(r for r in encoded["drop_reason"] if r)
+        kept = encoded.filter(lambda r: r == "", input_columns="drop_reason").remove_columns("drop_reason")
+        truncated = sum(kept["truncated"])
+        self.dropped[name] = reasons
+        if reasons:
+            detail = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
+            log.warning("%s split of '%s': dropped %d of %d rows (%s)", name, self.path, sum(reasons.values()),
+                        len(encoded), detail)
+        if truncated:
+            log.info("%s split of '%s': truncated %d rows to %d tokens", name, self.path, truncated,
+                     self.max_seq_length)
+        if len(kept) == 0:
+            why = reasons.most_common(1)[0][0] if reasons else "the split is empty"
+            raise UserError(f"no usable rows in the {name} split of '{self.path}': {why} "
+                            f"(columns: {', '.join(ds.column_names)})")
+        return kept.remove_columns("truncated")
+
+    def _loader(self, ds: datasets.Dataset, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
+                          num_workers=self.num_workers, collate_fn=self.collate,
+                          persistent_workers=self.num_workers > 0)
+
+    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Pad a list of examples on the right to the longest (dynamic padding)."""
+        return pad_batch(rows, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+
+
+def pad_batch(rows: list[dict], pad_id: int, multiple: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """(B, T) input_ids / attention_mask / labels, right-padded; labels are -100 on padding."""
+    length = max(len(r["input_ids"]) for r in rows)
+    if multiple:
+        length = -(-length // multiple) * multiple
+    batch = {"input_ids": torch.full((len(rows), length), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(rows), length), dtype=torch.long),
+             "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)}
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(r["input_ids"])
+        batch["attention_mask"][i, :n] = 1
+        batch["labels"][i, :n] = torch.tensor(r["labels"])
+    return batch

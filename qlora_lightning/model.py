@@ -1,0 +1,208 @@
+"""Pure builders: a model name (or an architecture config) -> a quantized base -> a PEFT LoRA model.
+
+Nothing here knows about Lightning; the LightningModules call `build_model` from
+`configure_model`, and tests and benchmarks call it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from qlora_lightning.errors import UserError
+
+Quantization = Literal["nf4", "fp4", "int8", "none"]
+
+
+@dataclass
+class BaseModelSpec:
+    """Which base model to load and how to quantize it.
+
+    Args:
+        name_or_path: Hugging Face hub id or local directory of a causal LM.
+        tokenizer: Hub id or directory of the tokenizer; defaults to ``name_or_path``.
+        quantization: ``nf4`` (QLoRA), ``fp4``, ``int8`` or ``none`` (16-bit base).
+        double_quant: Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).
+        compute_dtype: Dtype of the 4-bit matmuls and of the non-quantized weights.
+        random_init: Build the architecture from its config with random weights (tests,
+            benchmarks); it is still quantized through the normal checkpoint-loading path.
+        config_overrides: Config fields to change before building, e.g. a tiny ``num_hidden_layers``.
+        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers choose.
+    """
+
+    name_or_path: str = "mistralai/Mistral-7B-v0.1"
+    tokenizer: Optional[str] = None
+    quantization: Quantization = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    random_init: bool = False
+    config_overrides: dict = field(default_factory=dict)
+    attn_implementation: Optional[str] = "sdpa"
+
+
+@dataclass
+class LoraSpec:
+    """The LoRA adapter put on the base.
+
+    Args:
+        r: Rank of the update matrices.
+        alpha: Scaling numerator; the update is scaled by ``alpha / r``.
+        dropout: Dropout on the adapter input.
+        target_modules: Module names to adapt, or ``all-linear`` for every linear layer but the output head.
+        modules_to_save: Extra modules trained in full and saved with the adapter (e.g. ``lm_head``).
+        init_adapter: Directory of a saved PEFT adapter to start from instead of a fresh one.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: Union[str, list[str]] = "all-linear"
+    modules_to_save: Optional[list[str]] = None
+    init_adapter: Optional[str] = None
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise UserError(f"lora.r must be a positive integer, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+def quantization_config(spec: BaseModelSpec) -> Optional[BitsAndBytesConfig]:
+    """The bitsandbytes config for ``spec.quantization`` (None for a 16-bit base)."""
+    if spec.quantization == "none":
+        return None
+    if spec.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=spec.quantization,
+        bnb_4bit_use_double_quant=spec.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, spec.compute_dtype),
+        # Keep the packed 4-bit weights in the compute dtype's storage so that FSDP can
+        # flatten them together with the other (bf16) parameters.
+        bnb_4bit_quant_storage=getattr(torch, spec.compute_dtype),
+    )
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """Load a tokenizer, giving it a pad token (the EOS token) when it has none."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise UserError(f"tokenizer '{name_or_path}': {_first_line(err)}") from None
+    if tokenizer.pad_token is None:
+        # Padding positions are masked out of attention and loss, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_base_model(spec: BaseModelSpec, device: Union[str, torch.device] = "cpu") -> PreTrainedModel:
+    """Load (or build with random weights) the base model, quantized per ``spec``, onto ``device``."""
+    path = _random_checkpoint(spec) if spec.random_init else spec.name_or_path
+    kwargs = {}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if not spec.random_init and spec.config_overrides:
+        kwargs.update(spec.config_overrides)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=quantization_config(spec),
+            dtype=getattr(torch, spec.compute_dtype),
+            device_map={"": str(torch.device(device))},
+            **kwargs,
+        )
+    except OSError as err:
+        raise UserError(f"model '{spec.name_or_path}': {_first_line(err)}") from None
+
+
+def add_lora(model: PreTrainedModel, lora: LoraSpec, gradient_checkpointing: bool = True) -> PeftModel:
+    """Freeze the base, prepare it for k-bit training and wrap it with a (new or loaded) LoRA adapter."""
+    checkpointing = {"use_gradient_checkpointing": gradient_checkpointing,
+                     "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    if getattr(model, "is_quantized", False):
+        model = prepare_model_for_kbit_training(model, **checkpointing)
+    else:
+        model.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(checkpointing["gradient_checkpointing_kwargs"])
+            model.enable_input_require_grads()
+    if lora.init_adapter:
+        if not Path(lora.init_adapter, "adapter_config.json").is_file():
+            raise UserError(f"lora.init_adapter '{lora.init_adapter}' is not a PEFT adapter directory "
+                            "(no adapter_config.json)")
+        return PeftModel.from_pretrained(model, lora.init_adapter, is_trainable=True)
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise UserError(f"lora.target_modules {lora.target_modules!r}: {_first_line(err)}") from None
+
+
+def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: bool = True,
+                device: Union[str, torch.device] = "cpu") -> PeftModel:
+    """name/config -> quantized base -> prepared for k-bit training -> PEFT LoRA model."""
+    return add_lora(load_base_model(spec, device), lora, gradient_checkpointing)
+
+
+def trainable_state_dict(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The parameters that train (the adapter), keyed as in ``model.state_dict()``."""
+    return {prefix + name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _random_checkpoint(spec: BaseModelSpec) -> str:
+    """Save the architecture with random weights once, so it loads (and quantizes) like a download.
+
+    Cached under a hash of the config; random values do not matter, only shapes do.
+    """
+    try:
+        config = AutoConfig.from_pretrained(spec.name_or_path, **spec.config_overrides)
+    except OSError as err:
+        raise UserError(f"model '{spec.name_or_path}': {_first_line(err)}") from None
+    digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("QLORA_CACHE", Path(tempfile.gettempdir()) / "qlora_lightning"))
+    path = root / f"random-{config.model_type}-{digest}"
+    if not (path / "config.json").is_file():
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing 7B on the CPU takes minutes
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.compute_dtype))
+        tmp = Path(tempfile.mkdtemp(dir=root.mkdir(parents=True, exist_ok=True) or root))
+        model.save_pretrained(tmp)
+        del model
+        tmp.rename(path)  # atomic: a concurrent or killed run never sees half a checkpoint
+    return str(path)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def spec_dict(spec) -> dict:
+    """A JSON-friendly view of a spec dataclass, for logs and run summaries."""
+    return asdict(spec)

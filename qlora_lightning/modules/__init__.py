@@ -1,0 +1,6 @@
+"""LightningModules: one shared base, one file per objective."""
+
+from qlora_lightning.modules.base import QLoRAModule, paged_adamw_8bit
+from qlora_lightning.modules.sft import SFTModule
+
+__all__ = ["QLoRAModule", "SFTModule", "paged_adamw_8bit"]
