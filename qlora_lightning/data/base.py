@@ -16,8 +16,10 @@ import datasets
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
+from qlora_lightning.data.sampling import EpochSeededSampler
 from qlora_lightning.data.tokenize import ChatFormat, Message, RowError, tokenize_messages
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import IGNORE_INDEX
@@ -211,10 +213,11 @@ class SFTDataModule(LightningDataModule):
         return kept.remove_columns("truncated")
 
     def _loader(self, ds: datasets.Dataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers, collate_fn=self.collate,
-                          persistent_workers=self.num_workers > 0)
+        # Stateful: checkpoints record the position inside the epoch, so resuming never
+        # repeats or skips a batch.
+        sampler = EpochSeededSampler(ds, self.seed) if shuffle else None
+        return StatefulDataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                                  collate_fn=self.collate, persistent_workers=self.num_workers > 0)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Pad a list of examples on the right to the longest (dynamic padding)."""

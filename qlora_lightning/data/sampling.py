@@ -1,0 +1,30 @@
+"""Samplers whose order is a pure function of (seed, epoch), so a resumed run sees the same batches."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sized
+
+import torch
+from torch.utils.data import Sampler
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation per epoch, seeded by ``seed + epoch``.
+
+    Lightning calls ``set_epoch`` at every epoch start; together with torchdata's
+    ``StatefulDataLoader`` (which records how far into the epoch the loader got) a run
+    killed mid-epoch resumes on exactly the batch it would have seen next.
+    """
+
+    def __init__(self, data: Sized, seed: int = 0):
+        self.data, self.seed, self.epoch = data, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(len(self.data), generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return len(self.data)
