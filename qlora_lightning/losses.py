@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -28,3 +32,42 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
     """Tokens that carry loss in a (B, T) label batch (the first position never does)."""
     return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+
+def _chunk_nll(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+               targets: torch.Tensor) -> torch.Tensor:
+    """Summed NLL of one chunk: (N, H) hidden -> (N, V) logits -> fp32 cross-entropy."""
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_lm_loss_sum(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                        chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lm_loss_sum(head(hidden), labels)`` without ever holding the full (B, T, V) logits.
+
+    Only labelled positions go through ``head`` (prompt and padding tokens cost nothing), in
+    chunks of ``chunk_size`` tokens; each chunk is checkpointed, so its (chunk, V) logits are
+    freed after the forward and recomputed one chunk at a time in the backward. The result is
+    the same sum as the plain loss up to floating-point summation order.
+
+    Args:
+        hidden: (B, T, H) final hidden states (after the last norm).
+        head: Maps (N, H) hidden states to (N, V) logits, e.g. the output embedding
+            (plus any logit soft-capping the model applies).
+        labels: (B, T) token ids, ``IGNORE_INDEX`` where there is no loss.
+        chunk_size: Tokens per chunk; peak logits memory is chunk_size x V x (2 + 4 + 4) bytes
+            (bf16 logits, fp32 copy, fp32 log-softmax).
+
+    Returns:
+        The summed NLL (fp32 scalar) and the number of labelled tokens.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    hidden, targets = shift_for_next_token(hidden, labels)
+    keep = targets != IGNORE_INDEX  # (B, T-1)
+    hidden, targets = hidden[keep], targets[keep]  # (N, H), (N,)
+    total = hidden[:0].sum(dtype=torch.float32)  # 0.0, but attached to the graph even when N == 0
+    for start in range(0, targets.numel(), chunk_size):
+        stop = start + chunk_size
+        total = total + checkpoint(partial(_chunk_nll, head), hidden[start:stop], targets[start:stop],
+                                   use_reentrant=False)
+    return total, keep.sum()

@@ -1,0 +1,51 @@
+"""The chunked loss equals the plain loss, in value and in gradients."""
+
+import pytest
+import torch
+
+from qlora_lightning.losses import IGNORE_INDEX, chunked_lm_loss_sum, lm_loss_sum
+
+
+def _problem(seed: int = 0, batch: int = 3, length: int = 17, width: int = 64, vocab: int = 96):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, width, generator=g, dtype=torch.float64)
+    head = torch.nn.Linear(width, vocab, bias=False).double()
+    labels = torch.randint(0, vocab, (batch, length), generator=g)
+    labels[0, :5] = IGNORE_INDEX  # a prompt
+    labels[2, -4:] = IGNORE_INDEX  # padding
+    return hidden, head, labels
+
+
+def _loss_and_grads(loss_fn, hidden, head):
+    hidden = hidden.clone().requires_grad_(True)
+    head.zero_grad()
+    nll, n = loss_fn(hidden)
+    nll.backward()
+    grad_head = head.weight.grad
+    return nll.detach(), n, hidden.grad, None if grad_head is None else grad_head.clone()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 1000])
+def test_chunked_matches_plain(chunk_size):
+    hidden, head, labels = _problem()
+    plain = _loss_and_grads(lambda h: lm_loss_sum(head(h), labels), hidden, head)
+    chunked = _loss_and_grads(lambda h: chunked_lm_loss_sum(h, head, labels, chunk_size), hidden, head)
+    assert chunked[1] == plain[1]
+    for got, want in zip(chunked[:1] + chunked[2:], plain[:1] + plain[2:]):
+        torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_chunked_with_no_labelled_tokens_still_backpropagates():
+    hidden, head, labels = _problem()
+    labels[:] = IGNORE_INDEX
+    nll, n, grad_hidden, grad_head = _loss_and_grads(
+        lambda h: chunked_lm_loss_sum(h, head, labels, 4), hidden, head)
+    assert n == 0 and nll == 0
+    assert not grad_hidden.any()
+    assert grad_head is None  # the head never ran: no labelled token reached it
+
+
+def test_chunk_size_must_be_positive():
+    hidden, head, labels = _problem()
+    with pytest.raises(ValueError):
+        chunked_lm_loss_sum(hidden, head, labels, 0)
