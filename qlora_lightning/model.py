@@ -44,6 +44,9 @@ class BaseModelSpec:
             benchmarks); it is still quantized through the normal checkpoint-loading path.
         config_overrides: Config fields to change before building, e.g. a tiny ``num_hidden_layers``.
         attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers choose.
+        liger_kernel: Swap in Liger's Triton kernels (RMSNorm, RoPE, SwiGLU/GeGLU MLP) on the
+            loaded model; needs ``pip install liger-kernel`` and a CUDA GPU. The loss is left alone
+            (see ``SFTModule.loss_chunk_size`` for one that never holds the full logits).
     """
 
     name_or_path: str = "mistralai/Mistral-7B-v0.1"
@@ -54,6 +57,7 @@ class BaseModelSpec:
     random_init: bool = False
     config_overrides: dict = field(default_factory=dict)
     attn_implementation: Optional[str] = "sdpa"
+    liger_kernel: bool = False
 
 
 @dataclass
@@ -122,7 +126,7 @@ def load_base_model(spec: BaseModelSpec, device: Union[str, torch.device] = "cpu
     if not spec.random_init and spec.config_overrides:
         kwargs.update(spec.config_overrides)
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             path,
             quantization_config=quantization_config(spec),
             dtype=getattr(torch, spec.compute_dtype),
@@ -131,6 +135,19 @@ def load_base_model(spec: BaseModelSpec, device: Union[str, torch.device] = "cpu
         )
     except OSError as err:
         raise UserError(f"model '{spec.name_or_path}': {_first_line(err)}") from None
+    if spec.liger_kernel:
+        apply_liger_kernels(model)
+    return model
+
+
+def apply_liger_kernels(model: PreTrainedModel) -> None:
+    """Patch Liger's fused kernels into a loaded model, in place; the logits and loss stay as they are."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance  # what HF Trainer calls too
+    except ImportError as err:  # also raised when triton (GPU only) is missing
+        raise UserError(f"base.liger_kernel needs liger-kernel and triton: {_first_line(err)}") from None
+    # Our loss functions read the logits, so Liger's fused linear cross-entropy (which skips them) stays off.
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
 
 
 def add_lora(model: PreTrainedModel, lora: LoraSpec, gradient_checkpointing: bool = True) -> PeftModel:
