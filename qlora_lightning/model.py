@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -119,7 +119,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def load_base_model(spec: BaseModelSpec, device: Union[str, torch.device] = "cpu") -> PreTrainedModel:
     """Load (or build with random weights) the base model, quantized per ``spec``, onto ``device``."""
-    path = _random_checkpoint(spec) if spec.random_init else spec.name_or_path
+    path = random_checkpoint(spec) if spec.random_init else spec.name_or_path
     kwargs = {}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
@@ -162,9 +162,7 @@ def add_lora(model: PreTrainedModel, lora: LoraSpec, gradient_checkpointing: boo
             model.gradient_checkpointing_enable(checkpointing["gradient_checkpointing_kwargs"])
             model.enable_input_require_grads()
     if lora.init_adapter:
-        if not Path(lora.init_adapter, "adapter_config.json").is_file():
-            raise UserError(f"lora.init_adapter '{lora.init_adapter}' is not a PEFT adapter directory "
-                            "(no adapter_config.json)")
+        _check_adapter_dir(lora.init_adapter, "lora.init_adapter")
         return PeftModel.from_pretrained(model, lora.init_adapter, is_trainable=True)
     config = LoraConfig(
         r=lora.r,
@@ -187,12 +185,37 @@ def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: boo
     return add_lora(load_base_model(spec, device), lora, gradient_checkpointing)
 
 
+def add_frozen_adapter(model: PeftModel, path: str, adapter_name: str, config_key: str) -> None:
+    """Load a saved adapter beside the active one, frozen and inactive (e.g. a DPO reference).
+
+    It shares the base weights with the other adapters; ``set_adapter`` switches to it. Its
+    dropout is turned off: a reference must give the same log-probs in training and eval mode.
+
+    Args:
+        model: The PEFT model to add the adapter to.
+        path: Directory of a saved PEFT adapter.
+        adapter_name: Name of the new adapter inside ``model``.
+        config_key: The config key that named ``path``, for error messages.
+    """
+    _check_adapter_dir(path, config_key)
+    config = PeftConfig.from_pretrained(path)
+    config.lora_dropout = 0.0
+    config.inference_mode = True
+    model.add_adapter(adapter_name, config)  # new adapters are added frozen and inactive
+    model.load_adapter(path, adapter_name=adapter_name, is_trainable=False)
+
+
+def _check_adapter_dir(path: str, config_key: str) -> None:
+    if not Path(path, "adapter_config.json").is_file():
+        raise UserError(f"{config_key} '{path}' is not a PEFT adapter directory (no adapter_config.json)")
+
+
 def trainable_state_dict(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """The parameters that train (the adapter), keyed as in ``model.state_dict()``."""
     return {prefix + name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _random_checkpoint(spec: BaseModelSpec) -> str:
+def random_checkpoint(spec: BaseModelSpec) -> str:
     """Save the architecture with random weights once, so it loads (and quantizes) like a download.
 
     Cached under a hash of the config; random values do not matter, only shapes do.
