@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
 
 import torch
+from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from qlora_lightning.data.base import SFTDataModule
 from qlora_lightning.errors import UserError
 from qlora_lightning.modules.base import QLoRAModule
+from qlora_lightning.reliability import AtomicCheckpointIO
 
 
 def _tokenizer_of(base) -> str:
@@ -17,20 +22,47 @@ def _tokenizer_of(base) -> str:
 
 
 class QLoRACLI(LightningCLI):
-    """LightningCLI with the data's tokenizer taken from the model's base spec."""
+    """LightningCLI with the data's tokenizer taken from the model, adapter checkpoints
+    written atomically every ``checkpoint.every_n_train_steps``, and values checked at parse time."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.base", "data.init_args.tokenizer", compute_fn=_tokenizer_of)
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 3,
+                             "checkpoint.monitor": "step", "checkpoint.mode": "max",
+                             "checkpoint.every_n_train_steps": 50})
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config)
+        lr = (config.model.init_args.get("optimizer") or {}).get("init_args", {}).get("lr")
+        if lr is not None and lr <= 0:
+            raise UserError(f"model.init_args.optimizer.init_args.lr must be > 0, got {lr}")
 
 
 def trainer_defaults() -> dict:
-    """bf16 mixed precision on a GPU; fp32 on the CPU, where bf16 autocast is slow."""
-    return {"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"}
+    """bf16 mixed precision on a GPU (fp32 on the CPU, where bf16 autocast is slow); atomic checkpoints."""
+    return {"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
+            "plugins": [AtomicCheckpointIO()]}
+
+
+def one_line(message: str) -> str:
+    """The actionable line of a jsonargparse error: which key, and what is wrong with it."""
+    key = ".".join(re.findall(r'Parser key "([^"]+)"', message))
+    noise = ("Does not validate", "Problem with given class_path", "Expected a <class 'NoneType'>",
+             "Given value", "Errors:", "Subtypes:", "Parser key")
+    lines = [ln.strip(" -") for ln in message.splitlines()]
+    reason = next((ln for ln in lines if ln and not ln.startswith(noise)), lines[0])
+    return f"{key}: {reason}" if key else reason
 
 
 def main(args: list[str] | None = None) -> None:
+    # bitsandbytes warns on every CPU start that an optional fused kernel is not installed.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         QLoRACLI(QLoRAModule, SFTDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 trainer_defaults=trainer_defaults(), args=args, save_config_kwargs={"overwrite": True})
+                 trainer_defaults=trainer_defaults(), args=args, save_config_kwargs={"overwrite": True},
+                 parser_kwargs={"exit_on_error": False})
+    except ArgumentError as err:
+        sys.exit(f"error: {one_line(str(err))} (see --help)")
     except UserError as err:
         sys.exit(f"error: {err}")

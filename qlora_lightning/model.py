@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal, Optional, Union
 
 import torch
+from jsonargparse.typing import PositiveInt, restricted_number_type
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoConfig,
@@ -28,6 +29,8 @@ from transformers import (
 from qlora_lightning.errors import UserError
 
 Quantization = Literal["nf4", "fp4", "int8", "none"]
+# A float in [0, 1); checked when a config is parsed.
+Fraction = restricted_number_type("Fraction", float, [(">=", 0.0), ("<", 1.0)])
 
 
 @dataclass
@@ -73,18 +76,12 @@ class LoraSpec:
         init_adapter: Directory of a saved PEFT adapter to start from instead of a fresh one.
     """
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: PositiveInt = 16
+    alpha: PositiveInt = 32
+    dropout: Fraction = 0.05
     target_modules: Union[str, list[str]] = "all-linear"
     modules_to_save: Optional[list[str]] = None
     init_adapter: Optional[str] = None
-
-    def __post_init__(self):
-        if self.r <= 0:
-            raise UserError(f"lora.r must be a positive integer, got {self.r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
 def quantization_config(spec: BaseModelSpec) -> Optional[BitsAndBytesConfig]:

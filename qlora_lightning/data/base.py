@@ -14,18 +14,23 @@ from typing import Callable, Optional, Union
 
 import datasets
 import torch
+from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt, restricted_number_type
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
-from qlora_lightning.data.sampling import EpochSeededSampler
+from qlora_lightning.data.packing import PackingMode, collate_packs, pack_examples
+from qlora_lightning.data.sampling import EpochSeededSampler, LengthGroupedSampler
 from qlora_lightning.data.tokenize import ChatFormat, Message, RowError, tokenize_messages
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import IGNORE_INDEX
 from qlora_lightning.model import load_tokenizer
 
 log = logging.getLogger(__name__)
+
+# Room for a prompt and a response; checked when a config is parsed.
+SequenceLength = restricted_number_type("SequenceLength", int, [(">=", 16)])
 
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
                   ".arrow": "arrow", ".txt": "text"}
@@ -79,12 +84,21 @@ class SFTDataModule(LightningDataModule):
         num_val_samples: Validate on this many rows (all when None).
         seed: Seed of the sampling, the held-out split and the shuffling.
         max_seq_length: Longest example in tokens (see the truncation policy in ``data/tokenize.py``).
-        batch_size: Examples per micro-batch.
+        batch_size: Examples per micro-batch; with packing, packs (of up to ``max_seq_length``
+            tokens each) per micro-batch.
         num_workers: DataLoader worker processes.
         use_chat_template: Format turns with the tokenizer's chat template instead of ``user_template``.
         user_template: Text of a user turn with ``{content}``; ends with the cue before the response.
         system_template: Text of a system message with ``{content}``.
         pad_to_multiple_of: Pad each batch's length up to a multiple of this (tensor-core friendly).
+        packing: ``off``: one example per row, padded. ``padded``: examples packed by best fit
+            into rows of up to ``max_seq_length`` tokens, ``batch_size`` rows padded to the longest,
+            position ids restarting at each example so attention never crosses one (for ``sdpa``,
+            ``eager``, ``flex_attention``). ``padding_free``: the same packs flattened into one row
+            with no padding at all (for ``flash_attention_2``/``_3``; exact but slower with ``sdpa``,
+            whose T x T mask then spans the whole micro-batch). See ``data/packing.py``.
+        group_by_length: Without packing, batch examples of similar length (less padding); the
+            order is still random from batch to batch of length groups.
     """
 
     default_path: str = ""
@@ -98,26 +112,21 @@ class SFTDataModule(LightningDataModule):
         hub_config: Optional[str] = None,
         train_split: str = "train",
         val_split: Optional[str] = "test",
-        val_fraction: float = 0.05,
-        num_samples: Optional[int] = None,
-        num_val_samples: Optional[int] = None,
+        val_fraction: OpenUnitInterval = 0.05,
+        num_samples: Optional[PositiveInt] = None,
+        num_val_samples: Optional[PositiveInt] = None,
         seed: int = 42,
-        max_seq_length: int = 512,
-        batch_size: int = 1,
-        num_workers: int = 0,
+        max_seq_length: SequenceLength = 512,
+        batch_size: PositiveInt = 1,
+        num_workers: NonNegativeInt = 0,
         use_chat_template: bool = False,
         user_template: Optional[str] = None,
         system_template: str = ChatFormat.system_template,
         pad_to_multiple_of: Optional[int] = None,
+        packing: PackingMode = "off",
+        group_by_length: bool = False,
     ):
         super().__init__()
-        if max_seq_length < 2:
-            raise UserError(f"data.max_seq_length must be at least 2, got {max_seq_length}")
-        if not 0.0 < val_fraction < 1.0:
-            raise UserError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        for key, value in (("num_samples", num_samples), ("num_val_samples", num_val_samples)):
-            if value is not None and value <= 0:
-                raise UserError(f"data.{key} must be positive, got {value}")
         self.path = path or self.default_path
         self.hub_config = hub_config if hub_config is not None else self.default_hub_config
         self.tokenizer = tokenizer
@@ -129,6 +138,9 @@ class SFTDataModule(LightningDataModule):
         if "{content}" not in self.format.user_template:
             raise UserError(f"data.user_template must contain '{{content}}': {self.format.user_template!r}")
         self.pad_to_multiple_of = pad_to_multiple_of
+        if group_by_length and packing != "off":
+            raise UserError("data.group_by_length applies only with data.packing 'off' (packs are already full)")
+        self.packing, self.group_by_length = packing, group_by_length
         self.splits: dict[str, datasets.Dataset] = {}
         self.dropped: dict[str, Counter] = {}
 
@@ -140,12 +152,22 @@ class SFTDataModule(LightningDataModule):
         """
         raise NotImplementedError
 
+    def encoder(self) -> tuple[Callable[..., dict], dict]:
+        """The raw row -> tokens function that ``datasets.map`` runs, and its keyword arguments.
+
+        The function returns the tokenized columns plus ``truncated`` (bool) and ``drop_reason``
+        ('' for a kept row, else why it is dropped, counted and logged). Module-level, for caching.
+        """
+        return _encode_row, {"to_messages": self.messages_fn(), "tokenizer": self.tokenizer, "fmt": self.format,
+                             "max_seq_length": self.max_seq_length, "use_chat_template": self.use_chat_template}
+
     def describe(self) -> dict:
         """What this data is, for run summaries."""
         return {"dataset": self.path, "hub_config": self.hub_config, "num_samples": self.num_samples,
                 "train_rows": len(self.splits["train"]) if "train" in self.splits else None,
                 "val_rows": len(self.splits["val"]) if "val" in self.splits else None,
-                "max_seq_length": self.max_seq_length, "dropped": {k: dict(v) for k, v in self.dropped.items()}}
+                "max_seq_length": self.max_seq_length, "dropped": {k: dict(v) for k, v in self.dropped.items()},
+                "packing": self.packing, "group_by_length": self.group_by_length}  # packed: *_rows count packs
 
     # ---- Lightning hooks -------------------------------------------------------------
 
@@ -159,6 +181,8 @@ class SFTDataModule(LightningDataModule):
         raw = load_raw_dataset(self.path, self.hub_config)
         train, val = self._split(raw)
         self.splits = {"train": self._encode(train, "train"), "val": self._encode(val, "val")}
+        if self.packing != "off":
+            self.splits = {name: pack_examples(ds, self.max_seq_length) for name, ds in self.splits.items()}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.splits["train"], shuffle=True)
@@ -188,10 +212,10 @@ class SFTDataModule(LightningDataModule):
         return ds.shuffle(seed=self.seed).select(range(n))
 
     def _encode(self, ds: datasets.Dataset, name: str) -> datasets.Dataset:
+        encode, fn_kwargs = self.encoder()
         encoded = ds.map(
-            _encode_row,
-            fn_kwargs={"to_messages": self.messages_fn(), "tokenizer": self.tokenizer, "fmt": self.format,
-                       "max_seq_length": self.max_seq_length, "use_chat_template": self.use_chat_template},
+            encode,
+            fn_kwargs=fn_kwargs,
             remove_columns=ds.column_names,
             desc=f"tokenizing {name}",
         )
@@ -215,12 +239,19 @@ class SFTDataModule(LightningDataModule):
     def _loader(self, ds: datasets.Dataset, shuffle: bool) -> DataLoader:
         # Stateful: checkpoints record the position inside the epoch, so resuming never
         # repeats or skips a batch.
-        sampler = EpochSeededSampler(ds, self.seed) if shuffle else None
+        sampler = None
+        if shuffle and self.group_by_length:
+            sampler = LengthGroupedSampler([len(ids) for ids in ds["input_ids"]], self.batch_size, self.seed)
+        elif shuffle:
+            sampler = EpochSeededSampler(ds, self.seed)
         return StatefulDataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                                   collate_fn=self.collate, persistent_workers=self.num_workers > 0)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        """Pad a list of examples on the right to the longest (dynamic padding)."""
+        """Pad a list of examples (or packs) on the right to the longest (dynamic padding)."""
+        if self.packing != "off":
+            return collate_packs(rows, self.tokenizer.pad_token_id, self.packing == "padding_free",
+                                 self.pad_to_multiple_of)
         return pad_batch(rows, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
 
 

@@ -9,11 +9,13 @@ from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.cli import OptimizerCallable
 from transformers import get_scheduler
 from typing_extensions import override
 
 from qlora_lightning.errors import UserError
+from qlora_lightning.reliability import NonFiniteLossError
 from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_tokenizer, spec_dict, trainable_state_dict
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ class QLoRAModule(LightningModule):
         lr_scheduler: Learning-rate shape after warm-up.
         warmup_ratio: Fraction of the optimizer steps spent warming up linearly from zero.
         adapter_dir: Where ``fit`` saves the final adapter and tokenizer; default ``<log_dir>/adapter``.
+        nonfinite: On a non-finite loss or gradient: ``skip`` the optimizer step (and count it in
+            ``train/skipped_steps``) or ``stop`` the run, leaving the last checkpoint from before it.
     """
 
     def __init__(
@@ -48,6 +52,7 @@ class QLoRAModule(LightningModule):
         lr_scheduler: Literal["cosine", "linear", "constant"] = "constant",
         warmup_ratio: float = 0.03,
         adapter_dir: Optional[str] = None,
+        nonfinite: Literal["skip", "stop"] = "skip",
     ):
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
@@ -57,6 +62,9 @@ class QLoRAModule(LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.optimizer_factory, self.lr_scheduler, self.warmup_ratio = optimizer, lr_scheduler, warmup_ratio
         self.adapter_dir = adapter_dir
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self._pending_rng_states: Optional[dict] = None
         self.model: Optional[torch.nn.Module] = None
         self._tokenizer = None
         # Checkpoints hold the adapter only; the frozen base is rebuilt from `base`.
@@ -93,15 +101,56 @@ class QLoRAModule(LightningModule):
                                   optimizer, num_warmup_steps=int(self.warmup_ratio * total), num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def guard_nonfinite(self, loss: torch.Tensor) -> bool:
+        """Before an optimizer step: True when the step may proceed.
+
+        A non-finite loss or gradient either drops the gradients (optimizers skip parameters
+        without one, so weights and moments stay untouched) or stops the run, per ``nonfinite``.
+        """
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
+            if grads else torch.zeros((), device=self.device)
+        finite = bool(self.trainer.strategy.reduce_boolean_decision(
+            bool(torch.isfinite(loss) and torch.isfinite(norm)), all=True))
+        if finite:
+            return True
+        if self.nonfinite == "stop":
+            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+            raise NonFiniteLossError(f"non-finite loss or gradient at step {self.global_step}; "
+                                     f"stopped before applying it (last checkpoint: {last})")
+        for p in self.model.parameters():
+            p.grad = None
+        self.skipped_steps += 1
+        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)",
+                    self.global_step, self.skipped_steps)
+        return False
+
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Megabytes, not gigabytes: the frozen 4-bit base is rebuilt from the config on load.
         checkpoint["state_dict"] = trainable_state_dict(self.model, prefix="model.")
+        # Dropout masks come from these generators: restoring them makes a resumed run exact.
+        checkpoint["rng_states"] = _collect_rng_states()
+        checkpoint["skipped_steps"] = self.skipped_steps
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_rng_states = checkpoint.get("rng_states")
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restored here, not on load: starting the data loader between load and the first
+        # batch draws from the global generator, which the uninterrupted run did not do.
+        if self._pending_rng_states is not None:
+            _set_rng_states(self._pending_rng_states)
+            self._pending_rng_states = None
 
     @override
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:
             path = Path(self.adapter_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
-            self.model.save_pretrained(path)
+            # The trained adapter only: a frozen one beside it (e.g. DPO's reference) is an input, not a result.
+            self.model.save_pretrained(path, selected_adapters=[self.model.active_adapter])
             self.tokenizer.save_pretrained(path)
             log.info("saved the adapter and tokenizer to %s", path)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Callable, Optional
 
 import torch
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from qlora_lightning.losses import lm_loss_sum
+from qlora_lightning.data.packing import check_packing_backend, model_inputs
+from qlora_lightning.errors import UserError
+from qlora_lightning.losses import chunked_lm_loss_sum, lm_loss_sum
 from qlora_lightning.modules.base import QLoRAModule
 
 
@@ -18,18 +21,32 @@ class SFTModule(QLoRAModule):
     gradients are divided by the number of response tokens in the whole step (over all
     micro-batches and ranks). The loss and the update are therefore the same however the
     tokens of a step are split into micro-batches and accumulation steps.
+
+    Args:
+        loss_chunk_size: Compute the loss from the final hidden states this many tokens at a
+            time, so the full (B, T, V) logits never exist (same loss; saves about
+            10 * B * T * V bytes: bf16 logits, their fp32 copy and log-softmax). None: plain loss.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, loss_chunk_size: Optional[int] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if loss_chunk_size is not None and loss_chunk_size <= 0:
+            raise UserError(f"model.loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}")
+        self.loss_chunk_size = loss_chunk_size
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self._step_nll = 0.0  # summed over the micro-batches of the current optimizer step
         self._step_tokens = 0
 
     @override
+    def on_fit_start(self) -> None:
+        # The data picks the batch layout and the model the attention kernel: only here are both known.
+        check_packing_backend(getattr(self.trainer.datamodule, "packing", "off"),
+                              self.model.config._attn_implementation)
+
+    @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        nll, n = lm_loss_sum(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        nll, n = self.loss_sum(batch)
         self._step_nll += nll.detach()
         self._step_tokens += n
         # Lightning divides by accumulate_grad_batches; on_before_optimizer_step undoes that.
@@ -42,6 +59,11 @@ class SFTModule(QLoRAModule):
         nll = self.trainer.strategy.reduce(torch.as_tensor(self._step_nll, device=self.device,
                                                            dtype=torch.float32), reduce_op="sum")
         tokens = tokens.clamp(min=1.0)
+        self._step_nll, self._step_tokens = 0.0, 0
+        proceed = self.guard_nonfinite(nll)
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        if not proceed:
+            return
         # Gradients hold (1 / (accumulation * world size)) * sum over the step; make it a per-token mean.
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
         for p in self.model.parameters():
@@ -49,7 +71,14 @@ class SFTModule(QLoRAModule):
                 p.grad.mul_(scale.to(p.grad.dtype))
         self.log("train/loss", nll / tokens, prog_bar=True)
         self.log("train/loss_tokens", tokens)
-        self._step_nll, self._step_tokens = 0.0, 0
+
+    def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed NLL over the batch's labelled tokens, and their count (chunked per ``loss_chunk_size``)."""
+        if self.loss_chunk_size is None:
+            return lm_loss_sum(self(**model_inputs(batch)), batch["labels"])
+        causal_lm = self.model.get_base_model()  # the transformers model inside the PEFT wrapper
+        hidden = causal_lm.get_decoder()(**model_inputs(batch), use_cache=False).last_hidden_state  # (B, T, H)
+        return chunked_lm_loss_sum(hidden, logits_head(causal_lm), batch["labels"], self.loss_chunk_size)
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -60,7 +89,7 @@ class SFTModule(QLoRAModule):
         self._eval_step(batch, self.test_loss, "test")
 
     def _eval_step(self, batch: dict, metric: MeanMetric, stage: str) -> None:
-        nll, n = lm_loss_sum(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        nll, n = self.loss_sum(batch)
         metric.update(nll / n.clamp(min=1), weight=n)  # token-weighted mean over the whole split
         self.log(f"{stage}/loss", metric, prog_bar=True, batch_size=int(n))
 
@@ -75,3 +104,16 @@ class SFTModule(QLoRAModule):
     def _log_ppl(self, metric: MeanMetric, stage: str) -> None:
         loss = metric.compute()
         self.log(f"{stage}/ppl", torch.exp(loss))
+
+
+def logits_head(causal_lm) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(N, H) final hidden states -> (N, V) logits, as the model's own forward computes them."""
+    config = causal_lm.config
+    for scale in ("logit_scale", "logits_scaling"):  # Cohere, Granite: rescale logits in forward
+        if getattr(config, scale, None) not in (None, 1, 1.0):
+            raise UserError(f"model.loss_chunk_size does not support {config.model_type} ({scale}); unset it")
+    head = causal_lm.get_output_embeddings()
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    if not cap:
+        return head
+    return lambda hidden: torch.tanh(head(hidden) / cap) * cap

@@ -1,0 +1,57 @@
+"""Surviving kills and bad steps: atomic checkpoint files, readable-or-refused loads."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from lightning.fabric.utilities.cloud_io import get_filesystem
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from typing_extensions import override
+
+from qlora_lightning.errors import UserError
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file beside it, then renames it into place.
+
+    A kill during a save leaves the previous file (``last.ckpt`` included) intact; a file
+    that is nonetheless truncated or corrupt is refused on load with a one-line error.
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if get_filesystem(path).protocol not in ("file", ("file", "local")):
+            return super().save_checkpoint(checkpoint, path, storage_options)  # remote stores are atomic per object
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @override
+    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict:
+        if not Path(path).is_file():
+            raise UserError(f"checkpoint '{path}' does not exist")
+        try:
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=False)
+        except Exception as err:  # torch raises several types for truncated / garbled files
+            raise UserError(f"checkpoint '{path}' is truncated or corrupt ({type(err).__name__}); "
+                            "resume from an earlier one") from None
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise UserError(f"checkpoint '{path}' is not a Lightning checkpoint (no state_dict)")
+        return checkpoint
+
+
+class NonFiniteLossError(UserError):
+    """Training stopped on a non-finite loss or gradient (``nonfinite: stop``)."""
