@@ -6,11 +6,12 @@ from qlora_lightning.data import (
     ColumnDataModule,
     GSM8KDataModule,
     GuanacoDataModule,
+    PreferenceDataModule,
     SFTDataModule,
 )
 from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_tokenizer
-from qlora_lightning.modules import QLoRAModule, SFTModule
+from qlora_lightning.modules import DPOModule, QLoRAModule, SFTModule
 
-__all__ = ["BaseModelSpec", "LoraSpec", "build_model", "load_tokenizer", "QLoRAModule", "SFTModule",
+__all__ = ["BaseModelSpec", "LoraSpec", "build_model", "load_tokenizer", "QLoRAModule", "SFTModule", "DPOModule",
            "SFTDataModule", "GuanacoDataModule", "CodeAlpacaDataModule", "GSM8KDataModule", "ColumnDataModule",
-           "PerfMonitor"]
+           "PreferenceDataModule", "PerfMonitor"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -71,3 +71,66 @@ def chunked_lm_loss_sum(hidden: torch.Tensor, head: Callable[[torch.Tensor], tor
         total = total + checkpoint(partial(_chunk_nll, head), hidden[start:stop], targets[start:stop],
                                    use_reentrant=False)
     return total, keep.sum()
+
+
+PreferenceLossType = Literal["sigmoid", "ipo", "hinge"]
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probability of each sequence's labelled tokens, and how many there are.
+
+    Args:
+        logits: (B, T, V) next-token logits.
+        labels: (B, T) token ids, ``IGNORE_INDEX`` on the prompt and on padding.
+
+    Returns:
+        (B,) fp32 log-probs and (B,) labelled-token counts.
+    """
+    logits, targets = shift_for_next_token(logits, labels)
+    # (B*(T-1),) fp32 NLL, 0 at ignored positions; cross_entropy never holds a second (B, T, V) log-softmax copy
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="none")
+    return -nll.view_as(targets).sum(-1), (targets != IGNORE_INDEX).sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float, loss_type: PreferenceLossType = "sigmoid",
+             label_smoothing: float = 0.0, chosen_tokens: Optional[torch.Tensor] = None,
+             rejected_tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair preference losses and implicit rewards, as TRL's ``DPOTrainer`` (1.16) defines them.
+
+    Args:
+        policy_chosen: (B,) summed response log-probs of the chosen responses under the policy.
+        policy_rejected: (B,) the same for the rejected responses.
+        ref_chosen: (B,) the chosen responses under the reference.
+        ref_rejected: (B,) the rejected responses under the reference.
+        beta: ``sigmoid`` / ``hinge``: inverse temperature of the implicit reward; ``ipo``: the
+            regularization strength tau (the target margin is ``1 / (2 beta)``).
+        loss_type: ``sigmoid`` (DPO), ``ipo`` or ``hinge`` (SLiC).
+        label_smoothing: ``sigmoid`` only: the assumed probability that a pair's label is flipped
+            (conservative DPO); 0 is plain DPO.
+        chosen_tokens: (B,) response token counts of the chosen responses; ``ipo`` needs them.
+        rejected_tokens: (B,) the same for the rejected responses.
+
+    Returns:
+        (B,) losses, and the (B,) detached rewards ``beta * (log pi - log pi_ref)`` of the chosen
+        and of the rejected responses.
+    """
+    chosen_logratios = policy_chosen - ref_chosen
+    rejected_logratios = policy_rejected - ref_rejected
+    margin = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * margin)
+                  - label_smoothing * F.logsigmoid(-beta * margin))
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * margin)
+    elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss needs chosen_tokens and rejected_tokens")
+        # Per-token log-ratios, so that the squared loss does not grow with response length (TRL's
+        # choice, confirmed with the IPO authors; their reported results use it).
+        delta = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
+        losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r} (use sigmoid, ipo or hinge)")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()

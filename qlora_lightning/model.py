@@ -134,7 +134,23 @@ def load_base_model(spec: BaseModelSpec, device: Union[str, torch.device] = "cpu
         raise UserError(f"model '{spec.name_or_path}': {_first_line(err)}") from None
     if spec.liger_kernel:
         apply_liger_kernels(model)
+    _keep_cpu_4bit_layout(model)
     return model
+
+
+def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On a CPU with AVX512-BF16, the first eval-mode forward without gradients (a validation
+    pass, a DPO reference pass, ``generate``) repacks each layer's weights for a faster kernel
+    that every later forward uses, training included; that kernel has no autograd, so the
+    gradients flowing back through the frozen 4-bit layers into earlier adapters come out wrong.
+    The repacking also needs out_features % 64 == 0. The plain dequantize + matmul path has
+    neither problem; GPUs never repack.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes Linear4bit
+            module.support_avx512bf16_for_cpu = False
 
 
 def apply_liger_kernels(model: PreTrainedModel) -> None:

@@ -5,6 +5,7 @@ from qlora_lightning.data.codealpaca import CodeAlpacaDataModule
 from qlora_lightning.data.generic import ColumnDataModule
 from qlora_lightning.data.gsm8k import GSM8KDataModule
 from qlora_lightning.data.guanaco import GuanacoDataModule
+from qlora_lightning.data.preference import PreferenceDataModule
 
 __all__ = ["SFTDataModule", "GuanacoDataModule", "CodeAlpacaDataModule", "GSM8KDataModule", "ColumnDataModule",
-           "load_raw_dataset", "pad_batch"]
+           "PreferenceDataModule", "load_raw_dataset", "pad_batch"]

@@ -1,0 +1,182 @@
+"""Direct Preference Optimization on one 4-bit base.
+
+The policy is the base with the trainable adapter. The reference is the same base with the
+adapter switched off or, when DPO starts from an SFT adapter, a frozen copy of that adapter
+loaded beside the trainable one and switched in for the reference forward. Either way the base
+weights exist once in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Iterator, Optional
+
+import torch
+from torchmetrics import MeanMetric
+from trl.trainer.utils import use_adapter
+from typing_extensions import override
+
+from qlora_lightning.errors import UserError
+from qlora_lightning.losses import PreferenceLossType, dpo_loss, sequence_logps
+from qlora_lightning.model import add_frozen_adapter, trainable_state_dict
+from qlora_lightning.modules.base import QLoRAModule
+
+REFERENCE_ADAPTER = "reference"
+# Logged as train/<name>, val/<name> and test/<name>.
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
+           "logps/chosen", "logps/rejected")
+
+
+def reference_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of every weight but the trainable ones: the base and any frozen reference adapter."""
+    trainable = set(trainable_state_dict(model))
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name not in trainable:
+            digest.update(name.encode())
+            digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class DPOModule(QLoRAModule):
+    """DPO (or IPO, hinge) on preference pairs, with batches laid out by ``PreferenceDataModule``.
+
+    Each step runs chosen and rejected sequences through the policy in one (2B, T) forward; a
+    sequence's log-prob is the sum over its response tokens. Logs ``loss``, ``rewards/chosen``,
+    ``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy`` (share of pairs whose chosen
+    reward is strictly higher), ``logps/chosen`` and ``logps/rejected`` under ``train/``, ``val/``
+    and ``test/``; rewards are ``beta * (log pi - log pi_ref)``, as in TRL.
+
+    Args:
+        beta: Inverse temperature of the implicit reward (``ipo``: the regularization tau).
+        loss_type: ``sigmoid`` (DPO), ``ipo`` (per-token log-ratios, as TRL) or ``hinge``.
+        label_smoothing: ``sigmoid`` only: assumed probability that a pair's label is flipped
+            (conservative DPO); 0 is plain DPO.
+        sft_adapter: Directory of the adapter an SFT run saved. It is loaded twice on the one
+            base: frozen, as the reference, and trainable, as the policy's start (unless
+            ``lora.init_adapter`` names another). Without it the reference is the bare base.
+        precompute_ref_logps: Compute the reference log-probs of every pair once, before
+            training, and cache them with the tokenized data; each step then runs the policy only.
+            Without a ``fit`` (``validate``, ``test``), or for data without them, they are computed live.
+        ref_batch_size: Pairs per forward when precomputing the reference log-probs.
+    """
+
+    def __init__(self, *args, beta: float = 0.1, loss_type: PreferenceLossType = "sigmoid",
+                 label_smoothing: float = 0.0, sft_adapter: Optional[str] = None, precompute_ref_logps: bool = False,
+                 ref_batch_size: int = 4, **kwargs):
+        super().__init__(*args, **kwargs)
+        if beta <= 0:
+            raise UserError(f"model.beta must be positive, got {beta}")
+        if not 0.0 <= label_smoothing < 0.5:
+            raise UserError(f"model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
+        if label_smoothing and loss_type != "sigmoid":
+            raise UserError(f"model.label_smoothing applies to the sigmoid loss only, not {loss_type}")
+        if ref_batch_size <= 0:
+            raise UserError(f"model.ref_batch_size must be positive, got {ref_batch_size}")
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.sft_adapter = sft_adapter
+        self.precompute_ref_logps, self.ref_batch_size = precompute_ref_logps, ref_batch_size
+        if sft_adapter and not self.lora.init_adapter:
+            self.lora = replace(self.lora, init_adapter=sft_adapter)
+        self.eval_metrics = torch.nn.ModuleDict({
+            stage: torch.nn.ModuleDict({name: MeanMetric() for name in METRICS}) for stage in ("val", "test")})
+
+    def describe(self) -> dict:
+        return {**super().describe(), "dpo": {"beta": self.beta, "loss_type": self.loss_type,
+                                              "label_smoothing": self.label_smoothing,
+                                              "sft_adapter": self.sft_adapter,
+                                              "precompute_ref_logps": self.precompute_ref_logps}}
+
+    @override
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.sft_adapter and REFERENCE_ADAPTER not in self.model.peft_config:
+            add_frozen_adapter(self.model, self.sft_adapter, REFERENCE_ADAPTER, "model.sft_adapter")
+
+    # ---- the reference ---------------------------------------------------------------
+
+    @contextmanager
+    def as_reference(self) -> Iterator[None]:
+        """Within this context the model is the frozen reference, in eval mode, without gradients.
+
+        Eval mode turns every dropout off, so the reference gives the same log-probs whenever it
+        is asked (precomputed or live, in training or validation).
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), use_adapter(self.model, REFERENCE_ADAPTER if self.sft_adapter else None):
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        """(2B,) summed response log-probs of a pair batch's sequences under the reference."""
+        with self.as_reference():
+            return sequence_logps(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])[0]
+
+    @override
+    def on_fit_start(self) -> None:
+        if not self.precompute_ref_logps:
+            return
+        datamodule = self.trainer.datamodule
+        if not hasattr(datamodule, "add_reference_logps"):
+            raise UserError("model.precompute_ref_logps needs a PreferenceDataModule as data")
+        datamodule.add_reference_logps(self._reference_pair_logps, reference_fingerprint(self.model),
+                                       self.ref_batch_size)
+
+    def _reference_pair_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        # The same autocast as inside a training step, so that precomputed and live values agree.
+        with self.trainer.precision_plugin.forward_context():
+            logps = self.reference_logps(batch).cpu()
+        return logps.chunk(2)
+
+    # ---- steps -----------------------------------------------------------------------
+
+    def pair_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Loss and metrics (means over the batch's pairs) of one (2B, T) pair batch; see ``METRICS``."""
+        if "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            # First, so that its logits are freed before the policy's forward.
+            ref_chosen, ref_rejected = self.reference_logps(batch).chunk(2)
+        logps, tokens = sequence_logps(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        chosen, rejected = logps.chunk(2)
+        chosen_tokens, rejected_tokens = tokens.chunk(2)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing,
+            chosen_tokens, rejected_tokens)
+        return {"loss": losses.mean(),
+                "rewards/chosen": chosen_rewards.mean(),
+                "rewards/rejected": rejected_rewards.mean(),
+                "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+                "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+                "logps/chosen": chosen.detach().mean(),
+                "logps/rejected": rejected.detach().mean()}
+
+    @override
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        metrics = self.pair_metrics(batch)
+        pairs = batch["input_ids"].shape[0] // 2
+        for name, value in metrics.items():
+            self.log(f"train/{name}", value.detach(), batch_size=pairs,
+                     prog_bar=name in ("loss", "rewards/accuracy"))
+        return metrics["loss"]
+
+    @override
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    @override
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        pairs = batch["input_ids"].shape[0] // 2
+        for name, value in self.pair_metrics(batch).items():
+            metric = self.eval_metrics[stage][name]
+            metric.update(value, weight=pairs)  # a mean over all pairs of the split
+            self.log(f"{stage}/{name}", metric, batch_size=pairs, prog_bar=name in ("loss", "rewards/accuracy"))
