@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError
@@ -37,6 +38,21 @@ class QLoRACLI(LightningCLI):
         lr = (config.model.init_args.get("optimizer") or {}).get("init_args", {}).get("lr")
         if lr is not None and lr <= 0:
             raise UserError(f"model.init_args.optimizer.init_args.lr must be > 0, got {lr}")
+
+
+    def before_fit(self) -> None:
+        ckpt = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt == "last" and self.trainer.checkpoint_callback.dirpath is None:
+            self.config_init[self.subcommand]["ckpt_path"] = latest_checkpoint(self.trainer)
+
+
+def latest_checkpoint(trainer) -> str:
+    """The newest ``last.ckpt`` among the logger's earlier versions (each run logs to a new one)."""
+    root = Path(trainer.logger.root_dir if trainer.logger else trainer.default_root_dir)
+    found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints")
+    return str(found[-1])
 
 
 def trainer_defaults() -> dict:

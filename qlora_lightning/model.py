@@ -242,7 +242,10 @@ def random_checkpoint(spec: BaseModelSpec) -> str:
     path = root / f"random-{config.model_type}-{digest}"
     if not (path / "config.json").is_file():
         device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing 7B on the CPU takes minutes
-        with torch.device(device):
+        # A private, fixed seed: the weights do not depend on the caller's RNG, and building
+        # them (or finding them cached) leaves the caller's RNG stream untouched.
+        with torch.random.fork_rng(devices=[0] if device == "cuda" else []), torch.device(device):
+            torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.compute_dtype))
         tmp = Path(tempfile.mkdtemp(dir=root.mkdir(parents=True, exist_ok=True) or root))
         model.save_pretrained(tmp)

@@ -1,0 +1,17 @@
+"""A callback that SIGKILLs its own process, to test resuming after a hard kill."""
+
+import os
+import signal
+
+from lightning.pytorch import Callback
+
+
+class KillAtStep(Callback):
+    """Kill the process, with no chance to clean up, once ``step`` optimizer steps are done."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
