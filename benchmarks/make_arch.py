@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("out", help="folder to write <arch>/config.json into")
     parser.add_argument("archs", nargs="*", help=f"some of {', '.join(ARCHS)} (default: all)")
     parser.add_argument("--tiny", action="store_true", help="shrink the dims (CPU dry runs)")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     unknown = set(args.archs) - set(ARCHS)
     if unknown:
         parser.error(f"unknown arch {', '.join(sorted(unknown))}; known: {', '.join(ARCHS)}")

@@ -1,0 +1,461 @@
+"""Speed and memory of QLoRA training: the project's Lightning path against plain transformers + PEFT.
+
+For each architecture (published dims, random weights, NF4-quantized through the normal
+loading path) and each batch shape, in one command:
+
+* ``project/<variant>``: ``SFTModule`` under a Lightning ``Trainer`` (bf16-mixed) with
+  ``PerfMonitor``, on fixed-length synthetic token batches; the variants switch the
+  speed/memory levers (gradient checkpointing, chunked loss, Liger kernels);
+* ``hf_peft``: the usual recipe in a plain PyTorch loop: NF4 + double quant, bf16 compute,
+  LoRA r=16 alpha=32 on all linear layers, gradient checkpointing, bf16 autocast,
+  bitsandbytes PagedAdamW8bit, loss from ``labels`` inside the model.
+
+Every configuration runs in its own process (memory peaks cannot leak between them); the
+step time is the median of ``--steps`` optimizer steps after ``--warmup`` warm-up steps, with
+the GPU synchronized before each clock read. Results go to ``<out>/harness.json``,
+``harness.md`` and ``harness.png`` (when matplotlib is there), rewritten after each run.
+
+    python benchmarks/harness.py --quick --out /tmp/bench            # one ~10-minute GPU command
+    python benchmarks/harness.py --archs gemma-7b --shapes 8x1024 --variants default chunked_ce
+    python benchmarks/harness.py --original --out /tmp/orig          # the original T4 experiments
+    python benchmarks/harness.py --tiny --quick --out /tmp/dry       # CPU dry run, tiny dims
+    python benchmarks/harness.py --report benchmarks/results/X.json  # re-render a saved run
+
+Loss values on random weights mean nothing and are never reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # make_arch beside this file, also in the worker processes
+
+from make_arch import ARCHS, write_arch  # noqa: E402
+
+GIB = 2**30
+
+# Speed/memory levers of the project's path, as overrides of SFTModule / BaseModelSpec options.
+VARIANTS: dict[str, dict] = {
+    "default": {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False},
+    "chunked_ce": {"gradient_checkpointing": True, "loss_chunk_size": 1024, "liger_kernel": False},
+    "chunked_ce+liger": {"gradient_checkpointing": True, "loss_chunk_size": 1024, "liger_kernel": True},
+    "no_gc": {"gradient_checkpointing": False, "loss_chunk_size": None, "liger_kernel": False},
+}
+BASELINE = "hf_peft"
+
+QUICK = {"archs": ["mistral-7b", "llama-2-7b"], "shapes": ["1x512", "8x1024"]}
+# Levers measured in --quick mode, at one shape of the first arch (a whole grid does not fit 10 minutes).
+QUICK_LEVERS = {"arch": "mistral-7b", "shape": "8x1024", "variants": ["chunked_ce", "chunked_ce+liger", "no_gc"]}
+FULL_SHAPES = ["1x512", "8x1024", "4x2048"]
+LONG_SHAPES = ["1x8192", "1x16384", "1x32768"]  # Mistral only: 32k positions, sliding window 4096
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One of the original QLoRA runs (T4, 16 GB): batch 1 x 512 tokens, accumulation 8."""
+
+    name: str
+    arch: str
+    samples: int
+    r: int
+    t4_peak_gb: float
+    t4_minutes: float
+
+
+ORIGINAL = [
+    Experiment("Phi-2, 1000 samples, r=16", "phi-2", 1000, 16, 6.2, 15),
+    Experiment("Mistral-7B, 300 samples, r=8", "mistral-7b", 300, 8, 11.3, 20),
+    Experiment("Mistral-7B, 500 samples, r=16", "mistral-7b", 500, 16, 13.1, 30),
+    Experiment("Llama-2-7B, 500 samples, r=8", "llama-2-7b", 500, 8, 12.8, 28),
+]
+
+
+@dataclass
+class Job:
+    """One measured configuration, run in its own process."""
+
+    arch: str
+    batch: int
+    seq: int
+    impl: str  # "project" or BASELINE
+    variant: str  # a VARIANTS key, or BASELINE
+    arch_dir: str
+    r: int = 16
+    alpha: int = 32
+    accumulate: int = 1
+    steps: int = 8
+    warmup: int = 4
+    experiment: Optional[str] = None
+    options: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> str:
+        return f"{self.batch}x{self.seq}"
+
+
+# ---- worker side: one configuration, in a fresh process -----------------------------------
+
+def synthetic_batches(job: Job, vocab: int) -> list[dict]:
+    """Fixed-length random-token micro-batches, every token labelled (no padding, no prompt)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    n = (job.warmup + job.steps) * job.accumulate
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (job.batch, job.seq), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+def run_project(job: Job) -> dict:
+    """The project's training path: SFTModule + Lightning Trainer + PerfMonitor."""
+    import torch
+    from lightning.pytorch import Callback, Trainer
+    from torch.utils.data import DataLoader
+    from transformers import AutoConfig
+
+    import qlora_lightning
+    from qlora_lightning import BaseModelSpec, LoraSpec, PerfMonitor, SFTModule
+
+    class LoadedMemory(Callback):
+        """GPU memory held once the model is built, before the optimizer state and activations."""
+
+        def on_train_start(self, trainer, pl_module):
+            self.gib = torch.cuda.memory_allocated() / GIB if torch.cuda.is_available() else None
+
+    opts = job.options
+    # The adapter is saved with a tokenizer at the end of fit; the shipped tiny one does, as the
+    # random-weight architecture folders hold none (tokens are synthetic anyway).
+    tokenizer = str(Path(qlora_lightning.__file__).parent / "assets" / "tiny-llama")
+    base = BaseModelSpec(name_or_path=job.arch_dir, tokenizer=tokenizer, random_init=True,
+                         liger_kernel=opts["liger_kernel"])
+    module = SFTModule(base=base, lora=LoraSpec(r=job.r, alpha=job.alpha, dropout=0.05),
+                       gradient_checkpointing=opts["gradient_checkpointing"],
+                       loss_chunk_size=opts["loss_chunk_size"], warmup_ratio=0.0)
+    monitor, loaded = PerfMonitor(warmup_steps=job.warmup), LoadedMemory()
+    root = tempfile.mkdtemp(prefix="bench-")
+    module.adapter_dir = str(Path(root) / "adapter")
+    trainer = Trainer(accelerator="auto", devices=1, precision="bf16-mixed", max_steps=job.warmup + job.steps,
+                      accumulate_grad_batches=job.accumulate, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      num_sanity_val_steps=0, default_root_dir=root, callbacks=[monitor, loaded])
+    vocab = AutoConfig.from_pretrained(job.arch_dir).vocab_size
+    loader = DataLoader(synthetic_batches(job, vocab), batch_size=None)  # items are whole micro-batches
+    trainer.fit(module, train_dataloaders=loader)
+    s = monitor.summary(trainer, module)
+    peak = s["peak_alloc_gib"]
+    return {"step_time_s": s["step_time_s"], "tokens_per_sec": s["tokens_per_sec"], "mfu": s["mfu"],
+            "peak_alloc_gib": peak if isinstance(peak, float) else None,
+            "peak_reserved_gib": s["peak_reserved_gib"] if isinstance(peak, float) else None,
+            "loaded_gib": loaded.gib, "measured_steps": s["measured_steps"]}
+
+
+def run_baseline(job: Job) -> dict:
+    """Plain transformers + PEFT + bitsandbytes in a hand-written loop, on the same random weights."""
+    import bitsandbytes as bnb
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora_lightning.callbacks import count_params, peak_bf16_flops, train_flops_per_token
+    from qlora_lightning.model import BaseModelSpec, random_checkpoint
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(
+        random_checkpoint(BaseModelSpec(name_or_path=job.arch_dir, random_init=True)),
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True,
+                                               bnb_4bit_compute_dtype=torch.bfloat16),
+        dtype=torch.bfloat16, device_map={"": str(device)}, attn_implementation="sdpa")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=job.r, lora_alpha=job.alpha, lora_dropout=0.05,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    model.train()
+    on_cuda = device.type == "cuda"
+    loaded = torch.cuda.memory_allocated() / GIB if on_cuda else None
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def sync():
+        if on_cuda:
+            torch.cuda.synchronize()
+
+    batches = iter(synthetic_batches(job, model.config.vocab_size))
+    times = []
+    for _ in range(job.warmup + job.steps):
+        sync()
+        start = time.perf_counter()
+        for _ in range(job.accumulate):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = model(**batch, use_cache=False).loss / job.accumulate
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times[job.warmup:])
+    tokens = job.batch * job.seq * job.accumulate
+    config = model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    flops = train_flops_per_token(count_params(model)[0], config.num_hidden_layers, heads * head_dim, job.seq)
+    peak_flops = peak_bf16_flops(torch.cuda.get_device_name()) if on_cuda else None
+    return {"step_time_s": step, "tokens_per_sec": tokens / step,
+            "mfu": flops * tokens / step / peak_flops if peak_flops else None,
+            "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if on_cuda else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if on_cuda else None,
+            "loaded_gib": loaded, "measured_steps": len(times) - job.warmup}
+
+
+def worker(job_json: str) -> None:
+    """Run one job and print its result as the last line, ``RESULT {json}``."""
+    job = Job(**json.loads(job_json))
+    try:
+        result = (run_baseline if job.impl == BASELINE else run_project)(job)
+        result["status"] = "ok"
+    except Exception as err:  # an OOM or a kernel failure is a result of this configuration
+        import torch
+
+        oom = isinstance(err, torch.OutOfMemoryError)
+        result = {"status": "out of memory" if oom else f"error: {type(err).__name__}: {str(err)[:300]}"}
+        import traceback
+
+        traceback.print_exc()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# ---- orchestrator side --------------------------------------------------------------------
+
+def parse_shape(shape: str) -> tuple[int, int]:
+    batch, seq = shape.lower().split("x")
+    return int(batch), int(seq)
+
+
+def plan(args: argparse.Namespace, arch_root: Path) -> list[Job]:
+    """The jobs of this command, most important first (a time budget may cut the tail)."""
+    def arch_dir(arch: str) -> str:
+        return str(write_arch(arch, arch_root, tiny=args.tiny))
+
+    common = {"steps": args.steps, "warmup": args.warmup}
+    if args.original:
+        return [Job(e.arch, 1, 512, "project", "default", arch_dir(e.arch), r=e.r, alpha=2 * e.r, accumulate=8,
+                    experiment=e.name, options=VARIANTS["default"], **common) for e in ORIGINAL]
+    archs = args.archs or (QUICK["archs"] if args.quick else list(ARCHS))
+    shapes = args.shapes or (QUICK["shapes"] if args.quick else FULL_SHAPES)
+    variants = args.variants or ["default"]
+    jobs = []
+    for arch in archs:
+        arch_shapes = shapes + (LONG_SHAPES if args.long and arch == "mistral-7b" else [])
+        for shape in arch_shapes:
+            batch, seq = parse_shape(shape)
+            names = list(variants)
+            if args.quick and arch == QUICK_LEVERS["arch"] and shape == QUICK_LEVERS["shape"]:
+                names += [v for v in QUICK_LEVERS["variants"] if v not in names]
+            if not args.no_baseline:
+                jobs.append(Job(arch, batch, seq, BASELINE, BASELINE, arch_dir(arch), **common))
+            jobs += [Job(arch, batch, seq, "project", v, arch_dir(arch), options=VARIANTS[v], **common)
+                     for v in names]
+    return jobs
+
+
+def run_job(job: Job, timeout: float, log) -> dict:
+    """Run ``job`` in a fresh Python process; its output goes to ``log``."""
+    start = time.perf_counter()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(job))]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        output, result = proc.stdout + proc.stderr, None
+        for line in reversed(proc.stdout.splitlines()):
+            if line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT "):])
+                break
+        if result is None:
+            result = {"status": f"crashed (exit {proc.returncode})"}
+    except subprocess.TimeoutExpired as err:
+        output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+        result = {"status": f"timed out after {timeout:.0f} s"}
+    log.write(f"\n===== {job.arch} {job.shape} {job.variant} =====\n{output[-6000:]}\n")
+    log.flush()
+    return {**asdict(job), **result, "wall_s": time.perf_counter() - start}
+
+
+def device_name() -> str:
+    """The GPU's name from nvidia-smi (the orchestrator itself never touches CUDA)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "cpu"
+    except (OSError, subprocess.TimeoutExpired):
+        return "cpu"
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def with_estimates(rows: list[dict]) -> list[dict]:
+    """Add the memory estimator's prediction of each row's peak, and its error against the measurement."""
+    from transformers import AutoConfig
+
+    from qlora_lightning.estimate import estimate_peak_memory
+
+    out = []
+    for row in rows:
+        row = dict(row)
+        if row.get("status") == "ok" and Path(row["arch_dir"], "config.json").is_file():
+            config = AutoConfig.from_pretrained(row["arch_dir"])
+            opts = row["options"] or VARIANTS["default"]
+            est = estimate_peak_memory(config, batch=row["batch"], seq=row["seq"], r=row["r"],
+                                       gradient_checkpointing=opts["gradient_checkpointing"],
+                                       loss_chunk_size=opts["loss_chunk_size"],
+                                       loss_impl="transformers" if row["impl"] == BASELINE else "project")
+            row["estimated_peak_gib"] = est["total_gib"]
+            if row.get("peak_alloc_gib"):
+                row["estimate_error"] = est["total_gib"] / row["peak_alloc_gib"] - 1
+        out.append(row)
+    return out
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    """Tables of a run: throughput and memory per configuration, or the original experiments."""
+    lines = [f"# QLoRA benchmark, {meta['device']}", "",
+             f"Random weights with the published dims, NF4 + double quant, bf16 compute, LoRA on all linear "
+             f"layers, median of {meta['steps']} optimizer steps after {meta['warmup']} warm-up steps, each "
+             f"configuration in its own process; command: `{meta['command']}`. Loss: n/a (random weights).", ""]
+    if any(r.get("experiment") for r in rows):
+        lines += ["| experiment | peak alloc GiB | peak reserved GiB | est. GiB | step s (8 x 512 tok) "
+                  "| est. training min (extrapolated) | T4 GB (original) | T4 min (original) | loss |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            exp = next(e for e in ORIGINAL if e.name == r["experiment"])
+            minutes = r["step_time_s"] * exp.samples / r["accumulate"] / 60 if r.get("step_time_s") else None
+            lines.append(f"| {exp.name} | {_fmt(r.get('peak_alloc_gib'))} | {_fmt(r.get('peak_reserved_gib'))} "
+                         f"| {_fmt(r.get('estimated_peak_gib'))} | {_fmt(r.get('step_time_s'), '.3f')} "
+                         f"| {_fmt(minutes, '.1f')} | {exp.t4_peak_gb} | {exp.t4_minutes} | n/a |")
+        lines += ["", "Training time = measured step time x samples / 8 (one epoch), extrapolated, not run to "
+                  "the end; every sample is a full 512 tokens here (the originals had shorter ones). "
+                  "Not comparable 1:1 with the T4 (another GPU, another software stack).", ""]
+        return "\n".join(lines)
+    lines += ["| arch | shape | impl | tokens/s | x baseline | peak alloc GiB | peak reserved GiB | est. GiB "
+              "| est. error | MFU | step s | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = next((b for b in rows if b["arch"] == r["arch"] and b["batch"] == r["batch"]
+                     and b["seq"] == r["seq"] and b["impl"] == BASELINE and b.get("tokens_per_sec")), None)
+        ratio = r["tokens_per_sec"] / base["tokens_per_sec"] if base and r.get("tokens_per_sec") else None
+        err = r.get("estimate_error")
+        lines.append(f"| {r['arch']} | {r['batch']}x{r['seq']} | {r['variant']} | {_fmt(r.get('tokens_per_sec'), '.0f')} "
+                     f"| {_fmt(ratio)} | {_fmt(r.get('peak_alloc_gib'))} | {_fmt(r.get('peak_reserved_gib'))} "
+                     f"| {_fmt(r.get('estimated_peak_gib'))} | {'n/a' if err is None else f'{err:+.0%}'} "
+                     f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('step_time_s'), '.3f')} | {r['status']} |")
+    lines += ["", "impl: `hf_peft` = plain transformers + PEFT loop (the baseline); `default` = this project's "
+              "Lightning path; `chunked_ce` = `model.loss_chunk_size: 1024`; `+liger` = `base.liger_kernel: true`; "
+              "`no_gc` = `gradient_checkpointing: false`. Peaks are torch allocator peaks after model load "
+              "(PagedAdamW8bit's paged state lives in CUDA managed memory, which they do not count).", ""]
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], path: Path) -> Optional[str]:
+    """Tokens/s and peak memory per configuration as a PNG; returns why not when it cannot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no chart"
+    ok = [r for r in rows if r.get("tokens_per_sec")]
+    if not ok:
+        return "no successful runs: no chart"
+    labels = [f"{r['arch']}\n{r['batch']}x{r['seq']}\n{r['variant']}" for r in ok]
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(ok)), 8), sharex=True)
+    colors = ["tab:gray" if r["impl"] == BASELINE else "tab:blue" for r in ok]
+    ax1.bar(range(len(ok)), [r["tokens_per_sec"] for r in ok], color=colors)
+    ax1.set_ylabel("tokens/s")
+    ax2.bar(range(len(ok)), [r.get("peak_alloc_gib") or 0 for r in ok], color=colors)
+    ax2.set_ylabel("peak allocated GiB")
+    ax2.set_xticks(range(len(ok)), labels, fontsize=7)
+    ax1.set_title("grey: transformers+PEFT baseline; blue: this project")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write_reports(out: Path, meta: dict, rows: list[dict]) -> None:
+    """harness.json (raw rows), harness.md (tables) and harness.png (chart) under ``out``."""
+    rows = with_estimates(rows)
+    (out / "harness.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    why = chart(rows, out / "harness.png")
+    text = markdown(meta, rows) + (f"\n{why}\n" if why else "")
+    (out / "harness.md").write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="QLoRA speed/memory benchmark (see the module docstring)")
+    parser.add_argument("--out", default="benchmarks/results/latest", help="folder for harness.{json,md,png,log}")
+    parser.add_argument("--archs", nargs="+", choices=list(ARCHS))
+    parser.add_argument("--shapes", nargs="+", help="BATCHxSEQ, e.g. 1x512 8x1024")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="project-path variants (levers)")
+    parser.add_argument("--quick", action="store_true", help="mistral + llama at 1x512 and 8x1024, levers once")
+    parser.add_argument("--long", action="store_true", help="add Mistral at 1x8192, 1x16384, 1x32768")
+    parser.add_argument("--original", action="store_true", help="the original T4 experiments' table")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the transformers+PEFT baseline")
+    parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps")
+    parser.add_argument("--warmup", type=int, default=4, help="warm-up optimizer steps left out")
+    parser.add_argument("--budget-s", type=float, default=None, help="skip the jobs that would overrun this")
+    parser.add_argument("--arch-root", help="folder for the arch configs (reuse one to reuse its random weights)")
+    parser.add_argument("--tiny", action="store_true", help="tiny dims of the same model types (CPU dry runs)")
+    parser.add_argument("--report", help="re-render harness.md/png from a saved harness.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker)
+    if args.report:
+        saved = json.loads(Path(args.report).read_text())
+        return write_reports(Path(args.report).parent, saved["meta"], saved["rows"])
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Random checkpoints are cached per config *path* too: pass the folder another run used to share them.
+    arch_root = Path(args.arch_root) if args.arch_root else Path(tempfile.mkdtemp(prefix="archs-"))
+    jobs = plan(args, arch_root)
+    meta = {"device": device_name(), "command": " ".join(sys.argv), "steps": args.steps, "warmup": args.warmup,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    start, rows, walls = time.perf_counter(), [], []
+    with open(out / "harness.log", "w") as log:
+        for i, job in enumerate(jobs):
+            left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
+            guess = max(walls) if walls else 0.0  # the slowest job so far
+            if left is not None and left < max(guess, 30.0):
+                rows.append({**asdict(job), "status": "skipped (time budget)"})
+                continue
+            print(f"[{i + 1}/{len(jobs)}] {job.arch} {job.shape} {job.variant} ...", flush=True)
+            row = run_job(job, timeout=left if left else 3600, log=log)
+            walls.append(row["wall_s"])
+            print(f"    {row['status']}  tokens/s={_fmt(row.get('tokens_per_sec'), '.0f')} "
+                  f"peak={_fmt(row.get('peak_alloc_gib'))} GiB  ({row['wall_s']:.0f} s)", flush=True)
+            rows.append(row)
+            write_reports(out, meta, rows)
+    write_reports(out, meta, rows)
+    print((out / "harness.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""Predict the peak GPU memory of a QLoRA training step from a model config and a batch shape.
+
+    python -m qlora_lightning estimate --config configs/mistral.yaml [--data.init_args.batch_size 8 ...]
+
+The model is counted piece by piece, with the dtypes this stack really uses (checked against
+transformers 5.x, PEFT 0.21, bitsandbytes 0.50 and measured on an H200; see
+``benchmarks/harness.py``, which prints the estimate beside each measured peak):
+
+* 4-bit linear weights: 0.5 byte per weight plus the quantization constants;
+* everything else (embeddings, output head, norms, biases) in fp32: PEFT's
+  ``prepare_model_for_kbit_training`` upcasts every non-4-bit parameter. The fp32 embeddings also
+  make the residual stream fp32;
+* LoRA matrices and their gradients in fp32; 8-bit AdamW state (paged: it lives in CUDA managed
+  memory, which the PyTorch allocator's peak does not count, so it is reported apart);
+* activations under bf16 autocast: for each LoRA linear, the bf16 input copy saved by the 4-bit
+  matmul, the dropout mask and the LoRA input; fp32 q/k and rotary temporaries; attention inputs;
+  MLP intermediates. With gradient checkpointing only each layer's fp32 input stays, plus one
+  layer recomputed in the backward;
+* logits: (B, T, V) bf16 logits, their fp32 log-softmax and its gradients, or one chunk of them
+  with ``loss_chunk_size``.
+
+It is an estimate: allocator rounding and fragmentation are not modelled (the reserved peak is
+higher), and architectures beyond Llama/Mistral/Gemma/Phi are counted as Llama-like.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import yaml
+
+from qlora_lightning.errors import UserError
+
+GIB = 2**30
+BLOCK = 64  # bitsandbytes 4-bit block size: one absmax per 64 weights
+DQ_BLOCK = 256  # double quantization: one fp32 constant per 256 absmax values
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The shape facts of a decoder-only transformer that memory depends on."""
+
+    hidden: int
+    inter: int
+    layers: int
+    vocab: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    gated_mlp: bool  # gate/up/down (Llama, Mistral, Gemma) or fc1/fc2 (Phi)
+    tied: bool
+    bias: bool
+    act: str
+    sliding_window: Optional[int]
+
+    @property
+    def attn(self) -> int:
+        """Width of the query/output projections (heads x head_dim)."""
+        return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def dims_of(config) -> Dims:
+    """Read the dims off a transformers ``PretrainedConfig``."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
+    return Dims(hidden=config.hidden_size, inter=config.intermediate_size, layers=config.num_hidden_layers,
+                vocab=config.vocab_size, heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                head_dim=head_dim, gated_mlp=config.model_type != "phi",
+                tied=bool(getattr(config, "tie_word_embeddings", False)), bias=config.model_type == "phi",
+                act=str(act), sliding_window=getattr(config, "sliding_window", None))
+
+
+def layer_linears(d: Dims) -> list[tuple[int, int]]:
+    """(in, out) of the linear layers of one decoder layer; all of them get LoRA under ``all-linear``."""
+    attn = [(d.hidden, d.attn), (d.hidden, d.kv), (d.hidden, d.kv), (d.attn, d.hidden)]
+    mlp = [(d.hidden, d.inter)] * (2 if d.gated_mlp else 1) + [(d.inter, d.hidden)]
+    return attn + mlp
+
+
+def weight_bytes(d: Dims, quantization: str = "nf4", double_quant: bool = True) -> dict[str, float]:
+    """Bytes of the frozen base: 4-bit linears (with their constants) and the fp32 rest."""
+    n = d.layers * sum(i * o for i, o in layer_linears(d))
+    if quantization in ("nf4", "fp4"):
+        constants = n / BLOCK * (1 + 4 / DQ_BLOCK) if double_quant else n / BLOCK * 4
+        linear = n / 2 + constants
+    elif quantization == "int8":
+        linear = n + n / d.hidden * 4  # one fp32 scale per row, roughly
+    else:
+        linear = 2 * n  # bf16
+    per_layer_other = 2 * d.hidden + (sum(o for _, o in layer_linears(d)) if d.bias else 0)  # norms, biases
+    other = 4 * (d.vocab * d.hidden * (1 if d.tied else 2) + d.layers * per_layer_other + d.hidden)
+    return {"linear_weights": linear, "other_weights_fp32": other}
+
+
+def lora_params(d: Dims, r: int) -> int:
+    """Trainable LoRA parameters with ``all-linear`` targets: r x (in + out) per linear."""
+    return d.layers * sum(r * (i + o) for i, o in layer_linears(d))
+
+
+def layer_activation_bytes(d: Dims, dropout: bool = True) -> float:
+    """Bytes per token that one decoder layer saves for its backward pass (bf16 autocast).
+
+    Each LoRA linear on an fp32 input keeps a bf16 copy for the 4-bit matmul (2 bytes/feature),
+    the dropout mask (1) and the bf16 LoRA input (2): 5 per input feature (3 with dropout off).
+    """
+    lin = 5 if dropout else 4
+    h, a, kv, i = d.hidden, d.attn, d.kv, d.inter
+    norm = 4 * h  # normalized fp32 activations, per norm
+    attention = (3 * lin * h  # q, k, v projections of the fp32 normed input
+                 + 8 * a + 8 * kv  # fp32 q and k, and their rotate_half copies, kept by the rotary multiply
+                 + 4 * a + 4 * kv  # bf16 q, k, v and the output kept by the attention kernel
+                 + lin * a)  # the output projection
+    if d.gated_mlp:
+        mlp = 2 * lin * h + 12 * i + lin * i  # gate/up inputs, fp32 gate/act/up outputs, down input
+    else:  # Phi: fc1, gelu_new (written as several elementwise ops that each keep an fp32 tensor), fc2
+        mlp = lin * h + 16 * i + lin * i
+    norms = 2 if d.gated_mlp else 1  # Phi runs attention and MLP in parallel off one LayerNorm
+    return norms * norm + attention + mlp
+
+
+def logits_bytes(d: Dims, tokens: int, loss_chunk_size: Optional[int],
+                 loss_impl: Literal["project", "transformers"] = "project") -> float:
+    """Peak bytes of the loss: logits, fp32 log-softmax and their gradients in the backward.
+
+    The project's plain loss keeps the fp32 log-softmax (4 bytes/logit) and, in the backward, its
+    gradient and the input gradient (4 + 4); transformers' model output also keeps the bf16 logits (2).
+    The chunked loss holds one chunk's worth (bf16 + fp32 + log-softmax + two gradients) plus a
+    gathered fp32 copy of the hidden states.
+    """
+    if loss_chunk_size:
+        return min(loss_chunk_size, tokens) * d.vocab * 18 + tokens * d.hidden * 4
+    return tokens * d.vocab * (14 if loss_impl == "transformers" else 12)
+
+
+def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_checkpointing: bool = True,
+                         loss_chunk_size: Optional[int] = None, quantization: str = "nf4",
+                         double_quant: bool = True, lora_dropout: float = 0.05, paged_optimizer: bool = True,
+                         loss_impl: Literal["project", "transformers"] = "project") -> dict[str, float]:
+    """Predicted peak of the PyTorch allocator for one training step, by component, in GiB.
+
+    Args:
+        config: A transformers model config (``AutoConfig.from_pretrained(...)``).
+        batch: Sequences per micro-batch.
+        seq: Tokens per sequence.
+        r: LoRA rank (``all-linear`` targets).
+        gradient_checkpointing: Whether decoder layers are recomputed in the backward.
+        loss_chunk_size: ``SFTModule.loss_chunk_size`` (None: the plain loss).
+        quantization: ``nf4``, ``fp4``, ``int8`` or ``none``.
+        double_quant: Whether the 4-bit constants are quantized too.
+        lora_dropout: Adapter dropout (above zero it keeps a mask per LoRA input).
+        paged_optimizer: Paged 8-bit AdamW keeps its state in managed memory, outside the allocator's peak.
+        loss_impl: ``project`` (``SFTModule``) or ``transformers`` (loss from ``labels`` in the model).
+
+    Returns:
+        GiB per component, ``total_gib`` (what ``torch.cuda.max_memory_allocated`` should read)
+        and ``optimizer_state_gib`` (counted in the total only when not paged).
+    """
+    d = dims_of(config)
+    tokens = batch * seq
+    parts = weight_bytes(d, quantization, double_quant)
+    n_lora = lora_params(d, r)
+    parts["lora_params_and_grads"] = n_lora * (4 + 4)
+    optimizer = n_lora * 2.0  # 8-bit first and second moments
+    if not paged_optimizer:
+        parts["optimizer_state"] = optimizer
+    layer = layer_activation_bytes(d, lora_dropout > 0) * tokens
+    if d.sliding_window and seq > d.sliding_window:
+        layer += batch * seq * seq  # a sliding-window mask is materialized as (B, 1, T, T) bool
+    logits = logits_bytes(d, tokens, loss_chunk_size, loss_impl)
+    if gradient_checkpointing:
+        parts["checkpointed_layer_inputs"] = d.layers * tokens * d.hidden * 4  # fp32 residual stream
+        # The loss peaks at the end of the forward; the recomputed layer (plus its gradients) in the backward.
+        working = layer + tokens * (12 * d.inter + 8 * d.hidden)
+        parts["peak_of_loss_or_recomputed_layer"] = max(logits, working)
+    else:
+        parts["activations"] = d.layers * layer
+        parts["logits_and_loss"] = logits
+    out = {f"{k}_gib": v / GIB for k, v in parts.items()}
+    out["total_gib"] = sum(parts.values()) / GIB
+    out["optimizer_state_gib"] = optimizer / GIB
+    return out
+
+
+# ---- python -m qlora_lightning estimate --config X.yaml [--a.b.c value ...] ----------------------
+
+def _set_dotted(tree: dict, key: str, value) -> None:
+    node = tree
+    *path, last = key.split(".")
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str]]] = None) -> dict:
+    """Read a training YAML's model and data sections (plus ``key value`` overrides) and estimate its peak."""
+    from transformers import AutoConfig
+
+    with open(config_path) as f:
+        tree = yaml.safe_load(f) or {}
+    for key, value in overrides or []:
+        _set_dotted(tree, key, yaml.safe_load(value))
+    model = (tree.get("model") or {}).get("init_args", {})
+    data = (tree.get("data") or {}).get("init_args", {})
+    base, lora = model.get("base") or {}, model.get("lora") or {}
+    name = base.get("name_or_path", "mistralai/Mistral-7B-v0.1")
+    try:
+        config = AutoConfig.from_pretrained(name, **(base.get("config_overrides") or {}))
+    except OSError as err:
+        raise UserError(f"model '{name}': {str(err).strip().splitlines()[0]}") from None
+    optimizer = str((model.get("optimizer") or {}).get("class_path", "PagedAdamW8bit"))
+    result = estimate_peak_memory(
+        config, batch=int(data.get("batch_size", 1)), seq=int(data.get("max_seq_length", 512)),
+        r=int(lora.get("r", 16)), gradient_checkpointing=bool(model.get("gradient_checkpointing", True)),
+        loss_chunk_size=model.get("loss_chunk_size"), quantization=base.get("quantization", "nf4"),
+        double_quant=bool(base.get("double_quant", True)), lora_dropout=float(lora.get("dropout", 0.05)),
+        paged_optimizer="Paged" in optimizer)
+    return {"model": name, "batch_size": int(data.get("batch_size", 1)),
+            "max_seq_length": int(data.get("max_seq_length", 512)), **result}
+
+
+def main(argv: list[str]) -> None:
+    """``estimate --config X.yaml [--model.init_args.lora.r 16 ...]``: print the predicted peak."""
+    parser = argparse.ArgumentParser(prog="python -m qlora_lightning estimate",
+                                     description="Predict the peak GPU memory of a training config.")
+    parser.add_argument("--config", required=True, help="the YAML given to `fit`")
+    args, rest = parser.parse_known_args(argv)
+    if len(rest) % 2 or any(not k.startswith("--") for k in rest[::2]):
+        parser.error("overrides come as pairs: --model.init_args.lora.r 16")
+    try:
+        result = estimate_from_yaml(args.config, [(k[2:], v) for k, v in zip(rest[::2], rest[1::2])])
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    print(f"{result['model']}, batch {result['batch_size']} x {result['max_seq_length']} tokens:")
+    for key, value in result.items():
+        if key.endswith("_gib") and key not in ("total_gib", "optimizer_state_gib"):
+            print(f"  {key[:-4]:<36} {value:7.2f} GiB")
+    print(f"  {'predicted peak (allocated)':<36} {result['total_gib']:7.2f} GiB")
+    print(f"  {'8-bit optimizer state (paged apart)':<36} {result['optimizer_state_gib']:7.2f} GiB")
