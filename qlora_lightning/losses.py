@@ -84,12 +84,12 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         labels: (B, T) token ids, ``IGNORE_INDEX`` on the prompt and on padding.
 
     Returns:
-        (B,) fp32 log-probs and (B,) labelled-token counts.
+        (B,) log-probs (fp32, or fp64 for fp64 logits) and (B,) labelled-token counts.
     """
     logits, targets = shift_for_next_token(logits, labels)
-    # (B*(T-1),) fp32 NLL, 0 at ignored positions; cross_entropy never holds a second (B, T, V) log-softmax copy
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                          reduction="none")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32 for a stable log-softmax
+    # (B*(T-1),) NLL, 0 at ignored positions
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     return -nll.view_as(targets).sum(-1), (targets != IGNORE_INDEX).sum(-1)
 
 

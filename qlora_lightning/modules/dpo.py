@@ -80,6 +80,7 @@ class DPOModule(QLoRAModule):
         self.precompute_ref_logps, self.ref_batch_size = precompute_ref_logps, ref_batch_size
         if sft_adapter and not self.lora.init_adapter:
             self.lora = replace(self.lora, init_adapter=sft_adapter)
+        self._step_loss = 0.0  # summed over the micro-batches of the current optimizer step
         self.eval_metrics = torch.nn.ModuleDict({
             stage: torch.nn.ModuleDict({name: MeanMetric() for name in METRICS}) for stage in ("val", "test")})
 
@@ -164,7 +165,14 @@ class DPOModule(QLoRAModule):
         for name, value in metrics.items():
             self.log(f"train/{name}", value.detach(), batch_size=pairs,
                      prog_bar=name in ("loss", "rewards/accuracy"))
+        self._step_loss += metrics["loss"].detach()
         return metrics["loss"]
+
+    @override
+    def on_before_optimizer_step(self, optimizer) -> None:
+        loss, self._step_loss = self._step_loss, 0.0
+        self.guard_nonfinite(torch.as_tensor(loss, device=self.device))  # drops the step's gradients if not finite
+        self.log("train/skipped_steps", float(self.skipped_steps))
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
