@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from qlora_lightning.data.packing import real_tokens_and_examples
+
 log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity).
@@ -108,11 +110,13 @@ class PerfMonitor(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         w = self._window
-        mask = batch["attention_mask"]
-        w["tokens"] += int(mask.sum())
-        w["padded_tokens"] += mask.numel()
-        w["samples"] += mask.shape[0]
-        w["max_len"] = max(w["max_len"], mask.shape[1])
+        ids = batch["input_ids"]  # (B, T): B rows of examples or packs, padding included
+        real, examples = real_tokens_and_examples(batch)
+        w["tokens"] += real
+        w["padded_tokens"] += ids.numel()
+        w["samples"] += examples
+        # Attention span for the FLOP count: the longest example of a padding-free row, else the row.
+        w["max_len"] = max(w["max_len"], int(batch.get("max_length_q", ids.shape[1])))
         if not self._stepped:  # still accumulating micro-batches of this optimizer step
             return
         self._stepped = False

@@ -6,6 +6,7 @@ from typing import Iterator, Sized
 
 import torch
 from torch.utils.data import Sampler
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 
 class EpochSeededSampler(Sampler[int]):
@@ -28,3 +29,24 @@ class EpochSeededSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.data)
+
+
+class LengthGroupedSampler(EpochSeededSampler):
+    """Batches of similar-length examples (less padding), in an order fixed by ``seed + epoch``.
+
+    transformers' grouping: a random permutation cut into mega-batches of up to 50 batches, each
+    sorted by length, the longest batch first (an out-of-memory error shows at once).
+
+    Args:
+        lengths: Token count of each example.
+        batch_size: Examples per batch, so that each run of ``batch_size`` indices has similar lengths.
+        seed: Seed of the permutation (plus the epoch).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0):
+        super().__init__(lengths, seed)
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.data, self.batch_size, generator=generator))
