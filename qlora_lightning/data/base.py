@@ -6,6 +6,7 @@ chat messages (``messages_fn``); everything else lives here.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
@@ -22,7 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora_lightning.data.packing import PackingMode, collate_packs, pack_examples
 from qlora_lightning.data.sampling import EpochSeededSampler, LengthGroupedSampler
-from qlora_lightning.data.tokenize import ChatFormat, Message, RowError, tokenize_messages
+from qlora_lightning.data.tokenize import RAW_JSON, ChatFormat, Message, RowError, decode_row, tokenize_messages
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import IGNORE_INDEX
 from qlora_lightning.model import load_tokenizer
@@ -44,7 +45,12 @@ def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> datasets.Da
             builder = _FILE_BUILDERS.get("".join(local.suffixes[-1:]).lower())
             if builder is None:
                 raise UserError(f"data file '{path}': unsupported extension (use {', '.join(_FILE_BUILDERS)})")
-            return datasets.load_dataset(builder, data_files={"train": str(local)})
+            try:
+                return datasets.load_dataset(builder, data_files={"train": str(local)})
+            except Exception:
+                if builder != "json":
+                    raise
+                return _lenient_json(local)
         if local.is_dir():
             if (local / "dataset_dict.json").is_file():
                 return datasets.load_from_disk(str(local))
@@ -59,14 +65,46 @@ def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> datasets.Da
         raise UserError(f"cannot load data '{path}': {first}") from None
 
 
+def _lenient_json(path: Path) -> datasets.DatasetDict:
+    """A JSON / JSONL file that arrow cannot read as one table (rows of clashing types, broken
+    lines): one text column of per-row JSON, decoded and judged row by row in ``decode_row``."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        whole = None
+    if isinstance(whole, list):
+        lines = [json.dumps(row) for row in whole]
+    else:
+        lines = [line for line in text.splitlines() if line.strip()]
+    return datasets.DatasetDict({"train": datasets.Dataset.from_dict({RAW_JSON: lines})})
+
+
 def _encode_row(row: dict, to_messages: Callable[[dict], list[Message]], tokenizer: PreTrainedTokenizerBase,
                 fmt: ChatFormat, max_seq_length: int, use_chat_template: bool) -> dict:
     """Module-level (not a method) so that `datasets` can hash it and cache the tokenized split."""
     try:
-        out = tokenize_messages(to_messages(row), tokenizer, fmt, max_seq_length, use_chat_template)
+        out = tokenize_messages(to_messages(decode_row(row)), tokenizer, fmt, max_seq_length, use_chat_template)
         return {**out, "drop_reason": ""}
     except RowError as err:
         return {"input_ids": [], "labels": [], "truncated": False, "drop_reason": str(err)}
+
+
+def _mark_duplicates(encoded: datasets.Dataset) -> tuple[datasets.Dataset, Counter]:
+    """Mark as ``duplicate`` each kept row whose tokens repeat an earlier one; count all drop reasons."""
+    columns = [c for c in encoded.column_names if c not in ("drop_reason", "truncated")]
+    seen, reasons, marks = set(), Counter(), []
+    for row in encoded:
+        reason = row["drop_reason"]
+        if not reason:
+            key = hash(tuple(tuple(row[c]) if isinstance(row[c], list) else row[c] for c in columns))
+            reason = "duplicate" if key in seen else ""
+            seen.add(key)
+        marks.append(reason)
+        reasons.update([reason] if reason else [])
+    if reasons["duplicate"]:
+        encoded = encoded.remove_columns("drop_reason").add_column("drop_reason", marks)
+    return encoded, reasons
 
 
 class SFTDataModule(LightningDataModule):
@@ -99,6 +137,7 @@ class SFTDataModule(LightningDataModule):
             whose T x T mask then spans the whole micro-batch). See ``data/packing.py``.
         group_by_length: Without packing, batch examples of similar length (less padding); the
             order is still random from batch to batch of length groups.
+        strict: Fail on the first bad row (saying which and why) instead of dropping and counting it.
     """
 
     default_path: str = ""
@@ -125,6 +164,7 @@ class SFTDataModule(LightningDataModule):
         pad_to_multiple_of: Optional[int] = None,
         packing: PackingMode = "off",
         group_by_length: bool = False,
+        strict: bool = False,
     ):
         super().__init__()
         self.path = path or self.default_path
@@ -142,7 +182,8 @@ class SFTDataModule(LightningDataModule):
             raise UserError("data.group_by_length applies only with data.packing 'off' (packs are already full)")
         self.packing, self.group_by_length = packing, group_by_length
         self.splits: dict[str, datasets.Dataset] = {}
-        self.dropped: dict[str, Counter] = {}
+        self.strict = strict
+        self.report: dict[str, dict] = {}  # per split: rows, kept, truncated, dropped {reason: count}
 
     def messages_fn(self) -> Callable[[dict], list[Message]]:
         """The row -> chat messages function of this dataset; raises ``RowError`` for a bad row.
@@ -161,12 +202,17 @@ class SFTDataModule(LightningDataModule):
         return _encode_row, {"to_messages": self.messages_fn(), "tokenizer": self.tokenizer, "fmt": self.format,
                              "max_seq_length": self.max_seq_length, "use_chat_template": self.use_chat_template}
 
+    @property
+    def dropped(self) -> dict[str, Counter]:
+        """Per split, how many rows were dropped for each reason."""
+        return {name: Counter(r["dropped"]) for name, r in self.report.items()}
+
     def describe(self) -> dict:
         """What this data is, for run summaries."""
         return {"dataset": self.path, "hub_config": self.hub_config, "num_samples": self.num_samples,
                 "train_rows": len(self.splits["train"]) if "train" in self.splits else None,
                 "val_rows": len(self.splits["val"]) if "val" in self.splits else None,
-                "max_seq_length": self.max_seq_length, "dropped": {k: dict(v) for k, v in self.dropped.items()},
+                "max_seq_length": self.max_seq_length, "report": self.report,
                 "packing": self.packing, "group_by_length": self.group_by_length}  # packed: *_rows count packs
 
     # ---- Lightning hooks -------------------------------------------------------------
@@ -183,6 +229,16 @@ class SFTDataModule(LightningDataModule):
         self.splits = {"train": self._encode(train, "train"), "val": self._encode(val, "val")}
         if self.packing != "off":
             self.splits = {name: pack_examples(ds, self.max_seq_length) for name, ds in self.splits.items()}
+        self._write_report()
+
+    def _write_report(self) -> None:
+        """``data_report.json`` next to the run's logs: rows read, kept, truncated, dropped and why."""
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero or not trainer.log_dir:
+            return
+        path = Path(trainer.log_dir) / "data_report.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"data": self.path, "splits": self.report}, indent=2) + "\n")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.splits["train"], shuffle=True)
@@ -219,10 +275,15 @@ class SFTDataModule(LightningDataModule):
             remove_columns=ds.column_names,
             desc=f"tokenizing {name}",
         )
-        reasons = Counter(r for r in encoded["drop_reason"] if r)
+        encoded, reasons = _mark_duplicates(encoded)
+        if self.strict and reasons:
+            first = next(i for i, r in enumerate(encoded["drop_reason"]) if r)
+            raise UserError(f"row {first} of the {name} split of '{self.path}': {encoded[first]['drop_reason']} "
+                            "(data.strict is on)")
         kept = encoded.filter(lambda r: r == "", input_columns="drop_reason").remove_columns("drop_reason")
         truncated = sum(kept["truncated"])
-        self.dropped[name] = reasons
+        self.report[name] = {"rows": len(encoded), "kept": len(kept), "truncated": truncated,
+                             "dropped": dict(reasons.most_common())}
         if reasons:
             detail = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
             log.warning("%s split of '%s': dropped %d of %d rows (%s)", name, self.path, sum(reasons.values()),

@@ -8,6 +8,7 @@ and counted.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Optional
 
@@ -114,6 +115,28 @@ def _truncate(ids: list[int], is_response: list[bool], limit: int,
     ids = ids[:n_keep_left] + ids[n_keep_left + cut:]
     is_response = is_response[:n_keep_left] + is_response[n_keep_left + cut:]
     return ids[:limit], is_response[:limit], True
+
+
+# Column of a file whose rows' types do not agree (see ``load_raw_dataset``): each row is kept
+# as its JSON text and decoded here, one row at a time, so one bad row cannot sink the file.
+RAW_JSON = "__json__"
+
+
+def decode_row(row: dict) -> dict:
+    """The row itself, or the object in its raw JSON text."""
+    if RAW_JSON not in row:
+        return row
+    try:
+        value = json.loads(row[RAW_JSON])
+    except ValueError:
+        raise RowError("invalid JSON") from None
+    if not isinstance(value, dict):
+        raise RowError(f"row is a JSON {type(value).__name__}, not an object")
+    try:  # JSON escapes can spell lone surrogates, which no tokenizer accepts
+        row[RAW_JSON].encode("utf-8") and json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowError("invalid unicode") from None
+    return value
 
 
 def optional_str(row: dict, key: str) -> Optional[str]:
