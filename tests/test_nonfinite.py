@@ -32,11 +32,11 @@ class NaNAtStep(SFTModule):
             self.after_bad = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
 
-def _run(policy: str, rows) -> NaNAtStep:
+def _run(policy: str, rows, root) -> NaNAtStep:
     module = NaNAtStep(base=BaseModelSpec(name_or_path=TINY_LLAMA, random_init=True, compute_dtype="float32"),
                        lora=LoraSpec(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False,
                        optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), nonfinite=policy)
-    trainer = Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+    trainer = Trainer(accelerator="cpu", max_steps=6, default_root_dir=root, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2)
     batches = DataLoader([pad_batch([r], pad_id=2) for r in rows], batch_size=None)
     trainer.fit(module, train_dataloaders=batches)
@@ -49,8 +49,8 @@ def rows(tokenizer):
     return [{"input_ids": ids, "labels": [-100] * 8 + ids[8:]}] * 4
 
 
-def test_skip_policy_skips_exactly_the_bad_step(rows):
-    module = _run("skip", rows)
+def test_skip_policy_skips_exactly_the_bad_step(rows, tmp_path):
+    module = _run("skip", rows, tmp_path)
     assert module.skipped_steps == 1
     assert module.global_step == 6
     for name, before in module.before_bad.items():
@@ -58,6 +58,6 @@ def test_skip_policy_skips_exactly_the_bad_step(rows):
     assert all(torch.isfinite(p).all() for p in module.model.parameters() if p.requires_grad)
 
 
-def test_stop_policy_stops_before_applying_the_bad_step(rows):
+def test_stop_policy_stops_before_applying_the_bad_step(rows, tmp_path):
     with pytest.raises(NonFiniteLossError, match=f"step {BAD_STEP}"):
-        _run("stop", rows)
+        _run("stop", rows, tmp_path)
