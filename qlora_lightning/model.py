@@ -194,8 +194,12 @@ def add_lora(model: PreTrainedModel, lora: LoraSpec, gradient_checkpointing: boo
 
 def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: bool = True,
                 device: Union[str, torch.device] = "cpu") -> PeftModel:
-    """name/config -> quantized base -> prepared for k-bit training -> PEFT LoRA model."""
-    return add_lora(load_base_model(spec, device), lora, gradient_checkpointing)
+    """name/config -> quantized base -> prepared for k-bit training -> PEFT LoRA model, in training mode."""
+    model = add_lora(load_base_model(spec, device), lora, gradient_checkpointing)
+    # from_pretrained returns the base in eval mode and Lightning keeps each module's mode, but
+    # Hugging Face layers checkpoint activations only in training mode: without this,
+    # gradient_checkpointing would silently do nothing.
+    return model.train()
 
 
 def add_frozen_adapter(model: PeftModel, path: str, adapter_name: str, config_key: str) -> None:

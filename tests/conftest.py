@@ -99,7 +99,7 @@ def base_spec():
 
 
 def sft_module(base=None, r: int = 8, alpha: Optional[int] = None, lr: float = 1e-2, optimizer=None,
-               target_modules="all-linear", **kwargs):
+               target_modules="all-linear", gradient_checkpointing: bool = False, **kwargs):
     """An SFTModule over ``base`` (the tiny Llama by default) with dropout off, so runs are deterministic."""
     from qlora_lightning.model import LoraSpec
     from qlora_lightning.modules import SFTModule
@@ -107,7 +107,7 @@ def sft_module(base=None, r: int = 8, alpha: Optional[int] = None, lr: float = 1
     return SFTModule(
         base=base or tiny_spec(),
         lora=LoraSpec(r=r, alpha=alpha or 2 * r, dropout=0.0, target_modules=target_modules),
-        gradient_checkpointing=False,
+        gradient_checkpointing=gradient_checkpointing,
         optimizer=optimizer or functools.partial(torch.optim.AdamW, lr=lr),
         warmup_ratio=0.0,
         **kwargs,

@@ -1,0 +1,161 @@
+"""The model builder on the CPU with real bitsandbytes 4-bit layers: what is quantized, what
+trains, adapter round trips through the PEFT format, adapter-only checkpoints, bad model ids."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from lightning.pytorch import seed_everything
+from peft import PeftModel
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from qlora_lightning import GSM8KDataModule
+from qlora_lightning.errors import UserError
+from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer
+from tests.conftest import EXAMPLES, TINY_LLAMA, cpu_trainer, sft_module, tiny_spec, tokenizer_at
+
+# Every linear layer 64 wide or wider in multiples of 64 (k/v made 64 wide), as bitsandbytes' CPU
+# kernels prefer; the logits comparisons below run without gradients in eval mode.
+WIDE_KV = {"num_key_value_heads": 4}
+DECODER_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def _token_batch(n_rows: int = 2, length: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 512, (n_rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_base_linears_are_4bit_and_only_lora_trains():
+    model = build_model(tiny_spec(), LoraSpec(r=4, dropout=0.0), gradient_checkpointing=False)
+    config = model.config
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert {name.split(".")[-2] for name in quantized} == DECODER_LINEARS  # "...q_proj.base_layer"
+    assert len(quantized) == len(DECODER_LINEARS) * config.num_hidden_layers
+    for layer in quantized.values():
+        weight = layer.weight
+        assert weight.quant_state.quant_type == "nf4"
+        # Packed: 4 bits per weight, whatever dtype the storage is viewed as.
+        assert weight.numel() * weight.element_size() * 2 == layer.in_features * layer.out_features
+        assert not weight.requires_grad
+    # The output head stays a plain (frozen) Linear: quantizing it costs quality for little memory.
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert not any(".lora_" in n for n in frozen)
+    # Two LoRA factors on every quantized layer.
+    assert len(trainable) == 2 * len(quantized)
+
+
+def test_lora_sees_gradients_through_every_layer():
+    """Each adapter factor gets a non-zero gradient (with lora_B made non-zero, so A's is too)."""
+    model = build_model(tiny_spec(), LoraSpec(r=4, dropout=0.0), gradient_checkpointing=False)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            torch.nn.init.normal_(p, std=0.02)  # PEFT starts B at zero, which zeroes A's gradient
+    tokens = _token_batch()
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing
+
+
+def test_saved_adapter_reloads_onto_a_fresh_4bit_base_with_the_same_logits(tmp_path):
+    spec = tiny_spec(**WIDE_KV)
+    model = build_model(spec, LoraSpec(r=8, dropout=0.0), gradient_checkpointing=False)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)  # a non-trivial adapter: fresh LoRA is a no-op (B = 0)
+    model.save_pretrained(tmp_path / "adapter")
+    tokens = _token_batch()
+    model.eval()
+    with torch.no_grad():
+        trained = model(input_ids=tokens).logits
+
+    base = load_base_model(spec)
+    with torch.no_grad():
+        base_only = base(input_ids=tokens).logits
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        again = reloaded(input_ids=tokens).logits
+
+    assert (trained - base_only).abs().max() > 1e-2  # the adapter changes the output...
+    torch.testing.assert_close(again, trained, rtol=0, atol=1e-5)  # ...and survives the round trip
+
+
+def _fit_one_step(spec, tmp_path, name: str) -> tuple[dict, int, int]:
+    """Train one step of q/v LoRA on ``spec`` and save a Lightning checkpoint.
+
+    Returns the checkpoint, its size in bytes and the base model's size in bytes.
+    """
+    seed_everything(0)
+    module = sft_module(base=spec, r=8, target_modules=["q_proj", "v_proj"])
+    data = GSM8KDataModule(path=str(EXAMPLES / "gsm8k_train.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
+                           num_samples=2, batch_size=2)
+    trainer = cpu_trainer(tmp_path / name, max_steps=1, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    path = tmp_path / f"{name}.ckpt"
+    trainer.save_checkpoint(path)
+    return torch.load(path, weights_only=False), path.stat().st_size, module.model.get_memory_footprint()
+
+
+def test_checkpoint_holds_the_adapter_and_its_optimizer_state_only(tmp_path):
+    small = tiny_spec()
+    # A much bigger base (16x the MLP, 16x the vocabulary) under the same q/v adapter shapes.
+    big = tiny_spec(intermediate_size=2048, vocab_size=8192)
+    ckpt_small, bytes_small, base_small = _fit_one_step(small, tmp_path, "small")
+    ckpt_big, bytes_big, base_big = _fit_one_step(big, tmp_path, "big")
+
+    assert base_big > 10 * base_small
+    for ckpt in (ckpt_small, ckpt_big):
+        keys = set(ckpt["state_dict"])
+        assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)
+        assert {k.split(".")[-4] for k in keys} == {"q_proj", "v_proj"}
+        # AdamW keeps state for exactly the trainable tensors.
+        assert len(ckpt["optimizer_states"][0]["state"]) == len(keys)
+    shapes = lambda ckpt: {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}  # noqa: E731
+    assert shapes(ckpt_small) == shapes(ckpt_big)
+    # Same adapter, same bytes (to a few KiB of metadata), however big the base.
+    assert abs(bytes_big - bytes_small) < 4096
+    assert bytes_big < base_big / 20
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_recomputes_under_the_trainer(checkpointing, monkeypatch, tmp_path):
+    """With checkpointing on, each decoder layer runs again in the backward pass.
+
+    Hugging Face layers checkpoint only in training mode; ``from_pretrained`` returns eval mode and
+    Lightning keeps module modes, so this fails unless the builder switches to training mode.
+    """
+    calls = []
+    forward = LlamaMLP.forward
+    monkeypatch.setattr(LlamaMLP, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    module = sft_module(gradient_checkpointing=checkpointing)
+    data = GSM8KDataModule(path=str(EXAMPLES / "gsm8k_train.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
+                           num_samples=2, batch_size=2)
+    cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=data)
+    layers = module.model.config.num_hidden_layers
+    assert len(calls) == layers * (2 if checkpointing else 1)
+
+
+@pytest.mark.parametrize("random_init", [False, True])
+def test_unknown_model_id_is_one_line_naming_it(random_init):
+    spec = BaseModelSpec(name_or_path="nobody-xyz/no-such-model", random_init=random_init)
+    with pytest.raises(UserError) as err:
+        load_base_model(spec)
+    message = str(err.value)
+    assert "nobody-xyz/no-such-model" in message and "\n" not in message
+
+
+def test_unknown_tokenizer_id_is_one_line_naming_it():
+    with pytest.raises(UserError) as err:
+        load_tokenizer("nobody-xyz/no-such-tokenizer")
+    assert "nobody-xyz/no-such-tokenizer" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_lora_target_is_one_line_naming_it():
+    with pytest.raises(UserError) as err:
+        build_model(tiny_spec(), LoraSpec(r=4, target_modules=["no_such_proj"]), gradient_checkpointing=False)
+    assert "no_such_proj" in str(err.value) and "\n" not in str(err.value)
