@@ -1,0 +1,113 @@
+"""Several named LoRA adapters on one (4-bit) base: load, combine, switch.
+
+All of it is PEFT's own machinery (``load_adapter``, ``add_weighted_adapter``, ``set_adapter``,
+mixed-adapter batches); this module gives it a config shape and restores state after a switch.
+The module's own adapter (the one ``LoraSpec`` builds or loads) keeps PEFT's name ``default``;
+a fresh ``default`` is the identity (LoRA's B starts at zero), i.e. the plain base model.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+from peft import PeftModel
+
+from qlora_lightning.errors import UserError
+
+Combination = Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                      "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
+
+
+@dataclass
+class AdapterMix:
+    """A new adapter made by combining loaded ones (PEFT ``add_weighted_adapter``).
+
+    Args:
+        name: Name of the combined adapter.
+        adapters: Names of the adapters to combine.
+        weights: One weight per adapter (negative subtracts).
+        combination_type: ``linear`` (same ranks; fast, approximate), ``cat`` (exact: the rank is
+            the sum of the ranks), ``svd`` (exact update, re-factorized to ``svd_rank``),
+            ``ties``/``dare_*``/``magnitude_prune`` (sparsified task-vector merges; need ``density``).
+        svd_rank: Rank of the result for the ``*svd`` types; the largest input rank when None.
+        density: Fraction of entries kept by the pruning types (``ties``, ``dare_*``, ``magnitude_prune*``).
+    """
+
+    name: str
+    adapters: list[str]
+    weights: list[float]
+    combination_type: Combination = "linear"
+    svd_rank: Optional[int] = None
+    density: Optional[float] = None
+
+    def __post_init__(self):
+        if len(self.adapters) != len(self.weights) or not self.adapters:
+            raise UserError(f"adapter mix '{self.name}': give one weight per adapter "
+                            f"({len(self.adapters)} adapters, {len(self.weights)} weights)")
+
+
+@dataclass
+class AdapterSet:
+    """Named adapters loaded beside the module's own (``default``), for evaluation and serving.
+
+    Args:
+        paths: Adapter name -> directory of a saved PEFT adapter.
+        mixes: Adapters built by combining loaded ones, in order (a mix may use an earlier mix).
+        active: The adapter active after loading; the module's own (``default``) when None.
+    """
+
+    paths: dict[str, str] = field(default_factory=dict)
+    mixes: list[AdapterMix] = field(default_factory=list)
+    active: Optional[str] = None
+
+
+def attach_adapters(model: PeftModel, adapters: AdapterSet) -> PeftModel:
+    """Load ``adapters.paths`` into ``model`` under their names (frozen), add the mixes, set the active one."""
+    for name, path in adapters.paths.items():
+        if name in model.peft_config:
+            raise UserError(f"adapter name '{name}' is already taken (the module's own adapter is 'default')")
+        if not Path(path, "adapter_config.json").is_file():
+            raise UserError(f"adapter '{name}': '{path}' is not a PEFT adapter directory (no adapter_config.json)")
+        model.load_adapter(path, adapter_name=name, is_trainable=False)
+    for mix in adapters.mixes:
+        missing = [a for a in mix.adapters if a not in model.peft_config]
+        if missing:
+            raise UserError(f"adapter mix '{mix.name}': unknown adapter(s) {missing}; "
+                            f"loaded: {sorted(model.peft_config)}")
+        try:
+            model.add_weighted_adapter(mix.adapters, mix.weights, mix.name, combination_type=mix.combination_type,
+                                       svd_rank=mix.svd_rank, density=mix.density)
+        except ValueError as err:
+            raise UserError(f"adapter mix '{mix.name}': {err}") from None
+    if adapters.active is not None:
+        if adapters.active not in model.peft_config:
+            raise UserError(f"adapters.active '{adapters.active}' is not loaded; loaded: {sorted(model.peft_config)}")
+        model.set_adapter(adapters.active, inference_mode=True)
+    return model
+
+
+@contextmanager
+def using_adapter(model: PeftModel, name: Optional[str]) -> Iterator[PeftModel]:
+    """Make ``name`` the active adapter for the duration (None: leave the model as it is).
+
+    PEFT's ``set_adapter`` also flips ``requires_grad``; which parameters trained before is
+    restored afterwards, so switching adapters for an evaluation in the middle of ``fit``
+    does not freeze (or unfreeze) anything.
+    """
+    if name is None or model.active_adapter == name:
+        yield model
+        return
+    if name not in model.peft_config:
+        raise UserError(f"adapter '{name}' is not loaded; loaded: {sorted(model.peft_config)}")
+    previous = model.active_adapter
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.set_adapter(name, inference_mode=True)
+    try:
+        yield model
+    finally:
+        model.set_adapter(previous, inference_mode=True)
+        for p in trainable:
+            p.requires_grad_(True)
