@@ -94,6 +94,25 @@ def tokenize_messages(messages: list[Message], tokenizer: PreTrainedTokenizerBas
     return {"input_ids": ids, "labels": labels, "truncated": truncated}
 
 
+def tokenize_prompt(messages: list[Message], tokenizer: PreTrainedTokenizerBase, fmt: ChatFormat,
+                    max_seq_length: int, use_chat_template: bool = False) -> list[int]:
+    """Token ids a model continues from: the conversation so far plus the cue for its reply.
+
+    The same tokens as the prompt part of ``tokenize_messages`` (segments tokenized one by one),
+    so generation sees what training showed; cut from the left (BOS kept) to ``max_seq_length``.
+    """
+    ids = _bos(tokenizer, use_chat_template)
+    n_bos = len(ids)
+    if use_chat_template:
+        texts = [tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)]
+    else:
+        texts = [text for text, _ in render_segments(messages, tokenizer, fmt, use_chat_template=False)]
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    excess = max(len(ids) - max_seq_length, 0)
+    return ids[:n_bos] + ids[n_bos + excess:]
+
+
 def _bos(tokenizer, use_chat_template: bool) -> list[int]:
     # Chat templates write their own BOS text; otherwise add it when the tokenizer would.
     if use_chat_template or tokenizer.bos_token_id is None:
