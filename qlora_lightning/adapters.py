@@ -8,14 +8,19 @@ a fresh ``default`` is the identity (LoRA's B starts at zero), i.e. the plain ba
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional, Union
 
 from peft import PeftModel
 
 from qlora_lightning.errors import UserError
+from qlora_lightning.model import BaseModelSpec, spec_dict
+
+# Written beside a saved adapter: how its base was loaded and quantized, which the merge must repeat.
+BASE_SPEC_FILE = "qlora_base.json"
 
 Combination = Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
                       "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
@@ -111,3 +116,14 @@ def using_adapter(model: PeftModel, name: Optional[str]) -> Iterator[PeftModel]:
         model.set_adapter(previous, inference_mode=True)
         for p in trainable:
             p.requires_grad_(True)
+
+
+def save_base_spec(spec: BaseModelSpec, adapter_dir: Union[str, Path]) -> None:
+    """Record beside a saved adapter how its base was loaded and quantized (``merge`` reads it)."""
+    Path(adapter_dir, BASE_SPEC_FILE).write_text(json.dumps(spec_dict(spec), indent=2) + "\n")
+
+
+def read_base_spec(adapter_dir: Union[str, Path]) -> Optional[dict]:
+    """The base spec saved with an adapter by ``fit``, or None for an adapter saved elsewhere."""
+    path = Path(adapter_dir, BASE_SPEC_FILE)
+    return json.loads(path.read_text()) if path.is_file() else None

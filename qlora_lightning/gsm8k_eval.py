@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from typing_extensions import override
 
@@ -57,8 +58,8 @@ class GSM8KEval(Callback):
         num_text_samples: Prompts and generations written to TensorBoard per evaluation.
     """
 
-    def __init__(self, every_n_steps: int = 200, num_samples: Optional[int] = 128, max_new_tokens: int = 256,
-                 batch_size: int = 16, name: str = "gsm8k", adapter: Optional[str] = None,
+    def __init__(self, every_n_steps: PositiveInt = 200, num_samples: Optional[PositiveInt] = 128,
+                 max_new_tokens: PositiveInt = 256, batch_size: PositiveInt = 16, name: str = "gsm8k", adapter: Optional[str] = None,
                  data: Optional[LightningDataModule] = None, eval_at_start: bool = True,
                  num_text_samples: int = 4):
         super().__init__()

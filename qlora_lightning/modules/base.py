@@ -8,13 +8,16 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.cli import OptimizerCallable
 from transformers import get_scheduler
 from typing_extensions import override
 
+from qlora_lightning.adapters import AdapterSet, attach_adapters, save_base_spec
 from qlora_lightning.errors import UserError
+from qlora_lightning.generation import greedy_generate, stop_token_ids
 from qlora_lightning.reliability import NonFiniteLossError
 from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_tokenizer, spec_dict, trainable_state_dict
 
@@ -41,6 +44,9 @@ class QLoRAModule(LightningModule):
         adapter_dir: Where ``fit`` saves the final adapter and tokenizer; default ``<log_dir>/adapter``.
         nonfinite: On a non-finite loss or gradient: ``skip`` the optimizer step (and count it in
             ``train/skipped_steps``) or ``stop`` the run, leaving the last checkpoint from before it.
+        adapters: Named adapters loaded (frozen) beside the module's own ``default`` one, combined
+            and switched per evaluation or per prompt (see ``adapters.py``).
+        max_new_tokens: Longest greedy generation of ``predict``, in tokens.
     """
 
     def __init__(
@@ -53,6 +59,8 @@ class QLoRAModule(LightningModule):
         warmup_ratio: float = 0.03,
         adapter_dir: Optional[str] = None,
         nonfinite: Literal["skip", "stop"] = "skip",
+        adapters: Optional[AdapterSet] = None,
+        max_new_tokens: PositiveInt = 256,
     ):
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
@@ -63,6 +71,7 @@ class QLoRAModule(LightningModule):
         self.optimizer_factory, self.lr_scheduler, self.warmup_ratio = optimizer, lr_scheduler, warmup_ratio
         self.adapter_dir = adapter_dir
         self.nonfinite = nonfinite
+        self.adapters, self.max_new_tokens = adapters, max_new_tokens
         self.skipped_steps = 0
         self._pending_rng_states: Optional[dict] = None
         self.model: Optional[torch.nn.Module] = None
@@ -87,6 +96,8 @@ class QLoRAModule(LightningModule):
         if self.model is None:
             self.model = build_model(self.base, self.lora, self.gradient_checkpointing,
                                      device=self.trainer.strategy.root_device if self._trainer else "cpu")
+            if self.adapters:
+                attach_adapters(self.model, self.adapters)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """(B, T) token ids -> (B, T, V) logits."""
@@ -153,4 +164,17 @@ class QLoRAModule(LightningModule):
             # The trained adapter only: a frozen one beside it (e.g. DPO's reference) is an input, not a result.
             self.model.save_pretrained(path, selected_adapters=[self.model.active_adapter])
             self.tokenizer.save_pretrained(path)
+            save_base_spec(self.base, path)
             log.info("saved the adapter and tokenizer to %s", path)
+
+    @override
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Greedy generations for a ``PromptsDataModule`` batch: each input row plus ``generation``."""
+        names = batch.get("adapter_names")
+        if names is not None:  # rows that name no adapter use the active one
+            names = [name or self.model.active_adapter for name in names]
+        tokens = greedy_generate(self.model, batch["prompt_ids"], self.tokenizer.pad_token_id,
+                                 stop_token_ids(self.model, self.tokenizer), self.max_new_tokens,
+                                 batch_size=len(batch["prompt_ids"]), adapter_names=names)
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        return [{**record, "generation": text} for record, text in zip(batch["records"], texts)]
