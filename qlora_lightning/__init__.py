@@ -1,5 +1,6 @@
 """QLoRA fine-tuning (SFT and DPO) of 2.7B-8B language models with Lightning."""
 
+from qlora_lightning.adapters import AdapterMix, AdapterSet
 from qlora_lightning.callbacks import PerfMonitor
 from qlora_lightning.data import (
     CodeAlpacaDataModule,
@@ -7,11 +8,15 @@ from qlora_lightning.data import (
     GSM8KDataModule,
     GuanacoDataModule,
     PreferenceDataModule,
+    PromptsDataModule,
     SFTDataModule,
 )
+from qlora_lightning.gsm8k_eval import GSM8KEval
 from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_tokenizer
 from qlora_lightning.modules import DPOModule, QLoRAModule, SFTModule
+from qlora_lightning.writers import JSONLWriter
 
 __all__ = ["BaseModelSpec", "LoraSpec", "build_model", "load_tokenizer", "QLoRAModule", "SFTModule", "DPOModule",
            "SFTDataModule", "GuanacoDataModule", "CodeAlpacaDataModule", "GSM8KDataModule", "ColumnDataModule",
-           "PreferenceDataModule", "PerfMonitor"]
+           "PreferenceDataModule", "PerfMonitor", "PromptsDataModule", "GSM8KEval", "JSONLWriter", "AdapterSet",
+           "AdapterMix"]

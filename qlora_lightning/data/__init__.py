@@ -6,6 +6,7 @@ from qlora_lightning.data.generic import ColumnDataModule
 from qlora_lightning.data.gsm8k import GSM8KDataModule
 from qlora_lightning.data.guanaco import GuanacoDataModule
 from qlora_lightning.data.preference import PreferenceDataModule
+from qlora_lightning.data.prompts import PromptsDataModule
 
 __all__ = ["SFTDataModule", "GuanacoDataModule", "CodeAlpacaDataModule", "GSM8KDataModule", "ColumnDataModule",
-           "PreferenceDataModule", "load_raw_dataset", "pad_batch"]
+           "PreferenceDataModule", "PromptsDataModule", "load_raw_dataset", "pad_batch"]
