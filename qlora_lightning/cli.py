@@ -74,7 +74,13 @@ def one_line(message: str) -> str:
 def main(args: list[str] | None = None) -> None:
     # bitsandbytes warns on every CPU start that an optional fused kernel is not installed.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    argv = sys.argv[1:] if args is None else list(args)
     try:
+        if argv[:1] == ["merge"]:  # builds no Trainer: a plain argparse CLI (see merge.py)
+            from qlora_lightning.merge import main as merge
+
+            merge(argv[1:])
+            return
         QLoRACLI(QLoRAModule, SFTDataModule, subclass_mode_model=True, subclass_mode_data=True,
                  trainer_defaults=trainer_defaults(), args=args, save_config_kwargs={"overwrite": True},
                  parser_kwargs={"exit_on_error": False})
