@@ -143,13 +143,12 @@ def merge_and_check(adapter_dir: Union[str, Path], output: Union[str, Path], spe
 
 
 def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m qlora_lightning merge", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m qlora_lightning merge", description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", required=True, help="directory of the saved PEFT adapter")
     parser.add_argument("--output", required=True, help="directory for the merged model")
     parser.add_argument("--into", choices=["dequantized", "original"], default="dequantized",
                         help="merge into the dequantized 4-bit weights (what the adapter was trained against) "
-                             "or into the original 16-bit weights")
+                             "or into the original 16-bit weights (default: dequantized)")
     parser.add_argument("--base", help="base model id or directory (default: the one the adapter records)")
     parser.add_argument("--quantization", choices=["nf4", "fp4", "int8", "none"],
                         help="how the base was quantized in training (default: as saved by fit, else nf4)")
@@ -158,12 +157,12 @@ def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--compute-dtype", choices=["bfloat16", "float16", "float32"],
                         help="compute dtype of training (default: as saved by fit, else bfloat16)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                        help="dtype of the merged model")
+                        help="dtype of the merged model (default: bfloat16)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to load and merge")
+                        help="where to load and merge (default: cuda when available)")
     parser.add_argument("--tolerance", type=float, default=0.1,
                         help="warn when the max absolute logit difference to adapter-on-4-bit exceeds this "
-                             "many standard deviations of its logits")
+                             "many standard deviations of its logits (default: 0.1)")
     return parser.parse_args(args)
 
 
