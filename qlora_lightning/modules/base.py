@@ -98,6 +98,9 @@ class QLoRAModule(LightningModule):
                                      device=self.trainer.strategy.root_device if self._trainer else "cpu")
             if self.adapters:
                 attach_adapters(self.model, self.adapters)
+            # from_pretrained returns the model in eval mode and Lightning 2.x keeps each submodule's
+            # mode: left so, HF gradient checkpointing (active only in training mode) is silently off.
+            self.model.train()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """(B, T) token ids -> (B, T, V) logits."""
