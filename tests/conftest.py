@@ -6,11 +6,18 @@ so anything that would download fails loudly instead of silently reaching the ne
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Before any Hugging Face import: huggingface_hub and datasets read these once, at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Tokenized-split caches of the files tests write go to a throwaway directory, not ~/.cache.
+_DATASETS_CACHE = tempfile.mkdtemp(prefix="qlora_tests_datasets_")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
+atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked DataLoader workers would warn
 
 import functools  # noqa: E402
