@@ -71,6 +71,13 @@ def one_line(message: str) -> str:
     return f"{key}: {reason}" if key else reason
 
 
+def make_cli(args: list[str] | None = None, run: bool = True) -> QLoRACLI:
+    """The CLI that ``main`` runs; ``run=False`` parses and instantiates without running (tests)."""
+    return QLoRACLI(QLoRAModule, SFTDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    trainer_defaults=trainer_defaults(), args=args, run=run, save_config_kwargs={"overwrite": True},
+                    parser_kwargs={"exit_on_error": False})
+
+
 def main(args: list[str] | None = None) -> None:
     # bitsandbytes warns on every CPU start that an optional fused kernel is not installed.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -81,9 +88,7 @@ def main(args: list[str] | None = None) -> None:
 
             merge(argv[1:])
             return
-        QLoRACLI(QLoRAModule, SFTDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                 trainer_defaults=trainer_defaults(), args=args, save_config_kwargs={"overwrite": True},
-                 parser_kwargs={"exit_on_error": False})
+        make_cli(args)
     except ArgumentError as err:
         sys.exit(f"error: {one_line(str(err))} (see --help)")
     except UserError as err:
