@@ -205,8 +205,8 @@ def test_bad_pairs_are_counted_and_skipped_with_one_warning_line(tmp_path, caplo
     path.write_text("".join(json.dumps(row) + "\n" for row in good + bad))
     with caplog.at_level(logging.WARNING, logger="qlora_lightning.data.base"):
         dm = preference_data(str(path), val_fraction=0.1)
-    dropped = sum((dm.dropped["train"] + dm.dropped["val"]).values())
-    reasons = set(dm.dropped["train"]) | set(dm.dropped["val"])
+    dropped = sum(sum(dm.report[split]["dropped"].values()) for split in ("train", "val"))
+    reasons = set(dm.report["train"]["dropped"]) | set(dm.report["val"]["dropped"])
     assert dropped == 3
     assert reasons == {"chosen and rejected are identical", "empty response", "prompt longer than max_seq_length"}
     warnings = [r.getMessage() for r in caplog.records
@@ -322,9 +322,9 @@ def test_precomputed_reference_equals_live_and_is_cached(tmp_path):
     again = preference_data()
     again.add_reference_logps(compute, fingerprint, batch_size=3)
     assert not calls
-    assert again.splits["train"]["ref_chosen_logps"] == dm.splits["train"]["ref_chosen_logps"]
+    assert list(again.splits["train"]["ref_chosen_logps"]) == list(dm.splits["train"]["ref_chosen_logps"])
     other = preference_data()
-    other.add_reference_logps(compute, "another reference", batch_size=3)
+    other.add_reference_logps(compute, f"another reference {tmp_path}", batch_size=3)  # unique: no stale cache
     assert calls and set(other.splits["train"]["ref_chosen_logps"]) == {0.0}
 
 
@@ -346,31 +346,30 @@ def _train_pair_metrics(module: DPOModule, dm: PreferenceDataModule) -> dict[str
 
 
 def test_dpo_on_stories260k_learns_the_preferences_while_the_reference_stays_fixed(tmp_path):
-    # A real pretrained Llama (dim 64, MLP 172: not a multiple of 64). bitsandbytes' CPU inference
-    # repacking, which needs out_features % 64 == 0, is turned off by the model builder, so the
-    # eval-mode reference pass runs the same NF4 dequantize + matmul as training.
+    # A real pretrained Llama (dim 64, MLP 172: not a multiple of 64). NF4 works for it too (the
+    # builder turns off bitsandbytes' CPU inference repacking, which needs out_features % 64 == 0),
+    # and reaches the same accuracy, but NF4 dequantization makes CPU steps ~3x slower; the 4-bit
+    # path is covered above, so a 16-bit base keeps this learning test in seconds.
     model_dir = str(shared_path("models", "stories260K"))
     data = str(shared_path("datasets", "preference", "oasst1_en_validation_pairs.jsonl"))
     torch.manual_seed(0)
-    dm = preference_data(data, tokenizer=model_dir, num_samples=60, num_val_samples=4, max_seq_length=96,
+    dm = preference_data(data, tokenizer=model_dir, num_samples=160, num_val_samples=4, max_seq_length=96,
                          batch_size=8)
-    assert len(dm.splits["train"]) >= 12  # long prompts are dropped; enough short ones remain
-    module = dpo_module(BaseModelSpec(name_or_path=model_dir, compute_dtype="float32"), lr=1e-2,
+    assert len(dm.splits["train"]) >= 32  # long prompts are dropped; enough short ones remain
+    module = dpo_module(BaseModelSpec(name_or_path=model_dir, compute_dtype="float32", quantization="none"), lr=1e-2,
                         precompute_ref_logps=True, beta=0.1)
     module.configure_model()
     before = _train_pair_metrics(module, dm)
     assert abs(before["rewards/margin"]) < 1e-6  # policy == reference: no pair is preferred yet
 
-    cpu_trainer(tmp_path, max_steps=24, limit_val_batches=0).fit(module, datamodule=dm)
+    cpu_trainer(tmp_path, max_steps=16, limit_val_batches=0).fit(module, datamodule=dm)
     after = _train_pair_metrics(module, dm)
     assert after["rewards/accuracy"] >= 0.9, after
     assert after["rewards/margin"] > before["rewards/margin"] + 1.0
     assert after["loss"] < before["loss"]
     torch.testing.assert_close(after["reference"], before["reference"], rtol=0, atol=1e-5)
-    precomputed = torch.tensor(dm.splits["train"]["ref_chosen_logps"] + dm.splits["train"]["ref_rejected_logps"])
-    order = torch.cat([torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]]) for b in ordered_batches(dm)])
-    torch.testing.assert_close(order, after["reference"], rtol=0, atol=1e-4)
-    assert precomputed.isfinite().all()
+    precomputed = torch.cat([torch.cat([b["ref_chosen_logps"], b["ref_rejected_logps"]]) for b in ordered_batches(dm)])
+    torch.testing.assert_close(precomputed, after["reference"], rtol=0, atol=1e-4)
 
 
 # ---- configs and the CLI ------------------------------------------------------------------
