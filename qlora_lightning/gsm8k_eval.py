@@ -138,7 +138,8 @@ class GSM8KEval(Callback):
         if not examples:
             return []
         tokenizer, model = pl_module.tokenizer, pl_module.model
-        with using_adapter(model, self.adapter):
+        # The trainer's precision (bf16 autocast under bf16-mixed), as in training: hooks run outside it.
+        with pl_module.trainer.precision_plugin.forward_context(), using_adapter(model, self.adapter):
             tokens = greedy_generate(model, [p for p, _ in examples], tokenizer.pad_token_id,
                                      stop_token_ids(model, tokenizer), self.max_new_tokens, self.batch_size)
         generations = tokenizer.batch_decode(tokens, skip_special_tokens=True)
