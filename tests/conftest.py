@@ -105,6 +105,16 @@ def base_spec():
     return tiny_spec()
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test: tiny models gain nothing from two, and on a busy
+    machine OpenMP's spinning threads make them up to ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def sft_module(base=None, r: int = 8, alpha: Optional[int] = None, lr: float = 1e-2, optimizer=None,
                target_modules="all-linear", gradient_checkpointing: bool = False, **kwargs):
     """An SFTModule over ``base`` (the tiny Llama by default) with dropout off, so runs are deterministic."""
