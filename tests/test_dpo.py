@@ -3,6 +3,7 @@ one base), precomputed reference log-probs, preference data, and learning on a r
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -180,6 +181,38 @@ def test_pair_tokens_match_sft_rendering(tokenizer):
     assert response[0] == len(out["prompt_ids"])  # the boundary is where SFT's loss starts
     assert out["chosen_ids"][-1] == out["rejected_ids"][-1] == tokenizer.eos_token_id
     assert not out["truncated"]
+
+
+def test_pair_tokens_with_a_chat_template(tokenizer):
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    templated = copy.deepcopy(tokenizer)
+    templated.chat_template = chatml
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "7 times 8?"}]
+    out = tokenize_pair(prompt, "56", "54", templated, ChatFormat(), 128, 64, use_chat_template=True)
+    assert templated.decode(out["prompt_ids"]).endswith("<|im_start|>assistant\n")
+    assert templated.decode(out["chosen_ids"]) == "56<|im_end|>\n"
+    assert templated.decode(out["rejected_ids"]) == "54<|im_end|>\n"
+
+
+def test_hh_rlhf_layout_through_the_datamodule(tmp_path):
+    rows = [{"chosen": f"\n\nHuman: What is {a} plus {a}?\n\nAssistant: {2 * a}.",
+             "rejected": f"\n\nHuman: What is {a} plus {a}?\n\nAssistant: {2 * a + 1}."} for a in range(10)]
+    path = tmp_path / "hh.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dm = preference_data(str(path), layout="hh-rlhf")
+    assert len(dm.splits["train"]) + len(dm.splits["val"]) == 10
+    batch = ordered_batches(dm)[0]
+    pairs = batch["input_ids"].shape[0] // 2
+    tok = dm.tokenizer
+    for i in range(pairs):
+        chosen = tok.decode(batch["labels"][i][batch["labels"][i] != IGNORE_INDEX])
+        rejected = tok.decode(batch["labels"][pairs + i][batch["labels"][pairs + i] != IGNORE_INDEX])
+        in_prompt = (batch["labels"][i] == IGNORE_INDEX) & (batch["attention_mask"][i] == 1)
+        prompt = tok.decode(batch["input_ids"][i][in_prompt])
+        a = int(prompt.split("What is ")[1].split(" ")[0])
+        assert prompt.rstrip().endswith("### Assistant:")  # the default template's cue
+        assert chosen.strip().startswith(f"{2 * a}.") and rejected.strip().startswith(f"{2 * a + 1}.")
 
 
 def test_truncation_cuts_the_prompt_first():
