@@ -1,8 +1,9 @@
 """Exact-match scoring of final numeric answers (GSM8K style), as pure functions.
 
-A GSM8K answer ends with ``#### <number>``. A generation is scored by the number after its
-first ``####`` (a model that keeps going and writes a second question and answer is judged
-on the first), or, when it has none, by the last number it wrote.
+A GSM8K answer ends with ``#### <number>``. A generation is scored by the number right after
+its first ``####`` that has one (a model that keeps going and writes a second question and
+answer is judged on the first), or, without one, by the last number it wrote (much like the strict
+and the flexible rule of lm-evaluation-harness's GSM8K task, one after the other).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from qlora_lightning.losses import IGNORE_INDEX
 ANSWER_MARKER = "####"
 # "1,200", "-3", "0.50"; the comma is GSM8K's thousands separator.
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# The marker, then (after white space and an optional dollar sign) the number.
+_MARKED = re.compile(re.escape(ANSWER_MARKER) + r"\s*\$?(" + _NUMBER.pattern + ")")
 
 
 def normalize_number(text: str) -> str:
@@ -36,14 +39,11 @@ def normalize_number(text: str) -> str:
 def extract_answer(text: str) -> Optional[str]:
     """The normalized final number of a worked answer, or None when it holds no number.
 
-    The first number after the first ``####``; without a ``####`` followed by a number, the
-    last number in the text.
+    The number right after the first ``####`` followed by one; else the last number in the text.
     """
-    marker = text.find(ANSWER_MARKER)
-    if marker >= 0:
-        after = _NUMBER.search(text, marker + len(ANSWER_MARKER))
-        if after:
-            return normalize_number(after.group())
+    marked = _MARKED.search(text)
+    if marked:
+        return normalize_number(marked.group(1))
     numbers = _NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
 
