@@ -321,7 +321,8 @@ def with_estimates(rows: list[dict]) -> list[dict]:
         row = dict(row)
         if row.get("status") == "ok" and Path(row["arch_dir"], "config.json").is_file():
             config = AutoConfig.from_pretrained(row["arch_dir"])
-            opts = row["options"] or VARIANTS["default"]
+            # `effective_options`: what really ran, where a saved row records that it differed from the request.
+            opts = row.get("effective_options") or row["options"] or VARIANTS["default"]
             est = estimate_peak_memory(config, batch=row["batch"], seq=row["seq"], r=row["r"],
                                        gradient_checkpointing=opts["gradient_checkpointing"],
                                        loss_chunk_size=opts["loss_chunk_size"],
@@ -339,6 +340,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"Random weights with the published dims, NF4 + double quant, bf16 compute, LoRA on all linear "
              f"layers, median of {meta['steps']} optimizer steps after {meta['warmup']} warm-up steps, each "
              f"configuration in its own process; command: `{meta['command']}`. Loss: n/a (random weights).", ""]
+    if meta.get("note"):
+        lines += [f"**Note.** {meta['note']}", ""]
     if any(r.get("experiment") for r in rows):
         lines += ["| experiment | peak alloc GiB | peak reserved GiB | est. GiB | step s (8 x 512 tok) "
                   "| est. training min (extrapolated) | T4 GB (original) | T4 min (original) | loss |",
@@ -363,7 +366,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines.append(f"| {r['arch']} | {r['batch']}x{r['seq']} | {r['variant']} | {_fmt(r.get('tokens_per_sec'), '.0f')} "
                      f"| {_fmt(ratio)} | {_fmt(r.get('peak_alloc_gib'))} | {_fmt(r.get('peak_reserved_gib'))} "
                      f"| {_fmt(r.get('estimated_peak_gib'))} | {'n/a' if err is None else f'{err:+.0%}'} "
-                     f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('step_time_s'), '.3f')} | {r['status']} |")
+                     f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('step_time_s'), '.3f')} "
+                     f"| {r['status']}{' (' + r['note'] + ')' if r.get('note') else ''} |")
     lines += ["", "impl: `hf_peft` = plain transformers + PEFT loop (the baseline); `default` = this project's "
               "Lightning path; `chunked_ce` = `model.loss_chunk_size: 1024`; `+liger` = `base.liger_kernel: true`; "
               "`no_gc` = `gradient_checkpointing: false`. Peaks are torch allocator peaks after model load "
@@ -442,7 +446,7 @@ def main() -> None:
     with open(out / "harness.log", "w") as log:
         for i, job in enumerate(jobs):
             left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
-            guess = max(walls) if walls else 0.0  # the slowest job so far
+            guess = walls[-1] if walls else 0.0  # the last job (the first of an arch also builds its weights)
             if left is not None and left < max(guess, 30.0):
                 rows.append({**asdict(job), "status": "skipped (time budget)"})
                 continue

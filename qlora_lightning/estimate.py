@@ -12,10 +12,13 @@ transformers 5.x, PEFT 0.21, bitsandbytes 0.50 and measured on an H200; see
   make the residual stream fp32;
 * LoRA matrices and their gradients in fp32; 8-bit AdamW state (paged: it lives in CUDA managed
   memory, which the PyTorch allocator's peak does not count, so it is reported apart);
-* activations under bf16 autocast: for each LoRA linear, the bf16 input copy saved by the 4-bit
-  matmul, the dropout mask and the LoRA input; fp32 q/k and rotary temporaries; attention inputs;
-  MLP intermediates. With gradient checkpointing only each layer's fp32 input stays, plus one
-  layer recomputed in the backward;
+* activations under bf16 autocast: for each LoRA linear the dropout mask and the bf16 LoRA input
+  (the frozen 4-bit matmul keeps nothing: it needs no weight gradient); the attention kernel's
+  bf16 inputs and output; the fp32 MLP intermediates; the norms' fp32 inputs. Products with
+  tensors that need no gradient (rotary cos/sin, norm weights) keep nothing per token. With
+  gradient checkpointing only each layer's fp32 input stays, plus one layer recomputed in the
+  backward with its gradient buffers;
+* one dequantized bf16 weight in the forward and one in the backward (the largest linear);
 * logits: (B, T, V) bf16 logits, their fp32 log-softmax and its gradients, or one chunk of them
   with ``loss_chunk_size``.
 
@@ -108,14 +111,13 @@ def lora_params(d: Dims, r: int) -> int:
 def layer_activation_bytes(d: Dims, dropout: bool = True) -> float:
     """Bytes per token that one decoder layer saves for its backward pass (bf16 autocast).
 
-    Each LoRA linear on an fp32 input keeps a bf16 copy for the 4-bit matmul (2 bytes/feature),
-    the dropout mask (1) and the bf16 LoRA input (2): 5 per input feature (3 with dropout off).
+    Each LoRA linear keeps the dropout mask (1 byte per input feature) and the bf16 input of
+    ``lora_A`` (2): 3 per input feature, 2 with dropout off.
     """
-    lin = 5 if dropout else 4
+    lin = 3 if dropout else 2
     h, a, kv, i = d.hidden, d.attn, d.kv, d.inter
-    norm = 4 * h  # normalized fp32 activations, per norm
-    attention = (3 * lin * h  # q, k, v projections of the fp32 normed input
-                 + 8 * a + 8 * kv  # fp32 q and k, and their rotate_half copies, kept by the rotary multiply
+    norm = 4 * h  # the fp32 residual-stream input of each norm
+    attention = (3 * lin * h  # q, k, v projections
                  + 4 * a + 4 * kv  # bf16 q, k, v and the output kept by the attention kernel
                  + lin * a)  # the output projection
     if d.gated_mlp:
@@ -175,10 +177,11 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
     if d.sliding_window and seq > d.sliding_window:
         layer += batch * seq * seq  # a sliding-window mask is materialized as (B, 1, T, T) bool
     logits = logits_bytes(d, tokens, loss_chunk_size, loss_impl)
+    parts["dequantized_weights"] = 2 * 2 * max(i * o for i, o in layer_linears(d))  # bf16, forward + backward
     if gradient_checkpointing:
         parts["checkpointed_layer_inputs"] = d.layers * tokens * d.hidden * 4  # fp32 residual stream
         # The loss peaks at the end of the forward; the recomputed layer (plus its gradients) in the backward.
-        working = layer + tokens * (12 * d.inter + 8 * d.hidden)
+        working = layer + tokens * (8 * d.inter + 8 * d.hidden)  # + fp32 gradients of two MLP outputs
         parts["peak_of_loss_or_recomputed_layer"] = max(logits, working)
     else:
         parts["activations"] = d.layers * layer

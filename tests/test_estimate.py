@@ -1,0 +1,48 @@
+"""The memory estimator: anchored on peaks measured on an H200 (benchmarks/results/2026-11-28_*)."""
+
+import importlib.util
+
+import pytest
+from transformers import AutoConfig
+
+from qlora_lightning.estimate import estimate_peak_memory, main
+from tests.conftest import REPO
+
+
+def _published(arch: str):
+    spec = importlib.util.spec_from_file_location("make_arch", REPO / "benchmarks" / "make_arch.py")
+    make_arch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_arch)
+    fields = dict(make_arch.ARCHS[arch])
+    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def test_mistral_weights_match_the_measured_loaded_model():
+    # After load + LoRA r=16 (before training) the H200 held 4.492 GiB.
+    est = estimate_peak_memory(_published("mistral-7b"), batch=1, seq=512, r=16)
+    loaded = est["linear_weights_gib"] + est["other_weights_fp32_gib"] + est["lora_params_and_grads_gib"] / 2
+    assert loaded == pytest.approx(4.492, rel=0.01)
+
+
+@pytest.mark.parametrize("arch, batch, seq, kwargs, measured", [
+    ("mistral-7b", 8, 1024, {}, 12.40),  # project path, checkpointing on
+    ("mistral-7b", 8, 1024, {"gradient_checkpointing": False}, 91.34),
+    ("llama-2-7b", 8, 1024, {"loss_impl": "transformers"}, 11.67),  # the transformers + PEFT baseline
+    ("llama-2-7b", 1, 512, {"loss_impl": "transformers"}, 5.10),
+])
+def test_estimate_within_five_percent_of_measured_peaks(arch, batch, seq, kwargs, measured):
+    est = estimate_peak_memory(_published(arch), batch=batch, seq=seq, **kwargs)
+    assert est["total_gib"] == pytest.approx(measured, rel=0.05)
+
+
+def test_chunked_loss_saves_the_logits_memory():
+    config = _published("gemma-7b")  # 256k vocabulary: the logits dominate
+    plain = estimate_peak_memory(config, batch=4, seq=2048, gradient_checkpointing=False)
+    chunked = estimate_peak_memory(config, batch=4, seq=2048, gradient_checkpointing=False, loss_chunk_size=1024)
+    assert plain["total_gib"] - chunked["total_gib"] > 15  # 8192 x 256000 x 12 bytes, less one chunk
+
+
+def test_estimate_command_reads_a_training_yaml(capsys):
+    main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--data.init_args.batch_size", "4"])
+    out = capsys.readouterr().out
+    assert "batch 4 x" in out and "predicted peak" in out
