@@ -49,3 +49,26 @@ def test_chunk_size_must_be_positive():
     hidden, head, labels = _problem()
     with pytest.raises(ValueError):
         chunked_lm_loss_sum(hidden, head, labels, 0)
+
+
+def test_sft_module_chunked_loss_matches_plain_on_a_4bit_model():
+    from tests.conftest import sft_module
+
+    module = sft_module()
+    module.configure_model()
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    batch["labels"][:, :4] = IGNORE_INDEX
+    results = []
+    for chunk in (None, 5):
+        module.loss_chunk_size = chunk
+        module.model.zero_grad()
+        nll, n = module.loss_sum(batch)
+        nll.backward()
+        grads = [p.grad.clone() for p in module.model.parameters() if p.requires_grad]
+        results.append((nll.detach(), n, grads))
+    (plain, n_plain, g_plain), (chunked, n_chunked, g_chunked) = results
+    assert n_plain == n_chunked
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+    for got, want in zip(g_chunked, g_plain):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
