@@ -79,6 +79,7 @@ class DPOModule(QLoRAModule):
         self.sft_adapter = sft_adapter
         self.precompute_ref_logps, self.ref_batch_size = precompute_ref_logps, ref_batch_size
         if sft_adapter and not self.lora.init_adapter:
+            # The policy starts where SFT ended, so that at step 0 it equals the reference.
             self.lora = replace(self.lora, init_adapter=sft_adapter)
         self._step_loss = 0.0  # summed over the micro-batches of the current optimizer step
         self.eval_metrics = torch.nn.ModuleDict({
