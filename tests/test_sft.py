@@ -1,9 +1,11 @@
-"""SFTModule under a real Lightning Trainer on the CPU, with real bitsandbytes 4-bit layers:
-the loss falls, gradient accumulation is exact, and a real pretrained model improves."""
+"""SFTModule under a real Lightning Trainer with real bitsandbytes 4-bit layers: the loss falls,
+gradient accumulation is exact, and a real pretrained model improves. On the CPU always; the
+``cuda`` variants run where a GPU is (``pytest -m gpu``)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from qlora_lightning import GSM8KDataModule
 from qlora_lightning.model import BaseModelSpec
+from qlora_lightning.modules import paged_adamw_8bit
 from tests.conftest import EXAMPLES, TINY_LLAMA, cpu_trainer, shared_path, sft_module, tiny_spec, tokenizer_at
 
 
@@ -26,18 +29,30 @@ def _fit_logging_losses(module, data, root, **trainer_kwargs) -> list[float]:
         return [float(row["train/loss"]) for row in csv.DictReader(f) if row.get("train/loss")]
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+ACCELERATOR = {"cpu": "cpu", "cuda": "gpu"}
+
+
 def _gsm8k_examples(num_samples: int, batch_size: int) -> GSM8KDataModule:
     return GSM8KDataModule(path=str(EXAMPLES / "gsm8k_train.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
                            num_samples=num_samples, batch_size=batch_size)
 
 
-def test_thirty_steps_on_a_fixed_batch_halve_the_loss(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_thirty_steps_on_a_fixed_batch_halve_the_loss(device, tmp_path):
     seed_everything(0)
     # The shipped initializer_range (0.02) caps the frozen random head's logits near +-1.3, which
     # no adapter can overcome; at 0.3 the logits can become confident, so the loss can fall.
-    module = sft_module(base=tiny_spec(initializer_range=0.3), r=16, lr=3e-2)
+    base = tiny_spec(initializer_range=0.3)
+    if device == "cuda":  # the QLoRA recipe: bf16 compute under bf16-mixed, paged 8-bit AdamW
+        base = dataclasses.replace(base, compute_dtype="bfloat16")
+        module = sft_module(base=base, r=16, optimizer=functools.partial(paged_adamw_8bit, lr=3e-2))
+        precision = "bf16-mixed"
+    else:
+        module, precision = sft_module(base=base, r=16, lr=3e-2), "32-true"
     # Four examples in one batch of four: every step sees the same batch.
-    losses = _fit_logging_losses(module, _gsm8k_examples(num_samples=4, batch_size=4), tmp_path, max_steps=30)
+    losses = _fit_logging_losses(module, _gsm8k_examples(num_samples=4, batch_size=4), tmp_path, max_steps=30,
+                                 accelerator=ACCELERATOR[device], precision=precision)
     assert len(losses) == 30
     assert losses[-1] < losses[0] / 2, losses
 
@@ -58,23 +73,25 @@ def _module_with_nonzero_lora_b(**kwargs):
 
 
 def _adapter(module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+    return {n: p.detach().cpu().clone() for n, p in module.model.named_parameters() if p.requires_grad}
 
 
-def _one_sgd_step(tmp_path, batch_size: int, accumulate: int) -> tuple[dict[str, torch.Tensor], float]:
+def _one_sgd_step(tmp_path, batch_size: int, accumulate: int, device: str) -> tuple[dict[str, torch.Tensor], float]:
     """The adapter after one SGD(lr=1) step over the same four examples, and the logged loss."""
     module = _module_with_nonzero_lora_b(optimizer=functools.partial(torch.optim.SGD, lr=1.0))
     data = _gsm8k_examples(num_samples=4, batch_size=batch_size)
-    losses = _fit_logging_losses(module, data, tmp_path, max_steps=1, accumulate_grad_batches=accumulate)
+    losses = _fit_logging_losses(module, data, tmp_path, max_steps=1, accumulate_grad_batches=accumulate,
+                                 accelerator=ACCELERATOR[device])
     lengths = sorted(len(ids) for ids in data.splits["train"]["input_ids"])
     assert len(set(lengths)) == 4, lengths  # different lengths: padding and token weighting both matter
     return _adapter(module), losses[0]
 
 
-def test_accumulation_gives_the_same_step_as_one_big_batch(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_accumulation_gives_the_same_step_as_one_big_batch(device, tmp_path):
     before = _adapter(_module_with_nonzero_lora_b())
-    accumulated, loss_accumulated = _one_sgd_step(tmp_path / "acc", batch_size=1, accumulate=4)
-    batched, loss_batched = _one_sgd_step(tmp_path / "batch", batch_size=4, accumulate=1)
+    accumulated, loss_accumulated = _one_sgd_step(tmp_path / "acc", batch_size=1, accumulate=4, device=device)
+    batched, loss_batched = _one_sgd_step(tmp_path / "batch", batch_size=4, accumulate=1, device=device)
 
     assert loss_accumulated == pytest.approx(loss_batched, abs=1e-5)
     assert accumulated.keys() == batched.keys() == before.keys()
