@@ -105,10 +105,11 @@ def base_spec():
     return tiny_spec()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
-    """torch on one thread for the test: tiny models gain nothing from two, and on a busy
-    machine OpenMP's spinning threads make them up to ten times slower."""
+    """torch on one thread for a test module: tiny models gain nothing from two, and on a busy
+    machine OpenMP's spinning threads make them up to ten times slower. Module-scoped, so that
+    module-scoped fixtures that train or generate can ask for it too."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

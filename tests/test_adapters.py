@@ -23,7 +23,7 @@ IDS = torch.tensor([[0, 52, 88, 447, 391, 29, 286, 14, 21, 34, 202, 36, 81, 86, 
 
 
 @pytest.fixture(scope="module")
-def adapter_dirs(tmp_path_factory) -> dict[str, str]:
+def adapter_dirs(tmp_path_factory, one_thread) -> dict[str, str]:
     """Two tiny-Llama NF4 adapters with different, non-zero updates."""
     dirs = {}
     for seed, name in enumerate(("a", "b")):

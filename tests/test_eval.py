@@ -115,7 +115,7 @@ def test_left_pad_and_stop_tokens():
 
 
 @pytest.fixture(scope="module")
-def tiny_peft():
+def tiny_peft(one_thread):
     """The tiny 4-bit Llama with a LoRA adapter whose B is not zero (so the adapter changes outputs)."""
     torch.manual_seed(0)
     model = build_model(tiny_spec(), LoraSpec(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False)

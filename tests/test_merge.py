@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory, tokenizer):
+def adapter_dir(tmp_path_factory, tokenizer, one_thread):
     """A tiny-Llama NF4 adapter saved as ``fit`` saves one (bf16 compute recorded), with a B far from zero."""
     spec = tiny_spec()
     spec.compute_dtype = "bfloat16"
