@@ -157,6 +157,9 @@ class GSM8KEval(Callback):
             loader = datamodule.test_dataloader() if stage == "test" else datamodule.val_dataloader()
             examples = []
             for batch in loader:
+                if "labels" not in batch:
+                    raise UserError(f"GSM8KEval reads SFT batches (input_ids, labels), not {sorted(batch)}: "
+                                    "give it an SFT data module as `data`")
                 for ids, labels in examples_in_batch(batch):
                     prompt, response = split_prompt_response(ids, labels)
                     if prompt:  # a row that is all response has nothing to continue from

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from qlora_lightning.cli import make_cli
 from qlora_lightning.data import GSM8KDataModule, pad_batch
 from qlora_lightning.data.tokenize import ChatFormat, tokenize_messages, tokenize_prompt
+from qlora_lightning.errors import UserError
 from qlora_lightning.evaluation import examples_in_batch, extract_answer, is_correct, split_prompt_response
 from qlora_lightning.generation import cut_at_stop, greedy_generate, left_pad, stop_token_ids
 from qlora_lightning.gsm8k_eval import GSM8KEval
@@ -159,6 +161,20 @@ def test_callback_scores_at_start_and_every_n_steps_and_writes_tensorboard(tmp_p
     assert [e.step for e in events.Scalars("val/gsm8k_acc")] == [0, 2, 4]
     text = events.Tensors("val/gsm8k_samples/text_summary")[-1].tensor_proto.string_val[0].decode()
     assert text.count("**generation**") == 2 and "Question:" in text and "####" in text  # prompt and reference
+
+
+def test_callback_scores_the_whole_split_in_validate(tmp_path):
+    callback = GSM8KEval(max_new_tokens=4, num_samples=1)  # num_samples applies to fit only
+    (results,) = cpu_trainer(tmp_path, callbacks=[callback]).validate(sft_module(), _gsm8k_data())
+    assert "val/gsm8k_acc" in results and callback.history == [
+        {"stage": "val", "step": 0, "accuracy": results["val/gsm8k_acc"], "total": 5}]
+
+
+def test_callback_refuses_batches_without_labels(tokenizer):
+    preference = SimpleNamespace(val_dataloader=lambda: [{"chosen_input_ids": torch.zeros(1, 3)}])
+    trainer = SimpleNamespace(datamodule=preference, lightning_module=SimpleNamespace(tokenizer=tokenizer))
+    with pytest.raises(UserError, match="SFT data module"):
+        GSM8KEval()._stage_examples(trainer, "val")
 
 
 def test_callback_scores_the_whole_test_split_in_the_test_subcommand(tmp_path, tiny_peft):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from qlora_lightning.data.base import SFTDataModule, load_raw_dataset
 from qlora_lightning.data.tokenize import RowError, decode_row, required_str, tokenize_prompt
@@ -35,6 +36,7 @@ class PromptsDataModule(SFTDataModule):
         self.prompt_column, self.adapter_column, self.split = prompt_column, adapter_column, split
         self.prompts: list[dict] = []  # {"prompt_ids": [...], "record": row}
 
+    @override
     def setup(self, stage: Optional[str] = None) -> None:
         if self.prompts:
             return
@@ -59,10 +61,12 @@ class PromptsDataModule(SFTDataModule):
         if not self.prompts:
             raise UserError(f"no prompts in '{self.path}'")
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.prompts, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           collate_fn=self.collate)
 
+    @override
     def train_dataloader(self) -> DataLoader:
         raise UserError("PromptsDataModule serves `predict` only; train with a dataset's DataModule")
 

@@ -173,6 +173,8 @@ class QLoRAModule(LightningModule):
     @override
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Greedy generations for a ``PromptsDataModule`` batch: each input row plus ``generation``."""
+        if "prompt_ids" not in batch:
+            raise UserError("predict generates from prompts: use data: qlora_lightning.PromptsDataModule")
         names = batch.get("adapter_names")
         if names is not None:  # rows that name no adapter use the active one
             names = [name or self.model.active_adapter for name in names]
