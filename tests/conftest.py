@@ -99,12 +99,6 @@ def tiny_spec(quantization: str = "nf4", **config_overrides):
                          random_init=True, config_overrides=config_overrides)
 
 
-@pytest.fixture
-def base_spec():
-    """A fresh tiny-Llama spec (random weights, NF4, fp32 compute)."""
-    return tiny_spec()
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """torch on one thread for a test module: tiny models gain nothing from two, and on a busy

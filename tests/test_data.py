@@ -16,7 +16,7 @@ import pytest
 from qlora_lightning import CodeAlpacaDataModule, ColumnDataModule, GSM8KDataModule, GuanacoDataModule
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import IGNORE_INDEX
-from tests.conftest import EXAMPLES, shared_path, tokenizer_at
+from tests.conftest import EXAMPLES, needs_shared, shared_path, tokenizer_at
 
 Turns = list[tuple[str, str]]  # (prompt text, response text) per assistant turn
 
@@ -126,6 +126,7 @@ def test_shipped_examples_have_loss_on_responses_only(name, tokenizer, tmp_path)
     check_datamodule(cls, _read_rows(EXAMPLES / example, 1000), turns_of, tokenizer, tmp_path)
 
 
+@needs_shared
 @pytest.mark.parametrize("tokenizer_dir", ["llama2", "mistral-7b-v0.1", "gpt2"])
 @pytest.mark.parametrize("name", DATASETS)
 def test_real_rows_with_real_tokenizers_have_loss_on_responses_only(name, tokenizer_dir, tmp_path):

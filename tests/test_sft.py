@@ -17,7 +17,8 @@ from lightning.pytorch.loggers import CSVLogger
 from qlora_lightning import GSM8KDataModule
 from qlora_lightning.model import BaseModelSpec
 from qlora_lightning.modules import paged_adamw_8bit
-from tests.conftest import EXAMPLES, TINY_LLAMA, cpu_trainer, shared_path, sft_module, tiny_spec, tokenizer_at
+from tests.conftest import (EXAMPLES, TINY_LLAMA, cpu_trainer, needs_shared, shared_path, sft_module, tiny_spec,
+                            tokenizer_at)
 
 
 def _fit_logging_losses(module, data, root, **trainer_kwargs) -> list[float]:
@@ -102,6 +103,7 @@ def test_accumulation_gives_the_same_step_as_one_big_batch(device, tmp_path):
     assert min(moved.values()) > 1e-4, moved
 
 
+@needs_shared
 def test_real_pretrained_llama_lowers_its_validation_loss(tmp_path):
     """stories260K (a real 260K-parameter Llama trained on TinyStories) learns GSM8K's format.
 
