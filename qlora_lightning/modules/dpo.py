@@ -164,7 +164,8 @@ class DPOModule(QLoRAModule):
         metrics = self.pair_metrics(batch)
         pairs = batch["input_ids"].shape[0] // 2
         for name, value in metrics.items():
-            self.log(f"train/{name}", value.detach(), batch_size=pairs,
+            # TRL's names (`rewards/margin`, ...) for training; validation prefixes them with `val/`.
+            self.log("train/loss" if name == "loss" else name, value.detach(), batch_size=pairs,
                      prog_bar=name in ("loss", "rewards/accuracy"))
         self._step_loss += metrics["loss"].detach()
         return metrics["loss"]
