@@ -12,11 +12,12 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.cli import OptimizerCallable
-from transformers import get_scheduler
+from transformers import AutoConfig, get_scheduler
 from typing_extensions import override
 
 from qlora_lightning.adapters import AdapterSet, attach_adapters, save_base_spec
 from qlora_lightning.errors import UserError
+from qlora_lightning.estimate import estimate_peak_memory
 from qlora_lightning.generation import greedy_generate, stop_token_ids
 from qlora_lightning.reliability import NonFiniteLossError
 from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_tokenizer, spec_dict, trainable_state_dict
@@ -94,13 +95,32 @@ class QLoRAModule(LightningModule):
     @override
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = build_model(self.base, self.lora, self.gradient_checkpointing,
-                                     device=self.trainer.strategy.root_device if self._trainer else "cpu")
+            device = self.trainer.strategy.root_device if self._trainer else torch.device("cpu")
+            try:
+                self.model = build_model(self.base, self.lora, self.gradient_checkpointing, device=device)
+            except torch.cuda.OutOfMemoryError:
+                raise UserError(self._out_of_memory_message(device)) from None
             if self.adapters:
                 attach_adapters(self.model, self.adapters)
             # from_pretrained returns the model in eval mode and Lightning 2.x keeps each submodule's
             # mode: left so, HF gradient checkpointing (active only in training mode) is silently off.
             self.model.train()
+
+    def _out_of_memory_message(self, device: torch.device) -> str:
+        """What did not fit, what the estimator expected, what the GPU had, and what to lower."""
+        free, total = torch.cuda.mem_get_info(device)
+        datamodule = getattr(self._trainer, "datamodule", None)
+        batch, seq = getattr(datamodule, "batch_size", 1), getattr(datamodule, "max_seq_length", 512)
+        try:
+            config = AutoConfig.from_pretrained(self.base.name_or_path, **self.base.config_overrides)
+            expected = estimate_peak_memory(config, batch, seq, self.lora.r, self.gradient_checkpointing,
+                                            quantization=self.base.quantization)["total_gib"]
+            estimate = f"about {expected:.1f} GiB estimated for batch {batch} x {seq} tokens"
+        except Exception:  # the message must not fail on an architecture the estimator does not know
+            estimate = "no estimate for this architecture"
+        return (f"out of GPU memory loading '{self.base.name_or_path}' ({estimate}; {free / 2**30:.1f} of "
+                f"{total / 2**30:.1f} GiB free on {device}): use base.quantization nf4, lower data.batch_size "
+                "or data.max_seq_length, keep gradient_checkpointing on, or free the GPU")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """(B, T) token ids -> (B, T, V) logits."""
