@@ -35,7 +35,9 @@ class QLoRACLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
-        lr = (config.model.init_args.get("optimizer") or {}).get("init_args", {}).get("lr")
+        optimizer = config.model.init_args.get("optimizer")
+        # Without an `optimizer` key the default is a plain function, with no init_args to check.
+        lr = optimizer.get("init_args", {}).get("lr") if hasattr(optimizer, "get") else None
         if lr is not None and lr <= 0:
             raise UserError(f"model.init_args.optimizer.init_args.lr must be > 0, got {lr}")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from typing_extensions import override
 
@@ -59,9 +59,9 @@ class GSM8KEval(Callback):
     """
 
     def __init__(self, every_n_steps: PositiveInt = 200, num_samples: Optional[PositiveInt] = 128,
-                 max_new_tokens: PositiveInt = 256, batch_size: PositiveInt = 16, name: str = "gsm8k", adapter: Optional[str] = None,
-                 data: Optional[LightningDataModule] = None, eval_at_start: bool = True,
-                 num_text_samples: int = 4):
+                 max_new_tokens: PositiveInt = 256, batch_size: PositiveInt = 16, name: str = "gsm8k",
+                 adapter: Optional[str] = None, data: Optional[LightningDataModule] = None,
+                 eval_at_start: bool = True, num_text_samples: NonNegativeInt = 4):
         super().__init__()
         if every_n_steps < 1 or max_new_tokens < 1 or batch_size < 1:
             raise UserError("GSM8KEval: every_n_steps, max_new_tokens and batch_size must be >= 1")
