@@ -21,6 +21,7 @@ reported. Prefill is timed apart (a one-token generation), so decode speed is
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     spec = BaseModelSpec(name_or_path=str(arch), random_init=True, quantization="nf4", double_quant=True,
                          compute_dtype="bfloat16")
     make_adapter(spec, work / "adapter", device)
+    gc.collect()
     vocab = json.loads((arch / "config.json").read_text())["vocab_size"]
     # The random checkpoint the adapter records: both servings load exactly these weights.
     spec = BaseModelSpec(name_or_path=json.loads((work / "adapter" / "adapter_config.json").read_text())
@@ -135,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = adapter_on_base(work / "adapter", spec, device)
     results += measure(model, "nf4+lora", args, vocab, device)
     del model
+    gc.collect()  # PEFT wrappers hold reference cycles: without this the 4-bit model would count in the next peak
     if device.type == "cuda":
         torch.cuda.empty_cache()
     model = merge_adapter(work / "adapter", spec, "dequantized", torch.bfloat16, device)
