@@ -80,3 +80,11 @@ def test_dequantized_merge_of_a_16bit_adapter_is_refused_in_one_line(adapter_dir
     with pytest.raises(SystemExit) as exit_info:
         main(["merge", "--adapter", str(adapter_dir), "--output", str(tmp_path), "--quantization", "none"])
     assert str(exit_info.value.code).startswith("error: ") and "--into original" in str(exit_info.value.code)
+
+
+@pytest.mark.gpu
+def test_merge_on_cuda_matches_adapter_on_4bit_within_bf16_tolerance(adapter_dir, tmp_path):
+    """bitsandbytes' CUDA kernels (quantize, dequantize, 4-bit matmul) differ from the CPU ones."""
+    main(["merge", "--adapter", str(adapter_dir), "--output", str(tmp_path), "--device", "cuda"])
+    report = json.loads((tmp_path / "merge_report.json").read_text())
+    assert report["within_tolerance"] and report["mean_abs_logit_diff"] < 0.01 * report["reference_logit_std"]
