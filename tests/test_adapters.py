@@ -19,7 +19,8 @@ from tests.conftest import TINY_LLAMA, cpu_trainer, sft_module, tiny_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-IDS = torch.tensor([[0, 52, 88, 447, 391, 29, 286, 14, 21, 34, 202, 36, 81, 86, 90, 267, 29]])  # "Question: 1+2?\nAnswer:"
+# "Question: 1+2?\nAnswer:" in the tiny Llama's tokenizer
+IDS = torch.tensor([[0, 52, 88, 447, 391, 29, 286, 14, 21, 34, 202, 36, 81, 86, 90, 267, 29]])
 
 
 @pytest.fixture(scope="module")

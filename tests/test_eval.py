@@ -94,8 +94,9 @@ def test_a_multi_turn_row_is_scored_on_its_last_turn(tokenizer):
 
 
 def test_padded_and_packed_batches_give_the_same_examples(tokenizer):
-    rows = [tokenize_messages([{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["answer"]}],
-                              tokenizer, GSM8K_FORMAT, 256) for r in _rows(EXAMPLES / "gsm8k_test.jsonl")[:3]]
+    rows = [tokenize_messages([{"role": "user", "content": r["question"]},
+                               {"role": "assistant", "content": r["answer"]}], tokenizer, GSM8K_FORMAT, 256)
+            for r in _rows(EXAMPLES / "gsm8k_test.jsonl")[:3]]
     expected = [(r["input_ids"], r["labels"]) for r in rows]
     padded = pad_batch(rows, tokenizer.pad_token_id)
     # A packed row as data/packing.py lays it out: examples end to end, positions restarting at 0, a
@@ -103,9 +104,11 @@ def test_padded_and_packed_batches_give_the_same_examples(tokenizer):
     ids = sum((r["input_ids"] for r in rows), []) + [tokenizer.pad_token_id]
     labels = sum(([IGNORE_INDEX] + r["labels"][1:] for r in rows), []) + [IGNORE_INDEX]
     positions = sum((list(range(len(r["input_ids"]))) for r in rows), []) + [0]
-    packed = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions])}
+    packed = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+              "position_ids": torch.tensor([positions])}
     assert list(examples_in_batch(padded)) == expected
-    assert [split_prompt_response(*e) for e in examples_in_batch(packed)] == [split_prompt_response(*e) for e in expected]
+    assert ([split_prompt_response(*e) for e in examples_in_batch(packed)]
+            == [split_prompt_response(*e) for e in expected])
 
 
 # ---- batched greedy generation ------------------------------------------------------------
@@ -185,7 +188,8 @@ def test_callback_scores_the_whole_test_split_in_the_test_subcommand(tmp_path, t
                     "--trainer.precision", "32-true", "--trainer.logger", "false",
                     "--trainer.default_root_dir", str(tmp_path),
                     "--model.init_args.base.name_or_path", TINY_LLAMA, "--model.init_args.base.random_init", "true",
-                    "--model.init_args.base.compute_dtype", "float32", "--model.init_args.lora.init_adapter", str(tmp_path / "adapter"),
+                    "--model.init_args.base.compute_dtype", "float32",
+                    "--model.init_args.lora.init_adapter", str(tmp_path / "adapter"),
                     "--trainer.callbacks.init_args.max_new_tokens", "4",
                     "--data.init_args.path", str(EXAMPLES / "gsm8k_train.jsonl"), "--data.init_args.val_split", "null",
                     "--data.init_args.val_fraction", "0.25"], run=False)
@@ -209,5 +213,6 @@ def test_predict_writes_one_line_per_prompt_in_order(tmp_path):
     assert [line["question"] for line in lines] == questions and all("answer" in line for line in lines)
     tokenizer = cli.model.tokenizer
     prompts = [tokenize_prompt([{"role": "user", "content": q}], tokenizer, GSM8K_FORMAT, 512) for q in questions]
-    direct = greedy_generate(cli.model.model, prompts, tokenizer.pad_token_id, stop_token_ids(cli.model.model, tokenizer), 5)
+    model = cli.model.model
+    direct = greedy_generate(model, prompts, tokenizer.pad_token_id, stop_token_ids(model, tokenizer), 5)
     assert [line["generation"] for line in lines] == tokenizer.batch_decode(direct, skip_special_tokens=True)

@@ -12,8 +12,8 @@ from tests.conftest import REPO
 
 def test_generation_benchmark_tiny_dry_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny dims: a second thread only spins
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "generation.py"), "--tiny", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "generation.py"), "--tiny",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "generation.json").read_text())
     assert [(r["model"], r["batch"]) for r in report["results"]] == [
