@@ -21,7 +21,7 @@ from qlora_lightning.generation import cut_at_stop, greedy_generate, left_pad, s
 from qlora_lightning.gsm8k_eval import GSM8KEval
 from qlora_lightning.model import LoraSpec, build_model
 from qlora_lightning.losses import IGNORE_INDEX
-from tests.conftest import EXAMPLES, TINY_LLAMA, cpu_trainer, shared_path, sft_module, tiny_spec
+from tests.conftest import EXAMPLES, TINY_LLAMA, cpu_trainer, needs_shared, shared_path, sft_module, tiny_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,6 +39,7 @@ def _gold(answer: str) -> str:
 
 # ---- answer extraction -------------------------------------------------------------------
 
+@needs_shared
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_extraction_is_right_on_every_gsm8k_gold_answer(split):
     rows = _rows(shared_path("datasets", "gsm8k", f"{split}.jsonl"))

@@ -12,9 +12,9 @@ import pytest
 from qlora_lightning.adapters import BASE_SPEC_FILE
 from qlora_lightning.cli import make_cli
 from qlora_lightning.gsm8k_eval import GSM8KEval
-from tests.conftest import EXAMPLES, REPO, shared_path
+from tests.conftest import EXAMPLES, REPO, needs_shared, shared_path
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [needs_shared, pytest.mark.usefixtures("one_thread")]
 
 
 def _fit(root, task: str) -> tuple[list[dict], str]:
