@@ -1,5 +1,10 @@
 """QLoRA fine-tuning (SFT and DPO) of 2.7B-8B language models with Lightning."""
 
+import logging
+
+# bitsandbytes warns at import on every CPU-only machine that an optional fused kernel is missing.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from qlora_lightning.adapters import AdapterMix, AdapterSet
 from qlora_lightning.callbacks import PerfMonitor
 from qlora_lightning.data import (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import sys
@@ -80,15 +81,15 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> QLoRACLI:
                     parser_kwargs={"exit_on_error": False})
 
 
+# Subcommands that build no Trainer and load no training data: plain argparse CLIs of their own.
+_TOOLS = {"merge": "qlora_lightning.merge", "estimate": "qlora_lightning.estimate"}
+
+
 def main(args: list[str] | None = None) -> None:
-    # bitsandbytes warns on every CPU start that an optional fused kernel is not installed.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        if argv[:1] == ["merge"]:  # builds no Trainer: a plain argparse CLI (see merge.py)
-            from qlora_lightning.merge import main as merge
-
-            merge(argv[1:])
+        if argv[:1] and argv[0] in _TOOLS:
+            importlib.import_module(_TOOLS[argv[0]]).main(argv[1:])
             return
         make_cli(args)
     except ArgumentError as err:
