@@ -19,6 +19,10 @@ BASE = ["fit", "--config", "configs/quickstart.yaml"]
     (["--data.init_args.val_fraction", "1.0"], "data.val_fraction"),
     (["--model.init_args.base.quantization", "nf3"], "model.base.quantization"),
     (["--trainer.max_stepz", "3"], "max_stepz"),
+    (["--model.init_args.warmup_ratio", "1.5"], "model.warmup_ratio"),
+    (["--config", "configs/dpo_quickstart.yaml", "--model.init_args.beta", "0"], "model.beta"),
+    (["--config", "configs/dpo_quickstart.yaml", "--model.init_args.label_smoothing", "0.5"],
+     "model.label_smoothing"),
 ])
 def test_bad_config_fails_at_parse_time_naming_the_key(args, key, monkeypatch):
     # Parse-time: nothing may be built, so building the model would be a failure here.

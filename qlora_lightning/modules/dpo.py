@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Iterator, Optional
 
 import torch
+from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
 from torchmetrics import MeanMetric
 from trl.trainer.utils import use_adapter
 from typing_extensions import override
@@ -22,6 +23,9 @@ from qlora_lightning.errors import UserError
 from qlora_lightning.losses import PreferenceLossType, dpo_loss, sequence_logps
 from qlora_lightning.model import add_frozen_adapter, trainable_state_dict
 from qlora_lightning.modules.base import QLoRAModule
+
+# Checked when a config is parsed: at 0.5 the labels carry no preference at all.
+LabelSmoothing = restricted_number_type("LabelSmoothing", float, [(">=", 0.0), ("<", 0.5)])
 
 REFERENCE_ADAPTER = "reference"
 # Logged as train/<name>, val/<name> and test/<name>.
@@ -63,18 +67,12 @@ class DPOModule(QLoRAModule):
         ref_batch_size: Pairs per forward when precomputing the reference log-probs.
     """
 
-    def __init__(self, *args, beta: float = 0.1, loss_type: PreferenceLossType = "sigmoid",
-                 label_smoothing: float = 0.0, sft_adapter: Optional[str] = None, precompute_ref_logps: bool = False,
-                 ref_batch_size: int = 4, **kwargs):
+    def __init__(self, *args, beta: PositiveFloat = 0.1, loss_type: PreferenceLossType = "sigmoid",
+                 label_smoothing: LabelSmoothing = 0.0, sft_adapter: Optional[str] = None,
+                 precompute_ref_logps: bool = False, ref_batch_size: PositiveInt = 4, **kwargs):
         super().__init__(*args, **kwargs)
-        if beta <= 0:
-            raise UserError(f"model.beta must be positive, got {beta}")
-        if not 0.0 <= label_smoothing < 0.5:
-            raise UserError(f"model.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         if label_smoothing and loss_type != "sigmoid":
             raise UserError(f"model.label_smoothing applies to the sigmoid loss only, not {loss_type}")
-        if ref_batch_size <= 0:
-            raise UserError(f"model.ref_batch_size must be positive, got {ref_batch_size}")
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
         self.sft_adapter = sft_adapter
         self.precompute_ref_logps, self.ref_batch_size = precompute_ref_logps, ref_batch_size
