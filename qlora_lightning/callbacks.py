@@ -2,6 +2,8 @@
 
 Per optimizer step (all its micro-batches), with the GPU synchronized before each clock
 read, the first ``warmup_steps`` steps excluded and time spent in validation left out.
+Under DDP or FSDP the counts are the sums of what each rank processed (all-gathered each
+step, not one rank's multiplied by the world size) and peak memory is reported per rank.
 """
 
 from __future__ import annotations
@@ -37,20 +39,18 @@ def peak_bf16_flops(device_name: str) -> Optional[float]:
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(matmul parameters, embedding parameters), counting 4-bit packed weights at their real size."""
+    """(matmul parameters, embedding parameters), read from the layers' shapes.
+
+    Shapes, not parameters: a packed 4-bit weight holds two values per byte, and under FSDP a
+    rank's parameters are flat shards. A head tied to the embedding counts in both: its matmul
+    is real work. Norm weights and biases (no matmul) are left out.
+    """
     matmul = embedding = 0
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    seen = set()
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        quant_state = getattr(p, "quant_state", None)
-        n = quant_state.shape.numel() if quant_state is not None else p.numel()
-        if id(p) in embedding_weights:
-            embedding += n
-        else:
-            matmul += n
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):  # bitsandbytes' Linear4bit and LoRA's A/B included
+            matmul += module.in_features * module.out_features
+        elif isinstance(module, torch.nn.Embedding):
+            embedding += module.num_embeddings * module.embedding_dim
     return matmul, embedding
 
 
@@ -62,6 +62,26 @@ def train_flops_per_token(matmul_params: int, n_layers: int, attn_dim: int, seq_
     FLOPs). Attention scores and values add 4*L*T*d forward and twice that backward.
     """
     return 4.0 * matmul_params + 12.0 * n_layers * seq_len * attn_dim
+
+
+def all_ranks(trainer: Trainer, values: list[float]) -> torch.Tensor:
+    """(world size, len(values)) CPU float64 tensor: ``values`` of every rank, in rank order.
+
+    One all-gather; every rank must call it at the same point. Without a process group
+    (one device) it is this rank's row alone.
+    """
+    local = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
+    return trainer.strategy.all_gather(local).reshape(-1, len(values)).cpu()
+
+
+def peak_memory_metrics(alloc_gib: torch.Tensor, reserved_gib: torch.Tensor) -> dict[str, float]:
+    """``perf/peak_{alloc,reserved}_gib`` (the largest rank) and, over several ranks, one per rank."""
+    metrics = {"perf/peak_alloc_gib": alloc_gib.max().item(), "perf/peak_reserved_gib": reserved_gib.max().item()}
+    if len(alloc_gib) > 1:
+        for rank, (alloc, reserved) in enumerate(zip(alloc_gib.tolist(), reserved_gib.tolist())):
+            metrics[f"perf/peak_alloc_gib_rank{rank}"] = alloc
+            metrics[f"perf/peak_reserved_gib_rank{rank}"] = reserved
+    return metrics
 
 
 class PerfMonitor(Callback):
@@ -83,6 +103,7 @@ class PerfMonitor(Callback):
         self._train_start: Optional[float] = None
         self._train_seconds = 0.0
         self._stepped = False
+        self._peaks_per_rank: Optional[torch.Tensor] = None  # (world, 2) GiB, gathered at the end of training
 
     @staticmethod
     def _new_window() -> dict:
@@ -129,25 +150,35 @@ class PerfMonitor(Callback):
         self._window = self._new_window()
 
     def _record(self, trainer: Trainer, pl_module: LightningModule, w: dict, seconds: float) -> None:
-        world = trainer.world_size
+        # Ranks see different examples (and, with packing or dynamic padding, different token
+        # counts): add up what each really processed. The step lasts as long as its slowest rank.
+        peaks = self._peak_memory_gib(trainer)
+        ranks = all_ranks(trainer, [w["tokens"], w["padded_tokens"], w["samples"], seconds, *peaks])
+        tokens, padded_tokens, samples = ranks[:, :3].sum(dim=0).tolist()
+        seconds = ranks[:, 3].max().item()
         metrics = {
             "perf/step_time_s": seconds,
-            "perf/tokens_per_sec": w["tokens"] * world / seconds,
-            "perf/padded_tokens_per_sec": w["padded_tokens"] * world / seconds,
-            "perf/samples_per_sec": w["samples"] * world / seconds,
-            "perf/real_token_fraction": w["tokens"] / max(w["padded_tokens"], 1),
+            "perf/tokens_per_sec": tokens / seconds,
+            "perf/padded_tokens_per_sec": padded_tokens / seconds,
+            "perf/samples_per_sec": samples / seconds,
+            "perf/real_token_fraction": tokens / max(padded_tokens, 1),
         }
         flops = self._flops_per_token(pl_module, w["max_len"])
         peak = self._peak_flops(trainer)
         if flops and peak:
             # Padded tokens are computed too, but only real tokens count as useful work.
-            metrics["perf/mfu"] = flops * w["tokens"] / seconds / peak
-        if self._on_cuda(trainer):
-            device = trainer.strategy.root_device
-            metrics["perf/peak_alloc_gib"] = torch.cuda.max_memory_allocated(device) / _GIB
-            metrics["perf/peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / _GIB
+            metrics["perf/mfu"] = flops * tokens / seconds / (peak * trainer.world_size)
+        if peaks:
+            metrics.update(peak_memory_metrics(ranks[:, 4], ranks[:, 5]))
         self.steps.append(metrics)
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
+
+    def _peak_memory_gib(self, trainer: Trainer) -> list[float]:
+        """[allocated, reserved] peak GiB of this rank's GPU so far; [] on the CPU."""
+        if not self._on_cuda(trainer):
+            return []
+        device = trainer.strategy.root_device
+        return [torch.cuda.max_memory_allocated(device) / _GIB, torch.cuda.max_memory_reserved(device) / _GIB]
 
     def _flops_per_token(self, pl_module: LightningModule, seq_len: int) -> Optional[float]:
         model = getattr(pl_module, "model", None)
@@ -182,8 +213,12 @@ class PerfMonitor(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._sync(trainer)
         self._train_seconds = time.perf_counter() - (self._train_start or time.perf_counter())
+        peaks = self._peak_memory_gib(trainer)
+        # Every rank takes part (a collective); rank 0 writes.
+        self._peaks_per_rank = all_ranks(trainer, peaks) if peaks else None
+        directory = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast under DDP/FSDP: every rank
         if trainer.is_global_zero:
-            self.write_summary(trainer, pl_module)
+            self.write_summary(trainer, pl_module, directory)
 
     def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         """The run in one JSON-friendly dict: what ran, how fast, how much memory, final losses."""
@@ -194,6 +229,10 @@ class PerfMonitor(Callback):
         on_cuda = self._on_cuda(trainer)
         device = trainer.strategy.root_device
         not_measured = "not measured (CPU run)"
+        # Allocated and reserved GiB per rank, gathered in on_train_end; this rank's alone before that.
+        peaks = self._peaks_per_rank
+        if peaks is None and on_cuda:
+            peaks = torch.tensor([self._peak_memory_gib(trainer)])
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         datamodule = trainer.datamodule
         return {
@@ -211,15 +250,17 @@ class PerfMonitor(Callback):
             "samples_per_sec": median("perf/samples_per_sec"),
             "step_time_s": median("perf/step_time_s"),
             "mfu": median("perf/mfu"),
-            "peak_alloc_gib": torch.cuda.max_memory_allocated(device) / _GIB if on_cuda else not_measured,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / _GIB if on_cuda else not_measured,
+            "peak_alloc_gib": peaks[:, 0].max().item() if on_cuda else not_measured,
+            "peak_reserved_gib": peaks[:, 1].max().item() if on_cuda else not_measured,
+            "peak_alloc_gib_per_rank": peaks[:, 0].tolist() if on_cuda else not_measured,
+            "peak_reserved_gib_per_rank": peaks[:, 1].tolist() if on_cuda else not_measured,
             "final_train_loss": metrics.get("train/loss"),
             "final_val_loss": metrics.get("val/loss"),
         }
 
-    def write_summary(self, trainer: Trainer, pl_module: LightningModule) -> Path:
-        """Write the summary JSON in the log directory and return its path."""
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
+    def write_summary(self, trainer: Trainer, pl_module: LightningModule, directory: Optional[Path] = None) -> Path:
+        """Write the summary JSON in ``directory`` (default: the log directory) and return its path."""
+        directory = Path(directory or trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / self.summary_file
         path.write_text(json.dumps(self.summary(trainer, pl_module), indent=2, default=str) + "\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Literal, Optional, Union
 import torch
 from jsonargparse.typing import PositiveInt, restricted_number_type
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors.torch import save_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -252,9 +254,18 @@ def random_checkpoint(spec: BaseModelSpec) -> str:
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.compute_dtype))
         tmp = Path(tempfile.mkdtemp(dir=root.mkdir(parents=True, exist_ok=True) or root))
-        model.save_pretrained(tmp)
+        # Not model.save_pretrained: in a process group it writes on rank 0 only, and each rank
+        # builds its own copy here (the first rename below wins).
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         del model
-        tmp.rename(path)  # atomic: a concurrent or killed run never sees half a checkpoint
+        try:
+            tmp.rename(path)  # atomic: a concurrent or killed run never sees half a checkpoint
+        except OSError:
+            # Another process (a DDP/FSDP rank) saved the same weights first: keep its copy.
+            if not (path / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(path)
 
 

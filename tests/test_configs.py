@@ -22,15 +22,31 @@ def test_there_are_configs():
     assert any(path.name == "quickstart.yaml" for path in CONFIGS)
 
 
+def machine_overrides(path) -> list[str]:
+    """What this machine changes in a config: the whole YAML is still parsed and checked first.
+
+    GPU configs name accelerator: gpu; on a CPU machine the accelerator is swapped, and an FSDP
+    strategy (which Lightning refuses without a GPU) for DDP (tests/test_distributed.py builds it).
+    Multi-GPU configs get no more devices than the machine has.
+    """
+    trainer = yaml.safe_load(path.read_text()).get("trainer", {})
+    if not torch.cuda.is_available():
+        strategy = trainer.get("strategy")
+        fsdp = isinstance(strategy, dict) and strategy["class_path"].endswith("FSDPStrategy")
+        return ["--trainer.accelerator", "cpu"] + (["--trainer.strategy", "ddp"] if fsdp else [])
+    devices = trainer.get("devices")
+    if isinstance(devices, int) and devices > torch.cuda.device_count():
+        return ["--trainer.devices", str(torch.cuda.device_count())]
+    return []
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
 def test_config_instantiates_offline_and_lazily(path):
     header = path.read_text().splitlines()
     # Rule: the launch command sits in the header comment.
     assert any(line.startswith("#") and f"--config configs/{path.name}" in line for line in header), path.name
 
-    # GPU configs name accelerator: gpu; on a CPU machine only the accelerator is swapped.
-    args = ["--config", str(path)] + ([] if torch.cuda.is_available() else ["--trainer.accelerator", "cpu"])
-    cli = make_cli(args, run=False)
+    cli = make_cli(["--config", str(path)] + machine_overrides(path), run=False)
 
     assert isinstance(cli.model, QLoRAModule)
     assert isinstance(cli.datamodule, LightningDataModule)

@@ -234,9 +234,12 @@ class SFTDataModule(LightningDataModule):
     def _write_report(self) -> None:
         """``data_report.json`` next to the run's logs: rows read, kept, truncated, dropped and why."""
         trainer = self.trainer
-        if trainer is None or not trainer.is_global_zero or not trainer.log_dir:
+        if trainer is None:
             return
-        path = Path(trainer.log_dir) / "data_report.json"
+        log_dir = trainer.log_dir  # on every rank: under DDP/FSDP the property is a broadcast from rank 0
+        if not trainer.is_global_zero or not log_dir:
+            return
+        path = Path(log_dir) / "data_report.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"data": self.path, "splits": self.report}, indent=2) + "\n")
 

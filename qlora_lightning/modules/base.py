@@ -16,11 +16,13 @@ from transformers import AutoConfig, get_scheduler
 from typing_extensions import override
 
 from qlora_lightning.adapters import AdapterSet, attach_adapters, save_base_spec
+from qlora_lightning.distributed import (cast_frozen_for_fsdp, check_fsdp_precision, clean_name,
+                                         fsdp_checkpoints_activations, full_state_dict, is_fsdp, save_adapter)
 from qlora_lightning.errors import UserError
 from qlora_lightning.estimate import estimate_peak_memory
 from qlora_lightning.generation import greedy_generate, stop_token_ids
 from qlora_lightning.reliability import NonFiniteLossError
-from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_tokenizer, spec_dict, trainable_state_dict
+from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_tokenizer, spec_dict
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +97,23 @@ class QLoRAModule(LightningModule):
     @override
     def configure_model(self) -> None:
         if self.model is None:
-            device = self.trainer.strategy.root_device if self._trainer else torch.device("cpu")
+            strategy = self._trainer.strategy if self._trainer else None
+            # Each rank loads the 4-bit base onto its own device (DDP keeps that copy; FSDP shards it).
+            device = strategy.root_device if strategy else torch.device("cpu")
+            # FSDP's activation_checkpointing_policy recomputes each decoder layer: transformers'
+            # own checkpointing inside it would recompute everything a second time.
+            checkpointing = self.gradient_checkpointing and not fsdp_checkpoints_activations(strategy)
+            compute_dtype = getattr(torch, self.base.compute_dtype)
+            if is_fsdp(strategy) and self.base.quantization in ("nf4", "fp4"):  # before the minutes-long load
+                check_fsdp_precision(strategy, str(self.trainer.precision), compute_dtype)
             try:
-                self.model = build_model(self.base, self.lora, self.gradient_checkpointing, device=device)
+                self.model = build_model(self.base, self.lora, checkpointing, device=device)
             except torch.cuda.OutOfMemoryError:
                 raise UserError(self._out_of_memory_message(device)) from None
             if self.adapters:
                 attach_adapters(self.model, self.adapters)
+            if is_fsdp(strategy):
+                cast_frozen_for_fsdp(self.model, compute_dtype)
             # from_pretrained returns the model in eval mode and Lightning 2.x keeps each submodule's
             # mode: left so, HF gradient checkpointing (active only in training mode) is silently off.
             self.model.train()
@@ -135,6 +147,15 @@ class QLoRAModule(LightningModule):
                                   optimizer, num_warmup_steps=int(self.warmup_ratio * total), num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @override
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and is_fsdp(self.trainer.strategy):
+            # Lightning's FSDP precision plugin refuses norm clipping (it holds no handle on the FSDP
+            # root); the root's clip_grad_norm_ takes the norm over every rank's shard.
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def guard_nonfinite(self, loss: torch.Tensor) -> bool:
         """Before an optimizer step: True when the step may proceed.
 
@@ -161,8 +182,13 @@ class QLoRAModule(LightningModule):
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Megabytes, not gigabytes: the frozen 4-bit base is rebuilt from the config on load.
-        checkpoint["state_dict"] = trainable_state_dict(self.model, prefix="model.")
+        # Megabytes, not gigabytes: the frozen 4-bit base is rebuilt from the config on load. The
+        # adapter is picked from the state dict the strategy gathered (under FSDP: unsharded, on
+        # rank 0 only, empty elsewhere), not from the parameters, which FSDP shards and renames.
+        if is_fsdp(self.trainer.strategy) and getattr(self.trainer.strategy, "_state_dict_type", "full") != "full":
+            raise UserError("checkpoints hold the adapter only: use FSDPStrategy state_dict_type: full")
+        trainable = {"model." + clean_name(name) for name, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # Dropout masks come from these generators: restoring them makes a resumed run exact.
         checkpoint["rng_states"] = _collect_rng_states()
         checkpoint["skipped_steps"] = self.skipped_steps
@@ -182,10 +208,15 @@ class QLoRAModule(LightningModule):
 
     @override
     def on_fit_end(self) -> None:
+        # Under FSDP the adapter is sharded: every rank takes part in gathering it, rank 0 writes it.
+        gathered = full_state_dict(self.trainer.strategy)
+        # trainer.log_dir is a broadcast from rank 0 under DDP/FSDP: every rank must ask.
+        path = Path(self.adapter_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
         if self.trainer.is_global_zero:
-            path = Path(self.adapter_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+            state_dict = None if gathered is None else {  # keyed as in self.model
+                key.removeprefix("model."): value for key, value in gathered.items() if key.startswith("model.")}
             # The trained adapter only: a frozen one beside it (e.g. DPO's reference) is an input, not a result.
-            self.model.save_pretrained(path, selected_adapters=[self.model.active_adapter])
+            save_adapter(self.model, path, state_dict)
             self.tokenizer.save_pretrained(path)
             save_base_spec(self.base, path)
             log.info("saved the adapter and tokenizer to %s", path)

@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 from trl.trainer.utils import use_adapter
 from typing_extensions import override
 
+from qlora_lightning.distributed import is_fsdp
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import PreferenceLossType, dpo_loss, sequence_logps
 from qlora_lightning.model import add_frozen_adapter, trainable_state_dict
@@ -121,6 +122,11 @@ class DPOModule(QLoRAModule):
     def on_fit_start(self) -> None:
         if not self.precompute_ref_logps:
             return
+        if is_fsdp(self.trainer.strategy):
+            # Precomputing runs the reference outside a training step, where the FSDP root has not
+            # gathered its own (sharded) weights, and fingerprints weights that no rank holds whole.
+            raise UserError("model.precompute_ref_logps does not work under FSDP: turn it off (the reference "
+                            "then runs live, on the same sharded base) or use the ddp strategy")
         datamodule = self.trainer.datamodule
         if not hasattr(datamodule, "add_reference_logps"):
             raise UserError("model.precompute_ref_logps needs a PreferenceDataModule as data")
