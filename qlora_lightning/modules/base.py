@@ -22,7 +22,7 @@ from qlora_lightning.errors import UserError
 from qlora_lightning.estimate import estimate_peak_memory
 from qlora_lightning.generation import greedy_generate, stop_token_ids
 from qlora_lightning.reliability import NonFiniteLossError
-from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_tokenizer, spec_dict
+from qlora_lightning.model import BaseModelSpec, Fraction, LoraSpec, build_model, load_tokenizer, spec_dict
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,13 @@ class QLoRAModule(LightningModule):
         gradient_checkpointing: bool = True,
         optimizer: OptimizerCallable = paged_adamw_8bit,
         lr_scheduler: Literal["cosine", "linear", "constant"] = "constant",
-        warmup_ratio: float = 0.03,
+        warmup_ratio: Fraction = 0.03,
         adapter_dir: Optional[str] = None,
         nonfinite: Literal["skip", "stop"] = "skip",
         adapters: Optional[AdapterSet] = None,
         max_new_tokens: PositiveInt = 256,
     ):
         super().__init__()
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise UserError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.save_hyperparameters(ignore=["optimizer"])
         self.base, self.lora = base, lora
         self.gradient_checkpointing = gradient_checkpointing
