@@ -65,6 +65,13 @@ def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> datasets.Da
         raise UserError(f"cannot load data '{path}': {first}") from None
 
 
+def resolve_tokenizer(tokenizer: Optional[Union[str, PreTrainedTokenizerBase]]) -> PreTrainedTokenizerBase:
+    """The DataModule's tokenizer, loaded when given by name."""
+    if tokenizer is None:
+        raise UserError("data.tokenizer is not set (the CLI takes it from the model)")
+    return load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+
+
 def _lenient_json(path: Path) -> datasets.DatasetDict:
     """A JSON / JSONL file that arrow cannot read as one table (rows of clashing types, broken
     lines): one text column of per-row JSON, decoded and judged row by row in ``decode_row``."""
@@ -220,10 +227,7 @@ class SFTDataModule(LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:
             return
-        if self.tokenizer is None:
-            raise UserError("data.tokenizer is not set (the CLI takes it from the model)")
-        if isinstance(self.tokenizer, str):
-            self.tokenizer = load_tokenizer(self.tokenizer)
+        self.tokenizer = resolve_tokenizer(self.tokenizer)
         raw = load_raw_dataset(self.path, self.hub_config)
         train, val = self._split(raw)
         self.splits = {"train": self._encode(train, "train"), "val": self._encode(val, "val")}

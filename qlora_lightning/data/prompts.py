@@ -7,10 +7,9 @@ from typing import Optional
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from qlora_lightning.data.base import SFTDataModule, load_raw_dataset
+from qlora_lightning.data.base import SFTDataModule, load_raw_dataset, resolve_tokenizer
 from qlora_lightning.data.tokenize import RowError, decode_row, required_str, tokenize_prompt
 from qlora_lightning.errors import UserError
-from qlora_lightning.model import load_tokenizer
 
 
 class PromptsDataModule(SFTDataModule):
@@ -40,10 +39,7 @@ class PromptsDataModule(SFTDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if self.prompts:
             return
-        if self.tokenizer is None:
-            raise UserError("data.tokenizer is not set (the CLI takes it from the model)")
-        if isinstance(self.tokenizer, str):
-            self.tokenizer = load_tokenizer(self.tokenizer)
+        self.tokenizer = resolve_tokenizer(self.tokenizer)
         raw = load_raw_dataset(self.path, self.hub_config)
         if self.split not in raw:
             raise UserError(f"data '{self.path}' has no split '{self.split}' (it has: {', '.join(raw)})")
