@@ -112,9 +112,6 @@ class QLoRAModule(LightningModule):
                 attach_adapters(self.model, self.adapters)
             if is_fsdp(strategy):
                 cast_frozen_for_fsdp(self.model, compute_dtype)
-            # from_pretrained returns the model in eval mode and Lightning 2.x keeps each submodule's
-            # mode: left so, HF gradient checkpointing (active only in training mode) is silently off.
-            self.model.train()
 
     def _out_of_memory_message(self, device: torch.device) -> str:
         """What did not fit, what the estimator expected, what the GPU had, and what to lower."""
