@@ -45,18 +45,25 @@ from make_arch import ARCHS, write_arch  # noqa: E402
 
 GIB = 2**30
 
-# Speed/memory levers of the project's path, as overrides of SFTModule / BaseModelSpec options.
+# Speed/memory levers of the project's path, as overrides of SFTModule / BaseModelSpec options;
+# `default` is what the project does when none is set.
+LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False}
 VARIANTS: dict[str, dict] = {
-    "default": {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False},
-    "chunked_ce": {"gradient_checkpointing": True, "loss_chunk_size": 1024, "liger_kernel": False},
-    "chunked_ce+liger": {"gradient_checkpointing": True, "loss_chunk_size": 1024, "liger_kernel": True},
-    "no_gc": {"gradient_checkpointing": False, "loss_chunk_size": None, "liger_kernel": False},
+    "default": LEVERS,
+    "upcast": {**LEVERS, "upcast_frozen": True},  # PEFT's fp32 embeddings, head and norms
+    "chunked_ce": {**LEVERS, "loss_chunk_size": 1024},
+    "chunked_ce+liger": {**LEVERS, "loss_chunk_size": 1024, "liger_kernel": True},
+    "offload": {**LEVERS, "gradient_checkpointing": "offload"},
+    "lean": {**LEVERS, "gradient_checkpointing": "offload", "loss_chunk_size": 1024, "liger_kernel": True},
+    "no_gc": {**LEVERS, "gradient_checkpointing": False},
+    "no_gc+chunked_ce+liger": {**LEVERS, "gradient_checkpointing": False, "loss_chunk_size": 1024,
+                               "liger_kernel": True},
 }
 BASELINE = "hf_peft"
 
 QUICK = {"archs": ["mistral-7b", "llama-2-7b"], "shapes": ["1x512", "8x1024"]}
 # Levers measured in --quick mode, at one shape of the first arch (a whole grid does not fit 10 minutes).
-QUICK_LEVERS = {"arch": "mistral-7b", "shape": "8x1024", "variants": ["chunked_ce", "chunked_ce+liger", "no_gc"]}
+QUICK_LEVERS = {"arch": "mistral-7b", "shape": "8x1024", "variants": ["upcast", "offload", "lean"]}
 FULL_SHAPES = ["1x512", "8x1024", "4x2048"]
 LONG_SHAPES = ["1x8192", "1x16384", "1x32768"]  # Mistral only: 32k positions, sliding window 4096
 
@@ -135,12 +142,12 @@ def run_project(job: Job) -> dict:
         def on_train_start(self, trainer, pl_module):
             self.gib = torch.cuda.memory_allocated() / GIB if torch.cuda.is_available() else None
 
-    opts = job.options
+    opts = {**LEVERS, **job.options}  # rows saved before a lever existed did not set it
     # The adapter is saved with a tokenizer at the end of fit; the shipped tiny one does, as the
     # random-weight architecture folders hold none (tokens are synthetic anyway).
     tokenizer = str(Path(qlora_lightning.__file__).parent / "assets" / "tiny-llama")
     base = BaseModelSpec(name_or_path=job.arch_dir, tokenizer=tokenizer, random_init=True,
-                         liger_kernel=opts["liger_kernel"])
+                         liger_kernel=opts["liger_kernel"], upcast_frozen=opts["upcast_frozen"])
     module = SFTModule(base=base, lora=LoraSpec(r=job.r, alpha=job.alpha, dropout=0.05),
                        gradient_checkpointing=opts["gradient_checkpointing"],
                        loss_chunk_size=opts["loss_chunk_size"], warmup_ratio=0.0)
@@ -323,10 +330,12 @@ def with_estimates(rows: list[dict]) -> list[dict]:
             config = AutoConfig.from_pretrained(row["arch_dir"])
             # `effective_options`: what really ran, where a saved row records that it differed from the request.
             opts = row.get("effective_options") or row["options"] or VARIANTS["default"]
+            baseline = row["impl"] == BASELINE
             est = estimate_peak_memory(config, batch=row["batch"], seq=row["seq"], r=row["r"],
                                        gradient_checkpointing=opts["gradient_checkpointing"],
                                        loss_chunk_size=opts["loss_chunk_size"],
-                                       loss_impl="transformers" if row["impl"] == BASELINE else "project")
+                                       loss_impl="transformers" if baseline else "project",
+                                       upcast_frozen=baseline or opts.get("upcast_frozen", True))
             row["estimated_peak_gib"] = est["total_gib"]
             if row.get("peak_alloc_gib"):
                 row["estimate_error"] = est["total_gib"] / row["peak_alloc_gib"] - 1
@@ -369,8 +378,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                      f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('step_time_s'), '.3f')} "
                      f"| {r['status']}{' (' + r['note'] + ')' if r.get('note') else ''} |")
     lines += ["", "impl: `hf_peft` = plain transformers + PEFT loop (the baseline); `default` = this project's "
-              "Lightning path; `chunked_ce` = `model.loss_chunk_size: 1024`; `+liger` = `base.liger_kernel: true`; "
-              "`no_gc` = `gradient_checkpointing: false`. Peaks are torch allocator peaks after model load "
+              "Lightning path with its defaults (bf16 embeddings, head and norms); `upcast` = "
+              "`base.upcast_frozen: true` (PEFT's fp32 upcast); `offload` = `gradient_checkpointing: offload`; "
+              "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true`; `lean` = offload + "
+              "chunked_ce + liger; `no_gc` = `gradient_checkpointing: false`. Peaks are torch allocator peaks after model load "
               "(PagedAdamW8bit's paged state lives in CUDA managed memory, which they do not count).", ""]
     return "\n".join(lines)
 

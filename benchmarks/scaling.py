@@ -1,8 +1,8 @@
 """Scaling of QLoRA training over GPUs: one GPU against DDP and FSDP, on Mistral-7B's architecture.
 
 Random weights with the published dims (``make_arch.py``), NF4 + double quant, bf16 compute, LoRA
-r=8 on all linear layers, the same per-GPU micro-batch everywhere (weak scaling: N GPUs process N
-times the tokens of one per step), ``SFTModule`` under a Lightning ``Trainer`` with ``PerfMonitor``:
+r=8 on all linear layers, the same per-GPU micro-batch and accumulation everywhere (weak scaling: N
+GPUs process N times the tokens of one per step), ``SFTModule`` under a Lightning ``Trainer`` with ``PerfMonitor``:
 
 * ``single``: one GPU, transformers' gradient checkpointing;
 * ``ddp``: ``strategy: ddp`` on ``--gpus`` GPUs, each with the whole 4-bit base;
@@ -14,11 +14,13 @@ times the tokens of one per step), ``SFTModule`` under a Lightning ``Trainer`` w
 Every run is its own process group, started with ``torchrun`` (as a multi-node launch would
 start it); the whole run's numbers are PerfMonitor's medians over ``--steps`` optimizer steps after
 ``--warmup`` warm-up steps, summed over the ranks. Scaling efficiency = tokens/s on N GPUs / (N x
-tokens/s on one). All runs use torch AdamW (the adapter's optimizer step is negligible here), so
+tokens/s on one). ``model GiB`` is what each rank holds once the strategy has placed the model
+(the whole 4-bit base under DDP, a shard of it under FSDP). All runs use torch AdamW (the adapter's optimizer step is negligible here), so
 that only the strategy differs. Results: ``<out>/scaling.json`` and ``scaling.md``.
 
     python benchmarks/scaling.py --out /tmp/scaling              # 2 GPUs; 4 model loads of 7B
     python benchmarks/scaling.py --out /tmp/scaling --runs fsdp reload   # a part; the report merges
+    python benchmarks/scaling.py --out /tmp/acc4 --runs single ddp --accumulate 4   # all-reduce 1 in 4
     python benchmarks/scaling.py --tiny --out /tmp/dry           # CPU dry run over gloo, tiny dims
 
 Loss values on random weights mean nothing and are not reported.
@@ -108,7 +110,8 @@ def train(job: dict) -> None:
     monitor = PerfMonitor(warmup_steps=job["warmup"])
     steps = job["warmup"] + job["steps"]
     trainer = Trainer(accelerator="cpu" if job["cpu"] else "gpu", devices=devices, strategy=_strategy(job),
-                      precision="32-true" if job["cpu"] else "bf16-mixed", max_steps=steps, logger=False,
+                      precision="32-true" if job["cpu"] else "bf16-mixed", max_steps=steps,
+                      accumulate_grad_batches=job["accumulate"], logger=False,
                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                       limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=tempfile.mkdtemp(prefix="scaling-"),
                       callbacks=[monitor])
@@ -117,7 +120,7 @@ def train(job: dict) -> None:
     # rank its own `steps` of them.
     generator = torch.Generator().manual_seed(0)
     batches = []
-    for _ in range(steps * devices):
+    for _ in range(steps * job["accumulate"] * devices):
         ids = torch.randint(0, vocab, (job["batch"], job["seq"]), generator=generator)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
@@ -132,7 +135,7 @@ def train(job: dict) -> None:
         summary = monitor.summary(trainer, module)
         keys = ("world_size", "tokens_per_sec", "padded_tokens_per_sec", "samples_per_sec", "step_time_s", "mfu",
                 "measured_steps", "peak_alloc_gib", "peak_reserved_gib", "peak_alloc_gib_per_rank",
-                "peak_reserved_gib_per_rank", "device")
+                "peak_reserved_gib_per_rank", "model_alloc_gib_per_rank", "device")
         (out / f"{run}.json").write_text(json.dumps({k: summary[k] for k in keys}, indent=2) + "\n")
         if logits is not None:
             torch.save(logits, out / "fsdp_logits.pt")
@@ -179,7 +182,8 @@ def command(job: dict, worker: str, processes: int = 1) -> list[str]:
 def plan(args: argparse.Namespace, arch_dir: str) -> list[tuple[str, list[str]]]:
     """(name, command) of each step this invocation runs, in order."""
     common = {"arch_dir": arch_dir, "out": str(Path(args.out).resolve()), "gpus": args.gpus, "batch": args.batch,
-              "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "r": args.r, "cpu": args.tiny}
+              "seq": args.seq, "accumulate": args.accumulate, "steps": args.steps, "warmup": args.warmup, "r": args.r,
+              "cpu": args.tiny}
     # Tiny weights build in a blink in each process (random_checkpoint tolerates the race); 7B ones once.
     steps = [] if args.tiny else [("prepare", command({**common, "run": "prepare"}, "prepare"))]
     for run in args.runs:
@@ -203,7 +207,8 @@ def scaling_rows(results: dict[str, dict]) -> list[dict]:
         rows.append({"run": run, "gpus": gpus, "tokens_per_sec": r["tokens_per_sec"], "tokens_per_sec_per_gpu": per_gpu,
                      "scaling_efficiency": per_gpu / single if single else None, "step_time_s": r["step_time_s"],
                      "mfu": r.get("mfu"), "peak_alloc_gib_per_rank": r["peak_alloc_gib_per_rank"],
-                     "peak_reserved_gib_per_rank": r["peak_reserved_gib_per_rank"]})
+                     "peak_reserved_gib_per_rank": r["peak_reserved_gib_per_rank"],
+                     "model_alloc_gib_per_rank": r.get("model_alloc_gib_per_rank")})
     return rows
 
 
@@ -216,17 +221,18 @@ def _fmt(value, spec: str = ".2f") -> str:
 def markdown(meta: dict, rows: list[dict], reload_result: Optional[dict]) -> str:
     lines = [f"# QLoRA scaling, {meta['device']}", "",
              f"{meta['arch']} dims, random weights, NF4 + double quant, {meta['compute']} compute, "
-             f"LoRA r={meta['r']} on all linear layers, {meta['batch']}x{meta['seq']} tokens per GPU per step, "
+             f"LoRA r={meta['r']} on all linear layers, {meta['batch']}x{meta['seq']} tokens per GPU per micro-batch, "
+             f"{meta.get('accumulate', 1)} micro-batch(es) per optimizer step, "
              f"median of {meta['steps']} "
              f"steps after {meta['warmup']} warm-up steps; command: `{meta['command']}`.", "",
              "| run | GPUs | tokens/s | tokens/s per GPU | scaling efficiency | step s | MFU "
-             "| peak alloc GiB per rank | peak reserved GiB per rank |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model GiB per rank | peak alloc GiB per rank | peak reserved GiB per rank |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['run']} | {r['gpus']} | {_fmt(r['tokens_per_sec'], '.0f')} "
                      f"| {_fmt(r['tokens_per_sec_per_gpu'], '.0f')} | {_fmt(r['scaling_efficiency'], '.1%')} "
                      f"| {_fmt(r['step_time_s'], '.3f')} | {_fmt(r['mfu'], '.1%')} "
-                     f"| {_fmt(r['peak_alloc_gib_per_rank'])} | {_fmt(r['peak_reserved_gib_per_rank'])} |")
+                     f"| {_fmt(r.get('model_alloc_gib_per_rank'))} | {_fmt(r['peak_alloc_gib_per_rank'])} | {_fmt(r['peak_reserved_gib_per_rank'])} |")
     if reload_result:
         verdict = "same" if reload_result["same"] else "DIFFERENT"
         lines += ["", f"FSDP adapter reloaded on one device: logits {verdict} (max |diff| "
@@ -256,6 +262,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--arch", choices=list(ARCHS), default="mistral-7b")
     parser.add_argument("--batch", type=int, default=4, help="sequences per GPU per step")
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="warm-up optimizer steps left out")
     parser.add_argument("--r", type=int, default=8, help="LoRA rank (alpha = 2r)")
@@ -285,7 +292,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.tiny else None  # tiny ranks share a few cores
     meta = {"arch": args.arch + (" (tiny)" if args.tiny else ""), "compute": "fp32" if args.tiny else "bf16",
-            "batch": args.batch, "seq": args.seq,
+            "batch": args.batch, "seq": args.seq, "accumulate": args.accumulate,
             "steps": args.steps, "warmup": args.warmup, "r": args.r, "command": " ".join(sys.argv),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": "cpu" if args.tiny else "gpu"}
     with open(out / "scaling.log", "a") as log:

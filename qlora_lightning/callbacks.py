@@ -103,7 +103,8 @@ class PerfMonitor(Callback):
         self._train_start: Optional[float] = None
         self._train_seconds = 0.0
         self._stepped = False
-        self._peaks_per_rank: Optional[torch.Tensor] = None  # (world, 2) GiB, gathered at the end of training
+        self._peaks_per_rank: Optional[torch.Tensor] = None  # (world, 3) GiB, gathered at the end of training
+        self._start_alloc_gib: Optional[float] = None  # the model (weights, adapter) once the strategy placed it
 
     @staticmethod
     def _new_window() -> dict:
@@ -120,6 +121,8 @@ class PerfMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._on_cuda(trainer):
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+            # Before any activation or optimizer state: what the weights take (per shard under FSDP).
+            self._start_alloc_gib = torch.cuda.memory_allocated(trainer.strategy.root_device) / _GIB
         self._sync(trainer)
         self._clock = self._train_start = time.perf_counter()
 
@@ -215,7 +218,7 @@ class PerfMonitor(Callback):
         self._train_seconds = time.perf_counter() - (self._train_start or time.perf_counter())
         peaks = self._peak_memory_gib(trainer)
         # Every rank takes part (a collective); rank 0 writes.
-        self._peaks_per_rank = all_ranks(trainer, peaks) if peaks else None
+        self._peaks_per_rank = all_ranks(trainer, [*peaks, self._start_alloc_gib or 0.0]) if peaks else None
         directory = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast under DDP/FSDP: every rank
         if trainer.is_global_zero:
             self.write_summary(trainer, pl_module, directory)
@@ -232,7 +235,7 @@ class PerfMonitor(Callback):
         # Allocated and reserved GiB per rank, gathered in on_train_end; this rank's alone before that.
         peaks = self._peaks_per_rank
         if peaks is None and on_cuda:
-            peaks = torch.tensor([self._peak_memory_gib(trainer)])
+            peaks = torch.tensor([[*self._peak_memory_gib(trainer), self._start_alloc_gib or 0.0]])
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         datamodule = trainer.datamodule
         return {
@@ -254,6 +257,8 @@ class PerfMonitor(Callback):
             "peak_reserved_gib": peaks[:, 1].max().item() if on_cuda else not_measured,
             "peak_alloc_gib_per_rank": peaks[:, 0].tolist() if on_cuda else not_measured,
             "peak_reserved_gib_per_rank": peaks[:, 1].tolist() if on_cuda else not_measured,
+            # Allocated when training started: the weights and adapter as placed (sharded under FSDP).
+            "model_alloc_gib_per_rank": peaks[:, 2].tolist() if on_cuda else not_measured,
             "final_train_loss": metrics.get("train/loss"),
             "final_val_loss": metrics.get("val/loss"),
         }

@@ -5,8 +5,8 @@ DDP needs nothing special: each rank builds the quantized base on its own ``root
 
 FSDP flattens the parameters of each wrapped unit into one tensor, which must have one dtype.
 A QLoRA model mixes three kinds of parameters: packed 4-bit weights (stored as the compute
-dtype, ``bnb_4bit_quant_storage``), frozen 16-bit ones (norms, embeddings, the head: PEFT's
-``prepare_model_for_kbit_training`` upcasts them to fp32) and trainable fp32 adapters. So:
+dtype, ``bnb_4bit_quant_storage``), frozen 16-bit ones (norms, embeddings, the head: fp32 with
+``base.upcast_frozen``) and trainable fp32 adapters. So:
 
 * ``DecoderLayerPolicy`` wraps each decoder layer (found from the model's ``_no_split_modules``)
   and, on its own, every leaf module with trainable weights (``lora_A``, ``lora_B``, ...);
@@ -147,12 +147,12 @@ def cast_frozen_for_fsdp(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Give the frozen weights of each decoder layer the dtype of its packed 4-bit weights, in place.
 
     FSDP flattens a layer's frozen parameters (``DecoderLayerPolicy`` puts the trainable adapters
-    in units of their own) into one tensor of one dtype, but ``prepare_model_for_kbit_training``
-    upcast the norms to fp32 and a frozen adapter (a DPO reference) is fp32. Casting them is
+    in units of their own) into one tensor of one dtype, but ``base.upcast_frozen`` puts the norms
+    in fp32 and a frozen adapter (a DPO reference) is fp32. Casting them is
     lossless where it matters: the norms were loaded in ``dtype``, and their product with the
     fp32 residual stream is still taken in fp32; a frozen adapter's matmuls run in ``dtype``
     under autocast anyway. Outside the layers (embeddings, final norm, head) nothing changes, so
-    the residual stream stays fp32 as on one device.
+    the residual stream keeps the dtype it has on one device.
 
     Raises:
         UserError: A frozen weight is not floating point (8-bit ``Int8Params``): FSDP cannot

@@ -7,17 +7,17 @@ transformers 5.x, PEFT 0.21, bitsandbytes 0.50 and measured on an H200; see
 ``benchmarks/harness.py``, which prints the estimate beside each measured peak):
 
 * 4-bit linear weights: 0.5 byte per weight plus the quantization constants;
-* everything else (embeddings, output head, norms, biases) in fp32: PEFT's
-  ``prepare_model_for_kbit_training`` upcasts every non-4-bit parameter. The fp32 embeddings also
-  make the residual stream fp32;
+* everything else (embeddings, output head, norms, biases) in bf16, or in fp32 with
+  ``base.upcast_frozen`` (PEFT's ``prepare_model_for_kbit_training`` upcast), where the fp32
+  embeddings also make the residual stream fp32;
 * LoRA matrices and their gradients in fp32; 8-bit AdamW state (paged: it lives in CUDA managed
   memory, which the PyTorch allocator's peak does not count, so it is reported apart);
 * activations under bf16 autocast: for each LoRA linear the dropout mask and the bf16 LoRA input
   (the frozen 4-bit matmul keeps nothing: it needs no weight gradient); the attention kernel's
   bf16 inputs and output; the fp32 MLP intermediates; the norms' fp32 inputs. Products with
   tensors that need no gradient (rotary cos/sin, norm weights) keep nothing per token. With
-  gradient checkpointing only each layer's fp32 input stays, plus one layer recomputed in the
-  backward with its gradient buffers;
+  gradient checkpointing only each layer's input (the residual stream) stays, plus one layer
+  recomputed in the backward with its gradient buffers; ``offload`` moves those inputs to CPU memory;
 * one dequantized bf16 weight in the forward and one in the backward (the largest linear);
 * logits: (B, T, V) bf16 logits, their fp32 log-softmax and its gradients, or one chunk of them
   with ``loss_chunk_size``.
@@ -35,6 +35,7 @@ from typing import Literal, Optional
 
 import yaml
 
+from qlora_lightning.checkpointing import Checkpointing
 from qlora_lightning.errors import UserError
 
 GIB = 2**30
@@ -88,8 +89,9 @@ def layer_linears(d: Dims) -> list[tuple[int, int]]:
     return attn + mlp
 
 
-def weight_bytes(d: Dims, quantization: str = "nf4", double_quant: bool = True) -> dict[str, float]:
-    """Bytes of the frozen base: 4-bit linears (with their constants) and the fp32 rest."""
+def weight_bytes(d: Dims, quantization: str = "nf4", double_quant: bool = True,
+                 upcast_frozen: bool = False) -> dict[str, float]:
+    """Bytes of the frozen base: 4-bit linears (with their constants) and the 16-bit (or fp32) rest."""
     n = d.layers * sum(i * o for i, o in layer_linears(d))
     if quantization in ("nf4", "fp4"):
         constants = n / BLOCK * (1 + 4 / DQ_BLOCK) if double_quant else n / BLOCK * 4
@@ -99,8 +101,9 @@ def weight_bytes(d: Dims, quantization: str = "nf4", double_quant: bool = True) 
     else:
         linear = 2 * n  # bf16
     per_layer_other = 2 * d.hidden + (sum(o for _, o in layer_linears(d)) if d.bias else 0)  # norms, biases
-    other = 4 * (d.vocab * d.hidden * (1 if d.tied else 2) + d.layers * per_layer_other + d.hidden)
-    return {"linear_weights": linear, "other_weights_fp32": other}
+    other = (4 if upcast_frozen else 2) * (d.vocab * d.hidden * (1 if d.tied else 2) + d.layers * per_layer_other
+                                           + d.hidden)
+    return {"linear_weights": linear, "other_weights": other}
 
 
 def lora_params(d: Dims, r: int) -> int:
@@ -142,10 +145,11 @@ def logits_bytes(d: Dims, tokens: int, loss_chunk_size: Optional[int],
     return tokens * d.vocab * (14 if loss_impl == "transformers" else 12)
 
 
-def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_checkpointing: bool = True,
+def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_checkpointing: Checkpointing = True,
                          loss_chunk_size: Optional[int] = None, quantization: str = "nf4",
                          double_quant: bool = True, lora_dropout: float = 0.05, paged_optimizer: bool = True,
-                         loss_impl: Literal["project", "transformers"] = "project") -> dict[str, float]:
+                         loss_impl: Literal["project", "transformers"] = "project",
+                         upcast_frozen: bool = False) -> dict[str, float]:
     """Predicted peak of the PyTorch allocator for one training step, by component, in GiB.
 
     Args:
@@ -153,13 +157,15 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
         batch: Sequences per micro-batch.
         seq: Tokens per sequence.
         r: LoRA rank (``all-linear`` targets).
-        gradient_checkpointing: Whether decoder layers are recomputed in the backward.
+        gradient_checkpointing: Whether decoder layers are recomputed in the backward (``offload``:
+            and their inputs wait in CPU memory).
         loss_chunk_size: ``SFTModule.loss_chunk_size`` (None: the plain loss).
         quantization: ``nf4``, ``fp4``, ``int8`` or ``none``.
         double_quant: Whether the 4-bit constants are quantized too.
         lora_dropout: Adapter dropout (above zero it keeps a mask per LoRA input).
         paged_optimizer: Paged 8-bit AdamW keeps its state in managed memory, outside the allocator's peak.
         loss_impl: ``project`` (``SFTModule``) or ``transformers`` (loss from ``labels`` in the model).
+        upcast_frozen: ``BaseModelSpec.upcast_frozen`` (the transformers + PEFT recipe's fp32 upcast).
 
     Returns:
         GiB per component, ``total_gib`` (what ``torch.cuda.max_memory_allocated`` should read)
@@ -167,7 +173,7 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
     """
     d = dims_of(config)
     tokens = batch * seq
-    parts = weight_bytes(d, quantization, double_quant)
+    parts = weight_bytes(d, quantization, double_quant, upcast_frozen)
     n_lora = lora_params(d, r)
     parts["lora_params_and_grads"] = n_lora * (4 + 4)
     optimizer = n_lora * 2.0  # 8-bit first and second moments
@@ -178,8 +184,13 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
         layer += batch * seq * seq  # a sliding-window mask is materialized as (B, 1, T, T) bool
     logits = logits_bytes(d, tokens, loss_chunk_size, loss_impl)
     parts["dequantized_weights"] = 2 * 2 * max(i * o for i, o in layer_linears(d))  # bf16, forward + backward
+    offloaded = 0.0
     if gradient_checkpointing:
-        parts["checkpointed_layer_inputs"] = d.layers * tokens * d.hidden * 4  # fp32 residual stream
+        layer_inputs = d.layers * tokens * d.hidden * (4 if upcast_frozen else 2)  # the residual stream
+        if gradient_checkpointing == "offload":
+            offloaded = layer_inputs
+        else:
+            parts["checkpointed_layer_inputs"] = layer_inputs
         # The loss peaks at the end of the forward; the recomputed layer (plus its gradients) in the backward.
         working = layer + tokens * (8 * d.inter + 8 * d.hidden)  # + fp32 gradients of two MLP outputs
         parts["peak_of_loss_or_recomputed_layer"] = max(logits, working)
@@ -189,6 +200,7 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
     out = {f"{k}_gib": v / GIB for k, v in parts.items()}
     out["total_gib"] = sum(parts.values()) / GIB
     out["optimizer_state_gib"] = optimizer / GIB
+    out["offloaded_to_cpu_gib"] = offloaded / GIB
     return out
 
 
@@ -221,12 +233,16 @@ def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str
     optimizer = str((model.get("optimizer") or {}).get("class_path", "PagedAdamW8bit"))
     result = estimate_peak_memory(
         config, batch=int(data.get("batch_size", 1)), seq=int(data.get("max_seq_length", 512)),
-        r=int(lora.get("r", 16)), gradient_checkpointing=bool(model.get("gradient_checkpointing", True)),
+        r=int(lora.get("r", 16)), gradient_checkpointing=_checkpointing(model.get("gradient_checkpointing", True)),
         loss_chunk_size=model.get("loss_chunk_size"), quantization=base.get("quantization", "nf4"),
         double_quant=bool(base.get("double_quant", True)), lora_dropout=float(lora.get("dropout", 0.05)),
-        paged_optimizer="Paged" in optimizer)
+        paged_optimizer="Paged" in optimizer, upcast_frozen=bool(base.get("upcast_frozen", False)))
     return {"model": name, "batch_size": int(data.get("batch_size", 1)),
             "max_seq_length": int(data.get("max_seq_length", 512)), **result}
+
+
+def _checkpointing(value) -> Checkpointing:
+    return "offload" if value == "offload" else bool(value)
 
 
 def main(argv: list[str]) -> None:
@@ -243,7 +259,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {err}")
     print(f"{result['model']}, batch {result['batch_size']} x {result['max_seq_length']} tokens:")
     for key, value in result.items():
-        if key.endswith("_gib") and key not in ("total_gib", "optimizer_state_gib"):
+        if key.endswith("_gib") and key not in ("total_gib", "optimizer_state_gib", "offloaded_to_cpu_gib"):
             print(f"  {key[:-4]:<36} {value:7.2f} GiB")
     print(f"  {'predicted peak (allocated)':<36} {result['total_gib']:7.2f} GiB")
     print(f"  {'8-bit optimizer state (paged apart)':<36} {result['optimizer_state_gib']:7.2f} GiB")
+    if result["offloaded_to_cpu_gib"]:
+        print(f"  {'layer inputs in CPU memory (offload)':<36} {result['offloaded_to_cpu_gib']:7.2f} GiB")

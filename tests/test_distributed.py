@@ -164,7 +164,7 @@ def test_decoder_layer_policy_finds_the_layers_and_the_adapters(one_thread):
 
 
 def test_cast_frozen_for_fsdp_gives_each_layer_one_dtype(one_thread):
-    base = dataclasses.replace(tiny_spec(), compute_dtype="bfloat16")
+    base = dataclasses.replace(tiny_spec(), compute_dtype="bfloat16", upcast_frozen=True)
     model = build_model(base, LoraSpec(r=8), gradient_checkpointing=False)
     layer = model.base_model.model.model.layers[0]
 

@@ -3,6 +3,8 @@ trains, adapter round trips through the PEFT format, adapter-only checkpoints, b
 
 from __future__ import annotations
 
+import dataclasses
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -11,6 +13,7 @@ from peft import PeftModel
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from qlora_lightning import GSM8KDataModule
+from qlora_lightning.checkpointing import OffloadToCpu
 from qlora_lightning.errors import UserError
 from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer
 from tests.conftest import EXAMPLES, TINY_LLAMA, cpu_trainer, sft_module, tiny_spec, tokenizer_at
@@ -122,7 +125,7 @@ def test_checkpoint_holds_the_adapter_and_its_optimizer_state_only(tmp_path):
     assert bytes_big < base_big / 20
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True, "offload"])
 def test_gradient_checkpointing_recomputes_under_the_trainer(checkpointing, monkeypatch, tmp_path):
     """With checkpointing on, each decoder layer runs again in the backward pass.
 
@@ -138,6 +141,69 @@ def test_gradient_checkpointing_recomputes_under_the_trainer(checkpointing, monk
     cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=data)
     layers = module.model.config.num_hidden_layers
     assert len(calls) == layers * (2 if checkpointing else 1)
+
+
+def _lora_grads(checkpointing, tokens: torch.Tensor, device: str = "cpu",
+                spec: BaseModelSpec = None) -> dict[str, torch.Tensor]:
+    """The adapter's gradients of one loss on ``tokens``, from the same seeded (non-zero) adapter."""
+    torch.manual_seed(0)  # lora_A's initialization
+    model = build_model(spec or tiny_spec(), LoraSpec(r=4, dropout=0.0), gradient_checkpointing=checkpointing,
+                        device=device)
+    generator = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:
+            p.data.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        model(input_ids=tokens.to(device), labels=tokens.to(device)).loss.backward()
+    return {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_offloaded_checkpointing_saves_only_each_layers_input_and_keeps_the_gradients(monkeypatch):
+    """``offload`` moves exactly one (B, T, H) tensor per decoder layer out of the device; the
+    gradients equal those without checkpointing."""
+    packed = []
+    pack = OffloadToCpu.pack
+    monkeypatch.setattr(OffloadToCpu, "pack", staticmethod(lambda t: packed.append(tuple(t.shape)) or pack(t)))
+    tokens = _token_batch(n_rows=2, length=24)
+    plain = _lora_grads(False, tokens)
+    assert not packed
+    offloaded = _lora_grads("offload", tokens)
+    layers = 2  # the shipped tiny Llama
+    assert [s for s in packed if s != (0,)] == [(2, 24, 64)] * layers, packed  # (0,) is checkpoint's marker
+    assert plain.keys() == offloaded.keys()
+    for name in plain:
+        torch.testing.assert_close(offloaded[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_frozen_16bit_weights_stay_in_the_compute_dtype_unless_upcast(upcast):
+    spec = dataclasses.replace(tiny_spec(), compute_dtype="bfloat16", upcast_frozen=upcast)
+    model = build_model(spec, LoraSpec(r=4), gradient_checkpointing=False)
+    expected = torch.float32 if upcast else torch.bfloat16
+    frozen16 = {n: p.dtype for n, p in model.named_parameters()
+                if not p.requires_grad and type(p).__name__ != "Params4bit"}
+    assert any("embed_tokens" in n for n in frozen16) and any("norm" in n for n in frozen16)
+    assert set(frozen16.values()) == {expected}, frozen16
+    # The adapter trains in fp32 either way.
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+
+
+@pytest.mark.gpu
+def test_offloaded_checkpointing_lowers_the_gpu_peak_with_the_same_gradients():
+    spec = dataclasses.replace(tiny_spec(hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                                         num_attention_heads=8, num_key_value_heads=8),
+                               compute_dtype="bfloat16")
+    tokens = _token_batch(n_rows=4, length=1024)
+    peaks, grads = {}, {}
+    for mode in (True, "offload"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        grads[mode] = _lora_grads(mode, tokens, device="cuda", spec=spec)
+        peaks[mode] = torch.cuda.max_memory_allocated()
+    # Eight layers' bf16 inputs (4 x 1024 x 512 x 2 bytes = 4 MiB each) no longer stay on the GPU.
+    assert peaks[True] - peaks["offload"] > 6 * 4 * 2**20, peaks
+    for name in grads[True]:
+        torch.testing.assert_close(grads["offload"][name], grads[True][name], rtol=1e-3, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("random_init", [False, True])

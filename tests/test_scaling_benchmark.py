@@ -32,14 +32,15 @@ def test_plan_starts_ddp_and_fsdp_with_torchrun_on_every_gpu(tmp_path):
 def test_scaling_efficiency_is_per_gpu_throughput_against_one_gpu():
     def result(world: int, tokens_per_sec: float) -> dict:
         return {"world_size": world, "tokens_per_sec": tokens_per_sec, "step_time_s": 1.0, "mfu": None,
-                "peak_alloc_gib_per_rank": [10.0] * world, "peak_reserved_gib_per_rank": [11.0] * world}
+                "peak_alloc_gib_per_rank": [10.0] * world, "peak_reserved_gib_per_rank": [11.0] * world,
+                "model_alloc_gib_per_rank": [4.0 / world] * world}
 
     rows = scaling.scaling_rows({"single": result(1, 1000.0), "ddp": result(2, 1900.0), "fsdp": result(2, 1500.0)})
     assert [(r["run"], r["tokens_per_sec_per_gpu"], r["scaling_efficiency"]) for r in rows] == [
         ("single", 1000.0, 1.0), ("ddp", 950.0, 0.95), ("fsdp", 750.0, 0.75)]
     table = scaling.markdown({"device": "x", "arch": "a", "compute": "bf16", "r": 8, "batch": 4, "seq": 512,
                               "steps": 20, "warmup": 5, "command": "c"}, rows, None)
-    assert "| ddp | 2 | 1900 | 950 | 95.0% |" in table and "10.00 / 10.00" in table
+    assert "| ddp | 2 | 1900 | 950 | 95.0% |" in table and "| 2.00 / 2.00 | 10.00 / 10.00 |" in table
 
 
 @pytest.mark.slow
