@@ -47,14 +47,18 @@ GIB = 2**30
 
 # Speed/memory levers of the project's path, as overrides of SFTModule / BaseModelSpec options;
 # `default` is what the project does when none is set.
-LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False}
+LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
+          "attn_implementation": "sdpa"}
 VARIANTS: dict[str, dict] = {
     "default": LEVERS,
     "upcast": {**LEVERS, "upcast_frozen": True},  # PEFT's fp32 embeddings, head and norms
     "chunked_ce": {**LEVERS, "loss_chunk_size": 1024},
     "chunked_ce+liger": {**LEVERS, "loss_chunk_size": 1024, "liger_kernel": True},
     "offload": {**LEVERS, "gradient_checkpointing": "offload"},
+    "offload+chunked_ce": {**LEVERS, "gradient_checkpointing": "offload", "loss_chunk_size": 1024},
     "lean": {**LEVERS, "gradient_checkpointing": "offload", "loss_chunk_size": 1024, "liger_kernel": True},
+    "lean+flex": {**LEVERS, "gradient_checkpointing": "offload", "loss_chunk_size": 1024, "liger_kernel": True,
+                  "attn_implementation": "flex_attention"},
     "no_gc": {**LEVERS, "gradient_checkpointing": False},
     "no_gc+chunked_ce+liger": {**LEVERS, "gradient_checkpointing": False, "loss_chunk_size": 1024,
                                "liger_kernel": True},
@@ -147,7 +151,8 @@ def run_project(job: Job) -> dict:
     # random-weight architecture folders hold none (tokens are synthetic anyway).
     tokenizer = str(Path(qlora_lightning.__file__).parent / "assets" / "tiny-llama")
     base = BaseModelSpec(name_or_path=job.arch_dir, tokenizer=tokenizer, random_init=True,
-                         liger_kernel=opts["liger_kernel"], upcast_frozen=opts["upcast_frozen"])
+                         liger_kernel=opts["liger_kernel"], upcast_frozen=opts["upcast_frozen"],
+                         attn_implementation=opts["attn_implementation"])
     module = SFTModule(base=base, lora=LoraSpec(r=job.r, alpha=job.alpha, dropout=0.05),
                        gradient_checkpointing=opts["gradient_checkpointing"],
                        loss_chunk_size=opts["loss_chunk_size"], warmup_ratio=0.0)
@@ -381,7 +386,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "Lightning path with its defaults (bf16 embeddings, head and norms); `upcast` = "
               "`base.upcast_frozen: true` (PEFT's fp32 upcast); `offload` = `gradient_checkpointing: offload`; "
               "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true`; `lean` = offload + "
-              "chunked_ce + liger; `no_gc` = `gradient_checkpointing: false`. Peaks are torch allocator peaks after model load "
+              "chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; `no_gc` = "
+              "`gradient_checkpointing: false`. Peaks are torch allocator peaks after model load "
               "(PagedAdamW8bit's paged state lives in CUDA managed memory, which they do not count).", ""]
     return "\n".join(lines)
 

@@ -103,7 +103,7 @@ class QLoRAModule(LightningModule):
             device = strategy.root_device if strategy else torch.device("cpu")
             # FSDP's activation_checkpointing_policy recomputes each decoder layer: transformers'
             # own checkpointing inside it would recompute everything a second time.
-            checkpointing = self.gradient_checkpointing and not fsdp_checkpoints_activations(strategy)
+            checkpointing = False if fsdp_checkpoints_activations(strategy) else self.gradient_checkpointing
             compute_dtype = getattr(torch, self.base.compute_dtype)
             if is_fsdp(strategy) and self.base.quantization in ("nf4", "fp4"):  # before the minutes-long load
                 check_fsdp_precision(strategy, str(self.trainer.precision), compute_dtype)
