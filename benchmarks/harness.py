@@ -340,7 +340,9 @@ def with_estimates(rows: list[dict]) -> list[dict]:
                                        gradient_checkpointing=opts["gradient_checkpointing"],
                                        loss_chunk_size=opts["loss_chunk_size"],
                                        loss_impl="transformers" if baseline else "project",
-                                       upcast_frozen=baseline or opts.get("upcast_frozen", True))
+                                       upcast_frozen=baseline or opts.get("upcast_frozen", True),
+                                       liger_kernel=opts["liger_kernel"] and not baseline,
+                                       attn_implementation=opts.get("attn_implementation", "sdpa"))
             row["estimated_peak_gib"] = est["total_gib"]
             if row.get("peak_alloc_gib"):
                 row["estimate_error"] = est["total_gib"] / row["peak_alloc_gib"] - 1

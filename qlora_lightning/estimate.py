@@ -111,22 +111,26 @@ def lora_params(d: Dims, r: int) -> int:
     return d.layers * sum(r * (i + o) for i, o in layer_linears(d))
 
 
-def layer_activation_bytes(d: Dims, dropout: bool = True) -> float:
+def layer_activation_bytes(d: Dims, dropout: bool = True, upcast_frozen: bool = False,
+                           liger_kernel: bool = False) -> float:
     """Bytes per token that one decoder layer saves for its backward pass (bf16 autocast).
 
     Each LoRA linear keeps the dropout mask (1 byte per input feature) and the bf16 input of
-    ``lora_A`` (2): 3 per input feature, 2 with dropout off.
+    ``lora_A`` (2): 3 per input feature, 2 with dropout off. The MLP intermediates are bf16, or
+    fp32 where the upcast weights make the residual stream fp32. Liger's RMSNorm keeps its 16-bit
+    input (the Hugging Face norm an fp32 copy) and its SwiGLU/GeGLU recomputes the activation.
     """
     lin = 3 if dropout else 2
+    act = 4 if upcast_frozen else 2  # bytes of one saved MLP intermediate
     h, a, kv, i = d.hidden, d.attn, d.kv, d.inter
-    norm = 4 * h  # the fp32 residual-stream input of each norm
+    norm = 2 * h if liger_kernel else 4 * h
     attention = (3 * lin * h  # q, k, v projections
                  + 4 * a + 4 * kv  # bf16 q, k, v and the output kept by the attention kernel
                  + lin * a)  # the output projection
-    if d.gated_mlp:
-        mlp = 2 * lin * h + 12 * i + lin * i  # gate/up inputs, fp32 gate/act/up outputs, down input
-    else:  # Phi: fc1, gelu_new (written as several elementwise ops that each keep an fp32 tensor), fc2
-        mlp = lin * h + 16 * i + lin * i
+    if d.gated_mlp:  # gate/up inputs, gate/act/up outputs (gate/up with Liger), down input
+        mlp = 2 * lin * h + (2 if liger_kernel else 3) * act * i + lin * i
+    else:  # Phi: fc1, gelu_new (written as several elementwise ops that each keep a tensor), fc2
+        mlp = lin * h + 4 * act * i + lin * i
     norms = 2 if d.gated_mlp else 1  # Phi runs attention and MLP in parallel off one LayerNorm
     return norms * norm + attention + mlp
 
@@ -137,11 +141,11 @@ def logits_bytes(d: Dims, tokens: int, loss_chunk_size: Optional[int],
 
     The project's plain loss keeps the fp32 log-softmax (4 bytes/logit) and, in the backward, its
     gradient and the input gradient (4 + 4); transformers' model output also keeps the bf16 logits (2).
-    The chunked loss holds one chunk's worth (bf16 + fp32 + log-softmax + two gradients) plus a
-    gathered fp32 copy of the hidden states.
+    The chunked loss recomputes one chunk at a time in the backward (bf16 logits, fp32 log-softmax
+    and its gradient) and holds a gathered copy of the hidden states.
     """
     if loss_chunk_size:
-        return min(loss_chunk_size, tokens) * d.vocab * 18 + tokens * d.hidden * 4
+        return min(loss_chunk_size, tokens) * d.vocab * 10 + tokens * d.hidden * 4
     return tokens * d.vocab * (14 if loss_impl == "transformers" else 12)
 
 
@@ -149,7 +153,8 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
                          loss_chunk_size: Optional[int] = None, quantization: str = "nf4",
                          double_quant: bool = True, lora_dropout: float = 0.05, paged_optimizer: bool = True,
                          loss_impl: Literal["project", "transformers"] = "project",
-                         upcast_frozen: bool = False) -> dict[str, float]:
+                         upcast_frozen: bool = False, liger_kernel: bool = False,
+                         attn_implementation: Optional[str] = "sdpa") -> dict[str, float]:
     """Predicted peak of the PyTorch allocator for one training step, by component, in GiB.
 
     Args:
@@ -166,6 +171,9 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
         paged_optimizer: Paged 8-bit AdamW keeps its state in managed memory, outside the allocator's peak.
         loss_impl: ``project`` (``SFTModule``) or ``transformers`` (loss from ``labels`` in the model).
         upcast_frozen: ``BaseModelSpec.upcast_frozen`` (the transformers + PEFT recipe's fp32 upcast).
+        liger_kernel: ``BaseModelSpec.liger_kernel``.
+        attn_implementation: ``BaseModelSpec.attn_implementation``; ``sdpa`` and ``eager`` build a dense
+            (B, 1, T, T) mask when a sliding window is shorter than the sequence.
 
     Returns:
         GiB per component, ``total_gib`` (what ``torch.cuda.max_memory_allocated`` should read)
@@ -179,9 +187,9 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
     optimizer = n_lora * 2.0  # 8-bit first and second moments
     if not paged_optimizer:
         parts["optimizer_state"] = optimizer
-    layer = layer_activation_bytes(d, lora_dropout > 0) * tokens
-    if d.sliding_window and seq > d.sliding_window:
-        layer += batch * seq * seq  # a sliding-window mask is materialized as (B, 1, T, T) bool
+    layer = layer_activation_bytes(d, lora_dropout > 0, upcast_frozen, liger_kernel) * tokens
+    if d.sliding_window and seq > d.sliding_window and attn_implementation in ("sdpa", "eager", None):
+        layer += 3 * batch * seq * seq  # a dense sliding-window mask: (B, 1, T, T) bool and its bf16 bias
     logits = logits_bytes(d, tokens, loss_chunk_size, loss_impl)
     parts["dequantized_weights"] = 2 * 2 * max(i * o for i, o in layer_linears(d))  # bf16, forward + backward
     offloaded = 0.0
@@ -192,7 +200,8 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
         else:
             parts["checkpointed_layer_inputs"] = layer_inputs
         # The loss peaks at the end of the forward; the recomputed layer (plus its gradients) in the backward.
-        working = layer + tokens * (8 * d.inter + 8 * d.hidden)  # + fp32 gradients of two MLP outputs
+        # + the gradients of two MLP outputs (fp32 under the upcast)
+        working = layer + tokens * (2 if upcast_frozen else 1) * (4 * d.inter + 4 * d.hidden)
         parts["peak_of_loss_or_recomputed_layer"] = max(logits, working)
     else:
         parts["activations"] = d.layers * layer
@@ -236,7 +245,8 @@ def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str
         r=int(lora.get("r", 16)), gradient_checkpointing=_checkpointing(model.get("gradient_checkpointing", True)),
         loss_chunk_size=model.get("loss_chunk_size"), quantization=base.get("quantization", "nf4"),
         double_quant=bool(base.get("double_quant", True)), lora_dropout=float(lora.get("dropout", 0.05)),
-        paged_optimizer="Paged" in optimizer, upcast_frozen=bool(base.get("upcast_frozen", False)))
+        paged_optimizer="Paged" in optimizer, upcast_frozen=bool(base.get("upcast_frozen", False)),
+        liger_kernel=bool(base.get("liger_kernel", False)), attn_implementation=base.get("attn_implementation", "sdpa"))
     return {"model": name, "batch_size": int(data.get("batch_size", 1)),
             "max_seq_length": int(data.get("max_seq_length", 512)), **result}
 
