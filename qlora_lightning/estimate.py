@@ -14,7 +14,8 @@ transformers 5.x, PEFT 0.21, bitsandbytes 0.50 and measured on an H200; see
   memory, which the PyTorch allocator's peak does not count, so it is reported apart);
 * activations under bf16 autocast: for each LoRA linear the dropout mask and the bf16 LoRA input
   (the frozen 4-bit matmul keeps nothing: it needs no weight gradient); the attention kernel's
-  bf16 inputs and output; the fp32 MLP intermediates; the norms' fp32 inputs. Products with
+  bf16 inputs and output; the MLP intermediates (bf16, fp32 under the upcast); the norms' fp32
+  copies of their inputs (Liger's norm keeps the 16-bit input). Products with
   tensors that need no gradient (rotary cos/sin, norm weights) keep nothing per token. With
   gradient checkpointing only each layer's input (the residual stream) stays, plus one layer
   recomputed in the backward with its gradient buffers; ``offload`` moves those inputs to CPU memory;
