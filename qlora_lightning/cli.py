@@ -70,8 +70,16 @@ def one_line(message: str) -> str:
     noise = ("Does not validate", "Problem with given class_path", "Expected a <class 'NoneType'>",
              "Given value", "Errors:", "Subtypes:", "Parser key")
     lines = [ln.strip(" -") for ln in message.splitlines()]
-    reason = next((ln for ln in lines if ln and not ln.startswith(noise)), lines[0])
+    reasons = [ln for ln in lines if ln and not ln.startswith(noise)] or lines[:1]
+    # A value that fits none of a Union's types (e.g. `true|false|offload`) names them all.
+    expected = [_type_name(ln[len("Expected a "):]) for ln in reasons if ln.startswith("Expected a ")]
+    reason = "expected " + " or ".join(expected) if len(expected) > 1 else reasons[0]
     return f"{key}: {reason}" if key else reason
+
+
+def _type_name(text: str) -> str:
+    """``<class 'bool'>`` -> ``bool``; ``typing.Literal['offload']`` -> ``'offload'``."""
+    return re.sub(r"typing\.Literal\[(.*)\]", r"\1", re.sub(r"<class '([\w.]+)'>", r"\1", text))
 
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> QLoRACLI:

@@ -20,6 +20,7 @@ BASE = ["fit", "--config", "configs/quickstart.yaml"]
     (["--model.init_args.base.quantization", "nf3"], "model.base.quantization"),
     (["--trainer.max_stepz", "3"], "max_stepz"),
     (["--model.init_args.warmup_ratio", "1.5"], "model.warmup_ratio"),
+    (["--model.init_args.gradient_checkpointing", "sometimes"], "model.gradient_checkpointing: expected bool or 'offload'"),
     (["--config", "configs/dpo_quickstart.yaml", "--model.init_args.beta", "0"], "model.beta"),
     (["--config", "configs/dpo_quickstart.yaml", "--model.init_args.label_smoothing", "0.5"],
      "model.label_smoothing"),
