@@ -48,7 +48,7 @@ GIB = 2**30
 # Speed/memory levers of the project's path, as overrides of SFTModule / BaseModelSpec options;
 # `default` is what the project does when none is set.
 LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
-          "attn_implementation": "sdpa"}
+          "attn_implementation": "sdpa", "compile_layers": False}
 VARIANTS: dict[str, dict] = {
     "default": LEVERS,
     "upcast": {**LEVERS, "upcast_frozen": True},  # PEFT's fp32 embeddings, head and norms
@@ -59,6 +59,9 @@ VARIANTS: dict[str, dict] = {
     "lean": {**LEVERS, "gradient_checkpointing": "offload", "loss_chunk_size": 1024, "liger_kernel": True},
     "lean+flex": {**LEVERS, "gradient_checkpointing": "offload", "loss_chunk_size": 1024, "liger_kernel": True,
                   "attn_implementation": "flex_attention"},
+    "compile": {**LEVERS, "compile_layers": True},
+    "offload+chunked_ce+compile": {**LEVERS, "gradient_checkpointing": "offload", "loss_chunk_size": 1024,
+                                   "compile_layers": True},
     "no_gc": {**LEVERS, "gradient_checkpointing": False},
     "no_gc+chunked_ce+liger": {**LEVERS, "gradient_checkpointing": False, "loss_chunk_size": 1024,
                                "liger_kernel": True},
@@ -152,7 +155,7 @@ def run_project(job: Job) -> dict:
     tokenizer = str(Path(qlora_lightning.__file__).parent / "assets" / "tiny-llama")
     base = BaseModelSpec(name_or_path=job.arch_dir, tokenizer=tokenizer, random_init=True,
                          liger_kernel=opts["liger_kernel"], upcast_frozen=opts["upcast_frozen"],
-                         attn_implementation=opts["attn_implementation"])
+                         attn_implementation=opts["attn_implementation"], compile_layers=opts["compile_layers"])
     module = SFTModule(base=base, lora=LoraSpec(r=job.r, alpha=job.alpha, dropout=0.05),
                        gradient_checkpointing=opts["gradient_checkpointing"],
                        loss_chunk_size=opts["loss_chunk_size"], warmup_ratio=0.0)
@@ -388,7 +391,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "Lightning path with its defaults (bf16 embeddings, head and norms); `upcast` = "
               "`base.upcast_frozen: true` (PEFT's fp32 upcast); `offload` = `gradient_checkpointing: offload`; "
               "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true`; `lean` = offload + "
-              "chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; `no_gc` = "
+              "chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; `compile` = `base.compile_layers: true`; `no_gc` = "
               "`gradient_checkpointing: false`. Peaks are torch allocator peaks after model load "
               "(PagedAdamW8bit's paged state lives in CUDA managed memory, which they do not count).", ""]
     return "\n".join(lines)

@@ -36,19 +36,7 @@ from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE, clean_tens
 from transformers import PreTrainedModel
 
 from qlora_lightning.errors import UserError
-
-
-def decoder_layer_names(model: torch.nn.Module) -> frozenset[str]:
-    """Class names of the blocks Hugging Face never splits across devices, i.e. the decoder layers.
-
-    Read from ``_no_split_modules`` of every transformers model inside ``model`` (a PEFT model,
-    a LightningModule, ...), so that one policy serves Llama, Mistral, Gemma and Phi alike.
-    """
-    names: set[str] = set()
-    for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            names.update(getattr(module, "_no_split_modules", None) or [])
-    return frozenset(names)
+from qlora_lightning.model import decoder_layer_names
 
 
 def _is_trainable_leaf(module: torch.nn.Module) -> bool:

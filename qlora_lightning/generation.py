@@ -91,7 +91,8 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], pa
                               pad_token_id=pad_id, eos_token_id=list(stop_ids) or None)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
-    with inference_mode(model):
+    # Decoding with a growing KV cache would recompile parts compiled for training (compile_layers).
+    with inference_mode(model), torch.compiler.set_stance("force_eager"):
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             ids, mask = left_pad([prompts[i] for i in rows], pad_id, device)

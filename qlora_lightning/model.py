@@ -53,6 +53,9 @@ class BaseModelSpec:
         liger_kernel: Swap in Liger's Triton kernels (RMSNorm, RoPE, SwiGLU/GeGLU MLP) on the
             loaded model; needs ``pip install liger-kernel`` and a CUDA GPU. The loss is left alone
             (see ``SFTModule.loss_chunk_size`` for one that never holds the full logits).
+        compile_layers: ``torch.compile`` the parts of each decoder layer (attention, MLP, norms)
+            for training: fewer kernel launches and fused elementwise work. The first steps
+            compile (about a minute for a 7B model); generation runs eagerly. Not under FSDP.
         upcast_frozen: Cast the frozen 16-bit weights (embeddings, output head, norms) to fp32, as
             PEFT's ``prepare_model_for_kbit_training`` does. Off, they stay in ``compute_dtype`` as in
             16-bit inference: the norms still normalize in fp32 inside, but the residual stream is
@@ -68,6 +71,7 @@ class BaseModelSpec:
     config_overrides: dict = field(default_factory=dict)
     attn_implementation: Optional[str] = "sdpa"
     liger_kernel: bool = False
+    compile_layers: bool = False
     upcast_frozen: bool = False
 
 
@@ -208,11 +212,39 @@ def add_lora(model: PreTrainedModel, lora: LoraSpec) -> PeftModel:
         raise UserError(f"lora.target_modules {lora.target_modules!r}: {_first_line(err)}") from None
 
 
+def decoder_layer_names(model: torch.nn.Module) -> frozenset[str]:
+    """Class names of the blocks Hugging Face never splits across devices, i.e. the decoder layers.
+
+    Read from ``_no_split_modules`` of every transformers model inside ``model`` (a PEFT model,
+    a LightningModule, ...), so that one policy serves Llama, Mistral, Gemma and Phi alike.
+    """
+    names: set[str] = set()
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            names.update(getattr(module, "_no_split_modules", None) or [])
+    return frozenset(names)
+
+
+def compile_layers(model: torch.nn.Module) -> None:
+    """``torch.compile`` each child of every decoder layer (attention, MLP, norms), in place.
+
+    Inside the layer rather than around it, so that whatever checkpoints the layer (transformers,
+    the offloading hooks, FSDP) stays eager and wraps compiled code. The layers share their parts'
+    classes, so one graph per part serves them all (dynamo guards on the code, not the instance).
+    """
+    layers = decoder_layer_names(model)
+    for layer in (m for m in model.modules() if type(m).__name__ in layers):
+        for part in layer.children():
+            part.compile()
+
+
 def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: Checkpointing = True,
                 device: Union[str, torch.device] = "cpu") -> PeftModel:
     """name/config -> quantized base -> frozen and prepared -> PEFT LoRA model, in training mode."""
     base = prepare_base(load_base_model(spec, device), spec.upcast_frozen, gradient_checkpointing)
     model = add_lora(base, lora)
+    if spec.compile_layers:
+        compile_layers(model)
     # from_pretrained returns the base in eval mode and Lightning keeps each module's mode, but
     # Hugging Face layers checkpoint activations only in training mode: without this,
     # gradient_checkpointing would silently do nothing.

@@ -107,6 +107,9 @@ class QLoRAModule(LightningModule):
             compute_dtype = getattr(torch, self.base.compute_dtype)
             if is_fsdp(strategy) and self.base.quantization in ("nf4", "fp4"):  # before the minutes-long load
                 check_fsdp_precision(strategy, str(self.trainer.precision), compute_dtype)
+            if is_fsdp(strategy) and self.base.compile_layers:
+                # FSDP's flat parameters replace the weights that the compiled graphs read.
+                raise UserError("model.base.compile_layers does not work under FSDP: turn it off, or use ddp")
             try:
                 self.model = build_model(self.base, self.lora, checkpointing, device=device)
             except torch.cuda.OutOfMemoryError:
