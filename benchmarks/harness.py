@@ -5,7 +5,7 @@ loading path) and each batch shape, in one command:
 
 * ``project/<variant>``: ``SFTModule`` under a Lightning ``Trainer`` (bf16-mixed) with
   ``PerfMonitor``, on fixed-length synthetic token batches; the variants switch the
-  speed/memory levers (gradient checkpointing, chunked loss, Liger kernels);
+  speed/memory levers (gradient checkpointing, chunked loss, Liger kernels, compiled layers);
 * ``hf_peft``: the usual recipe in a plain PyTorch loop: NF4 + double quant, bf16 compute,
   LoRA r=16 alpha=32 on all linear layers, gradient checkpointing, bf16 autocast,
   bitsandbytes PagedAdamW8bit, loss from ``labels`` inside the model.
@@ -46,31 +46,31 @@ from make_arch import ARCHS, write_arch  # noqa: E402
 GIB = 2**30
 
 # Speed/memory levers of the project's path, as overrides of SFTModule / BaseModelSpec options;
-# `default` is what the project does when none is set.
+# `default` is what the project does when none is set (on a GPU: compiled layers). The Liger
+# variants run eagerly, as they were first measured: compiling fuses what Liger's kernels fuse.
 LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
-          "attn_implementation": "sdpa", "compile_layers": False}
+          "attn_implementation": "sdpa", "compile_layers": "auto"}
+LIGER = {"liger_kernel": True, "compile_layers": False}
+OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
 VARIANTS: dict[str, dict] = {
     "default": LEVERS,
+    "eager": {**LEVERS, "compile_layers": False},
     "upcast": {**LEVERS, "upcast_frozen": True},  # PEFT's fp32 embeddings, head and norms
     "chunked_ce": {**LEVERS, "loss_chunk_size": 1024},
-    "chunked_ce+liger": {**LEVERS, "loss_chunk_size": 1024, "liger_kernel": True},
+    "chunked_ce+liger": {**LEVERS, "loss_chunk_size": 1024, **LIGER},
     "offload": {**LEVERS, "gradient_checkpointing": "offload"},
-    "offload+chunked_ce": {**LEVERS, "gradient_checkpointing": "offload", "loss_chunk_size": 1024},
-    "lean": {**LEVERS, "gradient_checkpointing": "offload", "loss_chunk_size": 1024, "liger_kernel": True},
-    "lean+flex": {**LEVERS, "gradient_checkpointing": "offload", "loss_chunk_size": 1024, "liger_kernel": True,
-                  "attn_implementation": "flex_attention"},
-    "compile": {**LEVERS, "compile_layers": True},
-    "offload+chunked_ce+compile": {**LEVERS, "gradient_checkpointing": "offload", "loss_chunk_size": 1024,
-                                   "compile_layers": True},
+    "offload+chunked_ce": {**LEVERS, **OFFLOAD_CHUNKED},
+    "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
+    "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
+    "lean+flex": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER, "attn_implementation": "flex_attention"},
     "no_gc": {**LEVERS, "gradient_checkpointing": False},
-    "no_gc+chunked_ce+liger": {**LEVERS, "gradient_checkpointing": False, "loss_chunk_size": 1024,
-                               "liger_kernel": True},
+    "no_gc+chunked_ce+liger": {**LEVERS, "gradient_checkpointing": False, "loss_chunk_size": 1024, **LIGER},
 }
 BASELINE = "hf_peft"
 
 QUICK = {"archs": ["mistral-7b", "llama-2-7b"], "shapes": ["1x512", "8x1024"]}
 # Levers measured in --quick mode, at one shape of the first arch (a whole grid does not fit 10 minutes).
-QUICK_LEVERS = {"arch": "mistral-7b", "shape": "8x1024", "variants": ["upcast", "offload", "lean"]}
+QUICK_LEVERS = {"arch": "mistral-7b", "shape": "8x1024", "variants": ["eager", "offload+chunked_ce"]}
 FULL_SHAPES = ["1x512", "8x1024", "4x2048"]
 LONG_SHAPES = ["1x8192", "1x16384", "1x32768"]  # Mistral only: 32k positions, sliding window 4096
 
@@ -390,8 +390,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines += ["", "impl: `hf_peft` = plain transformers + PEFT loop (the baseline); `default` = this project's "
               "Lightning path with its defaults (bf16 embeddings, head and norms); `upcast` = "
               "`base.upcast_frozen: true` (PEFT's fp32 upcast); `offload` = `gradient_checkpointing: offload`; "
-              "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true`; `lean` = offload + "
-              "chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; `compile` = `base.compile_layers: true`; `no_gc` = "
+              "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true` (run eagerly); `lean` = "
+              "offload + chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; `eager` = "
+              "`base.compile_layers: false` (on a GPU the default compiles each layer's parts); `no_gc` = "
               "`gradient_checkpointing: false`. Peaks are torch allocator peaks after model load "
               "(PagedAdamW8bit's paged state lives in CUDA managed memory, which they do not count).", ""]
     return "\n".join(lines)

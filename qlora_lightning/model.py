@@ -55,7 +55,8 @@ class BaseModelSpec:
             (see ``SFTModule.loss_chunk_size`` for one that never holds the full logits).
         compile_layers: ``torch.compile`` the parts of each decoder layer (attention, MLP, norms)
             for training: fewer kernel launches and fused elementwise work. The first steps
-            compile (about a minute for a 7B model); generation runs eagerly. Not under FSDP.
+            compile (about a minute for a 7B model); generation runs eagerly. ``auto``: on a
+            CUDA device, not under FSDP (whose flat parameters the graphs cannot read).
         upcast_frozen: Cast the frozen 16-bit weights (embeddings, output head, norms) to fp32, as
             PEFT's ``prepare_model_for_kbit_training`` does. Off, they stay in ``compute_dtype`` as in
             16-bit inference: the norms still normalize in fp32 inside, but the residual stream is
@@ -71,7 +72,7 @@ class BaseModelSpec:
     config_overrides: dict = field(default_factory=dict)
     attn_implementation: Optional[str] = "sdpa"
     liger_kernel: bool = False
-    compile_layers: bool = False
+    compile_layers: Union[bool, Literal["auto"]] = "auto"
     upcast_frozen: bool = False
 
 
@@ -243,7 +244,7 @@ def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: Che
     """name/config -> quantized base -> frozen and prepared -> PEFT LoRA model, in training mode."""
     base = prepare_base(load_base_model(spec, device), spec.upcast_frozen, gradient_checkpointing)
     model = add_lora(base, lora)
-    if spec.compile_layers:
+    if spec.compile_layers is True or (spec.compile_layers == "auto" and torch.device(device).type == "cuda"):
         compile_layers(model)
     # from_pretrained returns the base in eval mode and Lightning keeps each module's mode, but
     # Hugging Face layers checkpoint activations only in training mode: without this,

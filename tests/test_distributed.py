@@ -233,6 +233,26 @@ def test_dpo_refuses_precomputed_reference_under_fsdp():
         module.on_fit_start()
 
 
+@pytest.mark.parametrize("setting", [True, "auto"])
+def test_compiled_layers_are_refused_or_left_out_under_fsdp(setting, monkeypatch):
+    built = {}
+
+    def build_model(base, *args, **kwargs):
+        built["base"] = base
+        return torch.nn.Linear(64, 64)
+
+    monkeypatch.setattr("qlora_lightning.modules.base.build_model", build_model)
+    module = sft_module(base=dataclasses.replace(tiny_spec(), compile_layers=setting))
+    strategy = FSDPStrategy(parallel_devices=[torch.device("cuda", 0)])
+    module._trainer = SimpleNamespace(strategy=strategy, precision="bf16-mixed")
+    if setting is True:
+        with pytest.raises(UserError, match="compile_layers does not work under FSDP"):
+            module.configure_model()
+    else:
+        module.configure_model()
+        assert built["base"].compile_layers is False
+
+
 def test_fsdp_config_builds_lightnings_fsdp_strategy():
     # What the CLI builds from the YAML (tests/test_configs.py cannot: Lightning wants a GPU for it).
     parser = ArgumentParser(exit_on_error=False)

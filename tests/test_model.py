@@ -178,6 +178,34 @@ def test_offloaded_checkpointing_saves_only_each_layers_input_and_keeps_the_grad
         torch.testing.assert_close(offloaded[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+def _compiled_parts(model: torch.nn.Module) -> list[bool]:
+    """For each child of each decoder layer: whether it runs through torch.compile."""
+    return [part._compiled_call_impl is not None for layer in model.base_model.model.model.layers
+            for part in layer.children()]
+
+
+@pytest.mark.slow
+def test_compiled_layers_give_the_gradients_of_eager_ones(one_thread):
+    """``compile_layers`` compiles attention, MLP and norms of every layer, inside the offloaded
+    checkpoint, and the adapter's gradients stay those of the eager model."""
+    tokens = _token_batch(n_rows=2, length=24)
+    spec = dataclasses.replace(tiny_spec(), compile_layers=True)
+    compiled = _lora_grads("offload", tokens, spec=spec)
+    eager = _lora_grads("offload", tokens, spec=dataclasses.replace(spec, compile_layers=False))
+    assert compiled.keys() == eager.keys()
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("setting, compiled", [(True, True), ("auto", False), (False, False)])
+def test_layers_compile_when_asked_and_auto_only_on_a_gpu(setting, compiled):
+    model = build_model(dataclasses.replace(tiny_spec(), compile_layers=setting), LoraSpec(r=4),
+                        gradient_checkpointing=False)
+    parts = _compiled_parts(model)
+    assert len(parts) == 2 * 4  # the tiny Llama: 2 layers of attention, MLP and two norms
+    assert parts == [compiled] * len(parts)
+
+
 @pytest.mark.parametrize("upcast", [False, True])
 def test_frozen_16bit_weights_stay_in_the_compute_dtype_unless_upcast(upcast):
     spec = dataclasses.replace(tiny_spec(), compute_dtype="bfloat16", upcast_frozen=upcast)

@@ -4,6 +4,7 @@ keeps checkpoints to the adapter, and saves the adapter in the PEFT format after
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -107,11 +108,14 @@ class QLoRAModule(LightningModule):
             compute_dtype = getattr(torch, self.base.compute_dtype)
             if is_fsdp(strategy) and self.base.quantization in ("nf4", "fp4"):  # before the minutes-long load
                 check_fsdp_precision(strategy, str(self.trainer.precision), compute_dtype)
-            if is_fsdp(strategy) and self.base.compile_layers:
+            base = self.base
+            if is_fsdp(strategy) and base.compile_layers:
                 # FSDP's flat parameters replace the weights that the compiled graphs read.
-                raise UserError("model.base.compile_layers does not work under FSDP: turn it off, or use ddp")
+                if base.compile_layers is True:
+                    raise UserError("model.base.compile_layers does not work under FSDP: set it to false, or use ddp")
+                base = replace(base, compile_layers=False)
             try:
-                self.model = build_model(self.base, self.lora, checkpointing, device=device)
+                self.model = build_model(base, self.lora, checkpointing, device=device)
             except torch.cuda.OutOfMemoryError:
                 raise UserError(self._out_of_memory_message(device)) from None
             if self.adapters:
