@@ -8,7 +8,9 @@ loading path) and each batch shape, in one command:
   speed/memory levers (gradient checkpointing, chunked loss, Liger kernels, compiled layers);
 * ``hf_peft``: the usual recipe in a plain PyTorch loop: NF4 + double quant, bf16 compute,
   LoRA r=16 alpha=32 on all linear layers, gradient checkpointing, bf16 autocast,
-  bitsandbytes PagedAdamW8bit, loss from ``labels`` inside the model.
+  bitsandbytes PagedAdamW8bit, loss from ``labels`` inside the model;
+* ``unsloth``: Unsloth's ``FastLanguageModel`` in the same loop, when it is installed
+  (``--no-peer`` skips it).
 
 Every configuration runs in its own process (memory peaks cannot leak between them); the
 step time is the median of ``--steps`` optimizer steps after ``--warmup`` warm-up steps, with
@@ -27,6 +29,7 @@ Loss values on random weights mean nothing and are never reported.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -67,6 +70,7 @@ VARIANTS: dict[str, dict] = {
     "no_gc+chunked_ce+liger": {**LEVERS, "gradient_checkpointing": False, "loss_chunk_size": 1024, **LIGER},
 }
 BASELINE = "hf_peft"
+PEER = "unsloth"  # measured when installed, in a process of its own like every job
 
 QUICK = {"archs": ["mistral-7b", "llama-2-7b"], "shapes": ["1x512", "8x1024"]}
 # Levers measured in --quick mode, at one shape of the first arch (a whole grid does not fit 10 minutes).
@@ -102,7 +106,7 @@ class Job:
     arch: str
     batch: int
     seq: int
-    impl: str  # "project" or BASELINE
+    impl: str  # "project", BASELINE or PEER
     variant: str  # a VARIANTS key, or BASELINE
     arch_dir: str
     r: int = 16
@@ -179,17 +183,13 @@ def run_project(job: Job) -> dict:
 
 def run_baseline(job: Job) -> dict:
     """Plain transformers + PEFT + bitsandbytes in a hand-written loop, on the same random weights."""
-    import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora_lightning.callbacks import count_params, peak_bf16_flops, train_flops_per_token
-    from qlora_lightning.model import BaseModelSpec, random_checkpoint
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(
-        random_checkpoint(BaseModelSpec(name_or_path=job.arch_dir, random_init=True)),
+        _checkpoint(job),
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                bnb_4bit_use_double_quant=True,
                                                bnb_4bit_compute_dtype=torch.bfloat16),
@@ -198,6 +198,52 @@ def run_baseline(job: Job) -> dict:
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=job.r, lora_alpha=job.alpha, lora_dropout=0.05,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
+    return plain_loop(model, job, device)
+
+
+def run_peer(job: Job) -> dict:
+    """Unsloth's own path (``FastLanguageModel``: its kernels, offloaded checkpointing), same loop and data.
+
+    Unsloth patches transformers when imported, so this runs only in a worker process of its own.
+    LoRA dropout is 0, the setting its fused LoRA kernels need (with dropout it falls back to
+    slower code); the other settings are the baseline's.
+    """
+    import shutil
+
+    import torch
+    import unsloth  # noqa: F401  (first: it patches transformers and peft)
+    from unsloth import FastLanguageModel
+
+    import qlora_lightning
+
+    checkpoint = Path(_checkpoint(job))
+    if not (checkpoint / "tokenizer_config.json").is_file():  # it loads a tokenizer from the model folder
+        for file in (Path(qlora_lightning.__file__).parent / "assets" / "tiny-llama").iterdir():
+            if file.name != "config.json":
+                shutil.copy(file, checkpoint / file.name)
+    model, _ = FastLanguageModel.from_pretrained(model_name=str(checkpoint), max_seq_length=job.seq,
+                                                 dtype=torch.bfloat16, load_in_4bit=True)
+    targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                      if isinstance(module, torch.nn.Linear) and ".layers." in name})
+    model = FastLanguageModel.get_peft_model(model, r=job.r, lora_alpha=job.alpha, lora_dropout=0.0,
+                                             target_modules=targets, bias="none",
+                                             use_gradient_checkpointing="unsloth")
+    return plain_loop(model, job, torch.device("cuda"))
+
+
+def _checkpoint(job: Job) -> str:
+    from qlora_lightning.model import BaseModelSpec, random_checkpoint
+
+    return random_checkpoint(BaseModelSpec(name_or_path=job.arch_dir, random_init=True))
+
+
+def plain_loop(model, job: Job, device) -> dict:
+    """Train ``model`` (a PEFT model) in a plain PyTorch loop: bf16 autocast, PagedAdamW8bit, the model's own loss."""
+    import bitsandbytes as bnb
+    import torch
+
+    from qlora_lightning.callbacks import count_params, peak_bf16_flops, train_flops_per_token
+
     optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     model.train()
     on_cuda = device.type == "cuda"
@@ -237,11 +283,14 @@ def run_baseline(job: Job) -> dict:
             "loaded_gib": loaded, "measured_steps": len(times) - job.warmup}
 
 
+RUNNERS = {"project": run_project, BASELINE: run_baseline, PEER: run_peer}
+
+
 def worker(job_json: str) -> None:
     """Run one job and print its result as the last line, ``RESULT {json}``."""
     job = Job(**json.loads(job_json))
     try:
-        result = (run_baseline if job.impl == BASELINE else run_project)(job)
+        result = RUNNERS[job.impl](job)
         result["status"] = "ok"
     except Exception as err:  # an OOM or a kernel failure is a result of this configuration
         import torch
@@ -283,6 +332,8 @@ def plan(args: argparse.Namespace, arch_root: Path) -> list[Job]:
                 names += [v for v in QUICK_LEVERS["variants"] if v not in names]
             if not args.no_baseline:
                 jobs.append(Job(arch, batch, seq, BASELINE, BASELINE, arch_dir(arch), **common))
+            if args.peer:
+                jobs.append(Job(arch, batch, seq, PEER, PEER, arch_dir(arch), **common))
             jobs += [Job(arch, batch, seq, "project", v, arch_dir(arch), options=VARIANTS[v], **common)
                      for v in names]
     return jobs
@@ -334,7 +385,7 @@ def with_estimates(rows: list[dict]) -> list[dict]:
     out = []
     for row in rows:
         row = dict(row)
-        if row.get("status") == "ok" and Path(row["arch_dir"], "config.json").is_file():
+        if row.get("status") == "ok" and row["impl"] != PEER and Path(row["arch_dir"], "config.json").is_file():
             config = AutoConfig.from_pretrained(row["arch_dir"])
             # `effective_options`: what really ran, where a saved row records that it differed from the request.
             opts = row.get("effective_options") or row["options"] or VARIANTS["default"]
@@ -387,7 +438,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                      f"| {_fmt(r.get('estimated_peak_gib'))} | {'n/a' if err is None else f'{err:+.0%}'} "
                      f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('step_time_s'), '.3f')} "
                      f"| {r['status']}{' (' + r['note'] + ')' if r.get('note') else ''} |")
-    lines += ["", "impl: `hf_peft` = plain transformers + PEFT loop (the baseline); `default` = this project's "
+    lines += ["", "impl: `hf_peft` = plain transformers + PEFT loop (the baseline); `unsloth` = Unsloth's "
+              "`FastLanguageModel` in the same loop, LoRA dropout 0 (no estimate); `default` = this project's "
               "Lightning path with its defaults (bf16 embeddings, head and norms); `upcast` = "
               "`base.upcast_frozen: true` (PEFT's fp32 upcast); `offload` = `gradient_checkpointing: offload`; "
               "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true` (run eagerly); `lean` = "
@@ -412,13 +464,13 @@ def chart(rows: list[dict], path: Path) -> Optional[str]:
         return "no successful runs: no chart"
     labels = [f"{r['arch']}\n{r['batch']}x{r['seq']}\n{r['variant']}" for r in ok]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(8, 1.1 * len(ok)), 8), sharex=True)
-    colors = ["tab:gray" if r["impl"] == BASELINE else "tab:blue" for r in ok]
+    colors = [{BASELINE: "tab:gray", PEER: "tab:orange"}.get(r["impl"], "tab:blue") for r in ok]
     ax1.bar(range(len(ok)), [r["tokens_per_sec"] for r in ok], color=colors)
     ax1.set_ylabel("tokens/s")
     ax2.bar(range(len(ok)), [r.get("peak_alloc_gib") or 0 for r in ok], color=colors)
     ax2.set_ylabel("peak allocated GiB")
     ax2.set_xticks(range(len(ok)), labels, fontsize=7)
-    ax1.set_title("grey: transformers+PEFT baseline; blue: this project")
+    ax1.set_title("grey: transformers+PEFT baseline; orange: Unsloth; blue: this project")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -434,7 +486,7 @@ def write_reports(out: Path, meta: dict, rows: list[dict]) -> None:
     (out / "harness.md").write_text(text)
 
 
-def main() -> None:
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="QLoRA speed/memory benchmark (see the module docstring)")
     parser.add_argument("--out", default="benchmarks/results/latest", help="folder for harness.{json,md,png,log}")
     parser.add_argument("--archs", nargs="+", choices=list(ARCHS))
@@ -444,6 +496,8 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="add Mistral at 1x8192, 1x16384, 1x32768")
     parser.add_argument("--original", action="store_true", help="the original T4 experiments' table")
     parser.add_argument("--no-baseline", action="store_true", help="skip the transformers+PEFT baseline")
+    parser.add_argument("--no-peer", dest="peer", action="store_false",
+                        help="skip Unsloth (measured by default when it is installed)")
     parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=4, help="warm-up optimizer steps left out")
     parser.add_argument("--budget-s", type=float, default=None, help="skip the jobs that would overrun this")
@@ -451,7 +505,14 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny dims of the same model types (CPU dry runs)")
     parser.add_argument("--report", help="re-render harness.md/png from a saved harness.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # Only located, never imported here: importing it would patch transformers in this process.
+    args.peer = args.peer and not args.tiny and importlib.util.find_spec("unsloth") is not None
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         return worker(args.worker)
     if args.report:
