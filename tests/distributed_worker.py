@@ -2,7 +2,7 @@
 
 Started by ``torchrun --nproc-per-node 2`` (gloo), as a multi-node job would start it: Lightning
 reads the ranks from torchrun's environment. FSDP is set up as ``configs/mistral_fsdp.yaml`` sets it.
-Each ``--runs`` entry, ``<ddp|fsdp>_<sft|dpo>[_bf16][_resume]``, fits 4 steps into ``<out>/<run>/``;
+Each ``--runs`` entry, ``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_resume]``, fits 4 steps into ``<out>/<run>/``;
 ``fit`` saves the adapter (``adapter/``) and the last checkpoint (``last.ckpt``), every rank writes
 ``rank<r>.pt`` (the adapter as this rank holds it, unsharded under FSDP; the real tokens of each of
 its optimizer steps; the logits of a fixed batch; the wrappers around the model) and rank 0 writes
@@ -108,11 +108,13 @@ class TokenTally(Callback):
             self._tokens, self._stepped = 0, False
 
 
-def module_and_data(task: str, sft_adapter: Optional[str] = None, bf16: bool = False):
+def module_and_data(task: str, sft_adapter: Optional[str] = None, bf16: bool = False, compiled: bool = False):
     # A larger initializer range than shipped, so that 4 steps move the loss (see tiny_spec).
     base = tiny_spec(initializer_range=0.2)
     if bf16:  # the GPU recipe's dtypes: bf16 4-bit storage and frozen weights, fp32 adapters
         base = dataclasses.replace(base, compute_dtype="bfloat16")
+    if compiled:  # what compile_layers: auto does on a GPU
+        base = dataclasses.replace(base, compile_layers=True)
     if task == "sft":
         data = GSM8KDataModule(path=str(EXAMPLES / "gsm8k_train.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
                                num_samples=16, batch_size=2, val_fraction=0.25)
@@ -140,7 +142,7 @@ def fit(strategy: str, task: str, out: Path, max_steps: int, options: set[str], 
         ckpt_path: Optional[str] = None) -> tuple[Trainer, TokenTally, PerfMonitor]:
     """One ``fit`` of ``max_steps`` optimizer steps, checkpointing its last step to ``out/last.ckpt``."""
     seed_everything(0)
-    module, data = module_and_data(task, sft_adapter, bf16="bf16" in options)
+    module, data = module_and_data(task, sft_adapter, bf16="bf16" in options, compiled="compiled" in options)
     tally, perf = TokenTally(), PerfMonitor(warmup_steps=1)
     checkpoint = ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0, every_n_train_steps=max_steps)
     # Both strategies without autocast, so that bf16 runs compare exactly: FSDP's bf16-mixed (what
@@ -158,7 +160,8 @@ def fit(strategy: str, task: str, out: Path, max_steps: int, options: set[str], 
 
 
 def run(name: str, out: Path, sft_adapter: str) -> None:
-    """``<ddp|fsdp>_<sft|dpo>[_bf16][_resume]``: ``resume`` stops after step 1 and resumes from its checkpoint."""
+    """``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_resume]``: ``compiled`` sets ``base.compile_layers``;
+    ``resume`` stops after step 1 and resumes from its checkpoint."""
     strategy, task, *options = name.split("_")
     options = set(options)
     ckpt_path = None
@@ -178,8 +181,9 @@ def run(name: str, out: Path, sft_adapter: str) -> None:
     rank = trainer.global_rank
     wrappers = {kind.__name__: sum(isinstance(m, kind) for m in model.modules()) for kind in (FSDP, CheckpointWrapper)}
     hf_checkpointing = trainer.lightning_module.model.base_model.model.is_activation_checkpointing
+    compiled = sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
     torch.save({"adapter": adapter, "tokens": tally.steps, "logits": logits, "wrappers": wrappers,
-                "hf_checkpointing": hf_checkpointing}, out / f"rank{rank}.pt")
+                "hf_checkpointing": hf_checkpointing, "compiled_modules": compiled}, out / f"rank{rank}.pt")
     if rank == 0:
         (out / "perf.json").write_text(json.dumps(perf.steps))
 
@@ -188,7 +192,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", nargs="+", default=["ddp_sft", "fsdp_sft", "ddp_dpo", "fsdp_dpo"],
-                        help="<ddp|fsdp>_<sft|dpo>[_bf16][_resume]")
+                        help="<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_resume]")
     parser.add_argument("--sft-adapter", help="the DPO runs' reference (default: the ddp_sft run's adapter)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two ranks share two cores
