@@ -55,8 +55,8 @@ class BaseModelSpec:
             (see ``SFTModule.loss_chunk_size`` for one that never holds the full logits).
         compile_layers: ``torch.compile`` the parts of each decoder layer (attention, MLP, norms)
             for training: fewer kernel launches and fused elementwise work. The first steps
-            compile (about a minute for a 7B model); generation runs eagerly. ``auto``: on a
-            CUDA device, not under FSDP (whose flat parameters the graphs cannot read).
+            compile (a 7B model's whole benchmark job took 10 s longer on an H200); generation
+            runs eagerly. ``auto``: on a CUDA device, and not under FSDP (untested there).
         upcast_frozen: Cast the frozen 16-bit weights (embeddings, output head, norms) to fp32, as
             PEFT's ``prepare_model_for_kbit_training`` does. Off, they stay in ``compute_dtype`` as in
             16-bit inference: the norms still normalize in fp32 inside, but the residual stream is

@@ -110,7 +110,8 @@ class QLoRAModule(LightningModule):
                 check_fsdp_precision(strategy, str(self.trainer.precision), compute_dtype)
             base = self.base
             if is_fsdp(strategy) and base.compile_layers:
-                # FSDP's flat parameters replace the weights that the compiled graphs read.
+                # Untested: FSDP swaps the layers' weights for views of its flat parameters, and
+                # compiling FSDP (1) models needs use_orig_params, which these configs leave off.
                 if base.compile_layers is True:
                     raise UserError("model.base.compile_layers does not work under FSDP: set it to false, or use ddp")
                 base = replace(base, compile_layers=False)
