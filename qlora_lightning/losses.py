@@ -36,18 +36,18 @@ def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 def _chunk_nll(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
                targets: torch.Tensor) -> torch.Tensor:
-    """Summed NLL of one chunk: (N, H) hidden -> (N, V) logits -> fp32 cross-entropy."""
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    """(N,) NLL of one chunk: (N, H) hidden -> (N, V) logits -> cross-entropy in fp32 (or wider)."""
+    logits = head(hidden)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
 
 
-def chunked_lm_loss_sum(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
-                        chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lm_loss_sum(head(hidden), labels)`` without ever holding the full (B, T, V) logits.
+def chunked_token_nll(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token NLL of each labelled position, without ever holding the full (B, T, V) logits.
 
     Only labelled positions go through ``head`` (prompt and padding tokens cost nothing), in
     chunks of ``chunk_size`` tokens; each chunk is checkpointed, so its (chunk, V) logits are
-    freed after the forward and recomputed one chunk at a time in the backward. The result is
-    the same sum as the plain loss up to floating-point summation order.
+    freed after the forward and recomputed one chunk at a time in the backward.
 
     Args:
         hidden: (B, T, H) final hidden states (after the last norm).
@@ -58,19 +58,36 @@ def chunked_lm_loss_sum(hidden: torch.Tensor, head: Callable[[torch.Tensor], tor
             (bf16 logits, fp32 copy, fp32 log-softmax).
 
     Returns:
-        The summed NLL (fp32 scalar) and the number of labelled tokens.
+        (N,) NLL of the N labelled positions in row-major order, and the (B, T-1) mask of those
+        positions among the shifted targets.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     hidden, targets = shift_for_next_token(hidden, labels)
     keep = targets != IGNORE_INDEX  # (B, T-1)
     hidden, targets = hidden[keep], targets[keep]  # (N, H), (N,)
-    total = hidden[:0].sum(dtype=torch.float32)  # 0.0, but attached to the graph even when N == 0
+    # Empty, but attached to the graph even when N == 0, so that backward still runs.
+    chunks = [hidden[:0].sum(dim=-1, dtype=torch.promote_types(hidden.dtype, torch.float32))]
     for start in range(0, targets.numel(), chunk_size):
         stop = start + chunk_size
-        total = total + checkpoint(partial(_chunk_nll, head), hidden[start:stop], targets[start:stop],
-                                   use_reentrant=False)
-    return total, keep.sum()
+        chunks.append(checkpoint(partial(_chunk_nll, head), hidden[start:stop], targets[start:stop],
+                                 use_reentrant=False))
+    return torch.cat(chunks), keep
+
+
+def chunked_lm_loss_sum(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
+                        chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lm_loss_sum(head(hidden), labels)`` through ``chunked_token_nll``: the same up to summation order."""
+    nll, keep = chunked_token_nll(hidden, head, labels, chunk_size)
+    return nll.sum(), keep.sum()
+
+
+def chunked_sequence_logps(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                           labels: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequence_logps(head(hidden), labels)`` through ``chunked_token_nll``: (B,) log-probs, (B,) counts."""
+    nll, keep = chunked_token_nll(hidden, head, labels, chunk_size)
+    rows = keep.nonzero()[:, 0]  # the sequence of each labelled position, in the same order
+    return -nll.new_zeros(keep.shape[0]).index_add(0, rows, nll), keep.sum(-1)
 
 
 PreferenceLossType = Literal["sigmoid", "ipo", "hinge"]

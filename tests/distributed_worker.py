@@ -2,7 +2,7 @@
 
 Started by ``torchrun --nproc-per-node 2`` (gloo), as a multi-node job would start it: Lightning
 reads the ranks from torchrun's environment. FSDP is set up as ``configs/mistral_fsdp.yaml`` sets it.
-Each ``--runs`` entry, ``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_resume]``, fits 4 steps into ``<out>/<run>/``;
+Each ``--runs`` entry, ``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_resume]``, fits 4 steps into ``<out>/<run>/``;
 ``fit`` saves the adapter (``adapter/``) and the last checkpoint (``last.ckpt``), every rank writes
 ``rank<r>.pt`` (the adapter as this rank holds it, unsharded under FSDP; the real tokens of each of
 its optimizer steps; the logits of a fixed batch; the wrappers around the model) and rank 0 writes
@@ -45,6 +45,7 @@ STEPS = 4
 CLIP = 0.05
 # A fixed batch whose logits each run records: (2, 12) token ids of the tiny Llama's vocabulary.
 PROBE = torch.arange(24).reshape(2, 12) * 7 % 500 + 3
+CHUNK = 8  # loss_chunk_size of the `chunked` runs: several chunks per batch
 
 
 class _FSDPOnCPU(FSDP):
@@ -108,7 +109,8 @@ class TokenTally(Callback):
             self._tokens, self._stepped = 0, False
 
 
-def module_and_data(task: str, sft_adapter: Optional[str] = None, bf16: bool = False, compiled: bool = False):
+def module_and_data(task: str, sft_adapter: Optional[str] = None, bf16: bool = False, compiled: bool = False,
+                    chunked: bool = False):
     # A larger initializer range than shipped, so that 4 steps move the loss (see tiny_spec).
     base = tiny_spec(initializer_range=0.2)
     if bf16:  # the GPU recipe's dtypes: bf16 4-bit storage and frozen weights, fp32 adapters
@@ -119,13 +121,14 @@ def module_and_data(task: str, sft_adapter: Optional[str] = None, bf16: bool = F
         data = GSM8KDataModule(path=str(EXAMPLES / "gsm8k_train.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
                                num_samples=16, batch_size=2, val_fraction=0.25)
         # Gradient checkpointing asked for: under FSDP the strategy's policy replaces it.
-        return sft_module(base=base, r=8, lr=1e-2, gradient_checkpointing=True), data
+        return sft_module(base=base, r=8, lr=1e-2, gradient_checkpointing=True,
+                          loss_chunk_size=CHUNK if chunked else None), data
     data = PreferenceDataModule(path=str(EXAMPLES / "preference.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
                                 max_seq_length=128, batch_size=2, val_fraction=0.2)
     # The reference is the SFT adapter, frozen beside the policy on the one (sharded) base.
     module = DPOModule(base=base, lora=LoraSpec(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False,
                        optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), warmup_ratio=0.0,
-                       sft_adapter=sft_adapter)
+                       sft_adapter=sft_adapter, loss_chunk_size=CHUNK if chunked else None)
     return module, data
 
 
@@ -142,7 +145,8 @@ def fit(strategy: str, task: str, out: Path, max_steps: int, options: set[str], 
         ckpt_path: Optional[str] = None) -> tuple[Trainer, TokenTally, PerfMonitor]:
     """One ``fit`` of ``max_steps`` optimizer steps, checkpointing its last step to ``out/last.ckpt``."""
     seed_everything(0)
-    module, data = module_and_data(task, sft_adapter, bf16="bf16" in options, compiled="compiled" in options)
+    module, data = module_and_data(task, sft_adapter, bf16="bf16" in options, compiled="compiled" in options,
+                                   chunked="chunked" in options)
     tally, perf = TokenTally(), PerfMonitor(warmup_steps=1)
     checkpoint = ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0, every_n_train_steps=max_steps)
     # Both strategies without autocast, so that bf16 runs compare exactly: FSDP's bf16-mixed (what
@@ -160,8 +164,9 @@ def fit(strategy: str, task: str, out: Path, max_steps: int, options: set[str], 
 
 
 def run(name: str, out: Path, sft_adapter: str) -> None:
-    """``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_resume]``: ``compiled`` sets ``base.compile_layers``;
-    ``resume`` stops after step 1 and resumes from its checkpoint."""
+    """``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_resume]``: ``compiled`` sets
+    ``base.compile_layers``, ``chunked`` ``loss_chunk_size``; ``resume`` stops after step 1 and
+    resumes from its checkpoint."""
     strategy, task, *options = name.split("_")
     options = set(options)
     ckpt_path = None
@@ -192,7 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", nargs="+", default=["ddp_sft", "fsdp_sft", "ddp_dpo", "fsdp_dpo"],
-                        help="<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_resume]")
+                        help="<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_resume]")
     parser.add_argument("--sft-adapter", help="the DPO runs' reference (default: the ddp_sft run's adapter)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two ranks share two cores

@@ -35,7 +35,7 @@ from tests.conftest import REPO, sft_module, tiny_spec
 from tests.distributed_worker import FSDP_CONFIG, PROBE
 
 RUNS = ["ddp_sft", "fsdp_sft", "ddp_dpo", "fsdp_dpo", "ddp_sft_bf16", "fsdp_sft_bf16", "fsdp_sft_resume",
-        "ddp_sft_compiled", "ddp_dpo_compiled"]
+        "ddp_sft_compiled", "ddp_dpo_compiled", "fsdp_sft_chunked", "fsdp_dpo_chunked"]
 LAYERS, LORA_MATRICES = 2, 28  # the tiny Llama: 2 decoder layers x 7 linear layers x (A, B)
 
 
@@ -99,6 +99,13 @@ def test_compiled_layers_train_the_adapter_eager_ones_train_under_ddp(runs, task
     # Compiled kernels sum in another order; four Adam steps carry that to ~1e-4 of the weights.
     _assert_same(compiled["adapter"], eager["adapter"], atol=1e-4)
     torch.testing.assert_close(compiled["logits"], eager["logits"], atol=1e-4, rtol=0.0)
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_chunked_loss_under_fsdp_trains_the_adapter_the_plain_loss_trains(runs, task):
+    # The chunked loss applies the head outside the model's forward, within the root unit's.
+    chunked, plain = _rank(runs, f"fsdp_{task}_chunked", 0), _rank(runs, f"fsdp_{task}", 0)
+    _assert_same(chunked["adapter"], plain["adapter"], atol=1e-5)
 
 
 @pytest.mark.parametrize("run", ["sft", "dpo", "sft_bf16"])

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from qlora_lightning.losses import IGNORE_INDEX, chunked_lm_loss_sum, lm_loss_sum
+from qlora_lightning.losses import (IGNORE_INDEX, chunked_lm_loss_sum, chunked_sequence_logps, lm_loss_sum,
+                                   sequence_logps)
 
 
 def _problem(seed: int = 0, batch: int = 3, length: int = 17, width: int = 64, vocab: int = 96):
@@ -33,6 +34,30 @@ def test_chunked_matches_plain(chunk_size):
     assert chunked[1] == plain[1]
     for got, want in zip(chunked[:1] + chunked[2:], plain[:1] + plain[2:]):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 1000])
+def test_chunked_sequence_logps_match_plain(chunk_size):
+    hidden, head, labels = _problem()
+    labels[1] = IGNORE_INDEX  # a sequence with no labelled token: log-prob 0 from 0 tokens
+    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)  # a different gradient per sequence
+    seen = {}
+
+    def weighted(name, logps_fn):
+        def loss(h):
+            logps, tokens = seen[name] = logps_fn(h)
+            return (logps * weights).sum(), tokens.sum()
+        return loss
+
+    plain = _loss_and_grads(weighted("plain", lambda h: sequence_logps(head(h), labels)), hidden, head)
+    chunked = _loss_and_grads(weighted("chunked", lambda h: chunked_sequence_logps(h, head, labels, chunk_size)),
+                              hidden, head)
+    (plain_logps, plain_tokens), (chunked_logps, chunked_tokens) = seen["plain"], seen["chunked"]
+    assert chunked_tokens.tolist() == plain_tokens.tolist() == [12, 0, 12]
+    assert chunked_logps[1] == 0
+    torch.testing.assert_close(chunked_logps.detach(), plain_logps.detach(), rtol=1e-9, atol=1e-9)
+    for got, want in zip(chunked[2:], plain[2:]):  # gradients of the hidden states and the head
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
 def test_chunked_with_no_labelled_tokens_still_backpropagates():
@@ -72,3 +97,25 @@ def test_sft_module_chunked_loss_matches_plain_on_a_4bit_model():
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
     for got, want in zip(g_chunked, g_plain):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_dpo_module_chunked_logps_match_plain_on_a_4bit_model():
+    from tests.test_dpo import dpo_module, ordered_batches, preference_data
+
+    module = dpo_module()
+    module.configure_model()
+    batch = ordered_batches(preference_data())[0]
+    results = []
+    for chunk in (None, 5):
+        module.loss_chunk_size = chunk
+        module.model.zero_grad()
+        metrics = module.pair_metrics(batch)  # the live reference, then the policy
+        metrics["loss"].backward()
+        grads = [p.grad.clone() for p in module.model.parameters() if p.requires_grad]
+        results.append(({k: v.detach() for k, v in metrics.items()}, grads))
+    (plain, g_plain), (chunked, g_chunked) = results
+    for name in plain:
+        torch.testing.assert_close(chunked[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
+    for got, want in zip(g_chunked, g_plain):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in g_plain)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from jsonargparse.typing import PositiveInt
@@ -45,6 +45,9 @@ class QLoRAModule(LightningModule):
         gradient_checkpointing: Recompute each decoder layer in the backward pass (less memory, ~30%
             slower); ``offload`` also keeps each layer's input in pinned CPU memory instead of on the
             GPU (B x T x hidden per layer: 2 GiB for Mistral-7B at 8 x 1024, 8 GiB at 1 x 32768).
+        loss_chunk_size: Compute the loss from the final hidden states this many tokens at a
+            time, so the full (B, T, V) logits never exist (same loss; saves about
+            10 * B * T * V bytes: bf16 logits, their fp32 copy and log-softmax). None: plain loss.
         optimizer: Optimizer over the trainable (adapter) parameters only.
         lr_scheduler: Learning-rate shape after warm-up.
         warmup_ratio: Fraction of the optimizer steps spent warming up linearly from zero.
@@ -61,6 +64,7 @@ class QLoRAModule(LightningModule):
         base: BaseModelSpec = BaseModelSpec(),
         lora: LoraSpec = LoraSpec(),
         gradient_checkpointing: Checkpointing = True,
+        loss_chunk_size: Optional[int] = None,
         optimizer: OptimizerCallable = paged_adamw_8bit,
         lr_scheduler: Literal["cosine", "linear", "constant"] = "constant",
         warmup_ratio: Fraction = 0.03,
@@ -73,6 +77,9 @@ class QLoRAModule(LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.base, self.lora = base, lora
         self.gradient_checkpointing = gradient_checkpointing
+        if loss_chunk_size is not None and loss_chunk_size <= 0:
+            raise UserError(f"model.loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}")
+        self.loss_chunk_size = loss_chunk_size
         self.optimizer_factory, self.lr_scheduler, self.warmup_ratio = optimizer, lr_scheduler, warmup_ratio
         self.adapter_dir = adapter_dir
         self.nonfinite = nonfinite
@@ -143,6 +150,24 @@ class QLoRAModule(LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """(B, T) token ids -> (B, T, V) logits."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+
+    def final_hidden(self, **inputs) -> torch.Tensor:
+        """(B, T, H) final hidden states (after the last norm): the forward of a chunked loss."""
+        causal_lm = self.model.get_base_model()  # the transformers model inside the PEFT wrapper
+        return causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+
+    def logits_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """(N, H) final hidden states -> (N, V) logits, as the model's own forward computes them."""
+        causal_lm = self.model.get_base_model()
+        config = causal_lm.config
+        for scale in ("logit_scale", "logits_scaling"):  # Cohere, Granite: rescale logits in forward
+            if getattr(config, scale, None) not in (None, 1, 1.0):
+                raise UserError(f"model.loss_chunk_size does not support {config.model_type} ({scale}); unset it")
+        head = causal_lm.get_output_embeddings()
+        cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+        if not cap:
+            return head
+        return lambda hidden: torch.tanh(head(hidden) / cap) * cap
 
     @override
     def configure_optimizers(self) -> Any:

@@ -21,7 +21,7 @@ from typing_extensions import override
 
 from qlora_lightning.distributed import is_fsdp
 from qlora_lightning.errors import UserError
-from qlora_lightning.losses import PreferenceLossType, dpo_loss, sequence_logps
+from qlora_lightning.losses import PreferenceLossType, chunked_sequence_logps, dpo_loss, sequence_logps
 from qlora_lightning.model import add_frozen_adapter, trainable_state_dict
 from qlora_lightning.modules.base import QLoRAModule
 
@@ -116,7 +116,18 @@ class DPOModule(QLoRAModule):
     def reference_logps(self, batch: dict) -> torch.Tensor:
         """(2B,) summed response log-probs of a pair batch's sequences under the reference."""
         with self.as_reference():
-            return sequence_logps(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])[0]
+            return self.pair_logps(batch)[0]
+
+    def pair_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2B,) summed response log-probs of a pair batch's sequences, and (2B,) response token counts.
+
+        Chunked per ``loss_chunk_size`` (the same values, never the full (2B, T, V) logits).
+        """
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.loss_chunk_size is None:
+            return sequence_logps(self(**inputs), batch["labels"])
+        return chunked_sequence_logps(self.final_hidden(**inputs), self.logits_head(), batch["labels"],
+                                      self.loss_chunk_size)
 
     @override
     def on_fit_start(self) -> None:
@@ -149,7 +160,7 @@ class DPOModule(QLoRAModule):
         else:
             # First, so that its logits are freed before the policy's forward.
             ref_chosen, ref_rejected = self.reference_logps(batch).chunk(2)
-        logps, tokens = sequence_logps(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        logps, tokens = self.pair_logps(batch)
         chosen, rejected = logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
-
 import torch
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
 from qlora_lightning.data.packing import check_packing_backend, model_inputs
-from qlora_lightning.errors import UserError
 from qlora_lightning.losses import chunked_lm_loss_sum, lm_loss_sum
 from qlora_lightning.modules.base import QLoRAModule
 
@@ -21,18 +18,10 @@ class SFTModule(QLoRAModule):
     gradients are divided by the number of response tokens in the whole step (over all
     micro-batches and ranks). The loss and the update are therefore the same however the
     tokens of a step are split into micro-batches and accumulation steps.
-
-    Args:
-        loss_chunk_size: Compute the loss from the final hidden states this many tokens at a
-            time, so the full (B, T, V) logits never exist (same loss; saves about
-            10 * B * T * V bytes: bf16 logits, their fp32 copy and log-softmax). None: plain loss.
     """
 
-    def __init__(self, *args, loss_chunk_size: Optional[int] = None, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if loss_chunk_size is not None and loss_chunk_size <= 0:
-            raise UserError(f"model.loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}")
-        self.loss_chunk_size = loss_chunk_size
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
         self._step_nll = 0.0  # summed over the micro-batches of the current optimizer step
@@ -76,9 +65,8 @@ class SFTModule(QLoRAModule):
         """Summed NLL over the batch's labelled tokens, and their count (chunked per ``loss_chunk_size``)."""
         if self.loss_chunk_size is None:
             return lm_loss_sum(self(**model_inputs(batch)), batch["labels"])
-        causal_lm = self.model.get_base_model()  # the transformers model inside the PEFT wrapper
-        hidden = causal_lm.get_decoder()(**model_inputs(batch), use_cache=False).last_hidden_state  # (B, T, H)
-        return chunked_lm_loss_sum(hidden, logits_head(causal_lm), batch["labels"], self.loss_chunk_size)
+        return chunked_lm_loss_sum(self.final_hidden(**model_inputs(batch)), self.logits_head(), batch["labels"],
+                                   self.loss_chunk_size)
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -105,15 +93,3 @@ class SFTModule(QLoRAModule):
         loss = metric.compute()
         self.log(f"{stage}/ppl", torch.exp(loss))
 
-
-def logits_head(causal_lm) -> Callable[[torch.Tensor], torch.Tensor]:
-    """(N, H) final hidden states -> (N, V) logits, as the model's own forward computes them."""
-    config = causal_lm.config
-    for scale in ("logit_scale", "logits_scaling"):  # Cohere, Granite: rescale logits in forward
-        if getattr(config, scale, None) not in (None, 1, 1.0):
-            raise UserError(f"model.loss_chunk_size does not support {config.model_type} ({scale}); unset it")
-    head = causal_lm.get_output_embeddings()
-    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
-    if not cap:
-        return head
-    return lambda hidden: torch.tanh(head(hidden) / cap) * cap
