@@ -242,7 +242,7 @@ def plain_loop(model, job: Job, device) -> dict:
     import bitsandbytes as bnb
     import torch
 
-    from qlora_lightning.callbacks import count_params, peak_bf16_flops, train_flops_per_token
+    from qlora_lightning.callbacks import attended_positions, count_params, peak_bf16_flops, train_flops_per_token
 
     optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     model.train()
@@ -274,7 +274,8 @@ def plain_loop(model, job: Job, device) -> dict:
     config = model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    flops = train_flops_per_token(count_params(model)[0], config.num_hidden_layers, heads * head_dim, job.seq)
+    flops = train_flops_per_token(count_params(model)[0], config.num_hidden_layers, heads * head_dim,
+                                  attended_positions(config, job.seq))
     peak_flops = peak_bf16_flops(torch.cuda.get_device_name()) if on_cuda else None
     return {"step_time_s": step, "tokens_per_sec": tokens / step,
             "mfu": flops * tokens / step / peak_flops if peak_flops else None,

@@ -54,14 +54,30 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     return matmul, embedding
 
 
-def train_flops_per_token(matmul_params: int, n_layers: int, attn_dim: int, seq_len: int) -> float:
+def train_flops_per_token(matmul_params: int, n_layers: int, attn_dim: int, span: float) -> float:
     """Model FLOPs per trained token for LoRA over frozen weights.
 
     Forward 2N, backward 2N (activation gradients only: frozen weights get no weight
     gradient); recomputation under checkpointing is not counted (model FLOPs, not hardware
-    FLOPs). Attention scores and values add 4*L*T*d forward and twice that backward.
+    FLOPs). Attention scores and values add 4*L*S*d forward and twice that backward, where S is
+    the ``span`` each token attends to (``attended_positions``).
     """
-    return 4.0 * matmul_params + 12.0 * n_layers * seq_len * attn_dim
+    return 4.0 * matmul_params + 12.0 * n_layers * span * attn_dim
+
+
+def attended_positions(config, seq_len: int) -> float:
+    """Positions one token attends to, averaged over the layers: the sequence, or a sliding window.
+
+    Model FLOPs count only this useful work, also where a kernel computes the blocks that the
+    window masks out (sdpa with a dense mask): otherwise MFU would rise with wasted work.
+    """
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return float(seq_len)
+    # Models that mix layer types name them (Gemma 2/3); others slide in every layer (Mistral).
+    types = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    spans = [min(seq_len, window) if kind == "sliding_attention" else seq_len for kind in types]
+    return sum(spans) / len(spans)
 
 
 def all_ranks(trainer: Trainer, values: list[float]) -> torch.Tensor:
@@ -192,7 +208,8 @@ class PerfMonitor(Callback):
             self._matmul_params = count_params(model)[0]
         heads = getattr(config, "num_attention_heads", 0)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // max(heads, 1)
-        return train_flops_per_token(self._matmul_params, config.num_hidden_layers, heads * head_dim, seq_len)
+        return train_flops_per_token(self._matmul_params, config.num_hidden_layers, heads * head_dim,
+                                     attended_positions(config, seq_len))
 
     def _peak_flops(self, trainer: Trainer) -> Optional[float]:
         if self.peak_tflops:
