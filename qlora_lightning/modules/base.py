@@ -194,8 +194,8 @@ class QLoRAModule(LightningModule):
         without one, so weights and moments stay untouched) or stops the run, per ``nonfinite``.
         """
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
-            if grads else torch.zeros((), device=self.device)
+        # One multi-tensor kernel for all the adapter's gradients, not one launch per tensor.
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         finite = bool(self.trainer.strategy.reduce_boolean_decision(
             bool(torch.isfinite(loss) and torch.isfinite(norm)), all=True))
         if finite:
