@@ -101,7 +101,7 @@ class QLoRAModule(LightningModule):
     def describe(self) -> dict:
         """What is being trained, for run summaries."""
         return {"base": spec_dict(self.base), "lora": spec_dict(self.lora),
-                "gradient_checkpointing": self.gradient_checkpointing}
+                "gradient_checkpointing": self.gradient_checkpointing, "loss_chunk_size": self.loss_chunk_size}
 
     @override
     def configure_model(self) -> None:
