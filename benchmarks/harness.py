@@ -52,7 +52,7 @@ GIB = 2**30
 # `default` is what the project does when none is set (on a GPU: compiled layers). The Liger
 # variants run eagerly, as they were first measured: compiling fuses what Liger's kernels fuse.
 LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
-          "attn_implementation": "sdpa", "compile_layers": "auto"}
+          "attn_implementation": "sdpa", "compile_layers": "auto", "cpu_embeddings": False}
 LIGER = {"liger_kernel": True, "compile_layers": False}
 OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
 VARIANTS: dict[str, dict] = {
@@ -63,6 +63,7 @@ VARIANTS: dict[str, dict] = {
     "chunked_ce+liger": {**LEVERS, "loss_chunk_size": 1024, **LIGER},
     "offload": {**LEVERS, "gradient_checkpointing": "offload"},
     "offload+chunked_ce": {**LEVERS, **OFFLOAD_CHUNKED},
+    "offload+chunked_ce+cpu_embed": {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True},
     "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
     "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
     "lean+flex": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER, "attn_implementation": "flex_attention"},
@@ -159,7 +160,8 @@ def run_project(job: Job) -> dict:
     tokenizer = str(Path(qlora_lightning.__file__).parent / "assets" / "tiny-llama")
     base = BaseModelSpec(name_or_path=job.arch_dir, tokenizer=tokenizer, random_init=True,
                          liger_kernel=opts["liger_kernel"], upcast_frozen=opts["upcast_frozen"],
-                         attn_implementation=opts["attn_implementation"], compile_layers=opts["compile_layers"])
+                         attn_implementation=opts["attn_implementation"], compile_layers=opts["compile_layers"],
+                         cpu_embeddings=opts["cpu_embeddings"])
     module = SFTModule(base=base, lora=LoraSpec(r=job.r, alpha=job.alpha, dropout=0.05),
                        gradient_checkpointing=opts["gradient_checkpointing"],
                        loss_chunk_size=opts["loss_chunk_size"], warmup_ratio=0.0)
@@ -397,7 +399,8 @@ def with_estimates(rows: list[dict]) -> list[dict]:
                                        loss_impl="transformers" if baseline else "project",
                                        upcast_frozen=baseline or opts.get("upcast_frozen", True),
                                        liger_kernel=opts["liger_kernel"] and not baseline,
-                                       attn_implementation=opts.get("attn_implementation", "sdpa"))
+                                       attn_implementation=opts.get("attn_implementation", "sdpa"),
+                                       cpu_embeddings=opts.get("cpu_embeddings", False) and not baseline)
             row["estimated_peak_gib"] = est["total_gib"]
             if row.get("peak_alloc_gib"):
                 row["estimate_error"] = est["total_gib"] / row["peak_alloc_gib"] - 1
@@ -443,11 +446,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "`FastLanguageModel` in the same loop, LoRA dropout 0 (no estimate); `default` = this project's "
               "Lightning path with its defaults (bf16 embeddings, head and norms); `upcast` = "
               "`base.upcast_frozen: true` (PEFT's fp32 upcast); `offload` = `gradient_checkpointing: offload`; "
-              "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true` (run eagerly); `lean` = "
-              "offload + chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; `eager` = "
-              "`base.compile_layers: false` (on a GPU the default compiles each layer's parts); `no_gc` = "
-              "`gradient_checkpointing: false`. Peaks are torch allocator peaks after model load "
-              "(PagedAdamW8bit's paged state lives in CUDA managed memory, which they do not count).", ""]
+              "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true` (run eagerly); "
+              "`lean` = offload + chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; "
+              "`cpu_embed` = `base.cpu_embeddings: true`; `eager` = `base.compile_layers: false` (on a GPU the "
+              "default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
+              "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
+              "they do not count).", ""]
     return "\n".join(lines)
 
 

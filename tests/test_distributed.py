@@ -251,6 +251,14 @@ def test_dpo_refuses_precomputed_reference_under_fsdp():
         module.on_fit_start()
 
 
+def test_cpu_embeddings_are_refused_under_fsdp():
+    module = sft_module(base=dataclasses.replace(tiny_spec(), cpu_embeddings=True))
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(parallel_devices=[torch.device("cuda", 0)]),
+                                      precision="bf16-mixed")
+    with pytest.raises(UserError, match="cpu_embeddings does not work under FSDP"):
+        module.configure_model()
+
+
 @pytest.mark.parametrize("setting", [True, "auto"])
 def test_compiled_layers_are_refused_or_left_out_under_fsdp(setting, monkeypatch):
     built = {}

@@ -81,6 +81,15 @@ def test_offload_moves_the_layer_inputs_out_of_the_estimate():
     assert on_gpu["total_gib"] - offloaded["total_gib"] == pytest.approx(8.0)
 
 
+def test_cpu_embeddings_move_the_table_out_of_the_estimate():
+    config = _published("mistral-7b")
+    on_gpu = estimate_peak_memory(config, batch=1, seq=512)
+    on_cpu = estimate_peak_memory(config, batch=1, seq=512, cpu_embeddings=True)
+    table = 32000 * 4096 * 2 / 2**30  # bf16
+    assert on_gpu["total_gib"] - on_cpu["total_gib"] == pytest.approx(table)
+    assert on_cpu["offloaded_to_cpu_gib"] == pytest.approx(table)
+
+
 def test_chunked_loss_saves_the_logits_memory():
     config = _published("gemma-7b")  # 256k vocabulary: the logits dominate
     plain = estimate_peak_memory(config, batch=4, seq=2048, gradient_checkpointing=False)

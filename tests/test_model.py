@@ -206,6 +206,48 @@ def test_layers_compile_when_asked_and_auto_only_on_a_gpu(setting, compiled):
     assert parts == [compiled] * len(parts)
 
 
+def test_cpu_embeddings_keep_the_table_off_the_device_and_change_nothing_else():
+    tokens = _token_batch(n_rows=2, length=24)
+    spec = tiny_spec()
+    on_device = _lora_grads(True, tokens, spec=spec)
+    on_cpu = _lora_grads(True, tokens, spec=dataclasses.replace(spec, cpu_embeddings=True))
+    assert on_cpu.keys() == on_device.keys()
+    for name in on_device:
+        torch.testing.assert_close(on_cpu[name], on_device[name], rtol=0, atol=0, msg=name)
+
+    model = build_model(dataclasses.replace(spec, cpu_embeddings=True), LoraSpec(r=4), gradient_checkpointing=False)
+    embedding = model.get_input_embeddings()
+    assert not any("embed_tokens" in name for name, _ in model.named_parameters())
+    table = embedding.table
+    model.to(torch.float64)  # as a device or dtype move would: the table stays, the rows follow
+    assert embedding.table is table and table.dtype == torch.float32
+    assert embedding(tokens).dtype == torch.float64
+
+
+def test_cpu_embeddings_refuse_a_table_tied_to_the_output_head():
+    spec = dataclasses.replace(tiny_spec(tie_word_embeddings=True), cpu_embeddings=True)
+    with pytest.raises(UserError, match="ties its input embedding to the output head"):
+        build_model(spec, LoraSpec(r=4), gradient_checkpointing=False)
+
+
+@pytest.mark.gpu
+def test_cpu_embeddings_free_the_table_on_the_gpu_with_the_same_logits():
+    spec = dataclasses.replace(tiny_spec(vocab_size=32000), compute_dtype="bfloat16")
+    tokens = _token_batch(n_rows=2, length=64).cuda()
+    held, logits = {}, {}
+    for cpu in (False, True):
+        torch.manual_seed(0)
+        before = torch.cuda.memory_allocated()
+        model = build_model(dataclasses.replace(spec, cpu_embeddings=cpu), LoraSpec(r=4), gradient_checkpointing=False,
+                            device="cuda").eval()
+        held[cpu] = torch.cuda.memory_allocated() - before
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            logits[cpu] = model(input_ids=tokens).logits.float().cpu()
+        del model
+    assert held[False] - held[True] >= 32000 * 64 * 2  # the bf16 table
+    torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("upcast", [False, True])
 def test_frozen_16bit_weights_stay_in_the_compute_dtype_unless_upcast(upcast):
     spec = dataclasses.replace(tiny_spec(), compute_dtype="bfloat16", upcast_frozen=upcast)

@@ -116,6 +116,9 @@ class QLoRAModule(LightningModule):
             if is_fsdp(strategy) and self.base.quantization in ("nf4", "fp4"):  # before the minutes-long load
                 check_fsdp_precision(strategy, str(self.trainer.precision), compute_dtype)
             base = self.base
+            if is_fsdp(strategy) and base.cpu_embeddings:
+                raise UserError("model.base.cpu_embeddings does not work under FSDP (it would shard a table that "
+                                "is not on the device): set it to false, or use ddp")
             if is_fsdp(strategy) and base.compile_layers:
                 # Untested: FSDP swaps the layers' weights for views of its flat parameters, and
                 # compiling FSDP (1) models needs use_orig_params, which these configs leave off.
