@@ -224,6 +224,15 @@ def test_cpu_embeddings_keep_the_table_off_the_device_and_change_nothing_else():
     assert embedding(tokens).dtype == torch.float64
 
 
+def test_cpu_embeddings_fit_and_save_the_adapter(tmp_path):
+    module = sft_module(base=dataclasses.replace(tiny_spec(), cpu_embeddings=True))
+    module.adapter_dir = str(tmp_path / "adapter")
+    data = GSM8KDataModule(path=str(EXAMPLES / "gsm8k_train.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
+                           num_samples=4, batch_size=2)
+    cpu_trainer(tmp_path, max_steps=2, limit_val_batches=1).fit(module, datamodule=data)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_cpu_embeddings_refuse_a_table_tied_to_the_output_head():
     spec = dataclasses.replace(tiny_spec(tie_word_embeddings=True), cpu_embeddings=True)
     with pytest.raises(UserError, match="ties its input embedding to the output head"):
