@@ -83,12 +83,16 @@ def _strategy(job: dict):
         return "auto"
     if job["run"] == "ddp":
         return DDPStrategy()
+    overrides = {}
+    if job["fsdp_adapters"] == "replicated":  # the adapters whole on each rank, outside FSDP's units
+        overrides["auto_wrap_policy"] = {"class_path": "qlora_lightning.DecoderLayerPolicy",
+                                         "init_args": {"adapters": False}}
     if job["cpu"]:  # Lightning allows FSDP on GPUs only; the test suite's subclass runs it over gloo
         sys.path.insert(0, str(REPO))
         from tests.distributed_worker import CPUFSDPStrategy
 
-        return strategy_from_config(FSDP_CONFIG, CPUFSDPStrategy, process_group_backend="gloo")
-    return strategy_from_config(FSDP_CONFIG)
+        return strategy_from_config(FSDP_CONFIG, CPUFSDPStrategy, process_group_backend="gloo", **overrides)
+    return strategy_from_config(FSDP_CONFIG, **overrides)
 
 
 def train(job: dict) -> None:
@@ -183,7 +187,7 @@ def plan(args: argparse.Namespace, arch_dir: str) -> list[tuple[str, list[str]]]
     """(name, command) of each step this invocation runs, in order."""
     common = {"arch_dir": arch_dir, "out": str(Path(args.out).resolve()), "gpus": args.gpus, "batch": args.batch,
               "seq": args.seq, "accumulate": args.accumulate, "steps": args.steps, "warmup": args.warmup, "r": args.r,
-              "cpu": args.tiny}
+              "cpu": args.tiny, "fsdp_adapters": args.fsdp_adapters}
     # Tiny weights build in a blink in each process (random_checkpoint tolerates the race); 7B ones once.
     steps = [] if args.tiny else [("prepare", command({**common, "run": "prepare"}, "prepare"))]
     for run in args.runs:
@@ -266,6 +270,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="warm-up optimizer steps left out")
     parser.add_argument("--r", type=int, default=8, help="LoRA rank (alpha = 2r)")
+    parser.add_argument("--fsdp-adapters", choices=("units", "replicated"), default="units",
+                        help="fsdp: each LoRA matrix an FSDP unit (configs/mistral_fsdp.yaml), or the adapters "
+                             "whole on each rank outside FSDP (DecoderLayerPolicy(adapters=False))")
     parser.add_argument("--arch-root", help="folder for the arch config (reuse one to reuse its random weights)")
     parser.add_argument("--tiny", action="store_true", help="tiny dims on the CPU, gloo (a dry run)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

@@ -2,7 +2,7 @@
 
 Started by ``torchrun --nproc-per-node 2`` (gloo), as a multi-node job would start it: Lightning
 reads the ranks from torchrun's environment. FSDP is set up as ``configs/mistral_fsdp.yaml`` sets it.
-Each ``--runs`` entry, ``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_resume]``, fits 4 steps into ``<out>/<run>/``;
+Each ``--runs`` entry, ``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_replicated][_resume]``, fits 4 steps into ``<out>/<run>/``;
 ``fit`` saves the adapter (``adapter/``) and the last checkpoint (``last.ckpt``), every rank writes
 ``rank<r>.pt`` (the adapter as this rank holds it, unsharded under FSDP; the real tokens of each of
 its optimizer steps; the logits of a fixed batch; the wrappers around the model) and rank 0 writes
@@ -86,10 +86,15 @@ def _full_state_dict_no_offload(module: torch.nn.Module, world_size: int, rank0_
                                 FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
 
 
-def strategy_for(name: str):
+# The auto-wrap policy of the `replicated` runs: the adapters stay whole on each rank, outside FSDP.
+REPLICATED = {"auto_wrap_policy": {"class_path": "qlora_lightning.DecoderLayerPolicy", "init_args": {"adapters": False}}}
+
+
+def strategy_for(name: str, options: set[str]):
     if name == "ddp":
         return DDPStrategy(process_group_backend="gloo")
-    return strategy_from_config(FSDP_CONFIG, CPUFSDPStrategy, process_group_backend="gloo")
+    overrides = REPLICATED if "replicated" in options else {}
+    return strategy_from_config(FSDP_CONFIG, CPUFSDPStrategy, process_group_backend="gloo", **overrides)
 
 
 class TokenTally(Callback):
@@ -152,7 +157,7 @@ def fit(strategy: str, task: str, out: Path, max_steps: int, options: set[str], 
     # Both strategies without autocast, so that bf16 runs compare exactly: FSDP's bf16-mixed (what
     # the GPU config uses) autocasts on CUDA only, and FSDP's 32-true would cast the model to fp32.
     precision = "bf16-mixed" if "bf16" in options and strategy == "fsdp" else "32-true"
-    trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy_for(strategy), precision=precision,
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy_for(strategy, options), precision=precision,
                       max_steps=max_steps, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
                       callbacks=[tally, perf, checkpoint],
                       gradient_clip_val=None if "bf16" in options else CLIP,
@@ -164,9 +169,9 @@ def fit(strategy: str, task: str, out: Path, max_steps: int, options: set[str], 
 
 
 def run(name: str, out: Path, sft_adapter: str) -> None:
-    """``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_resume]``: ``compiled`` sets
-    ``base.compile_layers``, ``chunked`` ``loss_chunk_size``; ``resume`` stops after step 1 and
-    resumes from its checkpoint."""
+    """``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_replicated][_resume]``: ``compiled`` sets
+    ``base.compile_layers``, ``chunked`` ``loss_chunk_size``, ``replicated`` (FSDP) keeps the
+    adapters out of FSDP; ``resume`` stops after step 1 and resumes from its checkpoint."""
     strategy, task, *options = name.split("_")
     options = set(options)
     ckpt_path = None
@@ -197,7 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--runs", nargs="+", default=["ddp_sft", "fsdp_sft", "ddp_dpo", "fsdp_dpo"],
-                        help="<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_resume]")
+                        help="<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_replicated][_resume]")
     parser.add_argument("--sft-adapter", help="the DPO runs' reference (default: the ddp_sft run's adapter)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two ranks share two cores

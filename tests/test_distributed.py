@@ -35,7 +35,8 @@ from tests.conftest import REPO, sft_module, tiny_spec
 from tests.distributed_worker import FSDP_CONFIG, PROBE
 
 RUNS = ["ddp_sft", "fsdp_sft", "ddp_dpo", "fsdp_dpo", "ddp_sft_bf16", "fsdp_sft_bf16", "fsdp_sft_resume",
-        "ddp_sft_compiled", "ddp_dpo_compiled", "fsdp_sft_chunked", "fsdp_dpo_chunked"]
+        "ddp_sft_compiled", "ddp_dpo_compiled", "fsdp_sft_chunked", "fsdp_dpo_chunked", "fsdp_sft_replicated",
+        "fsdp_dpo_replicated", "fsdp_sft_replicated_resume"]
 LAYERS, LORA_MATRICES = 2, 28  # the tiny Llama: 2 decoder layers x 7 linear layers x (A, B)
 
 
@@ -116,6 +117,21 @@ def test_fsdp_trains_the_adapter_ddp_trains(runs, run):
     torch.testing.assert_close(fsdp["logits"], ddp["logits"], atol=1e-4, rtol=0.0)
     # Different tokens on the two ranks: the test below can tell a sum from a multiple.
     assert fsdp["tokens"] == ddp["tokens"] != _rank(runs, f"ddp_{run}", 1)["tokens"]
+
+
+@pytest.mark.parametrize("task", ["sft", "dpo"])
+def test_fsdp_with_replicated_adapters_trains_the_adapter_ddp_trains_in_fewer_units(runs, task):
+    replicated, ddp = _rank(runs, f"fsdp_{task}_replicated", 0), _rank(runs, f"ddp_{task}", 0)
+    _assert_same(replicated["adapter"], ddp["adapter"], atol=1e-5)
+    torch.testing.assert_close(replicated["logits"], ddp["logits"], atol=1e-4, rtol=0.0)
+    # The root and the decoder layers only: no FSDP unit (and no collective) per LoRA matrix.
+    assert replicated["wrappers"] == {"FullyShardedDataParallel": 1 + LAYERS, "CheckpointWrapper": LAYERS}
+
+
+def test_fsdp_with_replicated_adapters_resumes_exactly(runs):
+    resumed, straight = _rank(runs, "fsdp_sft_replicated_resume", 0), _rank(runs, "fsdp_sft_replicated", 0)
+    assert resumed["tokens"] == straight["tokens"][1:]
+    _assert_same(resumed["adapter"], straight["adapter"], atol=1e-7)
 
 
 def test_fsdp_wraps_layers_and_adapters_and_checkpoints_the_layers(runs):

@@ -17,8 +17,9 @@ from transformers import AutoConfig, get_scheduler
 from typing_extensions import override
 
 from qlora_lightning.adapters import AdapterSet, attach_adapters, save_base_spec
-from qlora_lightning.distributed import (cast_frozen_for_fsdp, check_fsdp_precision, clean_name,
-                                         fsdp_checkpoints_activations, full_state_dict, is_fsdp, save_adapter)
+from qlora_lightning.distributed import (average_gradients, cast_frozen_for_fsdp, check_fsdp_precision, clean_name,
+                                         fsdp_checkpoints_activations, full_state_dict, is_fsdp, replicates_adapters,
+                                         save_adapter)
 from qlora_lightning.errors import UserError
 from qlora_lightning.estimate import estimate_peak_memory
 from qlora_lightning.generation import greedy_generate, stop_token_ids
@@ -133,6 +134,8 @@ class QLoRAModule(LightningModule):
                 attach_adapters(self.model, self.adapters)
             if is_fsdp(strategy):
                 cast_frozen_for_fsdp(self.model, compute_dtype)
+            if replicates_adapters(strategy):  # FSDP leaves them alone; reduce_replicated_gradients averages them
+                strategy.kwargs["ignored_states"] = self._trainable()
 
     def _out_of_memory_message(self, device: torch.device) -> str:
         """What did not fit, what the estimator expected, what the GPU had, and what to lower."""
@@ -174,7 +177,7 @@ class QLoRAModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._trainable()
         optimizer = self.optimizer_factory(params)
         total = self.trainer.estimated_stepping_batches
         scheduler = get_scheduler(self.lr_scheduler if self.lr_scheduler != "constant" else "constant_with_warmup",
@@ -189,6 +192,15 @@ class QLoRAModule(LightningModule):
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def reduce_replicated_gradients(self) -> None:
+        """Before an optimizer step: average the adapter's gradients over the ranks where FSDP
+        leaves them to the module (``replicates_adapters``); a no-op elsewhere."""
+        if replicates_adapters(self.trainer.strategy):
+            average_gradients(self._trainable(), self.trainer.world_size)
 
     def guard_nonfinite(self, loss: torch.Tensor) -> bool:
         """Before an optimizer step: True when the step may proceed.

@@ -187,6 +187,7 @@ class DPOModule(QLoRAModule):
 
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
+        self.reduce_replicated_gradients()
         loss, self._step_loss = self._step_loss, 0.0
         self.guard_nonfinite(torch.as_tensor(loss, device=self.device))  # drops the step's gradients if not finite
         self.log("train/skipped_steps", float(self.skipped_steps))

@@ -43,6 +43,7 @@ class SFTModule(QLoRAModule):
 
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
+        self.reduce_replicated_gradients()
         tokens = self.trainer.strategy.reduce(torch.as_tensor(self._step_tokens, device=self.device,
                                                               dtype=torch.float32), reduce_op="sum")
         nll = self.trainer.strategy.reduce(torch.as_tensor(self._step_nll, device=self.device,
