@@ -7,7 +7,9 @@ Nothing here knows about Lightning; the LightningModules call `build_model` from
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +32,8 @@ from transformers import (
 
 from qlora_lightning.checkpointing import Checkpointing, enable_checkpointing
 from qlora_lightning.errors import UserError
+
+log = logging.getLogger(__name__)
 
 Quantization = Literal["nf4", "fp4", "int8", "none"]
 # A float in [0, 1); checked when a config is parsed.
@@ -280,6 +284,25 @@ def compile_layers(model: torch.nn.Module) -> None:
             part.compile()
 
 
+def should_compile(setting: Union[bool, Literal["auto"]], device: Union[str, torch.device]) -> bool:
+    """``compile_layers``: true, false, or ``auto``: on a CUDA device where Triton can build kernels.
+
+    Triton compiles a small C launcher per kernel, so ``auto`` also wants a C compiler; without
+    one it trains eagerly (and says so) rather than fail at the first step.
+    """
+    if setting != "auto":
+        return bool(setting)
+    if torch.device(device).type != "cuda":
+        return False
+    compilers = [os.environ.get("CC"), "cc", "gcc", "clang"]
+    missing = [what for what, ok in (("triton", importlib.util.find_spec("triton") is not None),
+                                     ("a C compiler (cc, gcc or clang)",
+                                      any(c and shutil.which(c) for c in compilers))) if not ok]
+    if missing:
+        log.warning("base.compile_layers auto: running eagerly, %s not found", " and ".join(missing))
+    return not missing
+
+
 def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: Checkpointing = True,
                 device: Union[str, torch.device] = "cpu") -> PeftModel:
     """name/config -> quantized base -> frozen and prepared -> PEFT LoRA model, in training mode."""
@@ -287,7 +310,7 @@ def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: Che
     if spec.cpu_embeddings:
         embeddings_to_cpu(base)
     model = add_lora(base, lora)
-    if spec.compile_layers is True or (spec.compile_layers == "auto" and torch.device(device).type == "cuda"):
+    if should_compile(spec.compile_layers, device):
         compile_layers(model)
     # from_pretrained returns the base in eval mode and Lightning keeps each module's mode, but
     # Hugging Face layers checkpoint activations only in training mode: without this,

@@ -15,7 +15,8 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 from qlora_lightning import GSM8KDataModule
 from qlora_lightning.checkpointing import OffloadToCpu
 from qlora_lightning.errors import UserError
-from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer
+from qlora_lightning.model import (BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer,
+                                   should_compile)
 from tests.conftest import EXAMPLES, TINY_LLAMA, cpu_trainer, sft_module, tiny_spec, tokenizer_at
 
 # Every linear layer 64 wide or wider in multiples of 64 (k/v made 64 wide), as bitsandbytes' CPU
@@ -255,6 +256,18 @@ def test_cpu_embeddings_free_the_table_on_the_gpu_with_the_same_logits():
         del model
     assert held[False] - held[True] >= 32000 * 64 * 2  # the bf16 table
     torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=0)
+
+
+def test_auto_compiles_on_a_gpu_only_where_triton_and_a_c_compiler_are(monkeypatch, caplog):
+    from qlora_lightning import model as model_module
+
+    monkeypatch.setattr(model_module.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(model_module.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert should_compile("auto", "cuda:0") and not should_compile("auto", "cpu")
+    assert should_compile(True, "cpu") and not should_compile(False, "cuda")
+    monkeypatch.setattr(model_module.shutil, "which", lambda name: None)
+    assert not should_compile("auto", "cuda:0")
+    assert "running eagerly, a C compiler (cc, gcc or clang) not found" in caplog.text
 
 
 @pytest.mark.parametrize("upcast", [False, True])
