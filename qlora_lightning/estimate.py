@@ -246,16 +246,17 @@ def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str
     except OSError as err:
         raise UserError(f"model '{name}': {str(err).strip().splitlines()[0]}") from None
     optimizer = str((model.get("optimizer") or {}).get("class_path", "PagedAdamW8bit"))
+    # DPO runs each pair's chosen and rejected sequences in one forward: twice the sequences.
+    sequences = int(data.get("batch_size", 1)) * (2 if "DPO" in str((tree.get("model") or {}).get("class_path")) else 1)
     result = estimate_peak_memory(
-        config, batch=int(data.get("batch_size", 1)), seq=int(data.get("max_seq_length", 512)),
+        config, batch=sequences, seq=int(data.get("max_seq_length", 512)),
         r=int(lora.get("r", 16)), gradient_checkpointing=_checkpointing(model.get("gradient_checkpointing", True)),
         loss_chunk_size=model.get("loss_chunk_size"), quantization=base.get("quantization", "nf4"),
         double_quant=bool(base.get("double_quant", True)), lora_dropout=float(lora.get("dropout", 0.05)),
         paged_optimizer="Paged" in optimizer, upcast_frozen=bool(base.get("upcast_frozen", False)),
         liger_kernel=bool(base.get("liger_kernel", False)), attn_implementation=base.get("attn_implementation", "sdpa"),
         cpu_embeddings=bool(base.get("cpu_embeddings", False)))
-    return {"model": name, "batch_size": int(data.get("batch_size", 1)),
-            "max_seq_length": int(data.get("max_seq_length", 512)), **result}
+    return {"model": name, "batch_size": sequences, "max_seq_length": int(data.get("max_seq_length", 512)), **result}
 
 
 def _checkpointing(value) -> Checkpointing:
@@ -274,7 +275,7 @@ def main(argv: list[str]) -> None:
         result = estimate_from_yaml(args.config, [(k[2:], v) for k, v in zip(rest[::2], rest[1::2])])
     except UserError as err:
         sys.exit(f"error: {err}")
-    print(f"{result['model']}, batch {result['batch_size']} x {result['max_seq_length']} tokens:")
+    print(f"{result['model']}, {result['batch_size']} sequences x {result['max_seq_length']} tokens per micro-batch:")
     for key, value in result.items():
         if key.endswith("_gib") and key not in ("total_gib", "optimizer_state_gib", "offloaded_to_cpu_gib"):
             print(f"  {key[:-4]:<36} {value:7.2f} GiB")

@@ -100,4 +100,15 @@ def test_chunked_loss_saves_the_logits_memory():
 def test_estimate_command_reads_a_training_yaml(capsys):
     main(["--config", str(REPO / "configs" / "quickstart.yaml"), "--data.init_args.batch_size", "4"])
     out = capsys.readouterr().out
-    assert "batch 4 x" in out and "predicted peak" in out
+    assert "4 sequences x" in out and "predicted peak" in out
+
+
+def test_dpo_config_counts_chosen_and_rejected_sequences(capsys):
+    main(["--config", str(REPO / "configs" / "dpo_quickstart.yaml"), "--data.init_args.batch_size", "3"])
+    assert "6 sequences x" in capsys.readouterr().out
+
+
+def test_dpo_estimate_matches_its_measured_peak():
+    # benchmarks/results/2026-11-28_dpo_memory: one pair of 512-token sequences, r=16, PEFT's fp32 upcast.
+    est = estimate_peak_memory(_published("mistral-7b"), batch=2, seq=512, r=16, upcast_frozen=True)
+    assert est["total_gib"] == pytest.approx(5.75, rel=0.05)
