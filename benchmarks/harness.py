@@ -19,6 +19,7 @@ the GPU synchronized before each clock read. Results go to ``<out>/harness.json`
 
     python benchmarks/harness.py --quick --out /tmp/bench            # one ~10-minute GPU command
     python benchmarks/harness.py --archs gemma-7b --shapes 8x1024 --variants default chunked_ce
+    python benchmarks/harness.py --archs llama-2-7b --shapes 1x512 --variants default eager --repeat 3
     python benchmarks/harness.py --original --out /tmp/orig          # the original T4 experiments
     python benchmarks/harness.py --tiny --quick --out /tmp/dry       # CPU dry run, tiny dims
     python benchmarks/harness.py --report benchmarks/results/X.json  # re-render a saved run
@@ -37,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -117,6 +118,7 @@ class Job:
     warmup: int = 4
     experiment: Optional[str] = None
     options: dict = field(default_factory=dict)
+    round: int = 0  # of --repeat
 
     @property
     def shape(self) -> str:
@@ -333,13 +335,34 @@ def plan(args: argparse.Namespace, arch_root: Path) -> list[Job]:
             names = list(variants)
             if args.quick and arch == QUICK_LEVERS["arch"] and shape == QUICK_LEVERS["shape"]:
                 names += [v for v in QUICK_LEVERS["variants"] if v not in names]
+            shape_jobs = []
             if not args.no_baseline:
-                jobs.append(Job(arch, batch, seq, BASELINE, BASELINE, arch_dir(arch), **common))
+                shape_jobs.append(Job(arch, batch, seq, BASELINE, BASELINE, arch_dir(arch), **common))
             if args.peer:
-                jobs.append(Job(arch, batch, seq, PEER, PEER, arch_dir(arch), **common))
-            jobs += [Job(arch, batch, seq, "project", v, arch_dir(arch), options=VARIANTS[v], **common)
-                     for v in names]
+                shape_jobs.append(Job(arch, batch, seq, PEER, PEER, arch_dir(arch), **common))
+            shape_jobs += [Job(arch, batch, seq, "project", v, arch_dir(arch), options=VARIANTS[v], **common)
+                           for v in names]
+            # Interleaved rounds: a drift of the machine falls on every configuration alike.
+            jobs += [replace(job, round=i) for i in range(args.repeat) for job in shape_jobs]
     return jobs
+
+
+def merge_rounds(rows: list[dict]) -> list[dict]:
+    """One row per configuration: the median round by tokens/s (its own step time, MFU, memory),
+    with ``rounds`` and every round's tokens/s; configurations that never ran keep their first row."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["arch"], row["batch"], row["seq"], row["variant"], row.get("experiment"))
+        groups.setdefault(key, []).append(row)
+    merged = []
+    for group in groups.values():
+        ok = sorted((r for r in group if r.get("tokens_per_sec")), key=lambda r: r["tokens_per_sec"])
+        if not ok:
+            merged.append(group[0])
+            continue
+        median = ok[(len(ok) - 1) // 2]  # the lower median: a round that really ran
+        merged.append({**median, "rounds": len(ok), "tokens_per_sec_rounds": [r["tokens_per_sec"] for r in ok]})
+    return merged
 
 
 def run_job(job: Job, timeout: float, log) -> dict:
@@ -408,6 +431,13 @@ def with_estimates(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _tokens_cell(row: dict) -> str:
+    """Tokens/s, and over several rounds their range: ``1290 (3 rounds, 1201-1310)``."""
+    runs = row.get("tokens_per_sec_rounds") or []
+    spread = f" ({len(runs)} rounds, {min(runs):.0f}-{max(runs):.0f})" if len(runs) > 1 else ""
+    return _fmt(row.get("tokens_per_sec"), ".0f") + spread
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     """Tables of a run: throughput and memory per configuration, or the original experiments."""
     lines = [f"# QLoRA benchmark, {meta['device']}", "",
@@ -437,7 +467,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                      and b["seq"] == r["seq"] and b["impl"] == BASELINE and b.get("tokens_per_sec")), None)
         ratio = r["tokens_per_sec"] / base["tokens_per_sec"] if base and r.get("tokens_per_sec") else None
         err = r.get("estimate_error")
-        lines.append(f"| {r['arch']} | {r['batch']}x{r['seq']} | {r['variant']} | {_fmt(r.get('tokens_per_sec'), '.0f')} "
+        lines.append(f"| {r['arch']} | {r['batch']}x{r['seq']} | {r['variant']} | {_tokens_cell(r)} "
                      f"| {_fmt(ratio)} | {_fmt(r.get('peak_alloc_gib'))} | {_fmt(r.get('peak_reserved_gib'))} "
                      f"| {_fmt(r.get('estimated_peak_gib'))} | {'n/a' if err is None else f'{err:+.0%}'} "
                      f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('step_time_s'), '.3f')} "
@@ -483,9 +513,9 @@ def chart(rows: list[dict], path: Path) -> Optional[str]:
 
 
 def write_reports(out: Path, meta: dict, rows: list[dict]) -> None:
-    """harness.json (raw rows), harness.md (tables) and harness.png (chart) under ``out``."""
-    rows = with_estimates(rows)
+    """harness.json (raw rows of every round), harness.md (tables) and harness.png (chart) under ``out``."""
     (out / "harness.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    rows = with_estimates(merge_rounds(rows))
     why = chart(rows, out / "harness.png")
     text = markdown(meta, rows) + (f"\n{why}\n" if why else "")
     (out / "harness.md").write_text(text)
@@ -503,6 +533,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--no-baseline", action="store_true", help="skip the transformers+PEFT baseline")
     parser.add_argument("--no-peer", dest="peer", action="store_false",
                         help="skip Unsloth (measured by default when it is installed)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of every configuration, interleaved; the report takes the median round")
     parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=4, help="warm-up optimizer steps left out")
     parser.add_argument("--budget-s", type=float, default=None, help="skip the jobs that would overrun this")

@@ -35,3 +35,17 @@ def test_unsloth_runs_beside_the_baseline_when_installed_unless_told_not_to(tmp_
     assert harness.PEER in harness.RUNNERS
     assert not any(j.impl == harness.PEER for j in _plan(tmp_path, "--no-peer"))
     assert not any(j.impl == harness.PEER for j in _plan(tmp_path, "--tiny"))  # Unsloth needs a GPU
+
+
+def test_rounds_interleave_and_the_report_takes_the_median_round(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness.importlib.util, "find_spec", lambda name: None)
+    jobs = harness.plan(harness.parse_args(["--archs", "mistral-7b", "--shapes", "1x512", "--variants", "default",
+                                            "--repeat", "3"]), tmp_path)
+    assert [(j.variant, j.round) for j in jobs] == [("hf_peft", 0), ("default", 0), ("hf_peft", 1), ("default", 1),
+                                                    ("hf_peft", 2), ("default", 2)]
+    rows = [{**harness.asdict(j), "status": "ok", "tokens_per_sec": tps, "peak_alloc_gib": 1.0 + j.round}
+            for j, tps in zip(jobs, [900, 1300, 1000, 1100, 800, 1200])]
+    merged = {r["variant"]: r for r in harness.merge_rounds(rows)}
+    assert merged["hf_peft"]["tokens_per_sec"] == 900 and merged["default"]["tokens_per_sec"] == 1200
+    assert merged["default"]["rounds"] == 3 and merged["default"]["peak_alloc_gib"] == 3.0  # the median round's own
+    assert harness._tokens_cell(merged["default"]) == "1200 (3 rounds, 1100-1300)"
