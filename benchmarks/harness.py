@@ -77,6 +77,7 @@ PEER = "unsloth"  # measured when installed, in a process of its own like every 
 QUICK = {"archs": ["mistral-7b", "llama-2-7b"], "shapes": ["1x512", "8x1024"]}
 # Levers measured in --quick mode, at one shape of the first arch (a whole grid does not fit 10 minutes).
 QUICK_LEVERS = {"arch": "mistral-7b", "shape": "8x1024", "variants": ["eager", "offload+chunked_ce"]}
+QUICK_BUDGET_S = 540.0  # the jobs that would not fit are listed as skipped
 FULL_SHAPES = ["1x512", "8x1024", "4x2048"]
 LONG_SHAPES = ["1x8192", "1x16384", "1x32768"]  # Mistral only: 32k positions, sliding window 4096
 
@@ -537,7 +538,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="rounds of every configuration, interleaved; the report takes the median round")
     parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=4, help="warm-up optimizer steps left out")
-    parser.add_argument("--budget-s", type=float, default=None, help="skip the jobs that would overrun this")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help=f"skip the jobs that would overrun this (--quick: {QUICK_BUDGET_S:.0f} unless given)")
     parser.add_argument("--arch-root", help="folder for the arch configs (reuse one to reuse its random weights)")
     parser.add_argument("--tiny", action="store_true", help="tiny dims of the same model types (CPU dry runs)")
     parser.add_argument("--report", help="re-render harness.md/png from a saved harness.json")
@@ -545,6 +547,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # Only located, never imported here: importing it would patch transformers in this process.
     args.peer = args.peer and not args.tiny and importlib.util.find_spec("unsloth") is not None
+    if args.quick and args.budget_s is None:  # one 10-minute GPU command, whatever is installed
+        args.budget_s = QUICK_BUDGET_S
     return args
 
 

@@ -49,3 +49,9 @@ def test_rounds_interleave_and_the_report_takes_the_median_round(tmp_path, monke
     assert merged["hf_peft"]["tokens_per_sec"] == 900 and merged["default"]["tokens_per_sec"] == 1200
     assert merged["default"]["rounds"] == 3 and merged["default"]["peak_alloc_gib"] == 3.0  # the median round's own
     assert harness._tokens_cell(merged["default"]) == "1200 (3 rounds, 1100-1300)"
+
+
+def test_quick_mode_keeps_to_one_ten_minute_command_unless_told_otherwise():
+    assert harness.parse_args(["--quick"]).budget_s == harness.QUICK_BUDGET_S < 600
+    assert harness.parse_args(["--quick", "--budget-s", "900"]).budget_s == 900
+    assert harness.parse_args([]).budget_s is None
