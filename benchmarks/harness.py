@@ -120,6 +120,8 @@ class Job:
     experiment: Optional[str] = None
     options: dict = field(default_factory=dict)
     round: int = 0  # of --repeat
+    profile: bool = False  # trace the GPU kernels of the last PROFILED_STEPS measured steps
+
 
     @property
     def shape(self) -> str:
@@ -127,6 +129,73 @@ class Job:
 
 
 # ---- worker side: one configuration, in a fresh process -----------------------------------
+
+PROFILED_STEPS = 2
+# Kernel name fragments -> what the time went to, first match wins (cuBLAS/CUTLASS GEMMs have many names).
+KERNEL_KINDS = [("copy to/from host", ("memcpy htod", "memcpy dtoh", "memcpy htoh")),
+                ("4-bit dequantize", ("dequantize",)), ("optimizer", ("optimizer", "koptimizer")),
+                ("attention", ("flash", "fmha", "attention", "attn")),
+                ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk", "matmul")),
+                ("compiled (Triton)", ("triton",)), ("cross-entropy", ("softmax", "nll", "cross_entropy"))]
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other (eager kernels)")
+
+
+def kernel_breakdown(kernels: list[tuple[str, float, float]], steps: int) -> dict:
+    """GPU time per step by kind of kernel, from (name, start_us, duration_us) of the profiled steps.
+
+    ``gpu_busy`` is the kernels' summed time over the span from the first start to the last end:
+    well under 1 means the GPU waits for the host to launch work.
+    """
+    per_kind: dict[str, float] = {}
+    for name, _, duration in kernels:
+        kind = kernel_kind(name)
+        per_kind[kind] = per_kind.get(kind, 0.0) + duration / 1e3 / steps
+    span = max(s + d for _, s, d in kernels) - min(s for _, s, _ in kernels) if kernels else 0.0
+    busy = sum(d for _, _, d in kernels)
+    return {"ms_per_step": dict(sorted(per_kind.items(), key=lambda kv: -kv[1])),
+            "kernels_per_step": len(kernels) / steps, "gpu_busy": busy / span if span else None}
+
+
+class StepProfiler:
+    """Records the GPU kernels of the last ``PROFILED_STEPS`` optimizer steps of a job (``--profile``).
+
+    ``step()`` is called after every optimizer step; ``result()`` is the breakdown, and the
+    slowest kernels are printed to the job's log.
+    """
+
+    def __init__(self, job: Job):
+        import torch
+
+        self.enabled = job.profile and torch.cuda.is_available()
+        self.steps_before = job.warmup + job.steps - PROFILED_STEPS
+        self.done = 0
+        if self.enabled:
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+
+    def step(self) -> None:
+        if not self.enabled:
+            return
+        if self.done == self.steps_before:
+            self.prof.start()
+        self.done += 1
+        if self.done == self.steps_before + PROFILED_STEPS:
+            import torch
+
+            torch.cuda.synchronize()
+            self.prof.stop()
+
+    def result(self) -> Optional[dict]:
+        if not self.enabled or self.done < self.steps_before + PROFILED_STEPS:
+            return None
+        events = [e for e in self.prof.events() if e.device_type.name == "CUDA"]
+        print(self.prof.key_averages().table(sort_by="self_device_time_total", row_limit=25), flush=True)
+        return kernel_breakdown([(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events],
+                                PROFILED_STEPS)
+
 
 def synthetic_batches(job: Job, vocab: int) -> list[dict]:
     """Fixed-length random-token micro-batches, every token labelled (no padding, no prompt)."""
@@ -157,6 +226,13 @@ def run_project(job: Job) -> dict:
         def on_train_start(self, trainer, pl_module):
             self.gib = torch.cuda.memory_allocated() / GIB if torch.cuda.is_available() else None
 
+    class Profile(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if (batch_idx + 1) % job.accumulate == 0:
+                profiler.step()
+
+    profiler = StepProfiler(job)
+
     opts = {**LEVERS, **job.options}  # rows saved before a lever existed did not set it
     # The adapter is saved with a tokenizer at the end of fit; the shipped tiny one does, as the
     # random-weight architecture folders hold none (tokens are synthetic anyway).
@@ -174,7 +250,7 @@ def run_project(job: Job) -> dict:
     trainer = Trainer(accelerator="auto", devices=1, precision="bf16-mixed", max_steps=job.warmup + job.steps,
                       accumulate_grad_batches=job.accumulate, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      num_sanity_val_steps=0, default_root_dir=root, callbacks=[monitor, loaded])
+                      num_sanity_val_steps=0, default_root_dir=root, callbacks=[monitor, loaded, Profile()])
     vocab = AutoConfig.from_pretrained(job.arch_dir).vocab_size
     loader = DataLoader(synthetic_batches(job, vocab), batch_size=None)  # items are whole micro-batches
     trainer.fit(module, train_dataloaders=loader)
@@ -183,7 +259,7 @@ def run_project(job: Job) -> dict:
     return {"step_time_s": s["step_time_s"], "tokens_per_sec": s["tokens_per_sec"], "mfu": s["mfu"],
             "peak_alloc_gib": peak if isinstance(peak, float) else None,
             "peak_reserved_gib": s["peak_reserved_gib"] if isinstance(peak, float) else None,
-            "loaded_gib": loaded.gib, "measured_steps": s["measured_steps"]}
+            "loaded_gib": loaded.gib, "measured_steps": s["measured_steps"], "profile": profiler.result()}
 
 
 def run_baseline(job: Job) -> dict:
@@ -261,7 +337,7 @@ def plain_loop(model, job: Job, device) -> dict:
             torch.cuda.synchronize()
 
     batches = iter(synthetic_batches(job, model.config.vocab_size))
-    times = []
+    times, profiler = [], StepProfiler(job)
     for _ in range(job.warmup + job.steps):
         sync()
         start = time.perf_counter()
@@ -274,6 +350,7 @@ def plain_loop(model, job: Job, device) -> dict:
         optimizer.zero_grad(set_to_none=True)
         sync()
         times.append(time.perf_counter() - start)
+        profiler.step()
     step = statistics.median(times[job.warmup:])
     tokens = job.batch * job.seq * job.accumulate
     config = model.config
@@ -286,7 +363,7 @@ def plain_loop(model, job: Job, device) -> dict:
             "mfu": flops * tokens / step / peak_flops if peak_flops else None,
             "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if on_cuda else None,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if on_cuda else None,
-            "loaded_gib": loaded, "measured_steps": len(times) - job.warmup}
+            "loaded_gib": loaded, "measured_steps": len(times) - job.warmup, "profile": profiler.result()}
 
 
 RUNNERS = {"project": run_project, BASELINE: run_baseline, PEER: run_peer}
@@ -321,7 +398,7 @@ def plan(args: argparse.Namespace, arch_root: Path) -> list[Job]:
     def arch_dir(arch: str) -> str:
         return str(write_arch(arch, arch_root, tiny=args.tiny))
 
-    common = {"steps": args.steps, "warmup": args.warmup}
+    common = {"steps": args.steps, "warmup": args.warmup, "profile": args.profile}
     if args.original:
         return [Job(e.arch, 1, 512, "project", "default", arch_dir(e.arch), r=e.r, alpha=2 * e.r, accumulate=8,
                     experiment=e.name, options=VARIANTS["default"], **common) for e in ORIGINAL]
@@ -483,7 +560,22 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
               "they do not count).", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + profile_lines(rows))
+
+
+def profile_lines(rows: list[dict]) -> list[str]:
+    """``--profile``: GPU milliseconds per optimizer step by kind of kernel, one line per configuration."""
+    profiled = [r for r in rows if r.get("profile")]
+    if not profiled:
+        return []
+    lines = [f"GPU time per step by kind of kernel (`--profile`, the last {PROFILED_STEPS} measured steps "
+             "traced; busy = kernel time / span of the steps):", ""]
+    for r in profiled:
+        p = r["profile"]
+        kinds = ", ".join(f"{kind} {ms:.1f}" for kind, ms in p["ms_per_step"].items())
+        lines.append(f"- {r['arch']} {r['batch']}x{r['seq']} {r['variant']}: busy {_fmt(p['gpu_busy'], '.0%')}, "
+                     f"{p['kernels_per_step']:.0f} kernels; ms: {kinds}")
+    return lines + [""]
 
 
 def chart(rows: list[dict], path: Path) -> Optional[str]:
@@ -538,6 +630,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="rounds of every configuration, interleaved; the report takes the median round")
     parser.add_argument("--steps", type=int, default=8, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=4, help="warm-up optimizer steps left out")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"trace the GPU kernels of the last {PROFILED_STEPS} measured steps: GPU ms per step "
+                             "by kind of kernel in harness.md (the trace costs some speed)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"skip the jobs that would overrun this (--quick: {QUICK_BUDGET_S:.0f} unless given)")
     parser.add_argument("--arch-root", help="folder for the arch configs (reuse one to reuse its random weights)")

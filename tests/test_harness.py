@@ -55,3 +55,16 @@ def test_quick_mode_keeps_to_one_ten_minute_command_unless_told_otherwise():
     assert harness.parse_args(["--quick"]).budget_s == harness.QUICK_BUDGET_S < 600
     assert harness.parse_args(["--quick", "--budget-s", "900"]).budget_s == 900
     assert harness.parse_args([]).budget_s is None
+
+
+def test_profile_breakdown_sorts_kernels_by_kind_and_measures_how_busy_the_gpu_is():
+    kernels = [("sm90_xmma_gemm_bf16bf16_bf16f32", 0.0, 600.0), ("kDequantizeBlockwise<bf16, NF4>", 600.0, 100.0),
+               ("triton_poi_fused_add_mul_0", 900.0, 50.0), ("Memcpy DtoH (Device -> Pinned)", 950.0, 50.0),
+               ("void at::native::vectorized_elementwise_kernel<4>", 1000.0, 200.0)]
+    result = harness.kernel_breakdown(kernels, steps=2)
+    assert result["ms_per_step"] == {"matmul": 0.3, "other (eager kernels)": 0.1, "4-bit dequantize": 0.05,
+                                     "compiled (Triton)": 0.025, "copy to/from host": 0.025}
+    assert result["kernels_per_step"] == 2.5
+    assert result["gpu_busy"] == 1000.0 / 1200.0  # a 200 us gap between the dequantize and the fused kernel
+    row = {"arch": "mistral-7b", "batch": 8, "seq": 1024, "variant": "default", "profile": result}
+    assert harness.profile_lines([row])[2].startswith("- mistral-7b 8x1024 default: busy 83%, 2 kernels")
