@@ -53,7 +53,7 @@ GIB = 2**30
 # `default` is what the project does when none is set (on a GPU: compiled layers). The Liger
 # variants run eagerly, as they were first measured: compiling fuses what Liger's kernels fuse.
 LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
-          "attn_implementation": "sdpa", "compile_layers": "auto", "cpu_embeddings": False}
+          "attn_implementation": "sdpa", "compile_layers": "auto", "cpu_embeddings": False, "lora_dropout": 0.05}
 LIGER = {"liger_kernel": True, "compile_layers": False}
 OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
 VARIANTS: dict[str, dict] = {
@@ -65,6 +65,9 @@ VARIANTS: dict[str, dict] = {
     "offload": {**LEVERS, "gradient_checkpointing": "offload"},
     "offload+chunked_ce": {**LEVERS, **OFFLOAD_CHUNKED},
     "offload+chunked_ce+cpu_embed": {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True},
+    # LoRA dropout 0, as Unsloth runs (the baseline keeps 0.05): no dropped copy of each adapter's input.
+    "nodrop": {**LEVERS, "lora_dropout": 0.0},
+    "offload+chunked_ce+cpu_embed+nodrop": {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0},
     "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
     "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
     "lean+flex": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER, "attn_implementation": "flex_attention"},
@@ -179,10 +182,10 @@ class StepProfiler:
     def step(self) -> None:
         if not self.enabled:
             return
+        self.done += 1
         if self.done == self.steps_before:
             self.prof.start()
-        self.done += 1
-        if self.done == self.steps_before + PROFILED_STEPS:
+        elif self.done == self.steps_before + PROFILED_STEPS:
             import torch
 
             torch.cuda.synchronize()
@@ -241,7 +244,7 @@ def run_project(job: Job) -> dict:
                          liger_kernel=opts["liger_kernel"], upcast_frozen=opts["upcast_frozen"],
                          attn_implementation=opts["attn_implementation"], compile_layers=opts["compile_layers"],
                          cpu_embeddings=opts["cpu_embeddings"])
-    module = SFTModule(base=base, lora=LoraSpec(r=job.r, alpha=job.alpha, dropout=0.05),
+    module = SFTModule(base=base, lora=LoraSpec(r=job.r, alpha=job.alpha, dropout=opts["lora_dropout"]),
                        gradient_checkpointing=opts["gradient_checkpointing"],
                        loss_chunk_size=opts["loss_chunk_size"], warmup_ratio=0.0)
     monitor, loaded = PerfMonitor(warmup_steps=job.warmup), LoadedMemory()
@@ -501,7 +504,8 @@ def with_estimates(rows: list[dict]) -> list[dict]:
                                        upcast_frozen=baseline or opts.get("upcast_frozen", True),
                                        liger_kernel=opts["liger_kernel"] and not baseline,
                                        attn_implementation=opts.get("attn_implementation", "sdpa"),
-                                       cpu_embeddings=opts.get("cpu_embeddings", False) and not baseline)
+                                       cpu_embeddings=opts.get("cpu_embeddings", False) and not baseline,
+                                       lora_dropout=0.05 if baseline else opts.get("lora_dropout", 0.05))
             row["estimated_peak_gib"] = est["total_gib"]
             if row.get("peak_alloc_gib"):
                 row["estimate_error"] = est["total_gib"] / row["peak_alloc_gib"] - 1
@@ -556,7 +560,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "`base.upcast_frozen: true` (PEFT's fp32 upcast); `offload` = `gradient_checkpointing: offload`; "
               "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true` (run eagerly); "
               "`lean` = offload + chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; "
-              "`cpu_embed` = `base.cpu_embeddings: true`; `eager` = `base.compile_layers: false` (on a GPU the "
+              "`cpu_embed` = `base.cpu_embeddings: true`; `nodrop` = `lora.dropout: 0` (the others and the baseline: "
+              "0.05); `eager` = `base.compile_layers: false` (on a GPU the "
               "default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
               "they do not count).", ""]

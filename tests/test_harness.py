@@ -68,3 +68,19 @@ def test_profile_breakdown_sorts_kernels_by_kind_and_measures_how_busy_the_gpu_i
     assert result["gpu_busy"] == 1000.0 / 1200.0  # a 200 us gap between the dequantize and the fused kernel
     row = {"arch": "mistral-7b", "batch": 8, "seq": 1024, "variant": "default", "profile": result}
     assert harness.profile_lines([row])[2].startswith("- mistral-7b 8x1024 default: busy 83%, 2 kernels")
+
+
+def test_the_profiler_traces_exactly_the_last_measured_steps(monkeypatch):
+    monkeypatch.setattr(harness, "PROFILED_STEPS", 2)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    job = harness.Job("mistral-7b", 1, 512, "project", "default", "/nowhere", steps=8, warmup=4, profile=True)
+    profiler = harness.StepProfiler(job)
+    calls = []
+    profiler.prof = type("Recorder", (), {"start": lambda self: calls.append(("start", profiler.done)),
+                                          "stop": lambda self: calls.append(("stop", profiler.done))})()
+    for _ in range(job.warmup + job.steps):
+        profiler.step()
+    assert calls == [("start", 10), ("stop", 12)]  # started after step 10: steps 11 and 12 traced
