@@ -53,7 +53,8 @@ GIB = 2**30
 # `default` is what the project does when none is set (on a GPU: compiled layers). The Liger
 # variants run eagerly, as they were first measured: compiling fuses what Liger's kernels fuse.
 LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
-          "attn_implementation": "sdpa", "compile_layers": "auto", "cpu_embeddings": False, "lora_dropout": 0.05}
+          "attn_implementation": "sdpa", "compile_layers": "auto", "cpu_embeddings": False, "lora_dropout": 0.05,
+          "lean_forward": True}
 LIGER = {"liger_kernel": True, "compile_layers": False}
 OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
 VARIANTS: dict[str, dict] = {
@@ -67,6 +68,7 @@ VARIANTS: dict[str, dict] = {
     "offload+chunked_ce+cpu_embed": {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True},
     # LoRA dropout 0, as Unsloth runs (the baseline keeps 0.05): no dropped copy of each adapter's input.
     "nodrop": {**LEVERS, "lora_dropout": 0.0},
+    "peft_forward": {**LEVERS, "lean_forward": False},
     "offload+chunked_ce+cpu_embed+nodrop": {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0},
     "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
     "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
@@ -244,7 +246,8 @@ def run_project(job: Job) -> dict:
                          liger_kernel=opts["liger_kernel"], upcast_frozen=opts["upcast_frozen"],
                          attn_implementation=opts["attn_implementation"], compile_layers=opts["compile_layers"],
                          cpu_embeddings=opts["cpu_embeddings"])
-    module = SFTModule(base=base, lora=LoraSpec(r=job.r, alpha=job.alpha, dropout=opts["lora_dropout"]),
+    module = SFTModule(base=base, lora=LoraSpec(r=job.r, alpha=job.alpha, dropout=opts["lora_dropout"],
+                                                     lean_forward=opts["lean_forward"]),
                        gradient_checkpointing=opts["gradient_checkpointing"],
                        loss_chunk_size=opts["loss_chunk_size"], warmup_ratio=0.0)
     monitor, loaded = PerfMonitor(warmup_steps=job.warmup), LoadedMemory()
@@ -561,7 +564,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true` (run eagerly); "
               "`lean` = offload + chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; "
               "`cpu_embed` = `base.cpu_embeddings: true`; `nodrop` = `lora.dropout: 0` (the others and the baseline: "
-              "0.05); `eager` = `base.compile_layers: false` (on a GPU the "
+              "0.05); `peft_forward` = `lora.lean_forward: false`; `eager` = `base.compile_layers: false` (on a GPU the "
               "default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
               "they do not count).", ""]

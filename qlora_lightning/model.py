@@ -32,6 +32,7 @@ from transformers import (
 
 from qlora_lightning.checkpointing import Checkpointing, enable_checkpointing
 from qlora_lightning.errors import UserError
+from qlora_lightning.lora_forward import use_lean_lora
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ class LoraSpec:
         target_modules: Module names to adapt, or ``all-linear`` for every linear layer but the output head.
         modules_to_save: Extra modules trained in full and saved with the adapter (e.g. ``lm_head``).
         init_adapter: Directory of a saved PEFT adapter to start from instead of a fresh one.
+        lean_forward: In training, add the adapter's update into each 4-bit layer's output with one
+            ``addmm`` (``lora_forward.py``): PEFT's math with fewer kernels and full-size passes.
+            False keeps PEFT's forward.
     """
 
     r: PositiveInt = 16
@@ -103,6 +107,7 @@ class LoraSpec:
     target_modules: Union[str, list[str]] = "all-linear"
     modules_to_save: Optional[list[str]] = None
     init_adapter: Optional[str] = None
+    lean_forward: bool = True
 
 
 def quantization_config(spec: BaseModelSpec) -> Optional[BitsAndBytesConfig]:
@@ -310,6 +315,8 @@ def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: Che
     if spec.cpu_embeddings:
         embeddings_to_cpu(base)
     model = add_lora(base, lora)
+    if lora.lean_forward:
+        use_lean_lora(model)
     if should_compile(spec.compile_layers, device):
         compile_layers(model)
     # from_pretrained returns the base in eval mode and Lightning keeps each module's mode, but

@@ -1,0 +1,60 @@
+"""The lean LoRA forward (``lora_forward.py``) against PEFT's own, on real 4-bit layers on the CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from peft.tuners.lora.bnb import Linear4bit
+
+from qlora_lightning.lora_forward import LeanLoraLinear4bit
+from qlora_lightning.model import LoraSpec, build_model
+from tests.conftest import tiny_spec
+
+SPEC = dataclasses.replace(tiny_spec(num_key_value_heads=4), compute_dtype="bfloat16")
+
+
+def _loss_and_grads(lean: bool, dropout: float, tokens: torch.Tensor):
+    torch.manual_seed(0)
+    model = build_model(SPEC, LoraSpec(r=4, dropout=dropout, lean_forward=lean), gradient_checkpointing=True)
+    generator = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if ".lora_B." in name:  # a non-zero update, so that the adapter's path shows in the output
+            p.data.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    torch.manual_seed(2)  # the dropout masks
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    return model, loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lean_forward_gives_peft_s_loss_and_gradients(dropout):
+    tokens = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    lean_model, lean_loss, lean = _loss_and_grads(True, dropout, tokens)
+    peft_model, peft_loss, peft = _loss_and_grads(False, dropout, tokens)
+    layers = [m for m in lean_model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 7 * lean_model.config.num_hidden_layers
+    assert all(type(m) is LeanLoraLinear4bit for m in layers)
+    assert not any(type(m) is LeanLoraLinear4bit for m in peft_model.modules())
+    # The same dropout masks (both draw them in the same order); bf16 rounds the fused sum once, not twice.
+    torch.testing.assert_close(lean_loss, peft_loss, rtol=2e-3, atol=0)
+    assert lean.keys() == peft.keys()
+    for name in lean:
+        torch.testing.assert_close(lean[name], peft[name], rtol=0.05, atol=2e-3, msg=name)
+
+
+def test_lean_forward_is_used_only_where_it_computes_what_peft_does():
+    model = build_model(SPEC, LoraSpec(r=4), gradient_checkpointing=False)
+    layer = next(m for m in model.modules() if type(m) is LeanLoraLinear4bit)
+    x = torch.randn(2, 3, layer.in_features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer._lean_adapter(x, (), {}) == "default"
+        assert layer._lean_adapter(x, (), {"adapter_names": ["default"] * 2}) is None  # mixed-adapter batches
+        with model.disable_adapter():
+            assert layer._lean_adapter(x, (), {}) is None
+        model.eval()
+        assert layer._lean_adapter(x, (), {}) is None  # generation and evaluation: PEFT's forward
+        model.train()
+    assert layer._lean_adapter(x, (), {}) is None  # no autocast: PEFT casts the input to the adapter's dtype
