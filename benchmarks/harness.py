@@ -54,7 +54,7 @@ GIB = 2**30
 # variants run eagerly, as they were first measured: compiling fuses what Liger's kernels fuse.
 LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
           "attn_implementation": "sdpa", "compile_layers": "auto", "cpu_embeddings": False, "lora_dropout": 0.05,
-          "lean_forward": True}
+          "lean_forward": False}
 LIGER = {"liger_kernel": True, "compile_layers": False}
 OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
 VARIANTS: dict[str, dict] = {
@@ -66,10 +66,12 @@ VARIANTS: dict[str, dict] = {
     "offload": {**LEVERS, "gradient_checkpointing": "offload"},
     "offload+chunked_ce": {**LEVERS, **OFFLOAD_CHUNKED},
     "offload+chunked_ce+cpu_embed": {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True},
+    "lean_lora": {**LEVERS, "lean_forward": True},
     # LoRA dropout 0, as Unsloth runs (the baseline keeps 0.05): no dropped copy of each adapter's input.
     "nodrop": {**LEVERS, "lora_dropout": 0.0},
-    "peft_forward": {**LEVERS, "lean_forward": False},
-    "offload+chunked_ce+cpu_embed+nodrop": {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0},
+    # The leanest measured path (benchmarks/results/2026-11-28_session4), lean LoRA forward included.
+    "offload+chunked_ce+cpu_embed+nodrop": {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0,
+                                            "lean_forward": True},
     "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
     "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
     "lean+flex": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER, "attn_implementation": "flex_attention"},
@@ -564,7 +566,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true` (run eagerly); "
               "`lean` = offload + chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; "
               "`cpu_embed` = `base.cpu_embeddings: true`; `nodrop` = `lora.dropout: 0` (the others and the baseline: "
-              "0.05); `peft_forward` = `lora.lean_forward: false`; `eager` = `base.compile_layers: false` (on a GPU the "
+              "0.05); `lean_lora` = `lora.lean_forward: true`; `eager` = `base.compile_layers: false` (on a GPU the "
               "default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
               "they do not count).", ""]

@@ -97,8 +97,8 @@ class LoraSpec:
         modules_to_save: Extra modules trained in full and saved with the adapter (e.g. ``lm_head``).
         init_adapter: Directory of a saved PEFT adapter to start from instead of a fresh one.
         lean_forward: In training, add the adapter's update into each 4-bit layer's output with one
-            ``addmm`` (``lora_forward.py``): PEFT's math with fewer kernels and full-size passes.
-            False keeps PEFT's forward.
+            ``addmm`` (``lora_forward.py``): PEFT's math without the adapter's full-size output. Off by
+            default: with compiled layers it measured 2% slower than PEFT's forward at 8 x 1024.
     """
 
     r: PositiveInt = 16
@@ -107,7 +107,7 @@ class LoraSpec:
     target_modules: Union[str, list[str]] = "all-linear"
     modules_to_save: Optional[list[str]] = None
     init_adapter: Optional[str] = None
-    lean_forward: bool = True
+    lean_forward: bool = False
 
 
 def quantization_config(spec: BaseModelSpec) -> Optional[BitsAndBytesConfig]:

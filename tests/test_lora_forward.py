@@ -46,7 +46,7 @@ def test_lean_forward_gives_peft_s_loss_and_gradients(dropout):
 
 
 def test_lean_forward_is_used_only_where_it_computes_what_peft_does():
-    model = build_model(SPEC, LoraSpec(r=4), gradient_checkpointing=False)
+    model = build_model(SPEC, LoraSpec(r=4, lean_forward=True), gradient_checkpointing=False)
     layer = next(m for m in model.modules() if type(m) is LeanLoraLinear4bit)
     x = torch.randn(2, 3, layer.in_features)
     with torch.autocast("cpu", dtype=torch.bfloat16):
