@@ -33,6 +33,7 @@ from transformers import (
 from qlora_lightning.checkpointing import Checkpointing, enable_checkpointing
 from qlora_lightning.errors import UserError
 from qlora_lightning.lora_forward import use_lean_lora
+from qlora_lightning.paths import shipped
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,11 @@ class BaseModelSpec:
     cpu_embeddings: bool = False
     upcast_frozen: bool = False
 
+    def __post_init__(self):
+        # The shipped tiny model and tokenizer, whatever the working directory.
+        self.name_or_path = shipped(self.name_or_path)
+        self.tokenizer = self.tokenizer and shipped(self.tokenizer)
+
 
 @dataclass
 class LoraSpec:
@@ -130,7 +136,7 @@ def quantization_config(spec: BaseModelSpec) -> Optional[BitsAndBytesConfig]:
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Load a tokenizer, giving it a pad token (the EOS token) when it has none."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(shipped(name_or_path))
     except (OSError, ValueError) as err:
         raise UserError(f"tokenizer '{name_or_path}': {_first_line(err)}") from None
     if tokenizer.pad_token is None:

@@ -15,10 +15,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.conftest import REPO
 
 
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, from the repo root, offline (the environment conftest set up)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "qlora_lightning", *args], cwd=REPO, env=env,
+def run_cli(*args: str, timeout: int = 300, cwd=REPO) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it, from the repo root unless told, offline (the environment conftest set up)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "qlora_lightning", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -41,6 +42,14 @@ def test_quickstart_runs_end_to_end(tmp_path):
     summary = json.loads((run / "run_summary.json").read_text())
     assert summary["optimizer_steps"] == 20
     assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["final_val_loss"])
+
+
+def test_quickstart_runs_from_another_directory(tmp_path):
+    """Its model, tokenizer and data are named ``qlora_lightning/assets/...``: found in the package."""
+    result = run_cli("fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.max_steps", "2",
+                     "--trainer.val_check_interval", "2", "--trainer.default_root_dir", str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list((tmp_path / "lightning_logs").glob("version_*/adapter/adapter_config.json"))
 
 
 def _assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:

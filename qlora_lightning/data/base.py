@@ -25,6 +25,7 @@ from qlora_lightning.data.packing import PackingMode, collate_packs, pack_exampl
 from qlora_lightning.data.sampling import EpochSeededSampler, LengthGroupedSampler
 from qlora_lightning.data.tokenize import RAW_JSON, ChatFormat, Message, RowError, decode_row, tokenize_messages
 from qlora_lightning.errors import UserError
+from qlora_lightning.paths import shipped
 from qlora_lightning.losses import IGNORE_INDEX
 from qlora_lightning.model import load_tokenizer
 
@@ -174,7 +175,7 @@ class SFTDataModule(LightningDataModule):
         strict: bool = False,
     ):
         super().__init__()
-        self.path = path or self.default_path
+        self.path = shipped(path or self.default_path)
         self.hub_config = hub_config if hub_config is not None else self.default_hub_config
         self.tokenizer = tokenizer
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
