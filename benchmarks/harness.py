@@ -54,7 +54,7 @@ GIB = 2**30
 # variants run eagerly, as they were first measured: compiling fuses what Liger's kernels fuse.
 LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
           "attn_implementation": "sdpa", "compile_layers": "auto", "cpu_embeddings": False, "lora_dropout": 0.05,
-          "lean_forward": False}
+          "lean_forward": False, "optimizer": "paged_adamw_8bit"}
 LIGER = {"liger_kernel": True, "compile_layers": False}
 OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
 VARIANTS: dict[str, dict] = {
@@ -72,18 +72,25 @@ VARIANTS: dict[str, dict] = {
     # The leanest measured path (benchmarks/results/2026-11-28_session4), lean LoRA forward included.
     "offload+chunked_ce+cpu_embed+nodrop": {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0,
                                             "lean_forward": True},
+    # torch's fused AdamW: one kernel for every adapter tensor instead of a launch per tensor, but
+    # its fp32 state (8 bytes per adapter parameter) is on the GPU and counted.
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw": {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True,
+                                                        "lora_dropout": 0.0, "lean_forward": True,
+                                                        "optimizer": "fused_adamw"},
     "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
     "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
     "lean+flex": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER, "attn_implementation": "flex_attention"},
     "no_gc": {**LEVERS, "gradient_checkpointing": False},
     "no_gc+chunked_ce+liger": {**LEVERS, "gradient_checkpointing": False, "loss_chunk_size": 1024, **LIGER},
 }
+# The ``optimizer`` lever's class, as the memory estimator names it.
+ESTIMATED_OPTIMIZER = {"paged_adamw_8bit": "PagedAdamW8bit", "fused_adamw": "AdamW"}
 BASELINE = "hf_peft"
 PEER = "unsloth"  # measured when installed, in a process of its own like every job
 
 QUICK = {"archs": ["mistral-7b", "llama-2-7b"], "shapes": ["1x512", "8x1024"]}
 # Levers measured in --quick mode, at one shape of the first arch (a whole grid does not fit 10 minutes).
-QUICK_LEVERS = {"arch": "mistral-7b", "shape": "8x1024", "variants": ["eager", "offload+chunked_ce"]}
+QUICK_LEVERS = {"arch": "mistral-7b", "shape": "8x1024", "variants": ["eager", "offload+chunked_ce+cpu_embed+nodrop"]}
 QUICK_BUDGET_S = 540.0  # the jobs that would not fit are listed as skipped
 FULL_SHAPES = ["1x512", "8x1024", "4x2048"]
 LONG_SHAPES = ["1x8192", "1x16384", "1x32768"]  # Mistral only: 32k positions, sliding window 4096
@@ -240,6 +247,10 @@ def run_project(job: Job) -> dict:
 
     profiler = StepProfiler(job)
 
+    from qlora_lightning.modules.base import paged_adamw_8bit
+
+    OPTIMIZERS = {"paged_adamw_8bit": paged_adamw_8bit,
+                  "fused_adamw": lambda params: torch.optim.AdamW(params, lr=2e-4, fused=torch.cuda.is_available())}
     opts = {**LEVERS, **job.options}  # rows saved before a lever existed did not set it
     # The adapter is saved with a tokenizer at the end of fit; the shipped tiny one does, as the
     # random-weight architecture folders hold none (tokens are synthetic anyway).
@@ -251,7 +262,8 @@ def run_project(job: Job) -> dict:
     module = SFTModule(base=base, lora=LoraSpec(r=job.r, alpha=job.alpha, dropout=opts["lora_dropout"],
                                                      lean_forward=opts["lean_forward"]),
                        gradient_checkpointing=opts["gradient_checkpointing"],
-                       loss_chunk_size=opts["loss_chunk_size"], warmup_ratio=0.0)
+                       loss_chunk_size=opts["loss_chunk_size"], warmup_ratio=0.0,
+                       optimizer=OPTIMIZERS[opts["optimizer"]])
     monitor, loaded = PerfMonitor(warmup_steps=job.warmup), LoadedMemory()
     root = tempfile.mkdtemp(prefix="bench-")
     module.adapter_dir = str(Path(root) / "adapter")
@@ -510,7 +522,9 @@ def with_estimates(rows: list[dict]) -> list[dict]:
                                        liger_kernel=opts["liger_kernel"] and not baseline,
                                        attn_implementation=opts.get("attn_implementation", "sdpa"),
                                        cpu_embeddings=opts.get("cpu_embeddings", False) and not baseline,
-                                       lora_dropout=0.05 if baseline else opts.get("lora_dropout", 0.05))
+                                       lora_dropout=0.05 if baseline else opts.get("lora_dropout", 0.05),
+                                       optimizer="PagedAdamW8bit" if baseline else ESTIMATED_OPTIMIZER[
+                                           opts.get("optimizer", "paged_adamw_8bit")])
             row["estimated_peak_gib"] = est["total_gib"]
             if row.get("peak_alloc_gib"):
                 row["estimate_error"] = est["total_gib"] / row["peak_alloc_gib"] - 1
@@ -566,7 +580,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true` (run eagerly); "
               "`lean` = offload + chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; "
               "`cpu_embed` = `base.cpu_embeddings: true`; `nodrop` = `lora.dropout: 0` (the others and the baseline: "
-              "0.05); `lean_lora` = `lora.lean_forward: true`; `eager` = `base.compile_layers: false` (on a GPU the "
+              "0.05); `lean_lora` = `lora.lean_forward: true`; `fused_adamw` = `torch.optim.AdamW` with `fused: true` "
+              "instead of paged 8-bit AdamW; `eager` = `base.compile_layers: false` (on a GPU the "
               "default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
               "they do not count).", ""]

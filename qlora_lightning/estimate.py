@@ -150,9 +150,19 @@ def logits_bytes(d: Dims, tokens: int, loss_chunk_size: Optional[int],
     return tokens * d.vocab * (14 if loss_impl == "transformers" else 12)
 
 
+def optimizer_state_bytes(optimizer: str) -> tuple[int, bool]:
+    """Bytes of state per trainable parameter of an Adam-family optimizer, and whether it is paged.
+
+    Two moments each, 8-bit (bitsandbytes ``*8bit``) or fp32; bitsandbytes' ``Paged*`` optimizers keep
+    them in CUDA managed memory, which the allocator's peak does not count.
+    """
+    name = optimizer.rsplit(".", 1)[-1]
+    return (2 if "8bit" in name else 8), name.startswith("Paged")
+
+
 def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_checkpointing: Checkpointing = True,
                          loss_chunk_size: Optional[int] = None, quantization: str = "nf4",
-                         double_quant: bool = True, lora_dropout: float = 0.05, paged_optimizer: bool = True,
+                         double_quant: bool = True, lora_dropout: float = 0.05, optimizer: str = "PagedAdamW8bit",
                          loss_impl: Literal["project", "transformers"] = "project",
                          upcast_frozen: bool = False, liger_kernel: bool = False,
                          attn_implementation: Optional[str] = "sdpa", cpu_embeddings: bool = False) -> dict[str, float]:
@@ -169,7 +179,7 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
         quantization: ``nf4``, ``fp4``, ``int8`` or ``none``.
         double_quant: Whether the 4-bit constants are quantized too.
         lora_dropout: Adapter dropout (above zero it keeps a mask per LoRA input).
-        paged_optimizer: Paged 8-bit AdamW keeps its state in managed memory, outside the allocator's peak.
+        optimizer: The optimizer's class name or path (``optimizer_state_bytes``).
         loss_impl: ``project`` (``SFTModule``) or ``transformers`` (loss from ``labels`` in the model).
         upcast_frozen: ``BaseModelSpec.upcast_frozen`` (the transformers + PEFT recipe's fp32 upcast).
         liger_kernel: ``BaseModelSpec.liger_kernel``.
@@ -179,7 +189,7 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
 
     Returns:
         GiB per component, ``total_gib`` (what ``torch.cuda.max_memory_allocated`` should read)
-        and ``optimizer_state_gib`` (counted in the total only when not paged).
+        ``paged_optimizer_state_gib`` (not in the total) and ``offloaded_to_cpu_gib``.
     """
     d = dims_of(config)
     tokens = batch * seq
@@ -191,9 +201,10 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
         offloaded += table
     n_lora = lora_params(d, r)
     parts["lora_params_and_grads"] = n_lora * (4 + 4)
-    optimizer = n_lora * 2.0  # 8-bit first and second moments
-    if not paged_optimizer:
-        parts["optimizer_state"] = optimizer
+    state_bytes, paged = optimizer_state_bytes(optimizer)
+    state = n_lora * float(state_bytes)
+    if not paged:
+        parts["optimizer_state"] = state
     layer = layer_activation_bytes(d, lora_dropout > 0, upcast_frozen, liger_kernel) * tokens
     if d.sliding_window and seq > d.sliding_window and attn_implementation in ("sdpa", "eager", None):
         layer += 3 * batch * seq * seq  # a dense sliding-window mask: (B, 1, T, T) bool and its bf16 bias
@@ -214,7 +225,7 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
         parts["logits_and_loss"] = logits
     out = {f"{k}_gib": v / GIB for k, v in parts.items()}
     out["total_gib"] = sum(parts.values()) / GIB
-    out["optimizer_state_gib"] = optimizer / GIB
+    out["paged_optimizer_state_gib"] = state / GIB if paged else 0.0
     out["offloaded_to_cpu_gib"] = offloaded / GIB
     return out
 
@@ -253,7 +264,7 @@ def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str
         r=int(lora.get("r", 16)), gradient_checkpointing=_checkpointing(model.get("gradient_checkpointing", True)),
         loss_chunk_size=model.get("loss_chunk_size"), quantization=base.get("quantization", "nf4"),
         double_quant=bool(base.get("double_quant", True)), lora_dropout=float(lora.get("dropout", 0.05)),
-        paged_optimizer="Paged" in optimizer, upcast_frozen=bool(base.get("upcast_frozen", False)),
+        optimizer=optimizer, upcast_frozen=bool(base.get("upcast_frozen", False)),
         liger_kernel=bool(base.get("liger_kernel", False)), attn_implementation=base.get("attn_implementation", "sdpa"),
         cpu_embeddings=bool(base.get("cpu_embeddings", False)))
     return {"model": name, "batch_size": sequences, "max_seq_length": int(data.get("max_seq_length", 512)), **result}
@@ -277,9 +288,10 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {err}")
     print(f"{result['model']}, {result['batch_size']} sequences x {result['max_seq_length']} tokens per micro-batch:")
     for key, value in result.items():
-        if key.endswith("_gib") and key not in ("total_gib", "optimizer_state_gib", "offloaded_to_cpu_gib"):
+        if key.endswith("_gib") and key not in ("total_gib", "paged_optimizer_state_gib", "offloaded_to_cpu_gib"):
             print(f"  {key[:-4]:<36} {value:7.2f} GiB")
     print(f"  {'predicted peak (allocated)':<36} {result['total_gib']:7.2f} GiB")
-    print(f"  {'8-bit optimizer state (paged apart)':<36} {result['optimizer_state_gib']:7.2f} GiB")
+    if result["paged_optimizer_state_gib"]:
+        print(f"  {'optimizer state (paged, not counted)':<36} {result['paged_optimizer_state_gib']:7.2f} GiB")
     if result["offloaded_to_cpu_gib"]:
         print(f"  {'kept in CPU memory':<36} {result['offloaded_to_cpu_gib']:7.2f} GiB")

@@ -128,3 +128,16 @@ def test_estimate_within_the_goal_of_the_leanest_paths_measured_peaks(arch, batc
     # the estimate is 2-13% high there.
     est = estimate_peak_memory(_published(arch), batch=batch, seq=seq, **kwargs)
     assert est["total_gib"] == pytest.approx(measured, rel=0.15)
+
+
+@pytest.mark.parametrize("optimizer, counted_bytes", [
+    ("bitsandbytes.optim.PagedAdamW8bit", 0),  # managed memory: outside the allocator's peak
+    ("bitsandbytes.optim.AdamW8bit", 2),
+    ("torch.optim.AdamW", 8),  # two fp32 moments
+])
+def test_optimizer_state_counts_where_the_allocator_sees_it(optimizer, counted_bytes):
+    config = _published("mistral-7b")
+    paged = estimate_peak_memory(config, batch=1, seq=512)
+    est = estimate_peak_memory(config, batch=1, seq=512, optimizer=optimizer)
+    adapter_params = paged["lora_params_and_grads_gib"] / 8  # fp32 weights and gradients: 8 bytes each
+    assert est["total_gib"] - paged["total_gib"] == pytest.approx(counted_bytes * adapter_params)
