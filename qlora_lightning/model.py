@@ -228,8 +228,15 @@ class CpuEmbedding(torch.nn.Module):
         self.register_buffer("_like", embedding.weight.new_empty(0), persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = torch.nn.functional.embedding(input_ids.cpu(), self.table, self.padding_idx)
-        return rows.to(self._like.device, self._like.dtype)
+        ids = input_ids.cpu().reshape(-1)
+        to_gpu = self._like.device.type == "cuda"
+        # Gathered straight into pinned memory, the copy to the GPU queues without holding up the
+        # host (the pinned block is not reused before the copy is done). The table is frozen, so
+        # the lookup needs no gradient, and padding_idx only ever mattered for one.
+        rows = torch.empty((ids.numel(), self.embedding_dim), dtype=self.table.dtype, pin_memory=to_gpu)
+        torch.index_select(self.table, 0, ids, out=rows)
+        rows = rows.view(*input_ids.shape, self.embedding_dim)
+        return rows.to(self._like.device, self._like.dtype, non_blocking=to_gpu)
 
 
 def embeddings_to_cpu(model: PreTrainedModel) -> None:
