@@ -49,9 +49,7 @@ class LeanLoraLinear4bit(Linear4bit):
         return name if plain and lora_B.bias is None else None
 
 
-def use_lean_lora(model: torch.nn.Module) -> int:
-    """Give every PEFT 4-bit LoRA layer of ``model`` the lean forward, in place; returns how many."""
-    layers = [m for m in model.modules() if type(m) is Linear4bit]
-    for layer in layers:
+def use_lean_lora(model: torch.nn.Module) -> None:
+    """Give every PEFT 4-bit LoRA layer of ``model`` the lean forward, in place."""
+    for layer in [m for m in model.modules() if type(m) is Linear4bit]:
         layer.__class__ = LeanLoraLinear4bit  # a subclass adding no state: only the forward changes
-    return len(layers)

@@ -25,9 +25,9 @@ from qlora_lightning.data.packing import PackingMode, collate_packs, pack_exampl
 from qlora_lightning.data.sampling import EpochSeededSampler, LengthGroupedSampler
 from qlora_lightning.data.tokenize import RAW_JSON, ChatFormat, Message, RowError, decode_row, tokenize_messages
 from qlora_lightning.errors import UserError
-from qlora_lightning.paths import shipped
 from qlora_lightning.losses import IGNORE_INDEX
 from qlora_lightning.model import load_tokenizer
+from qlora_lightning.paths import shipped
 
 log = logging.getLogger(__name__)
 
