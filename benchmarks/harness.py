@@ -136,7 +136,6 @@ class Job:
     round: int = 0  # of --repeat
     profile: bool = False  # trace the GPU kernels of the last PROFILED_STEPS measured steps
 
-
     @property
     def shape(self) -> str:
         return f"{self.batch}x{self.seq}"
