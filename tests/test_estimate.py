@@ -141,3 +141,17 @@ def test_optimizer_state_counts_where_the_allocator_sees_it(optimizer, counted_b
     est = estimate_peak_memory(config, batch=1, seq=512, optimizer=optimizer)
     adapter_params = paged["lora_params_and_grads_gib"] / 8  # fp32 weights and gradients: 8 bytes each
     assert est["total_gib"] - paged["total_gib"] == pytest.approx(counted_bytes * adapter_params)
+
+
+# The transformers + PEFT baseline's peaks as issue 4 recorded them (one H200, 2026-11-28):
+# four architectures at the three shapes.
+BASELINE_PEAKS = {"mistral-7b": (5.35, 12.33, 12.33), "llama-2-7b": (5.10, 11.64, 11.65),
+                  "gemma-7b": (10.04, 34.56, 34.56), "phi-2": (3.07, 9.88, 9.88)}
+
+
+@pytest.mark.parametrize("arch, batch, seq, measured", [
+    (arch, batch, seq, peaks[i]) for arch, peaks in BASELINE_PEAKS.items()
+    for i, (batch, seq) in enumerate([(1, 512), (8, 1024), (4, 2048)])])
+def test_estimate_within_the_goal_for_every_architecture_and_shape_of_the_baseline(arch, batch, seq, measured):
+    est = estimate_peak_memory(_published(arch), batch=batch, seq=seq, upcast_frozen=True, loss_impl="transformers")
+    assert est["total_gib"] == pytest.approx(measured, rel=0.15)
