@@ -30,9 +30,12 @@ class QLoRACLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.base", "data.init_args.tokenizer", compute_fn=_tokenizer_of)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # save_on_train_epoch_end: a step that ends an epoch is saved right then. Otherwise Lightning
+        # defers it to a validation it expects next (which val_check_interval may not run) and saves
+        # after the next micro-batch instead, in the middle of an accumulation, which no resume can repeat.
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 3,
                              "checkpoint.monitor": "step", "checkpoint.mode": "max",
-                             "checkpoint.every_n_train_steps": 50})
+                             "checkpoint.every_n_train_steps": 50, "checkpoint.save_on_train_epoch_end": True})
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)

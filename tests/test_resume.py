@@ -12,10 +12,9 @@ from qlora_lightning.errors import UserError
 from qlora_lightning.reliability import AtomicCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
-# Mid-epoch on purpose: 16 rows / batch 2 = 8 micro-batches, 4 optimizer steps per epoch.
+# 16 rows / batch 2 = 8 micro-batches, accumulation 2: 4 optimizer steps per epoch.
 RUN = ["--config", "configs/quickstart.yaml", "--trainer.max_steps", "10", "--trainer.val_check_interval", "100",
-       "--data.init_args.batch_size", "2", "--model.init_args.lora.dropout", "0.1",
-       "--checkpoint.every_n_train_steps", "3"]
+       "--data.init_args.batch_size", "2", "--model.init_args.lora.dropout", "0.1"]
 
 
 def _fit(root: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -31,14 +30,20 @@ def _adapter(root: Path, version: int) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("every, kill", [
+    (3, 5),  # checkpoint inside the first epoch
+    (4, 5),  # checkpoint at the step that ends the first epoch
+    (6, 7),  # checkpoint inside the second epoch (its own order)
+])
+def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, every, kill):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _fit(straight)
-    killed = _fit(resumed, "--trainer.callbacks+=tests.kill_at_step.KillAtStep", "--trainer.callbacks.step", "5",
-                  check=False)
+    every_n = ["--checkpoint.every_n_train_steps", str(every)]
+    _fit(straight, *every_n)
+    killed = _fit(resumed, *every_n, "--trainer.callbacks+=tests.kill_at_step.KillAtStep",
+                  "--trainer.callbacks.step", str(kill), check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL: no clean-up ran
     assert (resumed / "lightning_logs/version_0/checkpoints/last.ckpt").is_file()
-    _fit(resumed, "--ckpt_path", "last")
+    _fit(resumed, *every_n, "--ckpt_path", "last")
 
     expected, got = _adapter(straight, 0), _adapter(resumed, 1)
     assert expected.keys() == got.keys()

@@ -313,8 +313,12 @@ class SFTDataModule(LightningDataModule):
             sampler = LengthGroupedSampler([len(ids) for ids in ds["input_ids"]], self.batch_size, self.seed)
         elif shuffle:
             sampler = EpochSeededSampler(ds, self.seed)
+        # Its own generator: starting an epoch draws the workers' base seed from it, not from the
+        # global generator that the dropout masks come from, so a checkpoint taken at the end of
+        # an epoch resumes exactly too.
         return StatefulDataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                                  collate_fn=self.collate, persistent_workers=self.num_workers > 0)
+                                  collate_fn=self.collate, persistent_workers=self.num_workers > 0,
+                                  generator=torch.Generator().manual_seed(self.seed))
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Pad a list of examples (or packs) on the right to the longest (dynamic padding)."""

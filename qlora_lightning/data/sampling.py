@@ -10,22 +10,44 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 
 class EpochSeededSampler(Sampler[int]):
-    """A random permutation per epoch, seeded by ``seed + epoch``.
+    """A random permutation per epoch, seeded by ``seed + epoch``, that records where it is.
 
-    Lightning calls ``set_epoch`` at every epoch start; together with torchdata's
-    ``StatefulDataLoader`` (which records how far into the epoch the loader got) a run
-    killed mid-epoch resumes on exactly the batch it would have seen next.
+    Lightning calls ``set_epoch`` at every epoch start. torchdata's ``StatefulDataLoader`` saves
+    ``state_dict()`` with each checkpoint and restores it before the epoch's iterator starts, so a
+    run killed anywhere resumes on exactly the batch it would have seen next: the epoch travels
+    with the position (otherwise a restored position would be replayed in a fresh sampler's
+    epoch 0 order), and a position at the end of an epoch resumes at the start of the next one.
     """
 
     def __init__(self, data: Sized, seed: int = 0):
         self.data, self.seed, self.epoch = data, seed, 0
+        self._yielded = 0  # indices handed out in the current epoch
+        self._resume_at = 0  # where the next iterator starts (set by load_state_dict)
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # a new epoch starts at its beginning; a restored position was another's
+            self._yielded = self._resume_at = 0
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> list[int]:
+        """This epoch's order of the indices."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(len(self.data), generator=generator).tolist())
+        return torch.randperm(len(self.data), generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._resume_at = self._resume_at, 0
+        self._yielded = start
+        for index in self.order()[start:]:
+            self._yielded += 1
+            yield index
+
+    def state_dict(self) -> dict:
+        if self._yielded >= len(self):  # the epoch is done: resume at the start of the next one
+            return {"epoch": self.epoch + 1, "yielded": 0}
+        return {"epoch": self.epoch, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._resume_at = state["epoch"], state["yielded"]
 
     def __len__(self) -> int:
         return len(self.data)
@@ -47,6 +69,6 @@ class LengthGroupedSampler(EpochSeededSampler):
         super().__init__(lengths, seed)
         self.batch_size = batch_size
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.data, self.batch_size, generator=generator))
+        return get_length_grouped_indices(self.data, self.batch_size, generator=generator)
