@@ -2,7 +2,7 @@
 
 Started by ``torchrun --nproc-per-node 2`` (gloo), as a multi-node job would start it: Lightning
 reads the ranks from torchrun's environment. FSDP is set up as ``configs/mistral_fsdp.yaml`` sets it.
-Each ``--runs`` entry, ``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_replicated][_resume]``, fits 4 steps into ``<out>/<run>/``;
+Each ``--runs`` entry, ``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_replicated][_resume|_resumelate]``, fits 4 steps into ``<out>/<run>/``;
 ``fit`` saves the adapter (``adapter/``) and the last checkpoint (``last.ckpt``), every rank writes
 ``rank<r>.pt`` (the adapter as this rank holds it, unsharded under FSDP; the real tokens of each of
 its optimizer steps; the logits of a fixed batch; the wrappers around the model) and rank 0 writes
@@ -39,6 +39,7 @@ from tests.conftest import EXAMPLES, REPO, TINY_LLAMA, sft_module, tiny_spec, to
 
 FSDP_CONFIG = REPO / "configs" / "mistral_fsdp.yaml"
 STEPS = 4
+RESUME_AFTER = {"resume": 1, "resumelate": 3}  # optimizer steps of the first fit
 # Small enough that every step clips (FSDP: through the root's clip_grad_norm_, over all shards).
 # Not in bf16 runs: the shards' norm, summed in another order, differs in its last bit, and bf16
 # rounding in the next forward makes that visible; without clipping FSDP and DDP agree exactly.
@@ -171,14 +172,14 @@ def fit(strategy: str, task: str, out: Path, max_steps: int, options: set[str], 
 def run(name: str, out: Path, sft_adapter: str) -> None:
     """``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_replicated][_resume]``: ``compiled`` sets
     ``base.compile_layers``, ``chunked`` ``loss_chunk_size``, ``replicated`` (FSDP) keeps the
-    adapters out of FSDP; ``resume`` stops after step 1 and resumes from its checkpoint."""
+    adapters out of FSDP; ``resume`` (``resumelate``) stops after step 1 (3) and resumes from its checkpoint."""
     strategy, task, *options = name.split("_")
     options = set(options)
     ckpt_path = None
-    if "resume" in options:
-        # Mid-epoch (2 optimizer steps per epoch). Resuming from the checkpoint of an epoch's last
-        # batch changes the next epoch's data order, on one device too: not a matter of the strategy.
-        fit(strategy, task, out / "first", 1, options, sft_adapter)
+    # 2 optimizer steps per epoch: ``resume`` stops inside the first epoch, ``resumelate`` inside the second.
+    stop = next((RESUME_AFTER[option] for option in options if option in RESUME_AFTER), None)
+    if stop is not None:
+        fit(strategy, task, out / "first", stop, options, sft_adapter)
         ckpt_path = str(out / "first" / "last.ckpt")
     trainer, tally, perf = fit(strategy, task, out, STEPS, options, sft_adapter, ckpt_path)
 

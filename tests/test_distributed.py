@@ -36,7 +36,7 @@ from tests.distributed_worker import FSDP_CONFIG, PROBE
 
 RUNS = ["ddp_sft", "fsdp_sft", "ddp_dpo", "fsdp_dpo", "ddp_sft_bf16", "fsdp_sft_bf16", "fsdp_sft_resume",
         "ddp_sft_compiled", "ddp_dpo_compiled", "fsdp_sft_chunked", "fsdp_dpo_chunked", "fsdp_sft_replicated",
-        "fsdp_dpo_replicated", "fsdp_sft_replicated_resume"]
+        "fsdp_dpo_replicated", "fsdp_sft_replicated_resume", "ddp_sft_resumelate"]
 LAYERS, LORA_MATRICES = 2, 28  # the tiny Llama: 2 decoder layers x 7 linear layers x (A, B)
 
 
@@ -97,16 +97,18 @@ def test_compiled_layers_train_the_adapter_eager_ones_train_under_ddp(runs, task
     # DPO switches adapters between the policy and the reference forward: the compiled parts follow.
     compiled, eager = _rank(runs, f"ddp_{task}_compiled", 0), _rank(runs, f"ddp_{task}", 0)
     assert (compiled["compiled_modules"], eager["compiled_modules"]) == (LAYERS * 4, 0)  # attention, MLP, 2 norms
-    # Compiled kernels sum in another order; four Adam steps carry that to ~1e-4 of the weights.
+    # Compiled kernels sum in another order; four Adam steps carry that to ~1e-4 of the weights
+    # and of the logits (measured up to 1.7e-4, DPO).
     _assert_same(compiled["adapter"], eager["adapter"], atol=1e-4)
-    torch.testing.assert_close(compiled["logits"], eager["logits"], atol=1e-4, rtol=0.0)
+    torch.testing.assert_close(compiled["logits"], eager["logits"], atol=3e-4, rtol=0.0)
 
 
 @pytest.mark.parametrize("task", ["sft", "dpo"])
 def test_chunked_loss_under_fsdp_trains_the_adapter_the_plain_loss_trains(runs, task):
     # The chunked loss applies the head outside the model's forward, within the root unit's.
     chunked, plain = _rank(runs, f"fsdp_{task}_chunked", 0), _rank(runs, f"fsdp_{task}", 0)
-    _assert_same(chunked["adapter"], plain["adapter"], atol=1e-5)
+    # Equal up to the rounding of a sum in chunks (measured up to 1.4e-5, weights up to 0.15).
+    _assert_same(chunked["adapter"], plain["adapter"], atol=3e-5)
 
 
 @pytest.mark.parametrize("run", ["sft", "dpo", "sft_bf16"])
@@ -167,6 +169,16 @@ def test_perf_monitor_counts_the_tokens_of_every_rank(runs, run):
     summary = json.loads((runs / run / "run_summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["peak_alloc_gib_per_rank"] == "not measured (CPU run)"
+
+
+def test_ddp_resumes_exactly_inside_a_later_epoch(runs):
+    # Stopped after step 3, inside the second epoch: the resumed steps see that epoch's own order
+    # (Lightning's distributed sampler wrapper draws it before any set_epoch, so the loader must
+    # start in the restored epoch), and both ranks end with the uninterrupted run's adapter.
+    for rank in (0, 1):
+        resumed, straight = _rank(runs, "ddp_sft_resumelate", rank), _rank(runs, "ddp_sft", rank)
+        assert resumed["tokens"] == straight["tokens"][3:]
+        _assert_same(resumed["adapter"], straight["adapter"], atol=1e-7)
 
 
 def test_fsdp_resumes_from_its_checkpoint_exactly(runs):

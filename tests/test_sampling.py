@@ -59,3 +59,18 @@ def test_each_epoch_has_its_own_order_and_every_index_once():
     first, second = _epoch(loader, 0), _epoch(loader, 1)
     assert first != second
     assert sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(N))
+
+
+@pytest.mark.parametrize("kind", ["plain", "grouped"])
+def test_ranks_share_one_permutation_in_equal_parts(kind):
+    ranks = 3
+    shards = []
+    for rank in range(ranks):
+        sampler = EpochSeededSampler(range(N), seed=7, num_replicas=ranks, rank=rank) if kind == "plain" else \
+            LengthGroupedSampler([i % 5 + 1 for i in range(N)], batch_size=BATCH, seed=7, num_replicas=ranks, rank=rank)
+        sampler.set_epoch(1)
+        shards.append(list(sampler))
+    assert {len(shard) for shard in shards} == {len(sampler)} == {4}  # ceil(10 / 3), two indices repeated
+    whole = sampler.order()
+    assert [i for step in zip(*shards) for i in step][:N] == whole  # rank r takes every 3rd index from r
+    assert sorted(set(sum(shards, []))) == list(range(N))

@@ -309,10 +309,16 @@ class SFTDataModule(LightningDataModule):
         # Stateful: checkpoints record the position inside the epoch, so resuming never
         # repeats or skips a batch.
         sampler = None
-        if shuffle and self.group_by_length:
-            sampler = LengthGroupedSampler([len(ids) for ids in ds["input_ids"]], self.batch_size, self.seed)
-        elif shuffle:
-            sampler = EpochSeededSampler(ds, self.seed)
+        if shuffle:
+            # A resumed run builds its loaders with the epoch already restored; over several ranks
+            # the sampler shards the data itself (Lightning leaves a DistributedSampler alone).
+            ranks = {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
+            if self.group_by_length:
+                sampler = LengthGroupedSampler([len(ids) for ids in ds["input_ids"]], self.batch_size, self.seed,
+                                               **ranks)
+            else:
+                sampler = EpochSeededSampler(ds, self.seed, **ranks)
+            sampler.set_epoch(self.trainer.current_epoch if self.trainer else 0)
         # Its own generator: starting an epoch draws the workers' base seed from it, not from the
         # global generator that the dropout masks come from, so a checkpoint taken at the end of
         # an epoch resumes exactly too.
