@@ -57,6 +57,7 @@ LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel
           "lean_forward": False, "optimizer": "paged_adamw_8bit"}
 LIGER = {"liger_kernel": True, "compile_layers": False}
 OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
+LEANEST = {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0, "lean_forward": True}
 VARIANTS: dict[str, dict] = {
     "default": LEVERS,
     "eager": {**LEVERS, "compile_layers": False},
@@ -70,13 +71,15 @@ VARIANTS: dict[str, dict] = {
     # LoRA dropout 0, as Unsloth runs (the baseline keeps 0.05): no dropped copy of each adapter's input.
     "nodrop": {**LEVERS, "lora_dropout": 0.0},
     # The leanest measured path (benchmarks/results/2026-11-28_session4), lean LoRA forward included.
-    "offload+chunked_ce+cpu_embed+nodrop": {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0,
-                                            "lean_forward": True},
-    # torch's fused AdamW: one kernel for every adapter tensor instead of a launch per tensor, but
-    # its fp32 state (8 bytes per adapter parameter) is on the GPU and counted.
-    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw": {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True,
-                                                        "lora_dropout": 0.0, "lean_forward": True,
-                                                        "optimizer": "fused_adamw"},
+    "offload+chunked_ce+cpu_embed+nodrop": LEANEST,
+    # The optimizers of qlora_lightning.optim, which never make the step wait for the GPU:
+    # bitsandbytes' 8-bit AdamW without its synchronize per tensor (the step's non-finite check
+    # still waits once), and torch's fused AdamW (one kernel for every adapter tensor, skips a
+    # non-finite step on the GPU; its fp32 state, 8 bytes per adapter parameter, is counted).
+    "adamw8bit": {**LEVERS, "optimizer": "adamw_8bit"},
+    "fused_adamw": {**LEVERS, "optimizer": "fused_adamw"},
+    "offload+chunked_ce+cpu_embed+nodrop+adamw8bit": {**LEANEST, "optimizer": "adamw_8bit"},
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw"},
     "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
     "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
     "lean+flex": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER, "attn_implementation": "flex_attention"},
@@ -84,7 +87,7 @@ VARIANTS: dict[str, dict] = {
     "no_gc+chunked_ce+liger": {**LEVERS, "gradient_checkpointing": False, "loss_chunk_size": 1024, **LIGER},
 }
 # The ``optimizer`` lever's class, as the memory estimator names it.
-ESTIMATED_OPTIMIZER = {"paged_adamw_8bit": "PagedAdamW8bit", "fused_adamw": "AdamW"}
+ESTIMATED_OPTIMIZER = {"paged_adamw_8bit": "PagedAdamW8bit", "adamw_8bit": "AdamW8bit", "fused_adamw": "AdamW"}
 BASELINE = "hf_peft"
 PEER = "unsloth"  # measured when installed, in a process of its own like every job
 
@@ -135,6 +138,7 @@ class Job:
     options: dict = field(default_factory=dict)
     round: int = 0  # of --repeat
     profile: bool = False  # trace the GPU kernels of the last PROFILED_STEPS measured steps
+    profile_host: bool = False  # and the host's work (a diagnostic: it slows the steps it traces)
 
     @property
     def shape(self) -> str:
@@ -183,11 +187,15 @@ class StepProfiler:
     def __init__(self, job: Job):
         import torch
 
-        self.enabled = job.profile and torch.cuda.is_available()
+        self.enabled = (job.profile or job.profile_host) and torch.cuda.is_available()
+        self.host = job.profile_host
         self.steps_before = job.warmup + job.steps - PROFILED_STEPS
         self.done = 0
         if self.enabled:
-            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            activities = [torch.profiler.ProfilerActivity.CUDA]
+            if self.host:
+                activities.append(torch.profiler.ProfilerActivity.CPU)
+            self.prof = torch.profiler.profile(activities=activities)
 
     def step(self) -> None:
         if not self.enabled:
@@ -206,6 +214,8 @@ class StepProfiler:
             return None
         events = [e for e in self.prof.events() if e.device_type.name == "CUDA"]
         print(self.prof.key_averages().table(sort_by="self_device_time_total", row_limit=25), flush=True)
+        if self.host:  # where the host's time goes, by operator and Python-level function
+            print(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), flush=True)
         return kernel_breakdown([(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events],
                                 PROFILED_STEPS)
 
@@ -239,6 +249,21 @@ def run_project(job: Job) -> dict:
         def on_train_start(self, trainer, pl_module):
             self.gib = torch.cuda.memory_allocated() / GIB if torch.cuda.is_available() else None
 
+    class WallClock(Callback):
+        """Host wall time over the measured steps, the GPU synchronized at both ends: a check on
+        PerfMonitor's median, which is timed by GPU events without synchronizing."""
+
+        seconds = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == job.warmup and (batch_idx + 1) % job.accumulate == 0:
+                torch.cuda.synchronize() if torch.cuda.is_available() else None
+                self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            torch.cuda.synchronize() if torch.cuda.is_available() else None
+            self.seconds = time.perf_counter() - self.start
+
     class Profile(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if (batch_idx + 1) % job.accumulate == 0:
@@ -247,9 +272,10 @@ def run_project(job: Job) -> dict:
     profiler = StepProfiler(job)
 
     from qlora_lightning.modules.base import paged_adamw_8bit
+    from qlora_lightning.optim import AdamW8bit
 
-    OPTIMIZERS = {"paged_adamw_8bit": paged_adamw_8bit,
-                  "fused_adamw": lambda params: torch.optim.AdamW(params, lr=2e-4, fused=torch.cuda.is_available())}
+    OPTIMIZERS = {"paged_adamw_8bit": paged_adamw_8bit, "adamw_8bit": lambda params: AdamW8bit(params, lr=2e-4),
+                  "fused_adamw": lambda params: torch.optim.AdamW(params, lr=2e-4, fused=True)}
     opts = {**LEVERS, **job.options}  # rows saved before a lever existed did not set it
     # The adapter is saved with a tokenizer at the end of fit; the shipped tiny one does, as the
     # random-weight architecture folders hold none (tokens are synthetic anyway).
@@ -263,22 +289,24 @@ def run_project(job: Job) -> dict:
                        gradient_checkpointing=opts["gradient_checkpointing"],
                        loss_chunk_size=opts["loss_chunk_size"], warmup_ratio=0.0,
                        optimizer=OPTIMIZERS[opts["optimizer"]])
-    monitor, loaded = PerfMonitor(warmup_steps=job.warmup), LoadedMemory()
+    monitor, loaded, wall = PerfMonitor(warmup_steps=job.warmup), LoadedMemory(), WallClock()
     root = tempfile.mkdtemp(prefix="bench-")
     module.adapter_dir = str(Path(root) / "adapter")
     trainer = Trainer(accelerator="auto", devices=1, precision="bf16-mixed", max_steps=job.warmup + job.steps,
                       accumulate_grad_batches=job.accumulate, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      num_sanity_val_steps=0, default_root_dir=root, callbacks=[monitor, loaded, Profile()])
+                      num_sanity_val_steps=0, default_root_dir=root, callbacks=[monitor, loaded, wall, Profile()])
     vocab = AutoConfig.from_pretrained(job.arch_dir).vocab_size
-    loader = DataLoader(synthetic_batches(job, vocab), batch_size=None)  # items are whole micro-batches
+    # Items are whole micro-batches, pinned as the DataModules' loaders pin them on a GPU.
+    loader = DataLoader(synthetic_batches(job, vocab), batch_size=None, pin_memory=torch.cuda.is_available())
     trainer.fit(module, train_dataloaders=loader)
     s = monitor.summary(trainer, module)
     peak = s["peak_alloc_gib"]
     return {"step_time_s": s["step_time_s"], "tokens_per_sec": s["tokens_per_sec"], "mfu": s["mfu"],
             "peak_alloc_gib": peak if isinstance(peak, float) else None,
             "peak_reserved_gib": s["peak_reserved_gib"] if isinstance(peak, float) else None,
-            "loaded_gib": loaded.gib, "measured_steps": s["measured_steps"], "profile": profiler.result()}
+            "loaded_gib": loaded.gib, "measured_steps": s["measured_steps"], "profile": profiler.result(),
+            "wall_tokens_per_sec": job.steps * job.accumulate * job.batch * job.seq / wall.seconds}
 
 
 def run_baseline(job: Job) -> dict:
@@ -417,7 +445,7 @@ def plan(args: argparse.Namespace, arch_root: Path) -> list[Job]:
     def arch_dir(arch: str) -> str:
         return str(write_arch(arch, arch_root, tiny=args.tiny))
 
-    common = {"steps": args.steps, "warmup": args.warmup, "profile": args.profile}
+    common = {"steps": args.steps, "warmup": args.warmup, "profile": args.profile, "profile_host": args.profile_host}
     if args.original:
         return [Job(e.arch, 1, 512, "project", "default", arch_dir(e.arch), r=e.r, alpha=2 * e.r, accumulate=8,
                     experiment=e.name, options=VARIANTS["default"], **common) for e in ORIGINAL]
@@ -560,15 +588,16 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                   "the end; every sample is a full 512 tokens here (the originals had shorter ones). "
                   "Not comparable 1:1 with the T4 (another GPU, another software stack).", ""]
         return "\n".join(lines)
-    lines += ["| arch | shape | impl | tokens/s | x baseline | peak alloc GiB | peak reserved GiB | est. GiB "
-              "| est. error | MFU | step s | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| arch | shape | impl | tokens/s | x baseline | wall tokens/s | peak alloc GiB | peak reserved GiB "
+              "| est. GiB | est. error | MFU | step s | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next((b for b in rows if b["arch"] == r["arch"] and b["batch"] == r["batch"]
                      and b["seq"] == r["seq"] and b["impl"] == BASELINE and b.get("tokens_per_sec")), None)
         ratio = r["tokens_per_sec"] / base["tokens_per_sec"] if base and r.get("tokens_per_sec") else None
         err = r.get("estimate_error")
         lines.append(f"| {r['arch']} | {r['batch']}x{r['seq']} | {r['variant']} | {_tokens_cell(r)} "
-                     f"| {_fmt(ratio)} | {_fmt(r.get('peak_alloc_gib'))} | {_fmt(r.get('peak_reserved_gib'))} "
+                     f"| {_fmt(ratio)} | {_fmt(r.get('wall_tokens_per_sec'), '.0f')} "
+                     f"| {_fmt(r.get('peak_alloc_gib'))} | {_fmt(r.get('peak_reserved_gib'))} "
                      f"| {_fmt(r.get('estimated_peak_gib'))} | {'n/a' if err is None else f'{err:+.0%}'} "
                      f"| {_fmt(r.get('mfu'), '.1%')} | {_fmt(r.get('step_time_s'), '.3f')} "
                      f"| {r['status']}{' (' + r['note'] + ')' if r.get('note') else ''} |")
@@ -580,10 +609,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "`lean` = offload + chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; "
               "`cpu_embed` = `base.cpu_embeddings: true`; `nodrop` = `lora.dropout: 0` (the others and the baseline: "
               "0.05); `lean_lora` = `lora.lean_forward: true`; `fused_adamw` = `torch.optim.AdamW` with `fused: true` "
-              "instead of paged 8-bit AdamW; `eager` = `base.compile_layers: false` (on a GPU the "
+              "instead of paged 8-bit AdamW; `adamw8bit` = `qlora_lightning.optim.AdamW8bit` (not paged, no "
+              "synchronize per tensor); `eager` = `base.compile_layers: false` (on a GPU the "
               "default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
-              "they do not count).", ""]
+              "they do not count). wall tokens/s: the project's measured steps over host wall time with the GPU "
+              "synchronized at both ends (its tokens/s is the median step timed by GPU events).", ""]
     return "\n".join(lines + profile_lines(rows))
 
 
@@ -657,6 +688,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help=f"trace the GPU kernels of the last {PROFILED_STEPS} measured steps: GPU ms per step "
                              "by kind of kernel in harness.md (the trace costs some speed)")
+    parser.add_argument("--profile-host", action="store_true",
+                        help="--profile, and the host's time by operator in the log (slows the traced steps)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"skip the jobs that would overrun this (--quick: {QUICK_BUDGET_S:.0f} unless given)")
     parser.add_argument("--arch-root", help="folder for the arch configs (reuse one to reuse its random weights)")

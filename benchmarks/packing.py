@@ -61,7 +61,7 @@ def padding_of(dm) -> dict:
     real = total = examples = 0
     for batch in dm.train_dataloader():
         n_real, n_examples = real_tokens_and_examples(batch)
-        real, total, examples = real + n_real, total + batch["input_ids"].numel(), examples + n_examples
+        real, total, examples = real + int(n_real), total + batch["input_ids"].numel(), examples + n_examples
     return {"examples": examples, "real_tokens": real, "padded_tokens": total,
             "padded_token_fraction": 1.0 - real / total}
 

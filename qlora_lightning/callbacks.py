@@ -1,7 +1,10 @@
 """Throughput and memory: tokens/s, samples/s, MFU and peak GPU memory, honestly measured.
 
-Per optimizer step (all its micro-batches), with the GPU synchronized before each clock
-read, the first ``warmup_steps`` steps excluded and time spent in validation left out.
+Per optimizer step (all its micro-batches), timed on the GPU between events recorded at the
+ends of consecutive steps, the first ``warmup_steps`` steps excluded and time spent in
+validation left out. A step's figures are read one step late, when its events are behind the
+work already queued: measuring never makes the host wait for the GPU (which would leave the GPU
+idle while the host prepares the next step, and slow the run it measures).
 Under DDP or FSDP the counts are the sums of what each rank processed (all-gathered each
 step, not one rank's multiplied by the world size) and peak memory is reported per rank.
 """
@@ -13,6 +16,7 @@ import logging
 import statistics
 import time
 from pathlib import Path
+from collections import deque
 from typing import Any, Optional
 
 import torch
@@ -20,6 +24,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from qlora_lightning.data.packing import real_tokens_and_examples
+from qlora_lightning.lagged import Mark, copy_to_host
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +120,8 @@ class PerfMonitor(Callback):
         self.warmup_steps, self.peak_tflops, self.summary_file = warmup_steps, peak_tflops, summary_file
         self.steps: list[dict] = []
         self._window = self._new_window()
-        self._clock: Optional[float] = None
+        self._start: Optional[Mark] = None  # the end of the previous step
+        self._pending: deque[tuple[int, dict, Mark, Mark]] = deque()  # measured steps not yet recorded
         self._train_start: Optional[float] = None
         self._train_seconds = 0.0
         self._stepped = False
@@ -140,7 +146,8 @@ class PerfMonitor(Callback):
             # Before any activation or optimizer state: what the weights take (per shard under FSDP).
             self._start_alloc_gib = torch.cuda.memory_allocated(trainer.strategy.root_device) / _GIB
         self._sync(trainer)
-        self._clock = self._train_start = time.perf_counter()
+        self._train_start = time.perf_counter()
+        self._start = Mark(trainer.strategy.root_device)
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
@@ -152,7 +159,7 @@ class PerfMonitor(Callback):
         w = self._window
         ids = batch["input_ids"]  # (B, T): B rows of examples or packs, padding included
         real, examples = real_tokens_and_examples(batch)
-        w["tokens"] += real
+        w["tokens"] = w["tokens"] + real  # a device tensor when counted from a mask: summed there
         w["padded_tokens"] += ids.numel()
         w["samples"] += examples
         # Attention span for the FLOP count: the longest example of a padding-free row, else the row.
@@ -160,19 +167,24 @@ class PerfMonitor(Callback):
         if not self._stepped:  # still accumulating micro-batches of this optimizer step
             return
         self._stepped = False
-        self._sync(trainer)
-        now = time.perf_counter()
-        seconds, self._clock = now - self._clock, now
+        if isinstance(w["tokens"], torch.Tensor):
+            w["tokens"] = copy_to_host(w["tokens"])
+        end = Mark(trainer.strategy.root_device)
         step = trainer.global_step  # already incremented by this optimizer step
         if step > self.warmup_steps and not w["tainted"]:
-            self._record(trainer, pl_module, w, seconds)
-        self._window = self._new_window()
+            self._pending.append((step, w, self._start, end))
+        self._start, self._window = end, self._new_window()
+        # The step before: its end is behind the work just queued, so waiting for it keeps the GPU busy.
+        while len(self._pending) > 1:
+            self._record(trainer, *self._pending.popleft())
 
-    def _record(self, trainer: Trainer, pl_module: LightningModule, w: dict, seconds: float) -> None:
+    def _record(self, trainer: Trainer, step: int, w: dict, start: Mark, end: Mark) -> None:
         # Ranks see different examples (and, with packing or dynamic padding, different token
         # counts): add up what each really processed. The step lasts as long as its slowest rank.
+        seconds = end.seconds_since(start)
         peaks = self._peak_memory_gib(trainer)
-        ranks = all_ranks(trainer, [w["tokens"], w["padded_tokens"], w["samples"], seconds, *peaks])
+        values = [int(w["tokens"]), w["padded_tokens"], w["samples"], seconds, *peaks]
+        ranks = all_ranks(trainer, values) if trainer.world_size > 1 else torch.tensor([values], dtype=torch.float64)
         tokens, padded_tokens, samples = ranks[:, :3].sum(dim=0).tolist()
         seconds = ranks[:, 3].max().item()
         metrics = {
@@ -182,7 +194,7 @@ class PerfMonitor(Callback):
             "perf/samples_per_sec": samples / seconds,
             "perf/real_token_fraction": tokens / max(padded_tokens, 1),
         }
-        flops = self._flops_per_token(pl_module, w["max_len"])
+        flops = self._flops_per_token(trainer.lightning_module, w["max_len"])
         peak = self._peak_flops(trainer)
         if flops and peak:
             # Padded tokens are computed too, but only real tokens count as useful work.
@@ -190,7 +202,10 @@ class PerfMonitor(Callback):
         if peaks:
             metrics.update(peak_memory_metrics(ranks[:, 4], ranks[:, 5]))
         self.steps.append(metrics)
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
+        # Straight to the loggers: LightningModule.log would turn each float into a GPU tensor,
+        # a copy that waits for the GPU.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
     def _peak_memory_gib(self, trainer: Trainer) -> list[float]:
         """[allocated, reserved] peak GiB of this rank's GPU so far; [] on the CPU."""
@@ -226,13 +241,14 @@ class PerfMonitor(Callback):
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.training:
-            self._sync(trainer)
-            self._clock = time.perf_counter()
+            self._start = Mark(trainer.strategy.root_device)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._sync(trainer)
         self._train_seconds = time.perf_counter() - (self._train_start or time.perf_counter())
+        while self._pending:
+            self._record(trainer, *self._pending.popleft())
         peaks = self._peak_memory_gib(trainer)
         # Every rank takes part (a collective); rank 0 writes.
         self._peaks_per_rank = all_ranks(trainer, [*peaks, self._start_alloc_gib or 0.0]) if peaks else None

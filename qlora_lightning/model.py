@@ -226,9 +226,16 @@ class CpuEmbedding(torch.nn.Module):
         self.padding_idx = embedding.padding_idx
         self.table = embedding.weight.detach().to("cpu", copy=True)
         self.register_buffer("_like", embedding.weight.new_empty(0), persistent=False)
+        self._host_twin: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def remember_host_copy(self, on_device: torch.Tensor, on_host: torch.Tensor) -> None:
+        """``on_host`` holds the ids of ``on_device``: a forward on that very tensor looks up these,
+        instead of copying the ids back, a copy that would wait for everything the GPU has queued."""
+        self._host_twin = (on_device, on_host)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.cpu().reshape(-1)
+        twin = self._host_twin
+        ids = (twin[1] if twin is not None and twin[0] is input_ids else input_ids.cpu()).reshape(-1)
         to_gpu = self._like.device.type == "cuda"
         # Gathered straight into pinned memory, the copy to the GPU queues without holding up the
         # host (the pinned block is not reused before the copy is done). The table is frozen, so

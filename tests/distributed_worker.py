@@ -109,7 +109,7 @@ class TokenTally(Callback):
         self._stepped = True  # also at an epoch's end, after fewer than accumulate_grad_batches batches
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._tokens += real_tokens_and_examples(batch)[0]
+        self._tokens += int(real_tokens_and_examples(batch)[0])
         if self._stepped:
             self.steps.append(self._tokens)
             self._tokens, self._stepped = 0, False

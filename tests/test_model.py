@@ -225,6 +225,16 @@ def test_cpu_embeddings_keep_the_table_off_the_device_and_change_nothing_else():
     assert embedding(tokens).dtype == torch.float64
 
 
+def test_cpu_embeddings_look_up_the_host_copy_of_the_batch_ids():
+    model = build_model(dataclasses.replace(tiny_spec(), cpu_embeddings=True), LoraSpec(r=4), gradient_checkpointing=False)
+    embedding = model.get_input_embeddings()
+    ids, other = _token_batch(n_rows=2, length=8), _token_batch(n_rows=2, length=8) + 1
+    # Stands in for the batch moved to a GPU: the forward on that tensor reads the host copy given.
+    embedding.remember_host_copy(ids, other)
+    assert torch.equal(embedding(ids), embedding.table[other])
+    assert torch.equal(embedding(ids.clone()), embedding.table[ids])  # any other tensor: its own ids
+
+
 def test_cpu_embeddings_fit_and_save_the_adapter(tmp_path):
     module = sft_module(base=dataclasses.replace(tiny_spec(), cpu_embeddings=True))
     module.adapter_dir = str(tmp_path / "adapter")

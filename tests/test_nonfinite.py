@@ -32,10 +32,10 @@ class NaNAtStep(SFTModule):
             self.after_bad = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
 
-def _run(policy: str, rows, root) -> NaNAtStep:
+def _run(policy: str, rows, root, fused: bool = False) -> NaNAtStep:
     module = NaNAtStep(base=BaseModelSpec(name_or_path=TINY_LLAMA, random_init=True, compute_dtype="float32"),
                        lora=LoraSpec(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False,
-                       optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), nonfinite=policy)
+                       optimizer=functools.partial(torch.optim.AdamW, lr=1e-2, fused=fused), nonfinite=policy)
     trainer = Trainer(accelerator="cpu", max_steps=6, default_root_dir=root, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2)
     batches = DataLoader([pad_batch([r], pad_id=2) for r in rows], batch_size=None)
@@ -49,15 +49,19 @@ def rows(tokenizer):
     return [{"input_ids": ids, "labels": [-100] * 8 + ids[8:]}] * 4
 
 
-def test_skip_policy_skips_exactly_the_bad_step(rows, tmp_path):
-    module = _run("skip", rows, tmp_path)
+# Fused AdamW skips on the device (found_inf), without the host's decision; the other drops the gradients.
+@pytest.mark.parametrize("fused", [False, True], ids=["host decides", "optimizer skips on the device"])
+def test_skip_policy_skips_exactly_the_bad_step(rows, tmp_path, fused, caplog):
+    module = _run("skip", rows, tmp_path, fused)
     assert module.skipped_steps == 1
+    assert f"non-finite loss or gradient at step {BAD_STEP}: step skipped (1 so far)" in caplog.text
     assert module.global_step == 6
     for name, before in module.before_bad.items():
         assert torch.equal(before, module.after_bad[name]), f"{name} changed on the skipped step"
     assert all(torch.isfinite(p).all() for p in module.model.parameters() if p.requires_grad)
 
 
-def test_stop_policy_stops_before_applying_the_bad_step(rows, tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_stop_policy_stops_before_applying_the_bad_step(rows, tmp_path, fused):
     with pytest.raises(NonFiniteLossError, match=f"step {BAD_STEP}"):
-        _run("stop", rows, tmp_path)
+        _run("stop", rows, tmp_path, fused)

@@ -322,9 +322,11 @@ class SFTDataModule(LightningDataModule):
         # Its own generator: starting an epoch draws the workers' base seed from it, not from the
         # global generator that the dropout masks come from, so a checkpoint taken at the end of
         # an epoch resumes exactly too.
+        # Pinned batches reach the GPU without the host waiting for the GPU's queue to drain.
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return StatefulDataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                                   collate_fn=self.collate, persistent_workers=self.num_workers > 0,
-                                  generator=torch.Generator().manual_seed(self.seed))
+                                  generator=torch.Generator().manual_seed(self.seed), pin_memory=on_gpu)
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Pad a list of examples (or packs) on the right to the longest (dynamic padding)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import datasets
+import torch
 from trl import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -110,10 +111,14 @@ def check_packing_backend(packing: str, attn_implementation: str | None) -> None
                         "(its varlen path needs one row): use data.packing 'padding_free'")
 
 
-def real_tokens_and_examples(batch: dict[str, Any]) -> tuple[int, int]:
-    """Non-pad tokens and examples in a batch: packed batches carry the counts, padded ones a mask."""
+def real_tokens_and_examples(batch: dict[str, Any]) -> tuple[int | torch.Tensor, int]:
+    """Non-pad tokens and examples in a batch: packed batches carry the counts, padded ones a mask.
+
+    Counted from a mask, the tokens are a 0-d tensor on the mask's device: reading it on the host
+    would wait for the GPU, so callers sum it there and read it late (``lagged``).
+    """
     if "num_real_tokens" in batch:
         return int(batch["num_real_tokens"]), int(batch["num_examples"])
     mask = batch["attention_mask"]
-    return int(mask.sum()), mask.shape[0]
+    return mask.sum(), mask.shape[0]
 

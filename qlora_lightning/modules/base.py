@@ -4,6 +4,7 @@ keeps checkpoints to the adapter, and saves the adapter in the PEFT format after
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -23,9 +24,10 @@ from qlora_lightning.distributed import (average_gradients, cast_frozen_for_fsdp
 from qlora_lightning.errors import UserError
 from qlora_lightning.estimate import estimate_peak_memory
 from qlora_lightning.generation import greedy_generate, stop_token_ids
+from qlora_lightning.lagged import Mark, copy_to_host
 from qlora_lightning.reliability import NonFiniteLossError
-from qlora_lightning.model import (BaseModelSpec, Checkpointing, Fraction, LoraSpec, build_model, load_tokenizer,
-                                   spec_dict)
+from qlora_lightning.model import (BaseModelSpec, Checkpointing, CpuEmbedding, Fraction, LoraSpec, build_model,
+                                   load_tokenizer, spec_dict)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,9 @@ class QLoRAModule(LightningModule):
         self.adapter_dir = adapter_dir
         self.nonfinite = nonfinite
         self.adapters, self.max_new_tokens = adapters, max_new_tokens
-        self.skipped_steps = 0
+        self._skipped_steps = torch.zeros(())  # on the GPU once training runs: counted without waiting for it
+        self._skip_reports: deque[tuple[int, torch.Tensor, Mark]] = deque()  # flags on their way to the host
+        self._skips_warned = 0
         self._pending_rng_states: Optional[dict] = None
         self.model: Optional[torch.nn.Module] = None
         self._tokenizer = None
@@ -202,18 +206,34 @@ class QLoRAModule(LightningModule):
         if replicates_adapters(self.trainer.strategy):
             average_gradients(self._trainable(), self.trainer.world_size)
 
-    def guard_nonfinite(self, loss: torch.Tensor) -> bool:
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for a non-finite loss or gradient (reading it waits for the GPU)."""
+        return int(self._skipped_steps)
+
+    def guard_nonfinite(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:
         """Before an optimizer step: True when the step may proceed.
 
-        A non-finite loss or gradient either drops the gradients (optimizers skip parameters
-        without one, so weights and moments stay untouched) or stops the run, per ``nonfinite``.
+        A non-finite loss or gradient skips the step (weights and moments untouched) or stops the
+        run, per ``nonfinite``. An optimizer that can skip on the GPU (torch's fused Adam family,
+        as under a ``GradScaler``) is told there, so the step never waits for the GPU; the warning
+        comes a step or so late. Others are asked on the host: the step's gradients are dropped,
+        and optimizers skip parameters without one.
         """
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         # One multi-tensor kernel for all the adapter's gradients, not one launch per tensor.
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-        finite = bool(self.trainer.strategy.reduce_boolean_decision(
-            bool(torch.isfinite(loss) and torch.isfinite(norm)), all=True))
-        if finite:
+        bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        # A bad gradient on any rank spoils the averaged one: every rank skips.
+        bad = self.trainer.strategy.reduce(bad.float(), reduce_op="sum") > 0
+        self._skipped_steps = self._skipped_steps.to(bad.device) + bad
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # under a LightningOptimizer
+        if self.nonfinite == "skip" and getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf = bad.float()
+            self._skip_reports.append((self.global_step, copy_to_host(bad), Mark(bad.device)))
+            self._report_skips()
+            return True
+        if not bool(bad):
             return True
         if self.nonfinite == "stop":
             last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
@@ -221,10 +241,24 @@ class QLoRAModule(LightningModule):
                                      f"stopped before applying it (last checkpoint: {last})")
         for p in self.model.parameters():
             p.grad = None
-        self.skipped_steps += 1
-        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)",
-                    self.global_step, self.skipped_steps)
+        self._warn_skipped(self.global_step)
         return False
+
+    def _report_skips(self, wait: bool = False) -> None:
+        """Warn of the steps the GPU skipped, as their flags reach the host."""
+        while self._skip_reports and (wait or self._skip_reports[0][2].reached()):
+            step, bad, mark = self._skip_reports.popleft()
+            mark.wait()
+            if bool(bad):
+                self._warn_skipped(step)
+
+    def _warn_skipped(self, step: int) -> None:
+        self._skips_warned += 1
+        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)", step, self._skips_warned)
+
+    @override
+    def on_train_end(self) -> None:
+        self._report_skips(wait=True)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -242,7 +276,15 @@ class QLoRAModule(LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._pending_rng_states = checkpoint.get("rng_states")
-        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        self._skipped_steps = torch.tensor(float(checkpoint.get("skipped_steps", 0)))
+
+    @override
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        moved = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        embedding = self.model.get_input_embeddings() if self.model is not None else None
+        if isinstance(embedding, CpuEmbedding) and isinstance(batch, dict) and "input_ids" in batch:
+            embedding.remember_host_copy(moved["input_ids"], batch["input_ids"])
+        return moved
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

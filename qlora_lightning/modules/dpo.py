@@ -189,8 +189,8 @@ class DPOModule(QLoRAModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         self.reduce_replicated_gradients()
         loss, self._step_loss = self._step_loss, 0.0
-        self.guard_nonfinite(torch.as_tensor(loss, device=self.device))  # drops the step's gradients if not finite
-        self.log("train/skipped_steps", float(self.skipped_steps))
+        self.guard_nonfinite(torch.as_tensor(loss, device=self.device), optimizer)
+        self.log("train/skipped_steps", self._skipped_steps.float())
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -50,8 +50,8 @@ class SFTModule(QLoRAModule):
                                                            dtype=torch.float32), reduce_op="sum")
         tokens = tokens.clamp(min=1.0)
         self._step_nll, self._step_tokens = 0.0, 0
-        proceed = self.guard_nonfinite(nll)
-        self.log("train/skipped_steps", float(self.skipped_steps))
+        proceed = self.guard_nonfinite(nll, optimizer)
+        self.log("train/skipped_steps", self._skipped_steps.float())
         if not proceed:
             return
         # Gradients hold (1 / (accumulation * world size)) * sum over the step; make it a per-token mean.
