@@ -229,7 +229,9 @@ def synthetic_batches(job: Job, vocab: int) -> list[dict]:
     out = []
     for _ in range(n):
         ids = torch.randint(0, vocab, (job.batch, job.seq), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        # With the host-side counts that the DataModules' batches carry.
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+                    "num_real_tokens": ids.numel(), "num_examples": job.batch})
     return out
 
 

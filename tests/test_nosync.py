@@ -42,7 +42,8 @@ class SyncCounter(Callback):
         if trainer.global_step == LAST + 1 and self._catcher is not None and not self.calls:
             torch.cuda.set_sync_debug_mode("default")
             self._catcher.__exit__(None, None, None)
-            self.calls = [str(w.message) for w in self._records if "synchroniz" in str(w.message)] or ["none"]
+            self.calls = [f"{w.filename}:{w.lineno}" for w in self._records if "synchroniz" in str(w.message)]
+            self.calls = self.calls or ["none"]
 
 
 def _fit(optimizer, checkpointing, cpu_embeddings: bool, tmp_path) -> list[str]:

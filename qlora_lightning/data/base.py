@@ -11,7 +11,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import datasets
 import torch
@@ -328,12 +328,15 @@ class SFTDataModule(LightningDataModule):
                                   collate_fn=self.collate, persistent_workers=self.num_workers > 0,
                                   generator=torch.Generator().manual_seed(self.seed), pin_memory=on_gpu)
 
-    def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[dict]) -> dict[str, Any]:
         """Pad a list of examples (or packs) on the right to the longest (dynamic padding)."""
         if self.packing != "off":
             return collate_packs(rows, self.tokenizer.pad_token_id, self.packing == "padding_free",
                                  self.pad_to_multiple_of)
-        return pad_batch(rows, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+        batch = pad_batch(rows, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
+        # Counted here, on the host: counting the mask on the GPU would make the host wait for it.
+        batch["num_real_tokens"], batch["num_examples"] = int(batch["attention_mask"].sum()), len(rows)
+        return batch
 
 
 def pad_batch(rows: list[dict], pad_id: int, multiple: Optional[int] = None) -> dict[str, torch.Tensor]:

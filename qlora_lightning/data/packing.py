@@ -90,7 +90,12 @@ def collate_packs(packs: list[dict], pad_id: int, padding_free: bool,
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """The keys of a padded or packed batch that the model's forward takes."""
-    return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
+    # Without padding the mask changes nothing, but transformers would check that on the host,
+    # which waits for the GPU.
+    if "attention_mask" in inputs and batch.get("num_real_tokens") == batch["input_ids"].numel():
+        del inputs["attention_mask"]
+    return inputs
 
 
 def check_packing_backend(packing: str, attn_implementation: str | None) -> None:
