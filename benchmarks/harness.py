@@ -308,7 +308,8 @@ def run_project(job: Job) -> dict:
             "peak_alloc_gib": peak if isinstance(peak, float) else None,
             "peak_reserved_gib": s["peak_reserved_gib"] if isinstance(peak, float) else None,
             "loaded_gib": loaded.gib, "measured_steps": s["measured_steps"], "profile": profiler.result(),
-            "wall_tokens_per_sec": job.steps * job.accumulate * job.batch * job.seq / wall.seconds}
+            "wall_tokens_per_sec": job.steps * job.accumulate * job.batch * job.seq / wall.seconds,
+            "step_times_s": [round(m["perf/step_time_s"], 4) for m in monitor.steps]}
 
 
 def run_baseline(job: Job) -> dict:
@@ -391,7 +392,7 @@ def plain_loop(model, job: Job, device) -> dict:
         sync()
         start = time.perf_counter()
         for _ in range(job.accumulate):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
+            batch = {k: v.to(device) for k, v in next(batches).items() if isinstance(v, torch.Tensor)}
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 loss = model(**batch, use_cache=False).loss / job.accumulate
             loss.backward()

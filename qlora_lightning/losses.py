@@ -65,7 +65,10 @@ def chunked_token_nll(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     hidden, targets = shift_for_next_token(hidden, labels)
     keep = targets != IGNORE_INDEX  # (B, T-1)
-    hidden, targets = hidden[keep], targets[keep]  # (N, H), (N,)
+    # Gathered by index: the backward of a boolean-mask gather would find the positions again,
+    # a second wait for the GPU.
+    positions = keep.flatten().nonzero().squeeze(1)
+    hidden, targets = hidden.flatten(0, 1).index_select(0, positions), targets.flatten().index_select(0, positions)
     # Empty, but attached to the graph even when N == 0, so that backward still runs.
     chunks = [hidden[:0].sum(dim=-1, dtype=torch.promote_types(hidden.dtype, torch.float32))]
     for start in range(0, targets.numel(), chunk_size):
