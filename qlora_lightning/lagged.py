@@ -9,7 +9,8 @@ placed after the copy is reached, costs neither.
 from __future__ import annotations
 
 import time
-from typing import Optional
+from collections import deque
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -52,3 +53,20 @@ class Mark:
             return self._time - earlier._time
         self.wait()
         return earlier._event.elapsed_time(self._event) / 1e3
+
+
+class HostReadings:
+    """Device values on their way to the host, each read once it has arrived."""
+
+    def __init__(self):
+        self._pending: deque[tuple[Any, torch.Tensor, Mark]] = deque()
+
+    def push(self, tag: Any, value: torch.Tensor) -> None:
+        self._pending.append((tag, copy_to_host(value), Mark(value.device)))
+
+    def arrived(self, wait: bool = False) -> Iterator[tuple[Any, torch.Tensor]]:
+        """(tag, CPU copy) of each value that has reached the host, oldest first; ``wait``: all of them."""
+        while self._pending and (wait or self._pending[0][2].reached()):
+            tag, value, mark = self._pending.popleft()
+            mark.wait()
+            yield tag, value

@@ -1,9 +1,10 @@
 """On a GPU, a training step does not make the host wait for the GPU.
 
 Each wait drains the GPU's queue and leaves it idle while the host prepares the next work
-(the optimizer's launches, Lightning's hooks, the next batch). CUDA's synchronize calls are
-counted with torch's sync debug mode over steady-state optimizer steps of the real path:
-DataModule, SFTModule on a 4-bit base, PerfMonitor, TensorBoard logging.
+(the optimizer's launches, Lightning's hooks, the next batch). CUDA's synchronizing calls are
+counted with torch's sync debug mode over steady-state optimizer steps of the real path: pinned
+unpadded batches carrying their host-side counts (as the DataModules make them), SFTModule on a
+4-bit base with compiled layers, PerfMonitor, TensorBoard logging.
 """
 
 import collections
@@ -16,18 +17,20 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader
 
-from qlora_lightning import GSM8KDataModule, PerfMonitor
+from qlora_lightning import PerfMonitor
 from qlora_lightning.optim import AdamW8bit
-from tests.conftest import EXAMPLES, TINY_LLAMA, sft_module, tiny_spec, tokenizer_at
+from tests.conftest import sft_module, tiny_spec
 
 pytestmark = pytest.mark.gpu
 
 FIRST, LAST = 3, 6  # optimizer steps watched (after compilation and allocator warm-up)
+WATCHED = LAST - FIRST + 1
 
 
 class SyncCounter(Callback):
-    """Counts the synchronizing CUDA calls made from the start of step FIRST to the end of step LAST."""
+    """Where the synchronizing CUDA calls from the start of step FIRST to the end of step LAST came from."""
 
     def __init__(self):
         self.calls: list[str] = []
@@ -41,34 +44,51 @@ class SyncCounter(Callback):
             torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == LAST + 1 and self._catcher is not None and not self.calls:
+        if trainer.global_step == LAST + 1 and self._catcher is not None:
             torch.cuda.set_sync_debug_mode("default")
             self._catcher.__exit__(None, None, None)
+            self._catcher = False  # done
             self.calls = [f"{w.filename}:{w.lineno}: {linecache.getline(w.filename, w.lineno).strip()}"
-                          for w in self._records if "synchroniz" in str(w.message)] or ["none"]
+                          for w in self._records if "synchroniz" in str(w.message)]
 
 
-def _fit(optimizer, checkpointing, cpu_embeddings: bool, tmp_path) -> list[str]:
-    module = sft_module(base=dataclasses.replace(tiny_spec(), compute_dtype="bfloat16", cpu_embeddings=cpu_embeddings),
-                        optimizer=optimizer, gradient_checkpointing=checkpointing, loss_chunk_size=16)
-    data = GSM8KDataModule(path=str(EXAMPLES / "gsm8k_train.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
-                           num_samples=20, batch_size=2)
+def _batches(n: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 512, (2, 64), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+                    "num_real_tokens": ids.numel(), "num_examples": 2})
+    return out
+
+
+def _sync_calls(optimizer, checkpointing, cpu_embeddings: bool, loss_chunk_size, tmp_path) -> list[str]:
+    base = dataclasses.replace(tiny_spec(), compute_dtype="bfloat16", cpu_embeddings=cpu_embeddings)
+    module = sft_module(base=base, optimizer=optimizer, gradient_checkpointing=checkpointing,
+                        loss_chunk_size=loss_chunk_size)
     counter = SyncCounter()
     trainer = Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=LAST + 2,
                       logger=TensorBoardLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                      default_root_dir=str(tmp_path), callbacks=[PerfMonitor(warmup_steps=1), counter])
-    trainer.fit(module, datamodule=data)
-    return [c for c in counter.calls if c != "none"]
+                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
+                      callbacks=[PerfMonitor(warmup_steps=1), counter])
+    trainer.fit(module, train_dataloaders=DataLoader(_batches(LAST + 2), batch_size=None, pin_memory=True))
+    return counter.calls
+
+
+FUSED = functools.partial(torch.optim.AdamW, lr=1e-3, fused=True)
 
 
 @pytest.mark.parametrize("checkpointing,cpu_embeddings", [(True, False), ("offload", True)])
 def test_a_step_with_fused_adamw_never_waits_for_the_gpu(checkpointing, cpu_embeddings, tmp_path):
-    fused = functools.partial(torch.optim.AdamW, lr=1e-3, fused=True)
-    calls = _fit(fused, checkpointing, cpu_embeddings, tmp_path)
+    calls = _sync_calls(FUSED, checkpointing, cpu_embeddings, None, tmp_path)
     assert not calls, collections.Counter(calls)
 
 
+def test_the_chunked_loss_waits_once_per_micro_batch_to_find_the_labelled_positions(tmp_path):
+    calls = _sync_calls(FUSED, "offload", True, 16, tmp_path)
+    assert len(calls) == WATCHED and all("losses.py" in c for c in calls), collections.Counter(calls)
+
+
 def test_a_step_with_8bit_adamw_waits_once_for_the_nonfinite_check(tmp_path):
-    calls = _fit(functools.partial(AdamW8bit, lr=1e-3), True, False, tmp_path)
-    assert len(calls) == LAST - FIRST + 1, collections.Counter(calls)
+    calls = _sync_calls(functools.partial(AdamW8bit, lr=1e-3), True, False, None, tmp_path)
+    assert len(calls) == WATCHED and all("base.py" in c for c in calls), collections.Counter(calls)

@@ -4,7 +4,6 @@ keeps checkpoints to the adapter, and saves the adapter in the PEFT format after
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -24,7 +23,7 @@ from qlora_lightning.distributed import (average_gradients, cast_frozen_for_fsdp
 from qlora_lightning.errors import UserError
 from qlora_lightning.estimate import estimate_peak_memory
 from qlora_lightning.generation import greedy_generate, stop_token_ids
-from qlora_lightning.lagged import Mark, copy_to_host
+from qlora_lightning.lagged import HostReadings
 from qlora_lightning.reliability import NonFiniteLossError
 from qlora_lightning.model import (BaseModelSpec, Checkpointing, CpuEmbedding, Fraction, LoraSpec, build_model,
                                    load_tokenizer, spec_dict)
@@ -88,7 +87,8 @@ class QLoRAModule(LightningModule):
         self.nonfinite = nonfinite
         self.adapters, self.max_new_tokens = adapters, max_new_tokens
         self._skipped_steps = torch.zeros(())  # on the GPU once training runs: counted without waiting for it
-        self._skip_reports: deque[tuple[int, torch.Tensor, Mark]] = deque()  # flags on their way to the host
+        self._skip_flags = HostReadings()  # (step, skipped?) on their way to the host
+        self._bar_values = HostReadings()  # progress-bar values on their way to the host
         self._skips_warned = 0
         self._pending_rng_states: Optional[dict] = None
         self.model: Optional[torch.nn.Module] = None
@@ -230,7 +230,7 @@ class QLoRAModule(LightningModule):
         optimizer = getattr(optimizer, "optimizer", optimizer)  # under a LightningOptimizer
         if self.nonfinite == "skip" and getattr(optimizer, "_step_supports_amp_scaling", False):
             optimizer.found_inf = bad.float()
-            self._skip_reports.append((self.global_step, copy_to_host(bad), Mark(bad.device)))
+            self._skip_flags.push(self.global_step, bad)
             self._report_skips()
             return True
         if not bool(bad):
@@ -246,15 +246,23 @@ class QLoRAModule(LightningModule):
 
     def _report_skips(self, wait: bool = False) -> None:
         """Warn of the steps the GPU skipped, as their flags reach the host."""
-        while self._skip_reports and (wait or self._skip_reports[0][2].reached()):
-            step, bad, mark = self._skip_reports.popleft()
-            mark.wait()
+        for step, bad in self._skip_flags.arrived(wait):
             if bool(bad):
                 self._warn_skipped(step)
 
     def _warn_skipped(self, step: int) -> None:
         self._skips_warned += 1
         log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)", step, self._skips_warned)
+
+    def show_in_progress_bar(self, name: str, value: torch.Tensor) -> None:
+        """Show ``value`` in the progress bar once it has reached the host (a step or so late).
+
+        A metric logged with ``prog_bar=True`` is read with ``.item()`` after every batch, which
+        makes the host wait for the GPU; this one is logged as a CPU copy when it has arrived.
+        """
+        self._bar_values.push(name, value.detach())
+        for name, arrived in self._bar_values.arrived():
+            self.log(name, arrived, prog_bar=True, logger=False)
 
     @override
     def on_train_end(self) -> None:

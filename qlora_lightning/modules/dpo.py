@@ -180,8 +180,9 @@ class DPOModule(QLoRAModule):
         pairs = batch["input_ids"].shape[0] // 2
         for name, value in metrics.items():
             # TRL's names (`rewards/margin`, ...) for training; validation prefixes them with `val/`.
-            self.log("train/loss" if name == "loss" else name, value.detach(), batch_size=pairs,
-                     prog_bar=name in ("loss", "rewards/accuracy"))
+            self.log("train/loss" if name == "loss" else name, value.detach(), batch_size=pairs)
+            if name in ("loss", "rewards/accuracy"):
+                self.show_in_progress_bar(name.removeprefix("rewards/"), value)
         self._step_loss += metrics["loss"].detach()
         return metrics["loss"]
 

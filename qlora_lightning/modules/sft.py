@@ -59,7 +59,8 @@ class SFTModule(QLoRAModule):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if grads:  # one multi-tensor kernel, not one launch per tensor (they add up at small batches)
             torch._foreach_mul_(grads, scale)
-        self.log("train/loss", nll / tokens, prog_bar=True)
+        self.log("train/loss", nll / tokens)
+        self.show_in_progress_bar("loss", nll / tokens)
         self.log("train/loss_tokens", tokens)
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
