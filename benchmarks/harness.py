@@ -93,7 +93,8 @@ PEER = "unsloth"  # measured when installed, in a process of its own like every 
 
 QUICK = {"archs": ["mistral-7b", "llama-2-7b"], "shapes": ["1x512", "8x1024"]}
 # Levers measured in --quick mode, at one shape of the first arch (a whole grid does not fit 10 minutes).
-QUICK_LEVERS = {"arch": "mistral-7b", "shape": "8x1024", "variants": ["eager", "offload+chunked_ce+cpu_embed+nodrop"]}
+QUICK_LEVERS = {"arch": "mistral-7b", "shape": "8x1024",
+                "variants": ["eager", "offload+chunked_ce+cpu_embed+nodrop+fused_adamw"]}
 QUICK_BUDGET_S = 540.0  # the jobs that would not fit are listed as skipped
 FULL_SHAPES = ["1x512", "8x1024", "4x2048"]
 LONG_SHAPES = ["1x8192", "1x16384", "1x32768"]  # Mistral only: 32k positions, sliding window 4096
