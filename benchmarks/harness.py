@@ -72,7 +72,7 @@ VARIANTS: dict[str, dict] = {
     "nodrop": {**LEVERS, "lora_dropout": 0.0},
     # The leanest measured path (benchmarks/results/2026-11-28_session4), lean LoRA forward included.
     "offload+chunked_ce+cpu_embed+nodrop": LEANEST,
-    # The optimizers of qlora_lightning.optim, which never make the step wait for the GPU:
+    # Optimizers that spare the step its waits for the GPU (qlora_lightning.optim):
     # bitsandbytes' 8-bit AdamW without its synchronize per tensor (the step's non-finite check
     # still waits once), and torch's fused AdamW (one kernel for every adapter tensor, skips a
     # non-finite step on the GPU; its fp32 state, 8 bytes per adapter parameter, is counted).
@@ -260,12 +260,16 @@ def run_project(job: Job) -> dict:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if trainer.global_step == job.warmup and (batch_idx + 1) % job.accumulate == 0:
-                torch.cuda.synchronize() if torch.cuda.is_available() else None
-                self.start = time.perf_counter()
+                self.start = self._now()
 
         def on_train_end(self, trainer, pl_module):
-            torch.cuda.synchronize() if torch.cuda.is_available() else None
-            self.seconds = time.perf_counter() - self.start
+            self.seconds = self._now() - self.start
+
+        @staticmethod
+        def _now() -> float:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return time.perf_counter()
 
     class Profile(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

@@ -15,8 +15,8 @@ import json
 import logging
 import statistics
 import time
-from pathlib import Path
 from collections import deque
+from pathlib import Path
 from typing import Any, Optional
 
 import torch

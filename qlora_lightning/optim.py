@@ -20,14 +20,17 @@ from bitsandbytes.optim import AdamW8bit as _BnbAdamW8bit
 class AdamW8bit(_BnbAdamW8bit):
     """bitsandbytes' 8-bit AdamW, the same updates, without a ``torch.cuda.synchronize()`` per tensor.
 
-    The updates are stream-ordered kernels on the stream the gradients were made on; waiting
-    for each one before launching the next buys nothing there and, for LoRA's hundreds of small
-    tensors, costs a host-device round trip each. Not paged: managed (paged) state is left to
-    bitsandbytes' own ``PagedAdamW8bit``, which keeps its synchronization.
+    bitsandbytes launches its kernels on the default CUDA stream, where training makes the
+    gradients, so they run after them and in order; waiting for each before launching the next
+    buys nothing there and, for LoRA's hundreds of small tensors, costs a host-device round trip
+    each. On another stream this falls back to bitsandbytes' own step. Not paged: managed (paged)
+    state is left to bitsandbytes' ``PagedAdamW8bit``, which keeps its synchronization.
     """
 
     @torch.no_grad()
     def step(self, closure=None):
+        if torch.cuda.is_available() and torch.cuda.current_stream() != torch.cuda.default_stream():
+            return super().step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
