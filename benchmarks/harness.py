@@ -53,8 +53,8 @@ GIB = 2**30
 # `default` is what the project does when none is set (on a GPU: compiled layers). The Liger
 # variants run eagerly, as they were first measured: compiling fuses what Liger's kernels fuse.
 LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
-          "attn_implementation": "sdpa", "compile_layers": "auto", "cpu_embeddings": False, "lora_dropout": 0.05,
-          "lean_forward": False, "optimizer": "paged_adamw_8bit"}
+          "attn_implementation": "sdpa", "compile_layers": "auto", "compile_scope": "parts", "cpu_embeddings": False,
+          "lora_dropout": 0.05, "lean_forward": False, "optimizer": "paged_adamw_8bit"}
 LIGER = {"liger_kernel": True, "compile_layers": False}
 OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
 LEANEST = {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0, "lean_forward": True}
@@ -80,6 +80,10 @@ VARIANTS: dict[str, dict] = {
     "fused_adamw": {**LEVERS, "optimizer": "fused_adamw"},
     "offload+chunked_ce+cpu_embed+nodrop+adamw8bit": {**LEANEST, "optimizer": "adamw_8bit"},
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw"},
+    # One compiled graph per decoder layer instead of one per part (not measured yet).
+    "layer_compile": {**LEVERS, "compile_scope": "layer"},
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+layer_compile": {**LEANEST, "optimizer": "fused_adamw",
+                                                                      "compile_scope": "layer"},
     "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
     "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
     "lean+flex": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER, "attn_implementation": "flex_attention"},
@@ -290,6 +294,7 @@ def run_project(job: Job) -> dict:
     base = BaseModelSpec(name_or_path=job.arch_dir, tokenizer=tokenizer, random_init=True,
                          liger_kernel=opts["liger_kernel"], upcast_frozen=opts["upcast_frozen"],
                          attn_implementation=opts["attn_implementation"], compile_layers=opts["compile_layers"],
+                         compile_scope=opts["compile_scope"],
                          cpu_embeddings=opts["cpu_embeddings"])
     module = SFTModule(base=base, lora=LoraSpec(r=job.r, alpha=job.alpha, dropout=opts["lora_dropout"],
                                                      lean_forward=opts["lean_forward"]),
@@ -514,7 +519,8 @@ def run_job(job: Job, timeout: float, log) -> dict:
     except subprocess.TimeoutExpired as err:
         output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
         result = {"status": f"timed out after {timeout:.0f} s"}
-    log.write(f"\n===== {job.arch} {job.shape} {job.variant} =====\n{output[-6000:]}\n")
+    keep = 60000 if job.profile or job.profile_host else 6000  # a profile's tables come before the stderr
+    log.write(f"\n===== {job.arch} {job.shape} {job.variant} =====\n{output[-keep:]}\n")
     log.flush()
     return {**asdict(job), **result, "wall_s": time.perf_counter() - start}
 
@@ -597,7 +603,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                   "Not comparable 1:1 with the T4 (another GPU, another software stack).", ""]
         return "\n".join(lines)
     lines += ["| arch | shape | impl | tokens/s | x baseline | wall tokens/s | peak alloc GiB | peak reserved GiB "
-              "| est. GiB | est. error | MFU | step s | status |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| est. GiB | est. error | MFU | step s | status |", "|---" * 13 + "|"]
     for r in rows:
         base = next((b for b in rows if b["arch"] == r["arch"] and b["batch"] == r["batch"]
                      and b["seq"] == r["seq"] and b["impl"] == BASELINE and b.get("tokens_per_sec")), None)
@@ -618,8 +624,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "`cpu_embed` = `base.cpu_embeddings: true`; `nodrop` = `lora.dropout: 0` (the others and the baseline: "
               "0.05); `lean_lora` = `lora.lean_forward: true`; `fused_adamw` = `torch.optim.AdamW` with `fused: true` "
               "instead of paged 8-bit AdamW; `adamw8bit` = `qlora_lightning.optim.AdamW8bit` (not paged, no "
-              "synchronize per tensor); `eager` = `base.compile_layers: false` (on a GPU the "
-              "default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
+              "synchronize per tensor); `layer_compile` = `base.compile_scope: layer`; `eager` = "
+              "`base.compile_layers: false` (on a GPU the default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
               "they do not count). wall tokens/s: the project's measured steps over host wall time with the GPU "
               "synchronized at both ends (its tokens/s is the median step timed by GPU events).", ""]

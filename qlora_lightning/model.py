@@ -63,6 +63,9 @@ class BaseModelSpec:
             for training: fewer kernel launches and fused elementwise work. The first steps
             compile (a 7B model's whole benchmark job took 10 s longer on an H200); generation
             runs eagerly. ``auto``: on a CUDA device, and not under FSDP (untested there).
+        compile_scope: What one compiled graph covers: each ``parts`` of a layer, or the whole
+            ``layer`` (norms, attention, MLP and the residual adds): fewer compiled calls, and
+            their per-call host work, per layer and pass.
         cpu_embeddings: Keep the input embedding table in CPU memory: its rows are looked up there
             and only the (B, T, hidden) result goes to the GPU (0.24 GiB less for a 32k-token
             vocabulary at hidden 4096). Not for a table tied to the output head, nor under FSDP.
@@ -82,6 +85,7 @@ class BaseModelSpec:
     attn_implementation: Optional[str] = "sdpa"
     liger_kernel: bool = False
     compile_layers: Union[bool, Literal["auto"]] = "auto"
+    compile_scope: Literal["parts", "layer"] = "parts"
     cpu_embeddings: bool = False
     upcast_frozen: bool = False
 
@@ -296,17 +300,18 @@ def decoder_layer_names(model: torch.nn.Module) -> frozenset[str]:
     return frozenset(names)
 
 
-def compile_layers(model: torch.nn.Module) -> None:
-    """``torch.compile`` each child of every decoder layer (attention, MLP, norms), in place.
+def compile_layers(model: torch.nn.Module, scope: Literal["parts", "layer"] = "parts") -> None:
+    """``torch.compile`` every decoder layer, or each of its children (attention, MLP, norms), in place.
 
-    Inside the layer rather than around it, so that whatever checkpoints the layer (transformers,
-    the offloading hooks, FSDP) stays eager and wraps compiled code. The layers share their parts'
-    classes, so one graph per part serves them all (dynamo guards on the code, not the instance).
+    Inside whatever checkpoints the layer (transformers' checkpointing calls the layer's module
+    call, which is what a compiled module replaces; the offloading hooks, FSDP), which stays eager
+    and wraps compiled code. The layers share their classes, so one graph serves them all (dynamo
+    guards on the code, not the instance).
     """
     layers = decoder_layer_names(model)
     for layer in (m for m in model.modules() if type(m).__name__ in layers):
-        for part in layer.children():
-            part.compile()
+        for module in ([layer] if scope == "layer" else layer.children()):
+            module.compile()
 
 
 def should_compile(setting: Union[bool, Literal["auto"]], device: Union[str, torch.device]) -> bool:
@@ -338,7 +343,7 @@ def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: Che
     if lora.lean_forward:
         use_lean_lora(model)
     if should_compile(spec.compile_layers, device):
-        compile_layers(model)
+        compile_layers(model, spec.compile_scope)
     # from_pretrained returns the base in eval mode and Lightning keeps each module's mode, but
     # Hugging Face layers checkpoint activations only in training mode: without this,
     # gradient_checkpointing would silently do nothing.

@@ -186,11 +186,12 @@ def _compiled_parts(model: torch.nn.Module) -> list[bool]:
 
 
 @pytest.mark.slow
-def test_compiled_layers_give_the_gradients_of_eager_ones(one_thread):
-    """``compile_layers`` compiles attention, MLP and norms of every layer, inside the offloaded
-    checkpoint, and the adapter's gradients stay those of the eager model."""
+@pytest.mark.parametrize("scope", ["parts", "layer"])
+def test_compiled_layers_give_the_gradients_of_eager_ones(one_thread, scope):
+    """``compile_layers`` compiles attention, MLP and norms of every layer (or each whole layer),
+    inside the offloaded checkpoint, and the adapter's gradients stay those of the eager model."""
     tokens = _token_batch(n_rows=2, length=24)
-    spec = dataclasses.replace(tiny_spec(), compile_layers=True)
+    spec = dataclasses.replace(tiny_spec(), compile_layers=True, compile_scope=scope)
     compiled = _lora_grads("offload", tokens, spec=spec)
     eager = _lora_grads("offload", tokens, spec=dataclasses.replace(spec, compile_layers=False))
     assert compiled.keys() == eager.keys()
@@ -205,6 +206,14 @@ def test_layers_compile_when_asked_and_auto_only_on_a_gpu(setting, compiled):
     parts = _compiled_parts(model)
     assert len(parts) == 2 * 4  # the tiny Llama: 2 layers of attention, MLP and two norms
     assert parts == [compiled] * len(parts)
+
+
+def test_whole_layers_compile_with_compile_scope_layer():
+    model = build_model(dataclasses.replace(tiny_spec(), compile_layers=True, compile_scope="layer"), LoraSpec(r=4),
+                        gradient_checkpointing=False)
+    layers = model.base_model.model.model.layers
+    assert [layer._compiled_call_impl is not None for layer in layers] == [True, True]
+    assert _compiled_parts(model) == [False] * 2 * 4
 
 
 def test_cpu_embeddings_keep_the_table_off_the_device_and_change_nothing_else():
@@ -226,7 +235,8 @@ def test_cpu_embeddings_keep_the_table_off_the_device_and_change_nothing_else():
 
 
 def test_cpu_embeddings_look_up_the_host_copy_of_the_batch_ids():
-    model = build_model(dataclasses.replace(tiny_spec(), cpu_embeddings=True), LoraSpec(r=4), gradient_checkpointing=False)
+    model = build_model(dataclasses.replace(tiny_spec(), cpu_embeddings=True), LoraSpec(r=4),
+                        gradient_checkpointing=False)
     embedding = model.get_input_embeddings()
     ids, other = _token_batch(n_rows=2, length=8), _token_batch(n_rows=2, length=8) + 1
     # Stands in for the batch moved to a GPU: the forward on that tensor reads the host copy given.
