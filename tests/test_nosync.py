@@ -49,10 +49,10 @@ class SyncCounter(Callback):
             torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == LAST + 1 and self._catcher is not None:
+        if trainer.global_step == LAST + 1 and self._catcher:
             self._catcher.__exit__(None, None, None)  # first: resetting the mode warns too
             torch.cuda.set_sync_debug_mode("default")
-            self._catcher = False  # done
+            self._catcher = False  # done: never again
             self.calls = [f"{w.filename}:{w.lineno}: {linecache.getline(w.filename, w.lineno).strip()}"
                           for w in self._records if "synchroniz" in str(w.message)]
 
@@ -88,7 +88,8 @@ FUSED = functools.partial(torch.optim.AdamW, lr=1e-3, fused=True)
 
 
 @pytest.mark.parametrize("checkpointing,cpu_embeddings", [(True, False), ("offload", True)])
-def test_a_step_with_fused_adamw_waits_only_where_transformers_builds_the_mask(checkpointing, cpu_embeddings, tmp_path):
+def test_a_step_with_fused_adamw_waits_only_where_transformers_builds_the_mask(checkpointing, cpu_embeddings,
+                                                                                tmp_path):
     calls = _sync_calls(FUSED, checkpointing, cpu_embeddings, None, tmp_path)
     assert _by_file(calls) == {"masking_utils.py": WATCHED}, collections.Counter(calls)
 
