@@ -54,7 +54,7 @@ GIB = 2**30
 # variants run eagerly, as they were first measured: compiling fuses what Liger's kernels fuse.
 LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
           "attn_implementation": "sdpa", "compile_layers": "auto", "compile_scope": "parts", "cpu_embeddings": False,
-          "lora_dropout": 0.05, "lean_forward": False, "optimizer": "paged_adamw_8bit"}
+          "lora_dropout": 0.05, "lean_forward": False, "skip_last_recompute": False, "optimizer": "paged_adamw_8bit"}
 LIGER = {"liger_kernel": True, "compile_layers": False}
 OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
 LEANEST = {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0, "lean_forward": True}
@@ -84,6 +84,14 @@ VARIANTS: dict[str, dict] = {
     "layer_compile": {**LEVERS, "compile_scope": "layer"},
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+layer_compile": {**LEANEST, "optimizer": "fused_adamw",
                                                                       "compile_scope": "layer"},
+    # Each layer's last projection left out of the recomputation (lora.skip_last_recompute).
+    "skip_last": {**LEVERS, "skip_last_recompute": True},
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+skip_last": {**LEANEST, "optimizer": "fused_adamw",
+                                                                  "skip_last_recompute": True},
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+skip_last+layer_compile": {
+        **LEANEST, "optimizer": "fused_adamw", "skip_last_recompute": True, "compile_scope": "layer"},
+    "offload+chunked_ce+cpu_embed+nodrop+adamw8bit+skip_last": {**LEANEST, "optimizer": "adamw_8bit",
+                                                                "skip_last_recompute": True},
     "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
     "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
     "lean+flex": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER, "attn_implementation": "flex_attention"},
@@ -297,7 +305,8 @@ def run_project(job: Job) -> dict:
                          compile_scope=opts["compile_scope"],
                          cpu_embeddings=opts["cpu_embeddings"])
     module = SFTModule(base=base, lora=LoraSpec(r=job.r, alpha=job.alpha, dropout=opts["lora_dropout"],
-                                                     lean_forward=opts["lean_forward"]),
+                                                     lean_forward=opts["lean_forward"],
+                                                     skip_last_recompute=opts["skip_last_recompute"]),
                        gradient_checkpointing=opts["gradient_checkpointing"],
                        loss_chunk_size=opts["loss_chunk_size"], warmup_ratio=0.0,
                        optimizer=OPTIMIZERS[opts["optimizer"]])
@@ -624,7 +633,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "`cpu_embed` = `base.cpu_embeddings: true`; `nodrop` = `lora.dropout: 0` (the others and the baseline: "
               "0.05); `lean_lora` = `lora.lean_forward: true`; `fused_adamw` = `torch.optim.AdamW` with `fused: true` "
               "instead of paged 8-bit AdamW; `adamw8bit` = `qlora_lightning.optim.AdamW8bit` (not paged, no "
-              "synchronize per tensor); `layer_compile` = `base.compile_scope: layer`; `eager` = "
+              "synchronize per tensor); `layer_compile` = `base.compile_scope: layer`; `skip_last` = "
+              "`lora.skip_last_recompute: true`; `eager` = "
               "`base.compile_layers: false` (on a GPU the default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
               "they do not count). wall tokens/s: the project's measured steps over host wall time with the GPU "

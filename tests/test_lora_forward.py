@@ -8,32 +8,36 @@ import pytest
 import torch
 from peft.tuners.lora.bnb import Linear4bit
 
-from qlora_lightning.lora_forward import LeanLoraLinear4bit
-from qlora_lightning.model import LoraSpec, build_model
+from qlora_lightning.lora_forward import BaseLastLoraLinear4bit, LeanLoraLinear4bit
+from qlora_lightning.model import LoraSpec, build_model, decoder_layers
 from tests.conftest import tiny_spec
 
 SPEC = dataclasses.replace(tiny_spec(num_key_value_heads=4), compute_dtype="bfloat16")
 
 
-def _loss_and_grads(lean: bool, dropout: float, tokens: torch.Tensor):
+def _model(lean: bool, dropout: float, spec=SPEC, **lora):
     torch.manual_seed(0)
-    model = build_model(SPEC, LoraSpec(r=4, dropout=dropout, lean_forward=lean), gradient_checkpointing=True)
+    model = build_model(spec, LoraSpec(r=4, dropout=dropout, lean_forward=lean, **lora), gradient_checkpointing=True)
     generator = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():
         if ".lora_B." in name:  # a non-zero update, so that the adapter's path shows in the output
             p.data.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+    return model
+
+
+def _loss_and_grads(model, tokens: torch.Tensor):
     torch.manual_seed(2)  # the dropout masks
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(input_ids=tokens, labels=tokens).loss
     loss.backward()
-    return model, loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_lean_forward_gives_peft_s_loss_and_gradients(dropout):
     tokens = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0))
-    lean_model, lean_loss, lean = _loss_and_grads(True, dropout, tokens)
-    peft_model, peft_loss, peft = _loss_and_grads(False, dropout, tokens)
+    lean_model, peft_model = _model(True, dropout), _model(False, dropout)
+    (lean_loss, lean), (peft_loss, peft) = _loss_and_grads(lean_model, tokens), _loss_and_grads(peft_model, tokens)
     layers = [m for m in lean_model.modules() if isinstance(m, Linear4bit)]
     assert len(layers) == 7 * lean_model.config.num_hidden_layers
     assert all(type(m) is LeanLoraLinear4bit for m in layers)
@@ -58,3 +62,41 @@ def test_lean_forward_is_used_only_where_it_computes_what_peft_does():
         assert layer._lean_adapter(x, (), {}) is None  # generation and evaluation: PEFT's forward
         model.train()
     assert layer._lean_adapter(x, (), {}) is None  # no autocast: PEFT casts the input to the adapter's dtype
+
+
+def _count_base_calls(module: torch.nn.Module, calls: dict, key: str) -> None:
+    """Count the calls of ``module``'s frozen base layer, split by whether the backward is running."""
+    def hook(*_):
+        phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+        calls[key, phase] = calls.get((key, phase), 0) + 1
+    module.base_layer.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_skip_last_recompute_leaves_the_last_base_matmul_out_of_the_recomputation(compiled):
+    spec = dataclasses.replace(SPEC, compile_layers=compiled)
+    tokens = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    results = {}
+    for skip in (True, False):
+        model, calls = _model(False, 0.0, spec, skip_last_recompute=skip), {}
+        for layer in decoder_layers(model):
+            _count_base_calls(layer.mlp.down_proj, calls)
+        results[skip] = model, calls, *_loss_and_grads(model, tokens)
+    (model, calls, loss, grads), (_, peft_calls, peft_loss, peft_grads) = results[True], results[False]
+    layers = len(decoder_layers(model))
+    assert [type(layer.mlp.down_proj) for layer in decoder_layers(model)] == [BaseLastLoraLinear4bit] * layers
+    # Once per layer in the forward, and never again: the recomputation stopped before it ...
+    assert calls == {"forward": layers}
+    # ... where PEFT's order (base matmul first) redoes it in the backward.
+    assert peft_calls == {"forward": layers, "backward": layers}
+    torch.testing.assert_close(loss, peft_loss, rtol=2e-3, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], peft_grads[name], rtol=0.05, atol=2e-3, msg=name)
+
+
+def _count_base_calls(layer: torch.nn.Module, calls: dict) -> None:
+    """Count the calls of a LoRA layer's frozen base in ``calls``, by whether a backward is running."""
+    def hook(*_):
+        phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
+        calls[phase] = calls.get(phase, 0) + 1
+    layer.base_layer.register_forward_hook(hook)
