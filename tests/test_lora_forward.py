@@ -15,19 +15,20 @@ from tests.conftest import tiny_spec
 SPEC = dataclasses.replace(tiny_spec(num_key_value_heads=4), compute_dtype="bfloat16")
 
 
-def _model(lean: bool, dropout: float, spec=SPEC, **lora):
+def _model(lean: bool, dropout: float, spec=SPEC, device: str = "cpu", **lora):
     torch.manual_seed(0)
-    model = build_model(spec, LoraSpec(r=4, dropout=dropout, lean_forward=lean, **lora), gradient_checkpointing=True)
+    model = build_model(spec, LoraSpec(r=4, dropout=dropout, lean_forward=lean, **lora), gradient_checkpointing=True,
+                        device=device)
     generator = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():
         if ".lora_B." in name:  # a non-zero update, so that the adapter's path shows in the output
-            p.data.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+            p.data.copy_(torch.randn(p.shape, generator=generator).to(p.device) * 0.05)
     return model
 
 
 def _loss_and_grads(model, tokens: torch.Tensor):
     torch.manual_seed(2)  # the dropout masks
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(tokens.device.type, dtype=torch.bfloat16):
         loss = model(input_ids=tokens, labels=tokens).loss
     loss.backward()
     return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
@@ -72,13 +73,14 @@ def _count_base_calls(module: torch.nn.Module, calls: dict, key: str) -> None:
     module.base_layer.register_forward_hook(hook)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_skip_last_recompute_leaves_the_last_base_matmul_out_of_the_recomputation(compiled):
+def test_skip_last_recompute_leaves_the_last_base_matmul_out_of_the_recomputation(compiled, device):
     spec = dataclasses.replace(SPEC, compile_layers=compiled)
-    tokens = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).to(device)
     results = {}
     for skip in (True, False):
-        model, calls = _model(False, 0.0, spec, skip_last_recompute=skip), {}
+        model, calls = _model(False, 0.0, spec, device, skip_last_recompute=skip), {}
         for layer in decoder_layers(model):
             _count_base_calls(layer.mlp.down_proj, calls)
         results[skip] = model, calls, *_loss_and_grads(model, tokens)
