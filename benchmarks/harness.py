@@ -92,6 +92,9 @@ VARIANTS: dict[str, dict] = {
         **LEANEST, "optimizer": "fused_adamw", "skip_last_recompute": True, "compile_scope": "layer"},
     "offload+chunked_ce+cpu_embed+nodrop+adamw8bit+skip_last": {**LEANEST, "optimizer": "adamw_8bit",
                                                                 "skip_last_recompute": True},
+    # No recomputation, every saved activation in CPU memory (small batches).
+    "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit": {**LEANEST, "gradient_checkpointing": "offload_all",
+                                                          "optimizer": "adamw_8bit"},
     "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
     "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
     "lean+flex": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER, "attn_implementation": "flex_attention"},
@@ -628,6 +631,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "`FastLanguageModel` in the same loop, LoRA dropout 0 (no estimate); `default` = this project's "
               "Lightning path with its defaults (bf16 embeddings, head and norms); `upcast` = "
               "`base.upcast_frozen: true` (PEFT's fp32 upcast); `offload` = `gradient_checkpointing: offload`; "
+              "`offload_all` = `gradient_checkpointing: offload_all`; "
               "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true` (run eagerly); "
               "`lean` = offload + chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; "
               "`cpu_embed` = `base.cpu_embeddings: true`; `nodrop` = `lora.dropout: 0` (the others and the baseline: "

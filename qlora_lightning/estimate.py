@@ -174,7 +174,8 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
         seq: Tokens per sequence.
         r: LoRA rank (``all-linear`` targets).
         gradient_checkpointing: Whether decoder layers are recomputed in the backward (``offload``:
-            and their inputs wait in CPU memory).
+            and their inputs wait in CPU memory; ``offload_all``: nothing is recomputed, and all
+            that the layers save waits in CPU memory).
         loss_chunk_size: ``SFTModule.loss_chunk_size`` (None: the plain loss).
         quantization: ``nf4``, ``fp4``, ``int8`` or ``none``.
         double_quant: Whether the 4-bit constants are quantized too.
@@ -212,11 +213,14 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
     parts["dequantized_weights"] = 2 * 2 * max(i * o for i, o in layer_linears(d))  # bf16, forward + backward
     if gradient_checkpointing:
         layer_inputs = d.layers * tokens * d.hidden * (4 if upcast_frozen else 2)  # the residual stream
-        if gradient_checkpointing == "offload":
+        if gradient_checkpointing == "offload_all":
+            offloaded += d.layers * layer
+        elif gradient_checkpointing == "offload":
             offloaded += layer_inputs
         else:
             parts["checkpointed_layer_inputs"] = layer_inputs
-        # The loss peaks at the end of the forward; the recomputed layer (plus its gradients) in the backward.
+        # The loss peaks at the end of the forward; the layer in the backward (recomputed or copied
+        # back, plus its gradients) after it.
         # + the gradients of two MLP outputs (fp32 under the upcast)
         working = layer + tokens * (2 if upcast_frozen else 1) * (4 * d.inter + 4 * d.hidden)
         parts["peak_of_loss_or_recomputed_layer"] = max(logits, working)
@@ -271,7 +275,7 @@ def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str
 
 
 def _checkpointing(value) -> Checkpointing:
-    return "offload" if value == "offload" else bool(value)
+    return value if value in ("offload", "offload_all") else bool(value)
 
 
 def main(argv: list[str]) -> None:

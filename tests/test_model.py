@@ -126,9 +126,10 @@ def test_checkpoint_holds_the_adapter_and_its_optimizer_state_only(tmp_path):
     assert bytes_big < base_big / 20
 
 
-@pytest.mark.parametrize("checkpointing", [False, True, "offload"])
+@pytest.mark.parametrize("checkpointing", [False, True, "offload", "offload_all"])
 def test_gradient_checkpointing_recomputes_under_the_trainer(checkpointing, monkeypatch, tmp_path):
-    """With checkpointing on, each decoder layer runs again in the backward pass.
+    """With checkpointing on, each decoder layer runs again in the backward pass (``offload_all``:
+    once, with what it saves going through the offload hooks).
 
     Hugging Face layers checkpoint only in training mode; ``from_pretrained`` returns eval mode and
     Lightning keeps module modes, so this fails unless the builder switches to training mode.
@@ -136,15 +137,19 @@ def test_gradient_checkpointing_recomputes_under_the_trainer(checkpointing, monk
     calls, offloaded = [], []
     forward, pack = LlamaMLP.forward, OffloadToCpu.pack
     monkeypatch.setattr(LlamaMLP, "forward", lambda self, x: calls.append(1) or forward(self, x))
-    monkeypatch.setattr(OffloadToCpu, "pack", staticmethod(lambda t: offloaded.append(t.dim()) or pack(t)))
+    monkeypatch.setattr(OffloadToCpu, "pack", staticmethod(lambda t, **kw: offloaded.append(t.dim()) or pack(t, **kw)))
     module = sft_module(gradient_checkpointing=checkpointing)
     data = GSM8KDataModule(path=str(EXAMPLES / "gsm8k_train.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
                            num_samples=2, batch_size=2)
     cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=data)
     layers = module.model.config.num_hidden_layers
-    assert len(calls) == layers * (2 if checkpointing else 1)
-    # Each layer's (B, T, H) input goes through the offload hooks, and only under `offload`.
-    assert offloaded.count(3) == (layers if checkpointing == "offload" else 0)
+    assert len(calls) == layers * (2 if checkpointing in (True, "offload") else 1)
+    # Each layer's (B, T, H) input goes through the offload hooks under `offload`; under
+    # `offload_all`, every tensor its layers save.
+    if checkpointing == "offload_all":
+        assert offloaded.count(3) > 4 * layers, offloaded
+    else:
+        assert offloaded.count(3) == (layers if checkpointing == "offload" else 0)
 
 
 def _lora_grads(checkpointing, tokens: torch.Tensor, device: str = "cpu",
@@ -167,7 +172,7 @@ def test_offloaded_checkpointing_saves_only_each_layers_input_and_keeps_the_grad
     gradients equal those without checkpointing."""
     packed = []
     pack = OffloadToCpu.pack
-    monkeypatch.setattr(OffloadToCpu, "pack", staticmethod(lambda t: packed.append(tuple(t.shape)) or pack(t)))
+    monkeypatch.setattr(OffloadToCpu, "pack", staticmethod(lambda t, **kw: packed.append(tuple(t.shape)) or pack(t, **kw)))
     tokens = _token_batch(n_rows=2, length=24)
     plain = _lora_grads(False, tokens)
     assert not packed
@@ -331,6 +336,35 @@ def test_offloaded_checkpointing_frees_the_layer_inputs_on_the_gpu_with_the_same
     # input is the embedding output, which the model's forward still holds. (Measured with the side
     # stream: 27.9 MiB less; some kilobytes of small saved tensors stay.)
     assert held[True] - held["offload"] >= 7 * 4 * 2**20 * 0.95, held
+
+
+@pytest.mark.gpu
+def test_offload_all_keeps_no_activation_on_the_gpu_and_the_gradients_of_plain_training():
+    """``offload_all`` recomputes nothing, and what the forward leaves on the GPU for the backward
+    is smaller than even checkpointing's layer inputs; the gradients are those of plain training."""
+    spec = dataclasses.replace(tiny_spec(hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
+                                         num_attention_heads=8, num_key_value_heads=8),
+                               compute_dtype="bfloat16")
+    tokens = _token_batch(n_rows=4, length=1024).cuda()
+    held, grads = {}, {}
+    for mode in (False, True, "offload_all"):
+        torch.manual_seed(0)
+        model = build_model(spec, LoraSpec(r=4, dropout=0.0), gradient_checkpointing=mode, device="cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            before = torch.cuda.memory_allocated()
+            loss = model(input_ids=tokens, labels=tokens).loss
+            torch.cuda.synchronize()  # as in the test above: blocks copied out are freed ...
+            torch.empty(1, device="cuda")  # ... at the allocator's next allocation
+            held[mode] = torch.cuda.memory_allocated() - before
+        loss.backward()
+        grads[mode] = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        del model, loss
+    for name in grads[False]:
+        torch.testing.assert_close(grads["offload_all"][name], grads[False][name], rtol=0, atol=0, msg=name)
+    # The logits (4 x 1024 x 512 vocab, bf16 and fp32) stay for the loss's backward in every mode;
+    # checkpointing also keeps 8 layer inputs of 4 MiB each on the GPU, offload_all none of them.
+    assert held["offload_all"] < held[True] - 7 * 4 * 2**20 * 0.95, held
+    assert held["offload_all"] < held[False] / 4, held
 
 
 @pytest.mark.parametrize("random_init", [False, True])

@@ -46,7 +46,9 @@ class QLoRAModule(LightningModule):
         lora: The adapter.
         gradient_checkpointing: Recompute each decoder layer in the backward pass (less memory, ~30%
             slower); ``offload`` also keeps each layer's input in pinned CPU memory instead of on the
-            GPU (B x T x hidden per layer: 2 GiB for Mistral-7B at 8 x 1024, 8 GiB at 1 x 32768).
+            GPU (B x T x hidden per layer: 2 GiB for Mistral-7B at 8 x 1024, 8 GiB at 1 x 32768);
+            ``offload_all`` recomputes nothing and keeps everything the layers save in CPU memory
+            (for small batches, where the host sets the pace; see ``checkpointing.py``).
         loss_chunk_size: Compute the loss from the final hidden states this many tokens at a
             time, so the full (B, T, V) logits never exist (same loss; saves about
             10 * B * T * V bytes: bf16 logits, their fp32 copy and log-softmax). None: plain loss.
