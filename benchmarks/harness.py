@@ -90,6 +90,8 @@ VARIANTS: dict[str, dict] = {
                                                                   "skip_last_recompute": True},
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+skip_last+layer_compile": {
         **LEANEST, "optimizer": "fused_adamw", "skip_last_recompute": True, "compile_scope": "layer"},
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+skip_last+peft_forward": {
+        **LEANEST, "optimizer": "fused_adamw", "skip_last_recompute": True, "lean_forward": False},
     "offload+chunked_ce+cpu_embed+nodrop+adamw8bit+skip_last": {**LEANEST, "optimizer": "adamw_8bit",
                                                                 "skip_last_recompute": True},
     # No recomputation, every saved activation in CPU memory (small batches).
@@ -638,7 +640,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "0.05); `lean_lora` = `lora.lean_forward: true`; `fused_adamw` = `torch.optim.AdamW` with `fused: true` "
               "instead of paged 8-bit AdamW; `adamw8bit` = `qlora_lightning.optim.AdamW8bit` (not paged, no "
               "synchronize per tensor); `layer_compile` = `base.compile_scope: layer`; `skip_last` = "
-              "`lora.skip_last_recompute: true`; `eager` = "
+              "`lora.skip_last_recompute: true`; `peft_forward` = `lora.lean_forward: false`; `eager` = "
               "`base.compile_layers: false` (on a GPU the default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
               "they do not count). wall tokens/s: the project's measured steps over host wall time with the GPU "

@@ -101,7 +101,12 @@ class OffloadToCpu(torch.autograd.graph.saved_tensors_hooks):
         if (tensor.device.type != "cuda" or tensor.numel() * tensor.element_size() < MIN_OFFLOAD_BYTES
                 or tensor.untyped_storage().data_ptr() in keep):
             return tensor  # nothing to gain off the GPU
-        parked = _Parked(tensor, OffloadToCpu._last)
+        # With the tensor's strides (empty_like keeps them where the elements fill their memory
+        # densely): compiled backward graphs check the strides of what they saved.
+        host = torch.empty_like(tensor, device="cpu", pin_memory=True)
+        if host.stride() != tensor.stride():
+            return tensor  # a view with gaps, rare: left where it is
+        parked = _Parked(tensor, host, OffloadToCpu._last)
         OffloadToCpu._last = weakref.ref(parked)
         return parked
 
@@ -121,10 +126,11 @@ class _Parked:
 
     __slots__ = ("host", "device", "before", "back", "ready", "__weakref__")
 
-    def __init__(self, tensor: torch.Tensor, before: Optional[weakref.ref]):
+    def __init__(self, tensor: torch.Tensor, host: torch.Tensor, before: Optional[weakref.ref]):
+        """``host``: pinned memory of ``tensor``'s shape and strides to copy it into."""
         stream = _copy_stream(tensor.device)
         stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the kernel that wrote it
-        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.host = host
         with torch.cuda.stream(stream):
             self.host.copy_(tensor, non_blocking=True)
         tensor.record_stream(stream)  # its block is not handed out again until the copy is done
@@ -139,7 +145,7 @@ class _Parked:
         compute, stream = torch.cuda.current_stream(self.device), _copy_stream(self.device)
         # Allocated for the compute stream, which uses it; the side stream must not write into the
         # block before the compute work queued so far (maybe its last user) is done.
-        self.back = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+        self.back = torch.empty_like(self.host, device=self.device)
         stream.wait_stream(compute)
         with torch.cuda.stream(stream):
             self.back.copy_(self.host, non_blocking=True)
