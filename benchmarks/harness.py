@@ -54,7 +54,7 @@ GIB = 2**30
 # variants run eagerly, as they were first measured: compiling fuses what Liger's kernels fuse.
 LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
           "attn_implementation": "sdpa", "compile_layers": "auto", "compile_scope": "parts", "cpu_embeddings": False,
-          "lora_dropout": 0.05, "lean_forward": False, "skip_last_recompute": False, "optimizer": "paged_adamw_8bit"}
+          "lora_dropout": 0.05, "lean_forward": False, "skip_last_recompute": True, "optimizer": "paged_adamw_8bit"}
 LIGER = {"liger_kernel": True, "compile_layers": False}
 OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
 LEANEST = {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0, "lean_forward": True}
@@ -80,20 +80,17 @@ VARIANTS: dict[str, dict] = {
     "fused_adamw": {**LEVERS, "optimizer": "fused_adamw"},
     "offload+chunked_ce+cpu_embed+nodrop+adamw8bit": {**LEANEST, "optimizer": "adamw_8bit"},
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw"},
-    # One compiled graph per decoder layer instead of one per part (not measured yet).
+    # One compiled graph per decoder layer instead of one per part (on the fastest path at 8x1024: +0.2%, noise).
     "layer_compile": {**LEVERS, "compile_scope": "layer"},
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+layer_compile": {**LEANEST, "optimizer": "fused_adamw",
                                                                       "compile_scope": "layer"},
-    # Each layer's last projection left out of the recomputation (lora.skip_last_recompute).
-    "skip_last": {**LEVERS, "skip_last_recompute": True},
-    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+skip_last": {**LEANEST, "optimizer": "fused_adamw",
-                                                                  "skip_last_recompute": True},
-    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+skip_last+layer_compile": {
-        **LEANEST, "optimizer": "fused_adamw", "skip_last_recompute": True, "compile_scope": "layer"},
-    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+skip_last+peft_forward": {
-        **LEANEST, "optimizer": "fused_adamw", "skip_last_recompute": True, "lean_forward": False},
-    "offload+chunked_ce+cpu_embed+nodrop+adamw8bit+skip_last": {**LEANEST, "optimizer": "adamw_8bit",
-                                                                "skip_last_recompute": True},
+    # Each layer's last projection recomputed too (lora.skip_last_recompute off; on by default since the
+    # 8x1024 measurements of 2026-11-29), and the fastest path with PEFT's own LoRA forward.
+    "recompute_last": {**LEVERS, "skip_last_recompute": False},
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+recompute_last": {**LEANEST, "optimizer": "fused_adamw",
+                                                                       "skip_last_recompute": False},
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+peft_forward": {**LEANEST, "optimizer": "fused_adamw",
+                                                                     "lean_forward": False},
     # No recomputation, every saved activation in CPU memory (small batches).
     "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit": {**LEANEST, "gradient_checkpointing": "offload_all",
                                                           "optimizer": "adamw_8bit"},
@@ -639,8 +636,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "`cpu_embed` = `base.cpu_embeddings: true`; `nodrop` = `lora.dropout: 0` (the others and the baseline: "
               "0.05); `lean_lora` = `lora.lean_forward: true`; `fused_adamw` = `torch.optim.AdamW` with `fused: true` "
               "instead of paged 8-bit AdamW; `adamw8bit` = `qlora_lightning.optim.AdamW8bit` (not paged, no "
-              "synchronize per tensor); `layer_compile` = `base.compile_scope: layer`; `skip_last` = "
-              "`lora.skip_last_recompute: true`; `peft_forward` = `lora.lean_forward: false`; `eager` = "
+              "synchronize per tensor); `layer_compile` = `base.compile_scope: layer`; `recompute_last` = "
+              "`lora.skip_last_recompute: false`; `peft_forward` = `lora.lean_forward: false`; `eager` = "
               "`base.compile_layers: false` (on a GPU the default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
               "they do not count). wall tokens/s: the project's measured steps over host wall time with the GPU "

@@ -9,8 +9,8 @@ bf16, 8 GiB at 1 x 32768. ``offload`` parks them in pinned CPU memory until the 
 memory instead. Where the host, not the GPU, sets the pace (small batches: 84 ms of GPU work in a
 585 ms step for Mistral-7B at 1 x 512), the recomputation's second forward costs host time the
 GPU waits for, while the copies run beside the compute on the copy engines. At large batches the
-copies outgrow the compute (about 1 GiB per layer of Mistral-7B at 8 x 1024), so ``offload`` fits
-those.
+copies outgrow the compute (the estimator's 1.7 GiB per layer of Mistral-7B at 8 x 1024, 53 GiB
+each way per step), so ``offload`` fits those.
 """
 
 from __future__ import annotations

@@ -341,10 +341,15 @@ def test_offloaded_checkpointing_frees_the_layer_inputs_on_the_gpu_with_the_same
 @pytest.mark.gpu
 def test_offload_all_keeps_no_activation_on_the_gpu_and_the_gradients_of_plain_training():
     """``offload_all`` recomputes nothing, and what the forward leaves on the GPU for the backward
-    is smaller than even checkpointing's layer inputs; the gradients are those of plain training."""
+    is smaller than even checkpointing's layer inputs; the gradients are those of plain training.
+
+    Eager layers: compiled ones round differently from one compilation to the next (on an H200,
+    two plain compiled runs differed by 0.8% of a gradient's largest entry, and both offload_all and
+    plain checkpointing by 2.6%, the same figure), while eager offload_all matched plain training
+    bit for bit there."""
     spec = dataclasses.replace(tiny_spec(hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
                                          num_attention_heads=8, num_key_value_heads=8),
-                               compute_dtype="bfloat16")
+                               compute_dtype="bfloat16", compile_layers=False)
     tokens = _token_batch(n_rows=4, length=1024).cuda()
     held, grads = {}, {}
     for mode in (False, True, "offload_all"):
