@@ -152,6 +152,34 @@ def test_gradient_checkpointing_recomputes_under_the_trainer(checkpointing, monk
         assert offloaded.count(3) == (layers if checkpointing == "offload" else 0)
 
 
+@pytest.mark.parametrize("budget", ["none", "ample", "between", "tiny"])
+def test_auto_checkpointing_builds_the_fastest_mode_the_memory_budget_allows(budget, monkeypatch, tmp_path, caplog):
+    calls = []
+    forward = LlamaMLP.forward
+    monkeypatch.setattr(LlamaMLP, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    data = GSM8KDataModule(path=str(EXAMPLES / "gsm8k_train.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
+                           num_samples=2, batch_size=2, max_seq_length=256)
+    module = sft_module(gradient_checkpointing="auto")
+    trainer = cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    module._trainer = trainer  # the estimate reads the micro-batch shape off the trainer's DataModule
+    trainer.datamodule = data
+    peak = {mode: module._estimated_peak_gib(mode) for mode in (False, "offload_all", True, "offload")}
+    assert peak[False] > peak["offload_all"] >= peak["offload"], peak  # 2 x 256 tokens: offload_all is a candidate
+    module.memory_budget_gib, expected = {
+        "none": (None, False),  # on a CPU without a budget nothing is checkpointed
+        "ample": (100.0, False),
+        "between": ((peak[False] + peak["offload_all"]) / 2, "offload_all"),
+        "tiny": (peak["offload"] / 2, "offload"),  # nothing fits: the leanest, with a warning
+    }[budget]
+    module._trainer = None
+    with caplog.at_level("INFO", logger="qlora_lightning.modules.base"):
+        trainer.fit(module, datamodule=data)
+    assert module.checkpointing == expected
+    layers = module.model.config.num_hidden_layers
+    assert len(calls) == layers * (2 if expected in (True, "offload") else 1)
+    assert ("no mode fits" in caplog.text) == (budget == "tiny")
+
+
 def _lora_grads(checkpointing, tokens: torch.Tensor, device: str = "cpu",
                 spec: BaseModelSpec = None) -> dict[str, torch.Tensor]:
     """The adapter's gradients of one loss on ``tokens``, from the same seeded (non-zero) adapter."""

@@ -6,13 +6,14 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
-from jsonargparse.typing import PositiveInt
+from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, get_scheduler
 from typing_extensions import override
 
@@ -21,7 +22,7 @@ from qlora_lightning.distributed import (average_gradients, cast_frozen_for_fsdp
                                          fsdp_checkpoints_activations, full_state_dict, is_fsdp, replicates_adapters,
                                          save_adapter)
 from qlora_lightning.errors import UserError
-from qlora_lightning.estimate import estimate_peak_memory
+from qlora_lightning.estimate import choose_checkpointing, estimate_peak_memory
 from qlora_lightning.generation import greedy_generate, stop_token_ids
 from qlora_lightning.lagged import HostReadings
 from qlora_lightning.reliability import NonFiniteLossError
@@ -48,7 +49,12 @@ class QLoRAModule(LightningModule):
             slower); ``offload`` also keeps each layer's input in pinned CPU memory instead of on the
             GPU (B x T x hidden per layer: 2 GiB for Mistral-7B at 8 x 1024, 8 GiB at 1 x 32768);
             ``offload_all`` recomputes nothing and keeps everything the layers save in CPU memory
-            (for small batches, where the host sets the pace; see ``checkpointing.py``).
+            (for small batches, where the host sets the pace; see ``checkpointing.py``); ``auto``
+            picks the fastest of these whose estimated peak fits ``memory_budget_gib``
+            (``estimate.choose_checkpointing``).
+        memory_budget_gib: The GPU memory ``gradient_checkpointing: auto`` plans for; default 80% of
+            the device's (room for the CUDA context, the allocator's cached blocks and the
+            estimator's error). On a CPU without a budget, ``auto`` checkpoints nothing.
         loss_chunk_size: Compute the loss from the final hidden states this many tokens at a
             time, so the full (B, T, V) logits never exist (same loss; saves about
             10 * B * T * V bytes: bf16 logits, their fp32 copy and log-softmax). None: plain loss.
@@ -67,7 +73,8 @@ class QLoRAModule(LightningModule):
         self,
         base: BaseModelSpec = BaseModelSpec(),
         lora: LoraSpec = LoraSpec(),
-        gradient_checkpointing: Checkpointing = True,
+        gradient_checkpointing: Union[Checkpointing, Literal["auto"]] = True,
+        memory_budget_gib: Optional[PositiveFloat] = None,
         loss_chunk_size: Optional[int] = None,
         optimizer: OptimizerCallable = paged_adamw_8bit,
         lr_scheduler: Literal["cosine", "linear", "constant"] = "constant",
@@ -80,7 +87,8 @@ class QLoRAModule(LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.base, self.lora = base, lora
-        self.gradient_checkpointing = gradient_checkpointing
+        self.gradient_checkpointing, self.memory_budget_gib = gradient_checkpointing, memory_budget_gib
+        self.checkpointing: Optional[Checkpointing] = None  # what the model was built with (``auto`` resolved)
         if loss_chunk_size is not None and loss_chunk_size <= 0:
             raise UserError(f"model.loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}")
         self.loss_chunk_size = loss_chunk_size
@@ -108,7 +116,8 @@ class QLoRAModule(LightningModule):
     def describe(self) -> dict:
         """What is being trained, for run summaries."""
         return {"base": spec_dict(self.base), "lora": spec_dict(self.lora),
-                "gradient_checkpointing": self.gradient_checkpointing, "loss_chunk_size": self.loss_chunk_size}
+                "gradient_checkpointing": self.gradient_checkpointing, "checkpointing_used": self.checkpointing,
+                "loss_chunk_size": self.loss_chunk_size}
 
     @override
     def configure_model(self) -> None:
@@ -119,6 +128,9 @@ class QLoRAModule(LightningModule):
             # FSDP's activation_checkpointing_policy recomputes each decoder layer: transformers'
             # own checkpointing inside it would recompute everything a second time.
             checkpointing = False if fsdp_checkpoints_activations(strategy) else self.gradient_checkpointing
+            if checkpointing == "auto":
+                checkpointing = self._choose_checkpointing(device)
+            self.checkpointing = checkpointing
             compute_dtype = getattr(torch, self.base.compute_dtype)
             if is_fsdp(strategy) and self.base.quantization in ("nf4", "fp4"):  # before the minutes-long load
                 check_fsdp_precision(strategy, str(self.trainer.precision), compute_dtype)
@@ -143,15 +155,58 @@ class QLoRAModule(LightningModule):
             if replicates_adapters(strategy):  # FSDP leaves them alone; reduce_replicated_gradients averages them
                 strategy.kwargs["ignored_states"] = self._trainable()
 
+    # Sequences in the model's forward per example of a micro-batch (DPO: a chosen and a rejected one).
+    sequences_per_example = 1
+
+    def _micro_batch_shape(self) -> tuple[int, int]:
+        """(sequences, tokens per sequence) of the largest micro-batch the DataModule makes."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        batch, seq = getattr(datamodule, "batch_size", 1), getattr(datamodule, "max_seq_length", 512)
+        return batch * self.sequences_per_example, seq
+
+    def _estimated_peak_gib(self, checkpointing: Checkpointing) -> float:
+        """The estimator's peak for this module's settings and micro-batch, in GiB."""
+        batch, seq = self._micro_batch_shape()
+        config = AutoConfig.from_pretrained(self.base.name_or_path, **self.base.config_overrides)
+        try:  # built on a stand-in parameter, only to learn which optimizer (and so how much state) it is
+            optimizer = type(self.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])).__name__
+        except Exception:  # e.g. one that wants CUDA parameters: plan for fp32 moments, the most Adam keeps
+            optimizer = "AdamW"
+        return estimate_peak_memory(
+            config, batch, seq, self.lora.r, checkpointing, loss_chunk_size=self.loss_chunk_size,
+            quantization=self.base.quantization, double_quant=self.base.double_quant, lora_dropout=self.lora.dropout,
+            optimizer=optimizer, upcast_frozen=self.base.upcast_frozen, liger_kernel=self.base.liger_kernel,
+            attn_implementation=self.base.attn_implementation, cpu_embeddings=self.base.cpu_embeddings)["total_gib"]
+
+    def _choose_checkpointing(self, device: torch.device) -> Checkpointing:
+        """``gradient_checkpointing: auto``: the fastest mode whose estimated peak fits the memory budget."""
+        budget = self.memory_budget_gib
+        if budget is None and device.type != "cuda":
+            return False  # the estimator plans GPU memory, not the host's
+        if budget is None:
+            budget = 0.8 * torch.cuda.get_device_properties(device).total_memory / 2**30
+        batch, seq = self._micro_batch_shape()
+        try:
+            mode, gib = choose_checkpointing(budget, batch * seq, self._estimated_peak_gib)
+        except (OSError, ValueError, AttributeError) as err:  # an architecture the estimator cannot read
+            log.warning("gradient_checkpointing auto: no memory estimate for '%s' (%s); checkpointing with "
+                        "offloaded layer inputs", self.base.name_or_path, err)
+            return "offload"
+        if gib <= budget:
+            rank_zero_info(f"gradient_checkpointing auto: {mode} for {batch} x {seq} tokens (estimated peak "
+                           f"{gib:.2f} GiB, budget {budget:.2f} GiB)")
+        else:
+            log.warning("gradient_checkpointing auto: no mode fits %.2f GiB at %d x %d tokens; %s, the leanest, is "
+                        "estimated at %.2f GiB (lower data.batch_size or data.max_seq_length)",
+                        budget, batch, seq, mode, gib)
+        return mode
+
     def _out_of_memory_message(self, device: torch.device) -> str:
         """What did not fit, what the estimator expected, what the GPU had, and what to lower."""
         free, total = torch.cuda.mem_get_info(device)
-        datamodule = getattr(self._trainer, "datamodule", None)
-        batch, seq = getattr(datamodule, "batch_size", 1), getattr(datamodule, "max_seq_length", 512)
+        batch, seq = self._micro_batch_shape()
         try:
-            config = AutoConfig.from_pretrained(self.base.name_or_path, **self.base.config_overrides)
-            expected = estimate_peak_memory(config, batch, seq, self.lora.r, self.gradient_checkpointing,
-                                            quantization=self.base.quantization)["total_gib"]
+            expected = self._estimated_peak_gib(self.checkpointing)
             estimate = f"about {expected:.1f} GiB estimated for batch {batch} x {seq} tokens"
         except Exception:  # the message must not fail on an architecture the estimator does not know
             estimate = "no estimate for this architecture"

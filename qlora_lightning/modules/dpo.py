@@ -68,6 +68,8 @@ class DPOModule(QLoRAModule):
         ref_batch_size: Pairs per forward when precomputing the reference log-probs.
     """
 
+    sequences_per_example = 2  # the chosen and the rejected sequence of each pair, in one forward
+
     def __init__(self, *args, beta: PositiveFloat = 0.1, loss_type: PreferenceLossType = "sigmoid",
                  label_smoothing: LabelSmoothing = 0.0, sft_adapter: Optional[str] = None,
                  precompute_ref_logps: bool = False, ref_batch_size: PositiveInt = 4, **kwargs):
