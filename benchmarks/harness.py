@@ -33,6 +33,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -154,6 +155,7 @@ class Job:
     round: int = 0  # of --repeat
     profile: bool = False  # trace the GPU kernels of the last PROFILED_STEPS measured steps
     profile_host: bool = False  # and the host's work (a diagnostic: it slows the steps it traces)
+    trace_dir: Optional[str] = None  # where the profiled steps' Chrome trace goes, gzipped (implies profile)
 
     @property
     def shape(self) -> str:
@@ -202,15 +204,16 @@ class StepProfiler:
     def __init__(self, job: Job):
         import torch
 
-        self.enabled = (job.profile or job.profile_host) and torch.cuda.is_available()
-        self.host = job.profile_host
+        self.enabled = (job.profile or job.profile_host or job.trace_dir) and torch.cuda.is_available()
+        self.host, self.job = job.profile_host, job
         self.steps_before = job.warmup + job.steps - PROFILED_STEPS
         self.done = 0
         if self.enabled:
             activities = [torch.profiler.ProfilerActivity.CUDA]
             if self.host:
                 activities.append(torch.profiler.ProfilerActivity.CPU)
-            self.prof = torch.profiler.profile(activities=activities)
+            # Python frames in a host trace say which module's code launches what.
+            self.prof = torch.profiler.profile(activities=activities, with_stack=bool(self.host and job.trace_dir))
 
     def step(self) -> None:
         if not self.enabled:
@@ -224,6 +227,18 @@ class StepProfiler:
             torch.cuda.synchronize()
             self.prof.stop()
 
+    def _export_trace(self, folder: Path) -> None:
+        import gzip
+        import shutil
+
+        folder.mkdir(parents=True, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", f"{self.job.arch}_{self.job.shape}_{self.job.variant}_r{self.job.round}")
+        raw = folder / f"{name}.json"
+        self.prof.export_chrome_trace(str(raw))
+        with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        raw.unlink()
+
     def result(self) -> Optional[dict]:
         if not self.enabled or self.done < self.steps_before + PROFILED_STEPS:
             return None
@@ -231,6 +246,8 @@ class StepProfiler:
         print(self.prof.key_averages().table(sort_by="self_device_time_total", row_limit=25), flush=True)
         if self.host:  # where the host's time goes, by operator and Python-level function
             print(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), flush=True)
+        if self.job.trace_dir:
+            self._export_trace(Path(self.job.trace_dir))
         return kernel_breakdown([(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events],
                                 PROFILED_STEPS)
 
@@ -469,7 +486,8 @@ def plan(args: argparse.Namespace, arch_root: Path) -> list[Job]:
     def arch_dir(arch: str) -> str:
         return str(write_arch(arch, arch_root, tiny=args.tiny))
 
-    common = {"steps": args.steps, "warmup": args.warmup, "profile": args.profile, "profile_host": args.profile_host}
+    common = {"steps": args.steps, "warmup": args.warmup, "profile": args.profile, "profile_host": args.profile_host,
+              "trace_dir": args.trace}
     if args.original:
         return [Job(e.arch, 1, 512, "project", "default", arch_dir(e.arch), r=e.r, alpha=2 * e.r, accumulate=8,
                     experiment=e.name, options=VARIANTS["default"], **common) for e in ORIGINAL]
@@ -530,7 +548,7 @@ def run_job(job: Job, timeout: float, log) -> dict:
     except subprocess.TimeoutExpired as err:
         output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
         result = {"status": f"timed out after {timeout:.0f} s"}
-    keep = 60000 if job.profile or job.profile_host else 6000  # a profile's tables come before the stderr
+    keep = 60000 if job.profile or job.profile_host or job.trace_dir else 6000  # a profile's tables come before the stderr
     log.write(f"\n===== {job.arch} {job.shape} {job.variant} =====\n{output[-keep:]}\n")
     log.flush()
     return {**asdict(job), **result, "wall_s": time.perf_counter() - start}
@@ -717,6 +735,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                              "by kind of kernel in harness.md (the trace costs some speed)")
     parser.add_argument("--profile-host", action="store_true",
                         help="--profile, and the host's time by operator in the log (slows the traced steps)")
+    parser.add_argument("--trace", metavar="DIR",
+                        help="--profile, and each job's Chrome trace of the profiled steps, gzipped, in DIR "
+                             "(with --profile-host: the host's work and Python frames too)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"skip the jobs that would overrun this (--quick: {QUICK_BUDGET_S:.0f} unless given)")
     parser.add_argument("--arch-root", help="folder for the arch configs (reuse one to reuse its random weights)")
