@@ -81,6 +81,8 @@ VARIANTS: dict[str, dict] = {
     "fused_adamw": {**LEVERS, "optimizer": "fused_adamw"},
     "offload+chunked_ce+cpu_embed+nodrop+adamw8bit": {**LEANEST, "optimizer": "adamw_8bit"},
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw"},
+    # The same with the embedding table on the GPU (0.25 GiB for the 7B models): no host lookup and copy per step.
+    "offload+chunked_ce+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw", "cpu_embeddings": False},
     # One compiled graph per decoder layer instead of one per part (on the fastest path at 8x1024: +0.2%, noise).
     "layer_compile": {**LEVERS, "compile_scope": "layer"},
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+layer_compile": {**LEANEST, "optimizer": "fused_adamw",

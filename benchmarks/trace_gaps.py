@@ -5,12 +5,14 @@
 On the stream that runs the most kernel time it sums the idle gaps between kernels and splits
 them: a gap whose next kernel was launched after the previous kernel ended waited for the host
 (charged to the Python frames the launch came from); any other waited for the device (a copy, an
-event on another stream). It also lists the host's busiest Python functions, inclusive time.
+event on another stream; marked where a copy on another stream ended just before). It also
+lists the host's busiest Python functions, inclusive time.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import gzip
 import json
 from collections import defaultdict
@@ -85,6 +87,10 @@ def main() -> None:
           f"of {span / 1e3:.1f} ms; other streams: "
           + ", ".join(f"{s}: {d / 1e3:.1f} ms" for s, d in per_stream.items() if s != main_stream))
 
+    # Copies on other streams (the offloading's side stream), by end time: a kernel that starts right
+    # after one ended most likely waited for it.
+    copy_ends = sorted(e["ts"] + e["dur"] for e in events if e.get("cat") in ("gpu_memcpy", "gpu_memset")
+                       and e.get("args", {}).get("stream") != main_stream)
     host_gaps, device_gaps, queries = [], defaultdict(lambda: [0.0, 0]), []
     for prev, nxt in zip(stream, stream[1:]):
         end = prev["ts"] + prev["dur"]
@@ -96,7 +102,9 @@ def main() -> None:
             host_gaps.append((gap, launch["tid"], launch["ts"], nxt["name"]))
             queries.append((launch["tid"], launch["ts"]))
         else:
-            key = f"{prev['name'][:60]} -> {nxt['name'][:60]}"
+            i = bisect.bisect_right(copy_ends, nxt["ts"])
+            after_copy = i > 0 and copy_ends[i - 1] >= end - 1
+            key = f"{prev['name'][:60]} -> {nxt['name'][:60]}" + (" (after a side-stream copy)" if after_copy else "")
             device_gaps[key][0] += gap
             device_gaps[key][1] += 1
     total_gap = span - per_stream[main_stream]

@@ -13,6 +13,7 @@ from peft import PeftModel
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from qlora_lightning import GSM8KDataModule
+from qlora_lightning import checkpointing
 from qlora_lightning.checkpointing import OffloadToCpu
 from qlora_lightning.errors import UserError
 from qlora_lightning.model import (BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer,
@@ -338,9 +339,10 @@ def test_frozen_16bit_weights_stay_in_the_compute_dtype_unless_upcast(upcast):
 
 @pytest.mark.gpu
 def test_offloaded_checkpointing_frees_the_layer_inputs_on_the_gpu_with_the_same_gradients():
+    # Eager layers: compiled ones round differently from one compilation to the next (see below).
     spec = dataclasses.replace(tiny_spec(hidden_size=512, intermediate_size=1024, num_hidden_layers=8,
                                          num_attention_heads=8, num_key_value_heads=8),
-                               compute_dtype="bfloat16")
+                               compute_dtype="bfloat16", compile_layers=False)
     tokens = _token_batch(n_rows=4, length=1024).cuda()
     held, grads = {}, {}
     for mode in (True, "offload"):
@@ -367,7 +369,7 @@ def test_offloaded_checkpointing_frees_the_layer_inputs_on_the_gpu_with_the_same
 
 
 @pytest.mark.gpu
-def test_offload_all_keeps_no_activation_on_the_gpu_and_the_gradients_of_plain_training():
+def test_offload_all_keeps_no_activation_on_the_gpu_and_the_gradients_of_plain_training(monkeypatch):
     """``offload_all`` recomputes nothing, and what the forward leaves on the GPU for the backward
     is smaller than even checkpointing's layer inputs; the gradients are those of plain training.
 
@@ -379,6 +381,8 @@ def test_offload_all_keeps_no_activation_on_the_gpu_and_the_gradients_of_plain_t
                                          num_attention_heads=8, num_key_value_heads=8),
                                compute_dtype="bfloat16", compile_layers=False)
     tokens = _token_batch(n_rows=4, length=1024).cuda()
+    # Every saved tensor, the adapter's small (tokens x r) ones too: what stays is then the loss's alone.
+    monkeypatch.setattr(checkpointing, "MIN_OFFLOAD_BYTES", 0)
     held, grads = {}, {}
     for mode in (False, True, "offload_all"):
         torch.manual_seed(0)
