@@ -34,17 +34,12 @@ def _loss_and_grads(model, tokens: torch.Tensor):
     return loss.detach(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize(("dropout", "compiled", "device"),
-                         [(0.0, False, "cpu"), (0.1, False, "cpu"), (0.0, True, "cpu"),
-                          pytest.param(0.0, True, "cuda", marks=pytest.mark.gpu)],
-                         ids=["eager", "eager-dropout", "compiled", "compiled-cuda"])
-def test_lean_forward_gives_peft_s_loss_and_gradients(dropout, compiled, device):
-    """Eager, the update is added in place; compiled, as rank-one updates fused into one pass."""
-    spec = dataclasses.replace(SPEC, compile_layers=compiled)
-    tokens = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).to(device)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lean_forward_gives_peft_s_loss_and_gradients(dropout):
+    tokens = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0))
     # The last projection's reordering (tested below) left off: every layer takes the lean forward.
-    lean_model = _model(True, dropout, spec, device, skip_last_recompute=False)
-    peft_model = _model(False, dropout, spec, device, skip_last_recompute=False)
+    lean_model = _model(True, dropout, skip_last_recompute=False)
+    peft_model = _model(False, dropout, skip_last_recompute=False)
     (lean_loss, lean), (peft_loss, peft) = _loss_and_grads(lean_model, tokens), _loss_and_grads(peft_model, tokens)
     layers = [m for m in lean_model.modules() if isinstance(m, Linear4bit)]
     assert len(layers) == 7 * lean_model.config.num_hidden_layers
