@@ -74,7 +74,8 @@ def main() -> None:
     args = parser.parse_args()
 
     events = load(args.trace)
-    kernels = [e for e in events if e.get("cat") == "kernel"]
+    # Copies and fills are work on their stream too (an out-of-place addmm copies its whole input).
+    kernels = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     per_stream: dict[int, float] = defaultdict(float)
@@ -83,9 +84,17 @@ def main() -> None:
     main_stream = max(per_stream, key=per_stream.get)
     stream = sorted((k for k in kernels if k["args"].get("stream") == main_stream), key=lambda k: k["ts"])
     span = stream[-1]["ts"] + stream[-1]["dur"] - stream[0]["ts"]
-    print(f"stream {main_stream}: {len(stream)} kernels, busy {per_stream[main_stream] / 1e3:.1f} ms "
+    print(f"stream {main_stream}: {len(stream)} kernels and copies, busy {per_stream[main_stream] / 1e3:.1f} ms "
           f"of {span / 1e3:.1f} ms; other streams: "
           + ", ".join(f"{s}: {d / 1e3:.1f} ms" for s, d in per_stream.items() if s != main_stream))
+    copies: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for e in stream:
+        if e["cat"] != "kernel":
+            key = f"{e['name']}, {e['args'].get('bytes', 0) / 2**20:.1f} MiB"
+            copies[key][0] += e["dur"]
+            copies[key][1] += 1
+    for key, (dur, n) in sorted(copies.items(), key=lambda kv: -kv[1][0])[:5]:
+        print(f"  on it: {n} x {key}: {dur / 1e3:.1f} ms")
 
     # Copies on other streams (the offloading's side stream), by end time: a kernel that starts right
     # after one ended most likely waited for it.
