@@ -81,7 +81,8 @@ VARIANTS: dict[str, dict] = {
     "fused_adamw": {**LEVERS, "optimizer": "fused_adamw"},
     "offload+chunked_ce+cpu_embed+nodrop+adamw8bit": {**LEANEST, "optimizer": "adamw_8bit"},
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw"},
-    # The same with the embedding table on the GPU (0.25 GiB for the 7B models): no host lookup and copy per step.
+    # The same with the embedding table on the GPU: no host lookup and copy per step (Mistral-7B at 8x1024:
+    # 0.30 GiB more, no faster; benchmarks/results/2026-11-29_session7).
     "offload+chunked_ce+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw", "cpu_embeddings": False},
     # One compiled graph per decoder layer instead of one per part (on the fastest path at 8x1024: +0.2%, noise).
     "layer_compile": {**LEVERS, "compile_scope": "layer"},
@@ -550,7 +551,8 @@ def run_job(job: Job, timeout: float, log) -> dict:
     except subprocess.TimeoutExpired as err:
         output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
         result = {"status": f"timed out after {timeout:.0f} s"}
-    keep = 60000 if job.profile or job.profile_host or job.trace_dir else 6000  # a profile's tables come before the stderr
+    # A profile's tables come before the stderr.
+    keep = 60000 if job.profile or job.profile_host or job.trace_dir else 6000
     log.write(f"\n===== {job.arch} {job.shape} {job.variant} =====\n{output[-keep:]}\n")
     log.flush()
     return {**asdict(job), **result, "wall_s": time.perf_counter() - start}

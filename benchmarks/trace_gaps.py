@@ -2,11 +2,13 @@
 
     python benchmarks/trace_gaps.py DIR/mistral-7b_8x1024_..._r0.json.gz [--min-gap-us 10]
 
-On the stream that runs the most kernel time it sums the idle gaps between kernels and splits
-them: a gap whose next kernel was launched after the previous kernel ended waited for the host
-(charged to the Python frames the launch came from); any other waited for the device (a copy, an
-event on another stream; marked where a copy on another stream ended just before). It also
-lists the host's busiest Python functions, inclusive time.
+On the stream that runs the most GPU time it lists the copies that ran on it (work too: an
+out-of-place ``addmm`` copies its whole input first), sums the idle gaps between its kernels and
+copies, and splits them: a gap whose next kernel was launched after the previous one ended waited
+for the host (charged to the Python frames and operator the launch came from, which only a
+``--profile-host`` trace records); any other waited for the device (an event on another stream;
+marked where a copy on another stream ended just before). It also lists the host's busiest
+Python functions, inclusive time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import bisect
 import gzip
 import json
 from collections import defaultdict
+from typing import Optional
 
 # Frames worth naming: the project and the libraries its step runs through.
 PACKAGES = ("qlora_lightning", "transformers/", "peft/", "bitsandbytes/", "torch/utils/checkpoint", "lightning/",
@@ -27,7 +30,8 @@ def load(path: str) -> list[dict]:
         return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
 
 
-def enclosing_frames(events: list[dict], queries: list[tuple[int, float]]) -> dict[tuple[int, float], list[str]]:
+def enclosing_frames(events: list[dict],
+                     queries: list[tuple[int, float]]) -> dict[tuple[int, float], list[tuple[str, str]]]:
     """For each (tid, time): the Python frames and operators open at that time on that thread, outermost
     first (the backward's thread runs operators with no Python frames)."""
     by_tid: dict[int, list[dict]] = defaultdict(list)
@@ -60,18 +64,19 @@ def _group(queries: list[tuple[int, float]]) -> dict[int, list[float]]:
 
 def short(frames: list[tuple[str, str]], depth: int) -> str:
     """The innermost named Python frames, and the innermost operator."""
-    named = [name.split("/")[-1] for cat, name in frames if cat == "python_function" and any(p in name for p in PACKAGES)]
+    named = [name.split("/")[-1] for cat, name in frames
+             if cat == "python_function" and any(p in name for p in PACKAGES)]
     ops = [name for cat, name in frames if cat == "cpu_op"]
     return " > ".join(named[-depth:] + ops[-1:]) or "(nothing open)"
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trace")
     parser.add_argument("--min-gap-us", type=float, default=10.0)
     parser.add_argument("--depth", type=int, default=3, help="named frames per host-bound gap")
     parser.add_argument("--top", type=int, default=25)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     events = load(args.trace)
     # Copies and fills are work on their stream too (an out-of-place addmm copies its whole input).
