@@ -597,6 +597,7 @@ def with_estimates(rows: list[dict]) -> list[dict]:
                                        attn_implementation=opts.get("attn_implementation", "sdpa"),
                                        cpu_embeddings=opts.get("cpu_embeddings", False) and not baseline,
                                        lora_dropout=0.05 if baseline else opts.get("lora_dropout", 0.05),
+                                       lean_forward=opts.get("lean_forward", False) and not baseline,
                                        optimizer="PagedAdamW8bit" if baseline else ESTIMATED_OPTIMIZER[
                                            opts.get("optimizer", "paged_adamw_8bit")])
             row["estimated_peak_gib"] = est["total_gib"]

@@ -114,20 +114,37 @@ def test_dpo_estimate_matches_its_measured_peak():
     assert est["total_gib"] == pytest.approx(5.75, rel=0.05)
 
 
-LEANEST = {**OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0}
+LEANEST = {**OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0, "lean_forward": True}
 
 
 @pytest.mark.parametrize("arch, batch, seq, kwargs, measured", [
-    ("mistral-7b", 8, 1024, {**OFFLOAD_CHUNKED, "cpu_embeddings": True}, 6.21),
+    ("mistral-7b", 8, 1024, {**OFFLOAD_CHUNKED, "cpu_embeddings": True}, 6.21),  # PEFT's LoRA forward
     ("mistral-7b", 8, 1024, LEANEST, 5.64),
     ("llama-2-7b", 8, 1024, LEANEST, 5.23),
     ("mistral-7b", 1, 512, LEANEST, 4.21),
+    # 2026-11-29_session6 (g1, g2b, g3a) and _session7 (c2): fused AdamW's fp32 moments, offload_all.
+    ("mistral-7b", 8, 1024, {**LEANEST, "optimizer": "AdamW"}, 5.82),
+    ("mistral-7b", 8, 1024, {**LEANEST, "optimizer": "AdamW", "cpu_embeddings": False}, 6.12),
+    ("llama-2-7b", 8, 1024, {**LEANEST, "optimizer": "AdamW"}, 5.44),
+    ("mistral-7b", 1, 512, {**LEANEST, "optimizer": "AdamW8bit", "gradient_checkpointing": "offload_all"}, 4.32),
 ])
-def test_estimate_within_the_goal_of_the_leanest_paths_measured_peaks(arch, batch, seq, kwargs, measured):
-    # benchmarks/results/2026-11-28_session4 (side-stream offload, lean LoRA forward), not fitted:
-    # the estimate is 2-13% high there.
+def test_estimate_within_eight_percent_of_the_leanest_paths_measured_peaks(arch, batch, seq, kwargs, measured):
+    # Side-stream offload and the lean LoRA forward (2026-11-28_session4 onwards). The lean forward's
+    # saving was fitted on one of these rows (Mistral with fused AdamW, against PEFT's forward).
     est = estimate_peak_memory(_published(arch), batch=batch, seq=seq, **kwargs)
-    assert est["total_gib"] == pytest.approx(measured, rel=0.15)
+    assert est["total_gib"] == pytest.approx(measured, rel=0.08)
+
+
+def test_the_lean_forward_lowers_the_estimate_only_where_a_recomputed_layer_sets_the_peak():
+    config = _published("mistral-7b")
+    lean = {**LEANEST, "optimizer": "AdamW"}
+    peft = {**lean, "lean_forward": False}
+    saved = (estimate_peak_memory(config, 8, 1024, **peft)["total_gib"]
+             - estimate_peak_memory(config, 8, 1024, **lean)["total_gib"])
+    assert saved == pytest.approx(8 * 1024 * 2 * 2 * config.intermediate_size / 2**30)
+    # At 1 x 512 the loss's chunk, not the recomputed layer, sets the peak.
+    assert (estimate_peak_memory(config, 1, 512, **peft)["total_gib"]
+            == estimate_peak_memory(config, 1, 512, **lean)["total_gib"])
 
 
 @pytest.mark.parametrize("optimizer, counted_bytes", [

@@ -176,7 +176,8 @@ class QLoRAModule(LightningModule):
             config, batch, seq, self.lora.r, checkpointing, loss_chunk_size=self.loss_chunk_size,
             quantization=self.base.quantization, double_quant=self.base.double_quant, lora_dropout=self.lora.dropout,
             optimizer=optimizer, upcast_frozen=self.base.upcast_frozen, liger_kernel=self.base.liger_kernel,
-            attn_implementation=self.base.attn_implementation, cpu_embeddings=self.base.cpu_embeddings)["total_gib"]
+            attn_implementation=self.base.attn_implementation, cpu_embeddings=self.base.cpu_embeddings,
+            lean_forward=self.lora.lean_forward)["total_gib"]
 
     def _choose_checkpointing(self, device: torch.device) -> Checkpointing:
         """``gradient_checkpointing: auto``: the fastest mode whose estimated peak fits the memory budget."""
