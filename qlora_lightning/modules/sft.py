@@ -56,7 +56,7 @@ class SFTModule(QLoRAModule):
             return
         # Gradients hold (1 / (accumulation * world size)) * sum over the step; make it a per-token mean.
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grads = self.step_gradients(optimizer)
         if grads:  # one multi-tensor kernel, not one launch per tensor (they add up at small batches)
             torch._foreach_mul_(grads, scale)
         self.log("train/loss", nll / tokens)
