@@ -12,6 +12,9 @@ Measured on an H200 (``benchmarks/results/2026-11-28_session4``): with compiled 
 fuse PEFT's scale and add already, Mistral-7B at 8 x 1024 ran 2% slower with it (10221 against
 10450 tokens/s, one round each), so it is off unless ``lora.lean_forward`` is set.
 
+In compiled layers, up to ``NF4_MAX_ROWS`` tokens per matmul, the lean forward also computes the
+base matmul itself, in torch operations (``nf4.py``), instead of calling bitsandbytes' operator.
+
 ``BaseLastLoraLinear4bit`` reorders the same sum for the last projection of each checkpointed
 decoder layer (``down_proj``; Phi's ``fc2``): the adapter first, the frozen base matmul last and
 outside any compiled graph. The backward of a layer needs nothing from that matmul (its output
@@ -31,6 +34,8 @@ from collections.abc import Iterable
 import torch
 from peft.tuners.lora.bnb import Linear4bit
 
+from qlora_lightning import nf4
+
 
 class LeanLoraLinear4bit(Linear4bit):
     """PEFT's LoRA layer on a bitsandbytes 4-bit linear, with the adapter's update fused into one ``addmm``."""
@@ -39,7 +44,7 @@ class LeanLoraLinear4bit(Linear4bit):
         name = self._lean_adapter(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x)
+        result = _base_output(self.base_layer, x)
         h = self.lora_A[name](self.lora_dropout[name](x))
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
                           self.lora_B[name].weight.t(), alpha=self.scaling[name])
@@ -71,6 +76,23 @@ class BaseLastLoraLinear4bit(LeanLoraLinear4bit):
             return Linear4bit.forward(self, x, *args, **kwargs)
         update = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x)))
         return torch.add(_uncompiled_call(self.base_layer, x), update, alpha=self.scaling[name])
+
+
+# Up to this many tokens per matmul, compiled layers dequantize the 4-bit weights in generated code.
+# Measured on an H200 (benchmarks/results/2026-11-29_session8), Mistral-7B on the offload_all path:
+# at 1 x 512 tokens 1736 against 1496 tokens/s (bitsandbytes' operator); at 1 x 2048, 4029
+# against 4719; at 8 x 1024 (offloaded checkpointing) 11825 against 11976-11995.
+NF4_MAX_ROWS = 512
+
+
+def _base_output(base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # In a compiled graph, the 4-bit matmul as torch operations (nf4.py): one generated kernel
+    # dequantizes the weight, where bitsandbytes' operator takes several host calls and launches.
+    # That pays where the host sets the pace (few tokens); with more, bitsandbytes' kernels are the
+    # faster ones.
+    if torch.compiler.is_compiling() and nf4.supports(base) and x.numel() // x.shape[-1] <= NF4_MAX_ROWS:
+        return nf4.linear_4bit(base, x)
+    return base(x)
 
 
 @torch.compiler.disable
