@@ -81,7 +81,8 @@ class BaseLastLoraLinear4bit(LeanLoraLinear4bit):
 # Up to this many tokens per matmul, compiled layers dequantize the 4-bit weights in generated code.
 # Measured on an H200 (benchmarks/results/2026-11-29_session8), Mistral-7B on the offload_all path:
 # at 1 x 512 tokens 1736 against 1496 tokens/s (bitsandbytes' operator); at 1 x 2048, 4029
-# against 4719; at 8 x 1024 (offloaded checkpointing) 11825 against 11976-11995.
+# against 4719; at 8 x 1024 (offloaded checkpointing) 11825 against 11976-11995. Those ran an
+# earlier form of the dequantization that wrote the 4-bit codes out in a kernel of their own.
 NF4_MAX_ROWS = 512
 
 

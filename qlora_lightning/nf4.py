@@ -9,7 +9,8 @@ GPU waits for them. Written as torch operations instead, inside a layer that ``t
 already compiles, the whole dequantization (nested constants included) becomes one generated
 kernel launched from compiled code, followed by the matmul. The generated kernel is slower than
 bitsandbytes' own, so this pays only where the host sets the pace: on an H200, Mistral-7B at
-1 x 512 tokens ran 16% faster with it, at 1 x 2048 15% slower (``lora_forward.NF4_MAX_ROWS``).
+1 x 512 tokens ran 16% faster with it, at 1 x 2048 15% slower (``lora_forward.NF4_MAX_ROWS``;
+measured before the shift below replaced a stack that compiled into a kernel of its own).
 
 The arithmetic is bitsandbytes' own (``backends/default/ops.py``, bit for bit): each byte holds
 two 4-bit codes, high nibble first; a code maps through the 16-value table ``quant_state.code``
@@ -39,8 +40,11 @@ def dequantize_4bit(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tens
                     nested_absmax: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
                     nested_blocksize: int = 256) -> torch.Tensor:
     """The ``shape`` weight that bitsandbytes' ``dequantize_4bit`` returns, in ``dtype``."""
-    packed = packed.view(torch.uint8).view(-1)
-    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).view(-1)[:prod(shape)]
+    packed = packed.view(torch.uint8).view(-1, 1)
+    # High nibble first. A broadcast shift, not a stack of the two halves: compiled, the stack
+    # becomes a buffer of its own, where the shift fuses into the kernel that writes the weight.
+    shifts = torch.tensor([4, 0], dtype=torch.uint8, device=packed.device)
+    codes = ((packed >> shifts) & 0xF).view(-1)[:prod(shape)]
     if nested_code is not None:  # double quantization: the block scales are 8-bit codes themselves
         absmax = _blockwise(nested_code[absmax.long()], nested_absmax, nested_blocksize) + offset
     return _blockwise(code[codes.long()], absmax, blocksize).to(dtype).view(shape)
