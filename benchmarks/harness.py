@@ -55,10 +55,13 @@ GIB = 2**30
 # variants run eagerly, as they were first measured: compiling fuses what Liger's kernels fuse.
 LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
           "attn_implementation": "sdpa", "compile_layers": "auto", "compile_scope": "parts", "cpu_embeddings": False,
-          "lora_dropout": 0.05, "lean_forward": False, "skip_last_recompute": True, "optimizer": "paged_adamw_8bit"}
+          "lora_dropout": 0.05, "lean_forward": False, "skip_last_recompute": True, "optimizer": "paged_adamw_8bit",
+          "compiled_dequant_tokens": 512}
 LIGER = {"liger_kernel": True, "compile_layers": False}
 OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
 LEANEST = {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0, "lean_forward": True}
+# Small batches: no recomputation, every saved activation in CPU memory.
+SMALL_BATCH = {**LEANEST, "gradient_checkpointing": "offload_all", "optimizer": "adamw_8bit"}
 VARIANTS: dict[str, dict] = {
     "default": LEVERS,
     "eager": {**LEVERS, "compile_layers": False},
@@ -95,9 +98,14 @@ VARIANTS: dict[str, dict] = {
                                                                        "skip_last_recompute": False},
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+peft_forward": {**LEANEST, "optimizer": "fused_adamw",
                                                                      "lean_forward": False},
-    # No recomputation, every saved activation in CPU memory (small batches).
-    "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit": {**LEANEST, "gradient_checkpointing": "offload_all",
-                                                          "optimizer": "adamw_8bit"},
+    "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit": SMALL_BATCH,
+    # The 4-bit matmuls dequantized in the compiled graph at every size (lora.compiled_dequant_tokens;
+    # 512 by default), or never (bitsandbytes' operator throughout).
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+graph_dequant": {**LEANEST, "optimizer": "fused_adamw",
+                                                                      "compiled_dequant_tokens": 2**31},
+    "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit+graph_dequant": {**SMALL_BATCH,
+                                                                        "compiled_dequant_tokens": 2**31},
+    "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit+bnb_dequant": {**SMALL_BATCH, "compiled_dequant_tokens": 0},
     "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
     "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
     "lean+flex": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER, "attn_implementation": "flex_attention"},
@@ -328,7 +336,8 @@ def run_project(job: Job) -> dict:
                          cpu_embeddings=opts["cpu_embeddings"])
     module = SFTModule(base=base, lora=LoraSpec(r=job.r, alpha=job.alpha, dropout=opts["lora_dropout"],
                                                      lean_forward=opts["lean_forward"],
-                                                     skip_last_recompute=opts["skip_last_recompute"]),
+                                                     skip_last_recompute=opts["skip_last_recompute"],
+                                                     compiled_dequant_tokens=opts["compiled_dequant_tokens"]),
                        gradient_checkpointing=opts["gradient_checkpointing"],
                        loss_chunk_size=opts["loss_chunk_size"], warmup_ratio=0.0,
                        optimizer=OPTIMIZERS[opts["optimizer"]])
@@ -660,7 +669,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "0.05); `lean_lora` = `lora.lean_forward: true`; `fused_adamw` = `torch.optim.AdamW` with `fused: true` "
               "instead of paged 8-bit AdamW; `adamw8bit` = `qlora_lightning.optim.AdamW8bit` (not paged, no "
               "synchronize per tensor); `layer_compile` = `base.compile_scope: layer`; `recompute_last` = "
-              "`lora.skip_last_recompute: false`; `peft_forward` = `lora.lean_forward: false`; `eager` = "
+              "`lora.skip_last_recompute: false`; `peft_forward` = `lora.lean_forward: false`; `graph_dequant` / "
+              "`bnb_dequant` = `lora.compiled_dequant_tokens` unbounded / 0 (default 512); `eager` = "
               "`base.compile_layers: false` (on a GPU the default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
               "they do not count). wall tokens/s: the project's measured steps over host wall time with the GPU "

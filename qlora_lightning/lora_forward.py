@@ -12,8 +12,9 @@ Measured on an H200 (``benchmarks/results/2026-11-28_session4``): with compiled 
 fuse PEFT's scale and add already, Mistral-7B at 8 x 1024 ran 2% slower with it (10221 against
 10450 tokens/s, one round each), so it is off unless ``lora.lean_forward`` is set.
 
-In compiled layers, up to ``NF4_MAX_ROWS`` tokens per matmul, the lean forward also computes the
-base matmul itself, in torch operations (``nf4.py``), instead of calling bitsandbytes' operator.
+In compiled layers, up to ``LoraSpec.compiled_dequant_tokens`` tokens per matmul, the lean forward
+also computes the base matmul itself, in torch operations (``nf4.py``), instead of calling
+bitsandbytes' operator.
 
 ``BaseLastLoraLinear4bit`` reorders the same sum for the last projection of each checkpointed
 decoder layer (``down_proj``; Phi's ``fc2``): the adapter first, the frozen base matmul last and
@@ -40,11 +41,18 @@ from qlora_lightning import nf4
 class LeanLoraLinear4bit(Linear4bit):
     """PEFT's LoRA layer on a bitsandbytes 4-bit linear, with the adapter's update fused into one ``addmm``."""
 
+    # Compiled, matmuls of at most this many tokens dequantize in the graph (LoraSpec.compiled_dequant_tokens).
+    # Measured on an H200 (benchmarks/results/2026-11-29_session8), Mistral-7B on the offload_all path:
+    # at 1 x 512 tokens 1736 against 1496 tokens/s (bitsandbytes' operator); at 1 x 2048, 4029
+    # against 4719; at 8 x 1024 (offloaded checkpointing) 11825 against 11976-11995. Those ran an
+    # earlier form of the dequantization that wrote the 4-bit codes out in a kernel of their own.
+    compiled_dequant_tokens = 512
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._lean_adapter(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        result = _base_output(self.base_layer, x)
+        result = _base_output(self.base_layer, x, self.compiled_dequant_tokens)
         h = self.lora_A[name](self.lora_dropout[name](x))
         out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
                           self.lora_B[name].weight.t(), alpha=self.scaling[name])
@@ -78,20 +86,13 @@ class BaseLastLoraLinear4bit(LeanLoraLinear4bit):
         return torch.add(_uncompiled_call(self.base_layer, x), update, alpha=self.scaling[name])
 
 
-# Up to this many tokens per matmul, compiled layers dequantize the 4-bit weights in generated code.
-# Measured on an H200 (benchmarks/results/2026-11-29_session8), Mistral-7B on the offload_all path:
-# at 1 x 512 tokens 1736 against 1496 tokens/s (bitsandbytes' operator); at 1 x 2048, 4029
-# against 4719; at 8 x 1024 (offloaded checkpointing) 11825 against 11976-11995. Those ran an
-# earlier form of the dequantization that wrote the 4-bit codes out in a kernel of their own.
-NF4_MAX_ROWS = 512
-
-
-def _base_output(base: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _base_output(base: torch.nn.Module, x: torch.Tensor, compiled_dequant_tokens: int) -> torch.Tensor:
     # In a compiled graph, the 4-bit matmul as torch operations (nf4.py): one generated kernel
     # dequantizes the weight, where bitsandbytes' operator takes several host calls and launches.
     # That pays where the host sets the pace (few tokens); with more, bitsandbytes' kernels are the
     # faster ones.
-    if torch.compiler.is_compiling() and nf4.supports(base) and x.numel() // x.shape[-1] <= NF4_MAX_ROWS:
+    if (torch.compiler.is_compiling() and nf4.supports(base)
+            and x.numel() // x.shape[-1] <= compiled_dequant_tokens):
         return nf4.linear_4bit(base, x)
     return base(x)
 
@@ -115,7 +116,9 @@ def use_base_last(decoder_layers: Iterable[torch.nn.Module]) -> None:
             projections[-1].__class__ = BaseLastLoraLinear4bit
 
 
-def use_lean_lora(model: torch.nn.Module) -> None:
+def use_lean_lora(model: torch.nn.Module, compiled_dequant_tokens: int = LeanLoraLinear4bit.compiled_dequant_tokens
+                  ) -> None:
     """Give every PEFT 4-bit LoRA layer of ``model`` the lean forward, in place."""
     for layer in [m for m in model.modules() if type(m) is Linear4bit]:
-        layer.__class__ = LeanLoraLinear4bit  # a subclass adding no state: only the forward changes
+        layer.__class__ = LeanLoraLinear4bit  # a subclass adding no parameters or buffers: only the forward changes
+        layer.compiled_dequant_tokens = compiled_dequant_tokens

@@ -9,7 +9,7 @@ GPU waits for them. Written as torch operations instead, inside a layer that ``t
 already compiles, the whole dequantization (nested constants included) becomes one generated
 kernel launched from compiled code, followed by the matmul. The generated kernel is slower than
 bitsandbytes' own, so this pays only where the host sets the pace: on an H200, Mistral-7B at
-1 x 512 tokens ran 16% faster with it, at 1 x 2048 15% slower (``lora_forward.NF4_MAX_ROWS``;
+1 x 512 tokens ran 16% faster with it, at 1 x 2048 15% slower (``LoraSpec.compiled_dequant_tokens``;
 measured before the shift below replaced a stack that compiled into a kernel of its own).
 
 The arithmetic is bitsandbytes' own (``backends/default/ops.py``, bit for bit): each byte holds

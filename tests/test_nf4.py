@@ -9,7 +9,7 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 
-from qlora_lightning import lora_forward, nf4
+from qlora_lightning import nf4
 from qlora_lightning.lora_forward import LeanLoraLinear4bit
 from qlora_lightning.model import decoder_layers
 from tests.test_lora_forward import SPEC, _loss_and_grads, _model
@@ -86,15 +86,15 @@ def _count_calls(module: torch.nn.Module, calls: list) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("max_rows", [64, 63], ids=["within_max_rows", "beyond_max_rows"])
-def test_compiled_lean_layers_use_it_up_to_max_rows_with_the_same_loss(max_rows, device, monkeypatch):
-    monkeypatch.setattr(lora_forward, "NF4_MAX_ROWS", max_rows)
+@pytest.mark.parametrize("max_tokens", [64, 63], ids=["within_max_tokens", "beyond_max_tokens"])
+def test_compiled_lean_layers_use_it_up_to_max_tokens_with_the_same_loss(max_tokens, device):
     torch._dynamo.reset()  # graphs compiled by earlier tests would run without the hooks below
     tokens = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).to(device)  # 64 rows
     results = {}
     for compiled in (False, True):
         spec = dataclasses.replace(SPEC, compile_layers=compiled)
-        model, calls = _model(True, 0.0, spec, device, skip_last_recompute=False), []
+        model, calls = _model(True, 0.0, spec, device, skip_last_recompute=False,
+                              compiled_dequant_tokens=max_tokens), []
         for layer in decoder_layers(model):
             _count_calls(layer.self_attn.q_proj.base_layer, calls)
         assert type(decoder_layers(model)[0].self_attn.q_proj) is LeanLoraLinear4bit
@@ -102,7 +102,7 @@ def test_compiled_lean_layers_use_it_up_to_max_rows_with_the_same_loss(max_rows,
     (eager_calls, eager_loss, eager_grads), (compiled_calls, compiled_loss, compiled_grads) = (results[False],
                                                                                                 results[True])
     # Compiled, within the limit: bitsandbytes' layer is never called.
-    assert eager_calls and (not compiled_calls if max_rows == 64 else compiled_calls == eager_calls)
+    assert eager_calls and (not compiled_calls if max_tokens == 64 else compiled_calls == eager_calls)
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=2e-3, atol=0)
     for name in eager_grads:  # compiled graphs round differently, hence the loose tolerance
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=0.1, atol=5e-3, msg=name)
