@@ -96,11 +96,14 @@ class OffloadToCpu(torch.autograd.graph.saved_tensors_hooks):
         """``keep``: storage addresses of tensors to leave on the device (weights, which stay there anyway)."""
         super().__init__(functools.partial(self.pack, keep=keep), self.unpack)
 
+    # Both hooks run eagerly, never traced: autograd calls them from inside compiled code, such as
+    # a compiled LayerNorm's (Phi-2), where the compiler would otherwise trace them as a frame of
+    # their own and fail on the side stream's record_stream.
     @staticmethod
+    @torch.compiler.disable
     def pack(tensor: torch.Tensor, keep: frozenset[int] = frozenset()):
-        if (tensor.device.type != "cuda" or tensor.numel() * tensor.element_size() < MIN_OFFLOAD_BYTES
-                or tensor.untyped_storage().data_ptr() in keep):
-            return tensor  # nothing to gain off the GPU
+        if not _worth_offloading(tensor, keep):
+            return tensor
         # With the tensor's strides (empty_like keeps them where the elements fill their memory
         # densely): compiled backward graphs check the strides of what they saved.
         host = torch.empty_like(tensor, device="cpu", pin_memory=True)
@@ -111,6 +114,7 @@ class OffloadToCpu(torch.autograd.graph.saved_tensors_hooks):
         return parked
 
     @staticmethod
+    @torch.compiler.disable
     def unpack(packed) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
@@ -119,6 +123,12 @@ class OffloadToCpu(torch.autograd.graph.saved_tensors_hooks):
         if before is not None:
             before.prefetch()
         return tensor
+
+
+def _worth_offloading(tensor: torch.Tensor, keep: frozenset[int]) -> bool:
+    """A CUDA tensor of at least ``MIN_OFFLOAD_BYTES`` whose storage is not in ``keep``."""
+    return (tensor.device.type == "cuda" and tensor.numel() * tensor.element_size() >= MIN_OFFLOAD_BYTES
+            and tensor.untyped_storage().data_ptr() not in keep)
 
 
 class _Parked:

@@ -8,6 +8,7 @@ import dataclasses
 import bitsandbytes as bnb
 import pytest
 import torch
+import transformers
 from lightning.pytorch import seed_everything
 from peft import PeftModel
 from transformers.models.llama.modeling_llama import LlamaMLP
@@ -423,3 +424,26 @@ def test_bad_lora_target_is_one_line_naming_it():
     with pytest.raises(UserError) as err:
         build_model(tiny_spec(), LoraSpec(r=4, target_modules=["no_such_proj"]), gradient_checkpointing=False)
     assert "no_such_proj" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_offloading_hooks_run_eagerly_from_compiled_layer_norms(device, tmp_path, monkeypatch):
+    """Phi's ``nn.LayerNorm``, compiled, saves its tensors from inside compiled code: the compiler then
+    traced the offloading hook as a frame of its own, and on a GPU failed on its ``record_stream``."""
+    config = transformers.PhiConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                    num_attention_heads=2, partial_rotary_factor=0.5)
+    torch.manual_seed(0)
+    transformers.PhiForCausalLM(config).save_pretrained(tmp_path)
+    traced = []
+    worth_offloading = checkpointing._worth_offloading
+    monkeypatch.setattr(checkpointing, "_worth_offloading",
+                        lambda *args: traced.append(torch.compiler.is_compiling()) or worth_offloading(*args))
+    torch._dynamo.reset()
+    spec = BaseModelSpec(name_or_path=str(tmp_path), compute_dtype="bfloat16", compile_layers=True)
+    model = build_model(spec, LoraSpec(r=4, dropout=0.0, lean_forward=True), gradient_checkpointing="offload_all",
+                        device=device)
+    tokens = torch.randint(3, 512, (1, 64), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    assert traced and not any(traced)
