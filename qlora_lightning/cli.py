@@ -10,12 +10,14 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 from qlora_lightning.data.base import SFTDataModule
 from qlora_lightning.errors import UserError
 from qlora_lightning.modules.base import QLoRAModule
+from qlora_lightning.progress import count_steps
 from qlora_lightning.reliability import AtomicCheckpointIO
 
 
@@ -25,7 +27,8 @@ def _tokenizer_of(base) -> str:
 
 class QLoRACLI(LightningCLI):
     """LightningCLI with the data's tokenizer taken from the model, adapter checkpoints
-    written atomically every ``checkpoint.every_n_train_steps``, and values checked at parse time."""
+    written atomically every ``checkpoint.every_n_train_steps``, values checked at parse time, and a
+    progress bar that counts optimizer steps (``progress.py``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.base", "data.init_args.tokenizer", compute_fn=_tokenizer_of)
@@ -45,6 +48,10 @@ class QLoRACLI(LightningCLI):
         if lr is not None and lr <= 0:
             raise UserError(f"model.init_args.optimizer.init_args.lr must be > 0, got {lr}")
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        count_steps(trainer)
+        return trainer
 
     def before_fit(self) -> None:
         ckpt = self.config_init[self.subcommand].get("ckpt_path")
