@@ -221,7 +221,7 @@ class StepProfiler:
         self.done = 0
         if self.enabled:
             activities = [torch.profiler.ProfilerActivity.CUDA]
-            if self.host:
+            if self.host or job.trace_dir:  # a trace shows what the host ran while the GPU waited
                 activities.append(torch.profiler.ProfilerActivity.CPU)
             # Python frames in a host trace say which module's code launches what.
             self.prof = torch.profiler.profile(activities=activities, with_stack=bool(self.host and job.trace_dir))
@@ -253,7 +253,9 @@ class StepProfiler:
     def result(self) -> Optional[dict]:
         if not self.enabled or self.done < self.steps_before + PROFILED_STEPS:
             return None
-        events = [e for e in self.prof.events() if e.device_type.name == "CUDA"]
+        # Kernels and copies only: with the host traced, annotations such as the optimizer step's
+        # record_function also have a span on the GPU.
+        events = [e for e in self.prof.events() if e.device_type.name == "CUDA" and not e.is_user_annotation]
         print(self.prof.key_averages().table(sort_by="self_device_time_total", row_limit=25), flush=True)
         if self.host:  # where the host's time goes, by operator and Python-level function
             print(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), flush=True)
@@ -752,7 +754,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="--profile, and the host's time by operator in the log (slows the traced steps)")
     parser.add_argument("--trace", metavar="DIR",
                         help="--profile, and each job's Chrome trace of the profiled steps, gzipped, in DIR "
-                             "(with --profile-host: the host's work and Python frames too)")
+                             "with the host's operators (with --profile-host: its Python frames too)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help=f"skip the jobs that would overrun this (--quick: {QUICK_BUDGET_S:.0f} unless given)")
     parser.add_argument("--arch-root", help="folder for the arch configs (reuse one to reuse its random weights)")

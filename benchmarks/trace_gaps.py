@@ -70,12 +70,37 @@ def short(frames: list[tuple[str, str]], depth: int) -> str:
     return " > ".join(named[-depth:] + ops[-1:]) or "(nothing open)"
 
 
+def explain(events: list[dict], host_gaps: list[tuple], n: int, top: int) -> None:
+    """For the ``n`` longest waits for the host: the outermost host events the launching thread ran
+    between launching the kernel before the gap and the one after it, by name."""
+    by_tid: dict[int, list[dict]] = defaultdict(list)
+    for e in events:
+        if e.get("cat") in ("python_function", "cpu_op", "user_annotation", "cuda_runtime"):
+            by_tid[e["tid"]].append(e)
+    for gap, tid, ts, name, since in sorted(host_gaps, key=lambda g: -g[0])[:n]:
+        inside = sorted((e for e in by_tid[tid] if since <= e["ts"] < ts), key=lambda e: (e["ts"], -e["dur"]))
+        outer, reach = [], since
+        for e in inside:  # outermost: not inside one already taken
+            if e["ts"] >= reach:
+                outer.append(e)
+                reach = e["ts"] + e["dur"]
+        named: dict[str, list] = defaultdict(lambda: [0.0, 0])
+        for e in outer:
+            named[e["name"][:90]][0] += e["dur"]
+            named[e["name"][:90]][1] += 1
+        print(f"\n  gap {gap / 1e3:.2f} ms before {name[:70]}; host window {(ts - since) / 1e3:.2f} ms:")
+        for key, (dur, count) in sorted(named.items(), key=lambda kv: -kv[1][0])[:top]:
+            print(f"    {dur / 1e3:8.2f} ms {count:5d}  {key}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trace")
     parser.add_argument("--min-gap-us", type=float, default=10.0)
     parser.add_argument("--depth", type=int, default=3, help="named frames per host-bound gap")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--explain", type=int, default=0, metavar="N",
+                        help="for the N longest waits for the host: what the launching thread ran meanwhile")
     args = parser.parse_args(argv)
 
     events = load(args.trace)
@@ -113,7 +138,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             continue
         launch = launches.get(nxt["args"].get("correlation"))
         if launch is not None and launch["ts"] + launch["dur"] > end:
-            host_gaps.append((gap, launch["tid"], launch["ts"], nxt["name"]))
+            before = launches.get(prev["args"].get("correlation"))
+            host_gaps.append((gap, launch["tid"], launch["ts"], nxt["name"], before["ts"] if before else end))
             queries.append((launch["tid"], launch["ts"]))
         else:
             i = bisect.bisect_right(copy_ends, nxt["ts"])
@@ -129,13 +155,15 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     frames = enclosing_frames(events, queries)
     by_site: dict[str, list] = defaultdict(lambda: [0.0, 0])
-    for gap, tid, ts, _ in host_gaps:
+    for gap, tid, ts, *_ in host_gaps:
         site = short(frames.get((tid, ts), []), args.depth)
         by_site[site][0] += gap
         by_site[site][1] += 1
     print("\nwaiting for the host, by launch site (ms, gaps):")
     for site, (gap, n) in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"  {gap / 1e3:8.2f} {n:6d}  {site}")
+    if args.explain:
+        explain(events, host_gaps, args.explain, args.top)
     print("\nwaiting for the device, by kernel pair (ms, gaps):")
     for key, (gap, n) in sorted(device_gaps.items(), key=lambda kv: -kv[1][0])[:args.top]:
         print(f"  {gap / 1e3:8.2f} {n:6d}  {key}")
