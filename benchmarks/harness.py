@@ -56,7 +56,7 @@ GIB = 2**30
 LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
           "attn_implementation": "sdpa", "compile_layers": "auto", "compile_scope": "parts", "cpu_embeddings": False,
           "lora_dropout": 0.05, "lean_forward": False, "skip_last_recompute": True, "optimizer": "paged_adamw_8bit",
-          "compiled_dequant_tokens": 512}
+          "compiled_dequant_tokens": None}
 LIGER = {"liger_kernel": True, "compile_layers": False}
 OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
 LEANEST = {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0, "lean_forward": True}
@@ -99,12 +99,12 @@ VARIANTS: dict[str, dict] = {
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+peft_forward": {**LEANEST, "optimizer": "fused_adamw",
                                                                      "lean_forward": False},
     "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit": SMALL_BATCH,
-    # The 4-bit matmuls dequantized in the compiled graph at every size (lora.compiled_dequant_tokens;
-    # 512 by default), or never (bitsandbytes' operator throughout).
-    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+graph_dequant": {**LEANEST, "optimizer": "fused_adamw",
-                                                                      "compiled_dequant_tokens": 2**31},
-    "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit+graph_dequant": {**SMALL_BATCH,
-                                                                        "compiled_dequant_tokens": 2**31},
+    # The 4-bit matmuls through bitsandbytes' operator and addmm throughout (lora.compiled_dequant_tokens: 0),
+    # or in the compiled graph up to 512 tokens per matmul (the default before 2026-11-29: no limit).
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+bnb_dequant": {**LEANEST, "optimizer": "fused_adamw",
+                                                                    "compiled_dequant_tokens": 0},
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+dequant512": {**LEANEST, "optimizer": "fused_adamw",
+                                                                   "compiled_dequant_tokens": 512},
     "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit+bnb_dequant": {**SMALL_BATCH, "compiled_dequant_tokens": 0},
     "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
     "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
@@ -671,8 +671,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "0.05); `lean_lora` = `lora.lean_forward: true`; `fused_adamw` = `torch.optim.AdamW` with `fused: true` "
               "instead of paged 8-bit AdamW; `adamw8bit` = `qlora_lightning.optim.AdamW8bit` (not paged, no "
               "synchronize per tensor); `layer_compile` = `base.compile_scope: layer`; `recompute_last` = "
-              "`lora.skip_last_recompute: false`; `peft_forward` = `lora.lean_forward: false`; `graph_dequant` / "
-              "`bnb_dequant` = `lora.compiled_dequant_tokens` unbounded / 0 (default 512); `eager` = "
+              "`lora.skip_last_recompute: false`; `peft_forward` = `lora.lean_forward: false`; `bnb_dequant` / "
+              "`dequant512` = `lora.compiled_dequant_tokens` 0 / 512 (default: no limit); `eager` = "
               "`base.compile_layers: false` (on a GPU the default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
               "they do not count). wall tokens/s: the project's measured steps over host wall time with the GPU "

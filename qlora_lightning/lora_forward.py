@@ -12,9 +12,10 @@ Measured on an H200 (``benchmarks/results/2026-11-28_session4``): with compiled 
 fuse PEFT's scale and add already, Mistral-7B at 8 x 1024 ran 2% slower with it (10221 against
 10450 tokens/s, one round each), so it is off unless ``lora.lean_forward`` is set.
 
-In compiled layers, up to ``LoraSpec.compiled_dequant_tokens`` tokens per matmul, the lean forward
-also computes the base matmul itself, in torch operations (``nf4.py``), instead of calling
-bitsandbytes' operator.
+In compiled layers (up to ``LoraSpec.compiled_dequant_tokens`` tokens per matmul, by default any
+number), the lean forward also computes the base matmul itself, in torch operations (``nf4.py``),
+instead of calling bitsandbytes' operator; where the output is at least as wide as the input, with
+the adapter's update inside it: ``[x | scaling * h] @ [W | B]^T``.
 
 ``BaseLastLoraLinear4bit`` reorders the same sum for the last projection of each checkpointed
 decoder layer (``down_proj``; Phi's ``fc2``): the adapter first, the frozen base matmul last and
@@ -31,6 +32,7 @@ as units of their own) goes through PEFT's own forward unchanged.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Optional
 
 import torch
 from peft.tuners.lora.bnb import Linear4bit
@@ -39,23 +41,26 @@ from qlora_lightning import nf4
 
 
 class LeanLoraLinear4bit(Linear4bit):
-    """PEFT's LoRA layer on a bitsandbytes 4-bit linear, with the adapter's update fused into one ``addmm``."""
+    """PEFT's LoRA layer on a bitsandbytes 4-bit linear, with the adapter's update added by one ``addmm``
+    or carried by the base matmul itself."""
 
-    # Compiled, matmuls of at most this many tokens dequantize in the graph (LoraSpec.compiled_dequant_tokens).
-    # Measured on an H200 (benchmarks/results/2026-11-29_session8), Mistral-7B on the offload_all path:
-    # at 1 x 512 tokens 1736 against 1496 tokens/s (bitsandbytes' operator); at 1 x 2048, 4029
-    # against 4719; at 8 x 1024 (offloaded checkpointing) 11825 against 11976-11995. Those ran an
-    # earlier form of the dequantization that wrote the 4-bit codes out in a kernel of their own.
-    compiled_dequant_tokens = 512
+    # Compiled, matmuls of at most this many tokens (None: any) dequantize in the graph
+    # (LoraSpec.compiled_dequant_tokens, where the measurements are).
+    compiled_dequant_tokens: Optional[int] = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._lean_adapter(x, args, kwargs)
         if name is None:
             return super().forward(x, *args, **kwargs)
-        result = _base_output(self.base_layer, x, self.compiled_dequant_tokens)
         h = self.lora_A[name](self.lora_dropout[name](x))
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
-                          self.lora_B[name].weight.t(), alpha=self.scaling[name])
+        lora_B, scaling = self.lora_B[name].weight, self.scaling[name]
+        in_graph = _in_graph(self.base_layer, x, self.compiled_dequant_tokens)
+        # The adapter on the inner dimension copies the input, where addmm copies the output: it
+        # pays for the wide outputs (benchmarks/lora_gemm.py: gate_proj 12% faster, down_proj 4% slower).
+        if in_graph and self.out_features >= self.in_features:
+            return nf4.linear_4bit_lora(self.base_layer, x, h, lora_B, scaling)
+        result = nf4.linear_4bit(self.base_layer, x) if in_graph else self.base_layer(x)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t(), alpha=scaling)
         return out.view(result.shape)
 
     def _lean_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict):
@@ -86,15 +91,13 @@ class BaseLastLoraLinear4bit(LeanLoraLinear4bit):
         return torch.add(_uncompiled_call(self.base_layer, x), update, alpha=self.scaling[name])
 
 
-def _base_output(base: torch.nn.Module, x: torch.Tensor, compiled_dequant_tokens: int) -> torch.Tensor:
+def _in_graph(base: torch.nn.Module, x: torch.Tensor, compiled_dequant_tokens: Optional[int]) -> bool:
     # In a compiled graph, the 4-bit matmul as torch operations (nf4.py): one generated kernel
-    # dequantizes the weight, where bitsandbytes' operator takes several host calls and launches.
-    # That pays where the host sets the pace (few tokens); with more, bitsandbytes' kernels are the
-    # faster ones.
-    if (torch.compiler.is_compiling() and nf4.supports(base)
-            and x.numel() // x.shape[-1] <= compiled_dequant_tokens):
-        return nf4.linear_4bit(base, x)
-    return base(x)
+    # dequantizes the weight, where bitsandbytes' operator takes several host calls and launches
+    # (what sets the pace at few tokens), and the adapter's update can ride on the base matmul (what
+    # pays at many).
+    return (torch.compiler.is_compiling() and nf4.supports(base)
+            and (compiled_dequant_tokens is None or x.numel() // x.shape[-1] <= compiled_dequant_tokens))
 
 
 @torch.compiler.disable
@@ -116,7 +119,8 @@ def use_base_last(decoder_layers: Iterable[torch.nn.Module]) -> None:
             projections[-1].__class__ = BaseLastLoraLinear4bit
 
 
-def use_lean_lora(model: torch.nn.Module, compiled_dequant_tokens: int = LeanLoraLinear4bit.compiled_dequant_tokens
+def use_lean_lora(model: torch.nn.Module,
+                  compiled_dequant_tokens: Optional[int] = LeanLoraLinear4bit.compiled_dequant_tokens
                   ) -> None:
     """Give every PEFT 4-bit LoRA layer of ``model`` the lean forward, in place."""
     for layer in [m for m in model.modules() if type(m) is Linear4bit]:

@@ -118,10 +118,13 @@ class LoraSpec:
             Llama-style models (``lora_forward.py``). The same math; only the order of the sum
             changes. Measured 7% more tokens/s for Mistral-7B at 8 x 1024 on an H200.
         compiled_dequant_tokens: With ``lean_forward`` in compiled layers, matmuls of at most this
-            many tokens dequantize their 4-bit weight in the compiled graph (``nf4.py``) instead of
-            calling bitsandbytes' operator: fewer host calls and launches, a slower dequantization
-            kernel. On an H200, Mistral-7B at 1 x 512 ran 16% faster with it, at 1 x 2048 15%
-            slower. 0: never.
+            many tokens (``null``: any number) dequantize their 4-bit weight in the compiled graph
+            (``nf4.py``) instead of calling bitsandbytes' operator, and add the adapter's update on
+            the base matmul's inner dimension where the output is at least as wide as the input.
+            On an H200, Mistral-7B at 1 x 512 ran 16% faster with the in-graph dequantization, and
+            at 8 x 1024 3.5% faster with both (``benchmarks/results/2026-11-29_session10``); an
+            earlier form of the dequantization ran 15% slower at 1 x 2048, not measured since.
+            0: never (bitsandbytes' operator and ``addmm``).
     """
 
     r: PositiveInt = 16
@@ -132,7 +135,7 @@ class LoraSpec:
     init_adapter: Optional[str] = None
     lean_forward: bool = False
     skip_last_recompute: bool = True
-    compiled_dequant_tokens: NonNegativeInt = 512
+    compiled_dequant_tokens: Optional[NonNegativeInt] = None
 
 
 def quantization_config(spec: BaseModelSpec) -> Optional[BitsAndBytesConfig]:
@@ -273,12 +276,13 @@ def embeddings_to_cpu(model: PreTrainedModel) -> None:
             the embedding is not a plain ``nn.Embedding`` (e.g. one that scales its output).
     """
     embedding = model.get_input_embeddings()
-    if type(embedding) is not torch.nn.Embedding:
-        raise UserError(f"base.cpu_embeddings: {type(embedding).__name__} is not a plain embedding; set it to false")
     head = model.get_output_embeddings()
+    # The tie first: it rules the option out whatever the embedding's kind (Gemma's is both).
     if head is not None and head.weight is embedding.weight:
         raise UserError(f"base.cpu_embeddings: {model.config.model_type} ties its input embedding to the output "
                         "head, which needs the table on the device anyway; set it to false")
+    if type(embedding) is not torch.nn.Embedding:
+        raise UserError(f"base.cpu_embeddings: {type(embedding).__name__} is not a plain embedding; set it to false")
     model.set_input_embeddings(CpuEmbedding(embedding))
 
 

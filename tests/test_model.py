@@ -295,6 +295,17 @@ def test_cpu_embeddings_refuse_a_table_tied_to_the_output_head():
         build_model(spec, LoraSpec(r=4), gradient_checkpointing=False)
 
 
+def test_cpu_embeddings_refuse_gemma_for_its_tied_table_not_its_scaled_embedding():
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    from qlora_lightning.model import embeddings_to_cpu
+
+    model = GemmaForCausalLM(GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, head_dim=32))
+    with pytest.raises(UserError, match="gemma ties its input embedding to the output head"):
+        embeddings_to_cpu(model)
+
+
 @pytest.mark.gpu
 def test_cpu_embeddings_free_the_table_on_the_gpu_with_the_same_logits():
     spec = dataclasses.replace(tiny_spec(vocab_size=32000), compute_dtype="bfloat16")

@@ -106,3 +106,48 @@ def test_compiled_lean_layers_use_it_up_to_max_tokens_with_the_same_loss(max_tok
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=2e-3, atol=0)
     for name in eager_grads:  # compiled graphs round differently, hence the loose tolerance
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=0.1, atol=5e-3, msg=name)
+
+
+def _lora_inputs(layer, device: str, rows: int = 5):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, rows, layer.in_features, generator=generator).to(device, torch.bfloat16).requires_grad_()
+    h = torch.randn(3, rows, 8, generator=generator).to(device, torch.bfloat16).requires_grad_()
+    lora_B = (torch.randn(layer.out_features, 8, generator=generator) * 0.1).to(device).requires_grad_()
+    return x, h, lora_B
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("nested", [True, False], ids=["double_quant", "single_quant"])
+@pytest.mark.parametrize("shape", [(192, 128), (64, 320), (100, 36)])
+def test_lora_matmul_over_the_concatenated_inner_dimension_gives_base_plus_addmm(shape, nested, compiled, device):
+    torch._dynamo.reset()
+    layer = _layer(*shape, nested, device, bias=shape == (64, 320))
+    x, h, lora_B = _lora_inputs(layer, device)
+    fn = torch.compile(nf4.linear_4bit_lora, fullgraph=True) if compiled else nf4.linear_4bit_lora
+    actual = fn(layer, x, h, lora_B, 2.0)
+    base = nf4.linear_4bit(layer, x)  # bitsandbytes' dequantize + matmul, bit for bit (above)
+    expected = torch.addmm(base.reshape(-1, shape[0]), h.reshape(-1, 8), lora_B.to(torch.bfloat16).t(),
+                           alpha=2.0).view(base.shape)
+    assert actual.dtype == expected.dtype == torch.bfloat16
+    # One matmul rounds once where the base matmul and addmm round twice.
+    torch.testing.assert_close(actual, expected, rtol=0.02, atol=0.01)
+    grad = torch.randn_like(expected)
+    for name, a, e in zip(("x", "h", "lora_B"), torch.autograd.grad(actual, (x, h, lora_B), grad),
+                          torch.autograd.grad(expected, (x, h, lora_B), grad)):
+        assert a.dtype == e.dtype, name
+        torch.testing.assert_close(a, e, rtol=0.02, atol=0.02, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_lora_matmul_keeps_no_16_bit_weight_for_the_backward(device):
+    torch._dynamo.reset()
+    layer = _layer(192, 128, True, device)
+    x, h, lora_B = _lora_inputs(layer, device, rows=64)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        torch.compile(nf4.linear_4bit_lora, fullgraph=True)(layer, x, h, lora_B, 2.0)
+    # The 4-bit weight and its constants, lora_B and the adapter's (tokens x 8) input; no 16-bit
+    # tensor the size of the weight (192 x 128) or of the input (3 x 64 x 128), or larger.
+    large_16_bit = [(tuple(t.shape), t.dtype) for t in saved if t.element_size() == 2 and t.numel() >= 192 * 128]
+    assert saved and not large_16_bit, large_16_bit
