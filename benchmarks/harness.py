@@ -100,7 +100,7 @@ VARIANTS: dict[str, dict] = {
                                                                      "lean_forward": False},
     "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit": SMALL_BATCH,
     # The 4-bit matmuls through bitsandbytes' operator and addmm throughout (lora.compiled_dequant_tokens: 0),
-    # or in the compiled graph up to 512 tokens per matmul (the default before 2026-11-29: no limit).
+    # or in the compiled graph up to 512 tokens per matmul only (the default until 2026-11-29; now any number).
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+bnb_dequant": {**LEANEST, "optimizer": "fused_adamw",
                                                                     "compiled_dequant_tokens": 0},
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+dequant512": {**LEANEST, "optimizer": "fused_adamw",

@@ -83,12 +83,11 @@ def linear_4bit_lora(layer: torch.nn.Module, x: torch.Tensor, h: torch.Tensor, l
     longer inner dimension: ``[x | scaling * h] @ [W | lora_B]^T``. For compiled graphs.
 
     Added after the base matmul, the adapter's product is a pass of its own over the (tokens x
-    out_features) output, which ``addmm`` in a compiled graph precedes with a copy of it, and its
-    backward reads the output's gradient once more for ``h``'s gradient. Here both ride on the base
-    matmul (r more columns of the inner dimension: 0.4% more FLOPs at r = 16, K = 4096), at the
-    cost of a copy of ``x`` into the longer input: a win where the output is at least as wide as the
-    input. The backward dequantizes the weight again rather than keep it in 16 bits, as
-    bitsandbytes' own backward does.
+    out_features) output, which ``addmm`` in a compiled graph precedes with a copy of it. Here it
+    rides on the base matmul (r more columns of the inner dimension: 0.4% more FLOPs at r = 16,
+    K = 4096), at the cost of a copy of ``x`` into the longer input: a win where the output is at
+    least as wide as the input. The backward dequantizes the weight again rather than keep it in
+    16 bits, as bitsandbytes' own backward does.
     """
     state = layer.weight.quant_state
     dtype = layer.compute_dtype

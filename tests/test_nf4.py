@@ -87,9 +87,13 @@ def _count_calls(module: torch.nn.Module, calls: list) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("max_tokens", [64, 63], ids=["within_max_tokens", "beyond_max_tokens"])
-def test_compiled_lean_layers_use_it_up_to_max_tokens_with_the_same_loss(max_tokens, device):
+def test_compiled_lean_layers_use_it_up_to_max_tokens_with_the_same_loss(max_tokens, device, monkeypatch):
     torch._dynamo.reset()  # graphs compiled by earlier tests would run without the hooks below
     tokens = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).to(device)  # 64 rows
+    concatenated = set()  # (out, in) features of the projections whose update rides on the base matmul
+    linear_4bit_lora = nf4.linear_4bit_lora
+    monkeypatch.setattr(nf4, "linear_4bit_lora", lambda layer, *args: concatenated.add(
+        (layer.out_features, layer.in_features)) or linear_4bit_lora(layer, *args))
     results = {}
     for compiled in (False, True):
         spec = dataclasses.replace(SPEC, compile_layers=compiled)
@@ -103,6 +107,9 @@ def test_compiled_lean_layers_use_it_up_to_max_tokens_with_the_same_loss(max_tok
                                                                                                 results[True])
     # Compiled, within the limit: bitsandbytes' layer is never called.
     assert eager_calls and (not compiled_calls if max_tokens == 64 else compiled_calls == eager_calls)
+    # There, the outputs at least as wide as the input (q and o: 64 -> 64, gate and up: 64 -> 128)
+    # take the adapter on the inner dimension; k, v (64 -> 32) and down (128 -> 64) addmm.
+    assert concatenated == ({(64, 64), (128, 64)} if max_tokens == 64 else set())
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=2e-3, atol=0)
     for name in eager_grads:  # compiled graphs round differently, hence the loose tolerance
         torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=0.1, atol=5e-3, msg=name)
