@@ -107,6 +107,13 @@ VARIANTS: dict[str, dict] = {
                                                                    "compiled_dequant_tokens": 512},
     "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit+bnb_dequant": {**SMALL_BATCH, "compiled_dequant_tokens": 0},
     "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
+    "offload+chunked_ce+flex+bnb_dequant": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention",
+                                            "compiled_dequant_tokens": 0},
+    "offload+chunked_ce+flex+recompute_last": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention",
+                                               "skip_last_recompute": False},
+    # The leanest path with flex attention (long sequences: no dense sliding-window mask).
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+flex": {**LEANEST, "optimizer": "fused_adamw",
+                                                              "attn_implementation": "flex_attention"},
     "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
     "lean+flex": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER, "attn_implementation": "flex_attention"},
     "no_gc": {**LEVERS, "gradient_checkpointing": False},
