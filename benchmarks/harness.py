@@ -99,6 +99,9 @@ VARIANTS: dict[str, dict] = {
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+peft_forward": {**LEANEST, "optimizer": "fused_adamw",
                                                                      "lean_forward": False},
     "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit": SMALL_BATCH,
+    # Attention and MLP checkpointed apart: o_proj's base matmul is not recomputed either.
+    "offload_halves+chunked_ce+cpu_embed+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw",
+                                                               "gradient_checkpointing": "offload_halves"},
     # The 4-bit matmuls through bitsandbytes' operator and addmm throughout (lora.compiled_dequant_tokens: 0),
     # or in the compiled graph up to 512 tokens per matmul only (the default until 2026-11-29; now any number).
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+bnb_dequant": {**LEANEST, "optimizer": "fused_adamw",
@@ -671,7 +674,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "`FastLanguageModel` in the same loop, LoRA dropout 0 (no estimate); `default` = this project's "
               "Lightning path with its defaults (bf16 embeddings, head and norms); `upcast` = "
               "`base.upcast_frozen: true` (PEFT's fp32 upcast); `offload` = `gradient_checkpointing: offload`; "
-              "`offload_all` = `gradient_checkpointing: offload_all`; "
+              "`offload_all` = `gradient_checkpointing: offload_all`; `offload_halves` = `gradient_checkpointing: offload_halves`; "
               "`chunked_ce` = `model.loss_chunk_size: 1024`; `liger` = `base.liger_kernel: true` (run eagerly); "
               "`lean` = offload + chunked_ce + liger; `+flex` = `base.attn_implementation: flex_attention`; "
               "`cpu_embed` = `base.cpu_embeddings: true`; `nodrop` = `lora.dropout: 0` (the others and the baseline: "

@@ -11,6 +11,12 @@ memory instead. Where the host, not the GPU, sets the pace (small batches: 84 ms
 GPU waits for, while the copies run beside the compute on the copy engines. At large batches the
 copies outgrow the compute (the estimator's 1.7 GiB per layer of Mistral-7B at 8 x 1024, 53 GiB
 each way per step), so ``offload`` fits those.
+
+``offload_halves`` checkpoints the attention and the MLP of each layer apart, each with its input
+offloaded (twice the copies of ``offload``). The recomputation of a half stops once it has every
+tensor the backward needs, so with the half's last projection computed base matmul last
+(``lora_forward.BaseLastLoraLinear4bit``) it never redoes ``o_proj``'s base matmul, as the whole
+layer's never redoes ``down_proj``'s. Llama-style layers only (``HALVES``); others checkpoint whole.
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ from torch.utils.checkpoint import checkpoint
 # tens of microseconds of host time each, which a few kilobytes of memory are not worth.
 MIN_OFFLOAD_BYTES = 2**20
 
-# Off, on (each layer's input stays on the GPU), on with each layer's input offloaded, or no
-# recomputation with everything each layer saves offloaded.
-Checkpointing = Union[bool, Literal["offload", "offload_all"]]
+# Off, on (each layer's input stays on the GPU), on with each layer's input offloaded, the same
+# per half layer, or no recomputation with everything each layer saves offloaded.
+Checkpointing = Union[bool, Literal["offload", "offload_halves", "offload_all"]]
+
+# Decoder layers whose forward is x + attn(norm1(x)) = h, then h + mlp(norm2(h)), children so named.
+HALVES = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "GemmaDecoderLayer"})
 
 
 def enable_checkpointing(model: torch.nn.Module, mode: Checkpointing) -> None:
@@ -48,6 +57,9 @@ def enable_checkpointing(model: torch.nn.Module, mode: Checkpointing) -> None:
                 module._gradient_checkpointing_func = offloaded_checkpoint
             elif mode == "offload_all":
                 module._gradient_checkpointing_func = functools.partial(offloaded_layer, module)
+            elif mode == "offload_halves":
+                module._gradient_checkpointing_func = (functools.partial(offloaded_halves, module)
+                                                       if type(module).__name__ in HALVES else offloaded_checkpoint)
 
 
 def offloaded_checkpoint(function, *args, **kwargs):
@@ -58,6 +70,24 @@ def offloaded_checkpoint(function, *args, **kwargs):
     """
     with OffloadToCpu():
         return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+def offloaded_halves(layer: torch.nn.Module, function, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``function(hidden_states)`` (``layer``'s forward, a ``partial`` holding its keyword arguments)
+    as two checkpoints, attention then MLP, whose inputs (the residual stream) wait in CPU memory."""
+    kwargs = function.keywords
+    with OffloadToCpu():
+        hidden_states = hidden_states + checkpoint(_attention_half, layer, hidden_states, use_reentrant=False,
+                                                   **kwargs)
+        return hidden_states + checkpoint(_mlp_half, layer, hidden_states, use_reentrant=False)
+
+
+def _attention_half(layer: torch.nn.Module, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    return layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)[0]
+
+
+def _mlp_half(layer: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    return layer.mlp(layer.post_attention_layernorm(hidden_states))
 
 
 def offloaded_layer(layer: torch.nn.Module, function, *args, **kwargs):

@@ -220,8 +220,8 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
         layer_inputs = d.layers * tokens * d.hidden * (4 if upcast_frozen else 2)  # the residual stream
         if gradient_checkpointing == "offload_all":
             offloaded += d.layers * layer
-        elif gradient_checkpointing == "offload":
-            offloaded += layer_inputs
+        elif gradient_checkpointing in ("offload", "offload_halves"):  # halves: the residual mid-layer too
+            offloaded += layer_inputs * (2 if gradient_checkpointing == "offload_halves" else 1)
         else:
             parts["checkpointed_layer_inputs"] = layer_inputs
         # The loss peaks at the end of the forward; the layer in the backward (recomputed or copied
@@ -293,7 +293,8 @@ def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str
                             "know: add --model.init_args.memory_budget_gib GIB")
         checkpointing, _ = choose_checkpointing(float(budget), sequences * seq, lambda m: estimate(m)["total_gib"])
     else:
-        checkpointing = checkpointing if checkpointing in ("offload", "offload_all") else bool(checkpointing)
+        checkpointing = (checkpointing if checkpointing in ("offload", "offload_halves", "offload_all")
+                         else bool(checkpointing))
     return {"model": name, "batch_size": sequences, "max_seq_length": seq, "gradient_checkpointing": checkpointing,
             **estimate(checkpointing)}
 

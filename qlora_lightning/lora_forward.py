@@ -107,14 +107,15 @@ def _uncompiled_call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
-def use_base_last(decoder_layers: Iterable[torch.nn.Module]) -> None:
-    """Give the last 4-bit LoRA projection of each decoder layer the base-last forward, in place.
+def use_base_last(checkpointed: Iterable[torch.nn.Module]) -> None:
+    """Give the last 4-bit LoRA projection of each checkpointed module (a decoder layer, or its
+    attention and its MLP) the base-last forward, in place.
 
     Last in registration order, which is the order the forward calls them in for Llama, Mistral,
     Gemma and Phi; where it is not, the reordering costs nothing and merely saves nothing.
     """
-    for layer in decoder_layers:
-        projections = [m for m in layer.modules() if isinstance(m, Linear4bit)]
+    for module in checkpointed:
+        projections = [m for m in module.modules() if isinstance(m, Linear4bit)]
         if projections:
             projections[-1].__class__ = BaseLastLoraLinear4bit
 

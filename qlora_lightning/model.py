@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from qlora_lightning.checkpointing import Checkpointing, enable_checkpointing
+from qlora_lightning.checkpointing import HALVES, Checkpointing, enable_checkpointing
 from qlora_lightning.errors import UserError
 from qlora_lightning.lora_forward import use_base_last, use_lean_lora
 from qlora_lightning.paths import shipped
@@ -368,6 +368,9 @@ def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: Che
         use_lean_lora(model, lora.compiled_dequant_tokens)
     if lora.skip_last_recompute and gradient_checkpointing in (True, "offload"):  # the modes that recompute
         use_base_last(decoder_layers(model))
+    elif lora.skip_last_recompute and gradient_checkpointing == "offload_halves":
+        use_base_last(half for layer in decoder_layers(model)
+                      for half in ([layer.self_attn, layer.mlp] if type(layer).__name__ in HALVES else [layer]))
     if should_compile(spec.compile_layers, device):
         compile_layers(model, spec.compile_scope)
     # from_pretrained returns the base in eval mode and Lightning keeps each module's mode, but

@@ -15,10 +15,10 @@ from tests.conftest import tiny_spec
 SPEC = dataclasses.replace(tiny_spec(num_key_value_heads=4), compute_dtype="bfloat16")
 
 
-def _model(lean: bool, dropout: float, spec=SPEC, device: str = "cpu", **lora):
+def _model(lean: bool, dropout: float, spec=SPEC, device: str = "cpu", checkpointing=True, **lora):
     torch.manual_seed(0)
-    model = build_model(spec, LoraSpec(r=4, dropout=dropout, lean_forward=lean, **lora), gradient_checkpointing=True,
-                        device=device)
+    model = build_model(spec, LoraSpec(r=4, dropout=dropout, lean_forward=lean, **lora),
+                        gradient_checkpointing=checkpointing, device=device)
     generator = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():
         if ".lora_B." in name:  # a non-zero update, so that the adapter's path shows in the output
@@ -97,3 +97,32 @@ def _count_base_calls(layer: torch.nn.Module, calls: dict) -> None:
         phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
         calls[phase] = calls.get(phase, 0) + 1
     layer.base_layer.register_forward_hook(hook)
+
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_offload_halves_never_recompute_the_base_matmul_last_in_either_half(compiled, device):
+    torch._dynamo.reset()  # graphs compiled by earlier tests would run without the hooks below
+    spec = dataclasses.replace(SPEC, compile_layers=compiled)
+    tokens = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    # Eager, q_proj's base layer shows the recomputation; compiled, it runs inside the graph, unhooked.
+    counted = ("o_proj", "down_proj") if compiled else ("q_proj", "o_proj", "down_proj")
+    results = {}
+    for checkpointing in ("offload_halves", False):
+        model, calls = _model(False, 0.0, spec, device, checkpointing=checkpointing), {}
+        for layer in decoder_layers(model):
+            for name in counted:
+                _count_base_calls(layer.get_submodule(f"{'mlp' if name == 'down_proj' else 'self_attn'}.{name}"),
+                                  calls.setdefault(name, {}))
+        results[checkpointing] = calls, *_loss_and_grads(model, tokens)
+    (calls, loss, grads), (_, plain_loss, plain_grads) = results["offload_halves"], results[False]
+    layers = len(decoder_layers(model))
+    expected = {"o_proj": {"forward": layers}, "down_proj": {"forward": layers}}
+    if not compiled:
+        expected["q_proj"] = {"forward": layers, "backward": layers}
+    assert calls == expected
+    # The same loss and gradients as without checkpointing.
+    torch.testing.assert_close(loss, plain_loss, rtol=2e-3, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=0.05, atol=2e-3, msg=name)
