@@ -115,27 +115,29 @@ def lora_params(d: Dims, r: int) -> int:
 
 
 def layer_activation_bytes(d: Dims, dropout: bool = True, upcast_frozen: bool = False,
-                           liger_kernel: bool = False) -> float:
-    """Bytes per token that one decoder layer saves for its backward pass (bf16 autocast).
+                           liger_kernel: bool = False) -> tuple[float, float]:
+    """Bytes per token that one decoder layer saves for its backward pass (bf16 autocast): its
+    attention half and its MLP half, each with its norm's input.
 
     Each LoRA linear keeps the dropout mask (1 byte per input feature) and the bf16 input of
     ``lora_A`` (2): 3 per input feature, 2 with dropout off. The MLP intermediates are bf16, or
     fp32 where the upcast weights make the residual stream fp32. Liger's RMSNorm keeps its 16-bit
     input (the Hugging Face norm an fp32 copy) and its SwiGLU/GeGLU recomputes the activation.
+    Phi runs attention and MLP in parallel off one LayerNorm, counted with its attention.
     """
     lin = 3 if dropout else 2
     act = 4 if upcast_frozen else 2  # bytes of one saved MLP intermediate
     h, a, kv, i = d.hidden, d.attn, d.kv, d.inter
     norm = 2 * h if liger_kernel else 4 * h
-    attention = (3 * lin * h  # q, k, v projections
+    attention = (norm
+                 + 3 * lin * h  # q, k, v projections
                  + 4 * a + 4 * kv  # bf16 q, k, v and the output kept by the attention kernel
                  + lin * a)  # the output projection
     if d.gated_mlp:  # gate/up inputs, gate/act/up outputs (gate/up with Liger), down input
-        mlp = 2 * lin * h + (2 if liger_kernel else 3) * act * i + lin * i
+        mlp = norm + 2 * lin * h + (2 if liger_kernel else 3) * act * i + lin * i
     else:  # Phi: fc1, gelu_new (written as several elementwise ops that each keep a tensor), fc2
         mlp = lin * h + 4 * act * i + lin * i
-    norms = 2 if d.gated_mlp else 1  # Phi runs attention and MLP in parallel off one LayerNorm
-    return norms * norm + attention + mlp
+    return attention, mlp
 
 
 def logits_bytes(d: Dims, tokens: int, loss_chunk_size: Optional[int],
@@ -177,8 +179,8 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
         seq: Tokens per sequence.
         r: LoRA rank (``all-linear`` targets).
         gradient_checkpointing: Whether decoder layers are recomputed in the backward (``offload``:
-            and their inputs wait in CPU memory; ``offload_all``: nothing is recomputed, and all
-            that the layers save waits in CPU memory).
+            and their inputs wait in CPU memory; ``offload_halves``: the same per attention and MLP;
+            ``offload_all``: nothing is recomputed, and all that the layers save waits in CPU memory).
         loss_chunk_size: ``SFTModule.loss_chunk_size`` (None: the plain loss).
         quantization: ``nf4``, ``fp4``, ``int8`` or ``none``.
         double_quant: Whether the 4-bit constants are quantized too.
@@ -211,23 +213,28 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
     state = n_lora * float(state_bytes)
     if not paged:
         parts["optimizer_state"] = state
-    layer = layer_activation_bytes(d, lora_dropout > 0, upcast_frozen, liger_kernel) * tokens
+    attention, mlp = (tokens * b for b in layer_activation_bytes(d, lora_dropout > 0, upcast_frozen, liger_kernel))
     if d.sliding_window and seq > d.sliding_window and attn_implementation in ("sdpa", "eager", None):
-        layer += 3 * batch * seq * seq  # a dense sliding-window mask: (B, 1, T, T) bool and its bf16 bias
+        attention += 3 * batch * seq * seq  # a dense sliding-window mask: (B, 1, T, T) bool and its bf16 bias
+    layer = attention + mlp
+    # offload_halves checkpoints a Llama-style layer's attention and MLP apart (others whole): the backward
+    # recomputes one at a time, and the residual stream between them waits in CPU memory too.
+    halves = gradient_checkpointing == "offload_halves" and d.gated_mlp
+    recomputed = max(attention, mlp) if halves else layer
     logits = logits_bytes(d, tokens, loss_chunk_size, loss_impl)
     parts["dequantized_weights"] = 2 * 2 * max(i * o for i, o in layer_linears(d))  # bf16, forward + backward
     if gradient_checkpointing:
         layer_inputs = d.layers * tokens * d.hidden * (4 if upcast_frozen else 2)  # the residual stream
         if gradient_checkpointing == "offload_all":
             offloaded += d.layers * layer
-        elif gradient_checkpointing in ("offload", "offload_halves"):  # halves: the residual mid-layer too
-            offloaded += layer_inputs * (2 if gradient_checkpointing == "offload_halves" else 1)
+        elif gradient_checkpointing in ("offload", "offload_halves"):
+            offloaded += layer_inputs * (2 if halves else 1)
         else:
             parts["checkpointed_layer_inputs"] = layer_inputs
         # The loss peaks at the end of the forward; the layer in the backward (recomputed or copied
         # back, plus its gradients) after it.
         # + the gradients of two MLP outputs (fp32 under the upcast)
-        working = layer + tokens * (2 if upcast_frozen else 1) * (4 * d.inter + 4 * d.hidden)
+        working = recomputed + tokens * (2 if upcast_frozen else 1) * (4 * d.inter + 4 * d.hidden)
         if lean_forward:
             # PEFT's forward holds a copy of the widest projection's output and its full-size update
             # beside it: two (tokens x intermediate) bf16 tensors. Measured on Mistral-7B at 8 x 1024,
