@@ -18,6 +18,7 @@ the GPU synchronized before each clock read. Results go to ``<out>/harness.json`
 ``harness.md`` and ``harness.png`` (when matplotlib is there), rewritten after each run.
 
     python benchmarks/harness.py --quick --out /tmp/bench            # one ~10-minute GPU command
+    python benchmarks/harness.py --goals --no-peer --out /tmp/goals  # the issue's goals, met or not
     python benchmarks/harness.py --archs gemma-7b --shapes 8x1024 --variants default chunked_ce
     python benchmarks/harness.py --archs llama-2-7b --shapes 1x512 --variants default eager --repeat 3
     python benchmarks/harness.py --original --out /tmp/orig          # the original T4 experiments
@@ -133,6 +134,40 @@ QUICK_LEVERS = {"arch": "mistral-7b", "shape": "8x1024",
                 "variants": ["eager", "offload+chunked_ce+cpu_embed+nodrop+fused_adamw"]}
 QUICK_BUDGET_S = 540.0  # the jobs that would not fit are listed as skipped
 FULL_SHAPES = ["1x512", "8x1024", "4x2048"]
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target of the speed and memory issue for one arch and shape, on the path the README gives for it."""
+
+    arch: str
+    shape: str
+    variant: str
+    min_ratio: Optional[float] = None  # tokens/s over the baseline's in the same command
+    min_tokens_per_sec: Optional[float] = None  # where the baseline is too slow to run beside it
+    max_gib: Optional[float] = None  # peak allocated
+    max_baseline_share: Optional[float] = None  # peak allocated over the baseline's
+
+    @property
+    def needs_baseline(self) -> bool:
+        return self.min_ratio is not None or self.max_baseline_share is not None
+
+    def target(self) -> str:
+        speed = f">= {self.min_ratio}x" if self.min_ratio else f">= {self.min_tokens_per_sec:.0f} tok/s"
+        memory = f"<= {self.max_gib} GiB" if self.max_gib else f"<= {self.max_baseline_share:.0%} of the baseline's"
+        return f"{speed}, {memory}"
+
+
+# Llama-style layers checkpoint attention and MLP apart at large batches; Gemma's table is tied to its
+# head (no CPU embeddings); 1x32768 against Unsloth's 2974 tok/s in the issue (the baseline: 2433).
+GOALS = [
+    Goal("mistral-7b", "8x1024", "offload_halves+chunked_ce+cpu_embed+nodrop+fused_adamw", min_ratio=2.0, max_gib=6.3),
+    Goal("llama-2-7b", "8x1024", "offload_halves+chunked_ce+cpu_embed+nodrop+fused_adamw", min_ratio=2.0, max_gib=5.7),
+    Goal("mistral-7b", "1x512", "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit", min_ratio=1.5, max_gib=4.4),
+    Goal("gemma-7b", "8x1024", "offload+chunked_ce+nodrop+fused_adamw", min_ratio=1.5, max_baseline_share=0.5),
+    Goal("mistral-7b", "1x32768", "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+flex", min_tokens_per_sec=2974,
+         max_gib=14.0),
+]
 LONG_SHAPES = ["1x8192", "1x16384", "1x32768"]  # Mistral only: 32k positions, sliding window 4096
 
 
@@ -515,6 +550,15 @@ def plan(args: argparse.Namespace, arch_root: Path) -> list[Job]:
     if args.original:
         return [Job(e.arch, 1, 512, "project", "default", arch_dir(e.arch), r=e.r, alpha=2 * e.r, accumulate=8,
                     experiment=e.name, options=VARIANTS["default"], **common) for e in ORIGINAL]
+    if args.goals:
+        goal_jobs = []
+        for goal in GOALS:
+            batch, seq = parse_shape(goal.shape)
+            goal_jobs += [Job(goal.arch, batch, seq, BASELINE, BASELINE, arch_dir(goal.arch), **common)
+                          ] if goal.needs_baseline else []
+            goal_jobs.append(Job(goal.arch, batch, seq, "project", goal.variant, arch_dir(goal.arch),
+                                 options=VARIANTS[goal.variant], **common))
+        return [replace(job, round=i) for i in range(args.repeat) for job in goal_jobs]
     archs = args.archs or (QUICK["archs"] if args.quick else list(ARCHS))
     shapes = args.shapes or (QUICK["shapes"] if args.quick else FULL_SHAPES)
     variants = args.variants or ["default"]
@@ -628,6 +672,59 @@ def with_estimates(rows: list[dict]) -> list[dict]:
     return out
 
 
+def baseline_of(row: dict, rows: list[dict]) -> Optional[dict]:
+    """The baseline row of ``row``'s arch and shape among ``rows``, where it ran."""
+    return next((b for b in rows if b["arch"] == row["arch"] and b["batch"] == row["batch"] and b["seq"] == row["seq"]
+                 and b["impl"] == BASELINE and b.get("tokens_per_sec")), None)
+
+
+def goal_verdicts(rows: list[dict]) -> list[dict]:
+    """Each goal whose configuration ran, measured against its target: ``met`` True or False, or None
+    where the baseline it needs did not run; then whether any configuration ran slower or heavier than
+    its baseline."""
+    verdicts = []
+    for goal in GOALS:
+        batch, seq = parse_shape(goal.shape)
+        row = next((r for r in rows if (r["arch"], r["batch"], r["seq"], r["variant"]) == (goal.arch, batch, seq,
+                                                                                          goal.variant)
+                    and r.get("tokens_per_sec")), None)
+        if row is None:
+            continue
+        base = baseline_of(row, rows)
+        measured = f"{row['tokens_per_sec']:.0f} tok/s, {row['peak_alloc_gib']:.2f} GiB"
+        met: Optional[bool] = None
+        if base or not goal.needs_baseline:
+            ratio = row["tokens_per_sec"] / base["tokens_per_sec"] if base else None
+            share = row["peak_alloc_gib"] / base["peak_alloc_gib"] if base else None
+            if base:
+                measured += f" ({ratio:.2f}x, {share:.0%} of the baseline's memory)"
+            met = ((goal.min_ratio is None or ratio >= goal.min_ratio)
+                   and (goal.min_tokens_per_sec is None or row["tokens_per_sec"] >= goal.min_tokens_per_sec)
+                   and (goal.max_gib is None or row["peak_alloc_gib"] <= goal.max_gib)
+                   and (goal.max_baseline_share is None or share <= goal.max_baseline_share))
+        verdicts.append({"goal": f"{goal.arch} {goal.shape}, {goal.variant}", "target": goal.target(),
+                         "measured": measured, "met": met})
+    behind = [f"{r['arch']} {r['batch']}x{r['seq']} {r['variant']}" for r in rows
+              if r["impl"] == "project" and r.get("tokens_per_sec") and (base := baseline_of(r, rows))
+              and (r["tokens_per_sec"] < base["tokens_per_sec"] or r["peak_alloc_gib"] > base["peak_alloc_gib"])]
+    if any(r["impl"] == "project" and baseline_of(r, rows) for r in rows):
+        verdicts.append({"goal": "no configuration slower or heavier than its baseline", "target": "",
+                         "measured": "; ".join(behind) or "none is", "met": not behind})
+    return verdicts
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """The goals table of a report, where any goal's configuration ran."""
+    verdicts = goal_verdicts(rows)
+    if not verdicts:
+        return []
+    lines = ["Goals of the speed and memory issue (baseline in the same command):", "",
+             "| goal | target | measured | met |", "|---|---|---|---|"]
+    lines += [f"| {v['goal']} | {v['target']} | {v['measured']} "
+              f"| {'n/a (no baseline)' if v['met'] is None else 'yes' if v['met'] else 'NO'} |" for v in verdicts]
+    return lines + [""]
+
+
 def _tokens_cell(row: dict) -> str:
     """Tokens/s, and over several rounds their range: ``1290 (3 rounds, 1201-1310)``."""
     runs = row.get("tokens_per_sec_rounds") or []
@@ -660,8 +757,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines += ["| arch | shape | impl | tokens/s | x baseline | wall tokens/s | peak alloc GiB | peak reserved GiB "
               "| est. GiB | est. error | MFU | step s | status |", "|---" * 13 + "|"]
     for r in rows:
-        base = next((b for b in rows if b["arch"] == r["arch"] and b["batch"] == r["batch"]
-                     and b["seq"] == r["seq"] and b["impl"] == BASELINE and b.get("tokens_per_sec")), None)
+        base = baseline_of(r, rows)
         ratio = r["tokens_per_sec"] / base["tokens_per_sec"] if base and r.get("tokens_per_sec") else None
         err = r.get("estimate_error")
         lines.append(f"| {r['arch']} | {r['batch']}x{r['seq']} | {r['variant']} | {_tokens_cell(r)} "
@@ -687,7 +783,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
               "they do not count). wall tokens/s: the project's measured steps over host wall time with the GPU "
               "synchronized at both ends (its tokens/s is the median step timed by GPU events).", ""]
-    return "\n".join(lines + profile_lines(rows))
+    return "\n".join(lines + goal_lines(rows) + profile_lines(rows))
 
 
 def profile_lines(rows: list[dict]) -> list[str]:
@@ -750,6 +846,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="mistral + llama at 1x512 and 8x1024, levers once")
     parser.add_argument("--long", action="store_true", help="add Mistral at 1x8192, 1x16384, 1x32768")
     parser.add_argument("--original", action="store_true", help="the original T4 experiments' table")
+    parser.add_argument("--goals", action="store_true",
+                        help="the speed and memory goals, each on its path with its baseline, and a verdict for each "
+                             f"(one 10-minute GPU command: {QUICK_BUDGET_S:.0f} s unless --budget-s)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the transformers+PEFT baseline")
     parser.add_argument("--no-peer", dest="peer", action="store_false",
                         help="skip Unsloth (measured by default when it is installed)")
@@ -774,7 +873,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # Only located, never imported here: importing it would patch transformers in this process.
     args.peer = args.peer and not args.tiny and importlib.util.find_spec("unsloth") is not None
-    if args.quick and args.budget_s is None:  # one 10-minute GPU command, whatever is installed
+    if (args.quick or args.goals) and args.budget_s is None:  # one 10-minute GPU command, whatever is installed
         args.budget_s = QUICK_BUDGET_S
     return args
 

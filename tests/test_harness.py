@@ -84,3 +84,45 @@ def test_the_profiler_traces_exactly_the_last_measured_steps(monkeypatch):
     for _ in range(job.warmup + job.steps):
         profiler.step()
     assert calls == [("start", 10), ("stop", 12)]  # started after step 10: steps 11 and 12 traced
+
+
+def test_goals_mode_runs_each_goal_on_its_path_with_the_baseline_it_needs(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness.importlib.util, "find_spec", lambda name: None)
+    args = harness.parse_args(["--goals", "--tiny"])
+    assert args.budget_s == harness.QUICK_BUDGET_S
+    jobs = harness.plan(args, tmp_path)
+    expected = []
+    for goal in harness.GOALS:
+        expected += [(goal.arch, goal.shape, harness.BASELINE)] if goal.needs_baseline else []
+        expected.append((goal.arch, goal.shape, goal.variant))
+    assert [(j.arch, j.shape, j.variant) for j in jobs] == expected
+    assert ("mistral-7b", "1x32768", harness.BASELINE) not in expected  # judged against Unsloth's figure
+
+
+def _row(arch, shape, variant, tokens_per_sec, peak):
+    batch, seq = harness.parse_shape(shape)
+    impl = harness.BASELINE if variant == harness.BASELINE else "project"
+    return {"arch": arch, "batch": batch, "seq": seq, "variant": variant, "impl": impl,
+            "tokens_per_sec": tokens_per_sec, "peak_alloc_gib": peak}
+
+
+def test_goal_verdicts_check_speed_and_memory_against_the_baseline_in_the_same_command():
+    goal = {(g.arch, g.shape): g for g in harness.GOALS}
+    mistral, llama, gemma = goal["mistral-7b", "8x1024"], goal["llama-2-7b", "8x1024"], goal["gemma-7b", "8x1024"]
+    small, long = goal["mistral-7b", "1x512"], goal["mistral-7b", "1x32768"]
+    rows = [_row("mistral-7b", "8x1024", harness.BASELINE, 6200, 12.4),
+            _row("mistral-7b", "8x1024", mistral.variant, 12500, 5.5),  # met
+            _row("llama-2-7b", "8x1024", harness.BASELINE, 6400, 11.7),
+            _row("llama-2-7b", "8x1024", llama.variant, 12700, 5.4),  # 1.98x: not met
+            _row("gemma-7b", "8x1024", harness.BASELINE, 5200, 34.6),
+            _row("gemma-7b", "8x1024", gemma.variant, 9900, 18.0),  # 52% of the baseline's memory: not met
+            _row("mistral-7b", "1x512", small.variant, 1500, 4.3),  # no baseline ran
+            _row("mistral-7b", "1x32768", long.variant, 10000, 14.2),  # over 14 GiB: not met
+            _row("mistral-7b", "8x1024", "eager", 6000, 9.0)]  # slower than its baseline
+    verdicts = {v["goal"].split(",")[0]: v["met"] for v in harness.goal_verdicts(rows)}
+    assert verdicts == {"mistral-7b 8x1024": True, "llama-2-7b 8x1024": False, "gemma-7b 8x1024": False,
+                        "mistral-7b 1x512": None, "mistral-7b 1x32768": False,
+                        "no configuration slower or heavier than its baseline": False}
+    behind = harness.goal_verdicts(rows)[-1]["measured"]
+    assert behind == "mistral-7b 8x1024 eager"
+    assert "| NO |" in "\n".join(harness.goal_lines(rows))
