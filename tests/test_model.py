@@ -128,7 +128,7 @@ def test_checkpoint_holds_the_adapter_and_its_optimizer_state_only(tmp_path):
     assert bytes_big < base_big / 20
 
 
-@pytest.mark.parametrize("checkpointing", [False, True, "offload", "offload_all"])
+@pytest.mark.parametrize("checkpointing", [False, True, "offload", "offload_halves", "offload_all"])
 def test_gradient_checkpointing_recomputes_under_the_trainer(checkpointing, monkeypatch, tmp_path):
     """With checkpointing on, each decoder layer runs again in the backward pass (``offload_all``:
     once, with what it saves going through the offload hooks).
@@ -145,13 +145,14 @@ def test_gradient_checkpointing_recomputes_under_the_trainer(checkpointing, monk
                            num_samples=2, batch_size=2)
     cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=data)
     layers = module.model.config.num_hidden_layers
-    assert len(calls) == layers * (2 if checkpointing in (True, "offload") else 1)
-    # Each layer's (B, T, H) input goes through the offload hooks under `offload`; under
-    # `offload_all`, every tensor its layers save.
+    assert len(calls) == layers * (2 if checkpointing in (True, "offload", "offload_halves") else 1)
+    # Each layer's (B, T, H) input goes through the offload hooks under `offload`, and the residual
+    # stream between attention and MLP too under `offload_halves`; under `offload_all`, every tensor
+    # its layers save.
     if checkpointing == "offload_all":
         assert offloaded.count(3) > 4 * layers, offloaded
     else:
-        assert offloaded.count(3) == (layers if checkpointing == "offload" else 0)
+        assert offloaded.count(3) == {"offload": layers, "offload_halves": 2 * layers}.get(checkpointing, 0)
 
 
 @pytest.mark.parametrize("budget", ["none", "ample", "between", "tiny"])
