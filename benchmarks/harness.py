@@ -153,6 +153,22 @@ class Goal:
     def needs_baseline(self) -> bool:
         return self.min_ratio is not None or self.max_baseline_share is not None
 
+    def judges(self, row: dict) -> bool:
+        """Whether ``row`` ran this goal's configuration."""
+        return (row["arch"], f"{row['batch']}x{row['seq']}", row["variant"]) == (self.arch, self.shape, self.variant)
+
+    def met(self, row: dict, base: Optional[dict]) -> Optional[bool]:
+        """Whether ``row`` reaches the targets, against ``base`` (its baseline row); None without the
+        baseline it needs."""
+        if self.needs_baseline and not base:
+            return None
+        checks = [self.min_ratio is None or row["tokens_per_sec"] >= self.min_ratio * base["tokens_per_sec"],
+                  self.min_tokens_per_sec is None or row["tokens_per_sec"] >= self.min_tokens_per_sec,
+                  self.max_gib is None or row["peak_alloc_gib"] <= self.max_gib,
+                  self.max_baseline_share is None
+                  or row["peak_alloc_gib"] <= self.max_baseline_share * base["peak_alloc_gib"]]
+        return all(checks)
+
     def target(self) -> str:
         speed = f">= {self.min_ratio}x" if self.min_ratio else f">= {self.min_tokens_per_sec:.0f} tok/s"
         memory = f"<= {self.max_gib} GiB" if self.max_gib else f"<= {self.max_baseline_share:.0%} of the baseline's"
@@ -679,35 +695,26 @@ def baseline_of(row: dict, rows: list[dict]) -> Optional[dict]:
 
 
 def goal_verdicts(rows: list[dict]) -> list[dict]:
-    """Each goal whose configuration ran, measured against its target: ``met`` True or False, or None
-    where the baseline it needs did not run; then whether any configuration ran slower or heavier than
-    its baseline."""
+    """Each goal whose configuration ran, measured against its target (``met``: None where the
+    baseline it needs did not run); then whether any configuration ran slower or heavier than its
+    baseline."""
     verdicts = []
     for goal in GOALS:
-        batch, seq = parse_shape(goal.shape)
-        row = next((r for r in rows if (r["arch"], r["batch"], r["seq"], r["variant"]) == (goal.arch, batch, seq,
-                                                                                          goal.variant)
-                    and r.get("tokens_per_sec")), None)
+        row = next((r for r in rows if goal.judges(r) and r.get("tokens_per_sec")), None)
         if row is None:
             continue
         base = baseline_of(row, rows)
         measured = f"{row['tokens_per_sec']:.0f} tok/s, {row['peak_alloc_gib']:.2f} GiB"
-        met: Optional[bool] = None
-        if base or not goal.needs_baseline:
-            ratio = row["tokens_per_sec"] / base["tokens_per_sec"] if base else None
-            share = row["peak_alloc_gib"] / base["peak_alloc_gib"] if base else None
-            if base:
-                measured += f" ({ratio:.2f}x, {share:.0%} of the baseline's memory)"
-            met = ((goal.min_ratio is None or ratio >= goal.min_ratio)
-                   and (goal.min_tokens_per_sec is None or row["tokens_per_sec"] >= goal.min_tokens_per_sec)
-                   and (goal.max_gib is None or row["peak_alloc_gib"] <= goal.max_gib)
-                   and (goal.max_baseline_share is None or share <= goal.max_baseline_share))
+        if base:
+            measured += (f" ({row['tokens_per_sec'] / base['tokens_per_sec']:.2f}x, "
+                         f"{row['peak_alloc_gib'] / base['peak_alloc_gib']:.0%} of the baseline's memory)")
         verdicts.append({"goal": f"{goal.arch} {goal.shape}, {goal.variant}", "target": goal.target(),
-                         "measured": measured, "met": met})
-    behind = [f"{r['arch']} {r['batch']}x{r['seq']} {r['variant']}" for r in rows
-              if r["impl"] == "project" and r.get("tokens_per_sec") and (base := baseline_of(r, rows))
-              and (r["tokens_per_sec"] < base["tokens_per_sec"] or r["peak_alloc_gib"] > base["peak_alloc_gib"])]
-    if any(r["impl"] == "project" and baseline_of(r, rows) for r in rows):
+                         "measured": measured, "met": goal.met(row, base)})
+    paired = [(r, baseline_of(r, rows)) for r in rows if r["impl"] == "project" and r.get("tokens_per_sec")]
+    paired = [(r, base) for r, base in paired if base]
+    if paired:
+        behind = [f"{r['arch']} {r['batch']}x{r['seq']} {r['variant']}" for r, base in paired
+                  if r["tokens_per_sec"] < base["tokens_per_sec"] or r["peak_alloc_gib"] > base["peak_alloc_gib"]]
         verdicts.append({"goal": "no configuration slower or heavier than its baseline", "target": "",
                          "measured": "; ".join(behind) or "none is", "met": not behind})
     return verdicts
