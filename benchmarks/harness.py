@@ -570,8 +570,8 @@ def plan(args: argparse.Namespace, arch_root: Path) -> list[Job]:
         goal_jobs = []
         for goal in GOALS:
             batch, seq = parse_shape(goal.shape)
-            goal_jobs += [Job(goal.arch, batch, seq, BASELINE, BASELINE, arch_dir(goal.arch), **common)
-                          ] if goal.needs_baseline else []
+            if goal.needs_baseline:
+                goal_jobs.append(Job(goal.arch, batch, seq, BASELINE, BASELINE, arch_dir(goal.arch), **common))
             goal_jobs.append(Job(goal.arch, batch, seq, "project", goal.variant, arch_dir(goal.arch),
                                  options=VARIANTS[goal.variant], **common))
         return [replace(job, round=i) for i in range(args.repeat) for job in goal_jobs]
