@@ -130,7 +130,8 @@ def test_goal_verdicts_check_speed_and_memory_against_the_baseline_in_the_same_c
 
 def test_goal_verdicts_of_a_cpu_dry_run_judge_speed_only():
     mistral = next(g for g in harness.GOALS if (g.arch, g.shape) == ("mistral-7b", "8x1024"))
-    rows = [_row("mistral-7b", "8x1024", harness.BASELINE, 100, None), _row("mistral-7b", "8x1024", mistral.variant, 90, None)]
+    rows = [_row("mistral-7b", "8x1024", harness.BASELINE, 100, None),
+            _row("mistral-7b", "8x1024", mistral.variant, 90, None)]
     goal, slower = harness.goal_verdicts(rows)
     assert goal["met"] is None and "n/a GiB" in goal["measured"]  # no GPU peak: memory cannot be judged
     assert slower["met"] is False and slower["measured"] == f"mistral-7b 8x1024 {mistral.variant}"
