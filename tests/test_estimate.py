@@ -194,11 +194,12 @@ def test_estimate_within_the_goal_for_every_architecture_and_shape_of_the_baseli
 
 def _modes_costing(**gib):
     """An estimate function over checkpointing modes, from GiB per mode name (``no`` for False, ``yes`` for True)."""
-    names = {False: "no", True: "yes", "offload": "offload", "offload_all": "offload_all"}
+    names = {False: "no", True: "yes", "offload": "offload", "offload_all": "offload_all",
+             "offload_halves": "offload_halves"}
     return lambda mode: gib[names[mode]]
 
 
-COSTS = {"no": 9.0, "offload_all": 4.3, "yes": 5.0, "offload": 4.0}
+COSTS = {"no": 9.0, "offload_all": 4.3, "yes": 5.0, "offload": 4.0, "offload_halves": 3.8}
 
 
 @pytest.mark.parametrize("budget, tokens, chosen", [
@@ -206,6 +207,7 @@ COSTS = {"no": 9.0, "offload_all": 4.3, "yes": 5.0, "offload": 4.0}
     (4.5, 512, "offload_all"),  # few tokens: not recomputing beats recomputing
     (5.5, 8192, True),  # many tokens: offload_all is not a candidate
     (4.5, 8192, "offload"),
+    (3.9, 8192, "offload_halves"),  # whole layers do not fit, halves do
 ])
 def test_auto_checkpointing_takes_the_fastest_mode_that_fits(budget, tokens, chosen):
     mode, gib = choose_checkpointing(budget, tokens, _modes_costing(**COSTS))
@@ -214,7 +216,9 @@ def test_auto_checkpointing_takes_the_fastest_mode_that_fits(budget, tokens, cho
 
 
 def test_auto_checkpointing_falls_back_to_the_leanest_mode_when_nothing_fits():
-    assert choose_checkpointing(1.0, 512, _modes_costing(**COSTS)) == ("offload", 4.0)
+    assert choose_checkpointing(1.0, 512, _modes_costing(**COSTS)) == ("offload_halves", 3.8)
+    # Layers it cannot split (Phi) cost the same under both: offload, the plainer, is the one named.
+    assert choose_checkpointing(1.0, 512, _modes_costing(**{**COSTS, "offload_halves": 4.0})) == ("offload", 4.0)
 
 
 def test_auto_checkpointing_for_mistral_at_1x512_within_the_issue_s_budget():
@@ -234,6 +238,7 @@ def test_cli_names_the_mode_auto_picks_for_a_budget_and_asks_for_one(capsys):
     main(["--config", config, *auto, "--model.init_args.memory_budget_gib", "100"])
     assert "gradient_checkpointing False:" in capsys.readouterr().out
     main(["--config", config, *auto, "--model.init_args.memory_budget_gib", "0.0001"])
+    # Nothing fits: the leanest. Here the loss, not a layer, sets the peak: halves would save nothing.
     assert "gradient_checkpointing offload:" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="memory_budget_gib"):
         main(["--config", config, *auto])

@@ -48,6 +48,8 @@ class QLoRAModule(LightningModule):
         gradient_checkpointing: Recompute each decoder layer in the backward pass (less memory, ~30%
             slower); ``offload`` also keeps each layer's input in pinned CPU memory instead of on the
             GPU (B x T x hidden per layer: 2 GiB for Mistral-7B at 8 x 1024, 8 GiB at 1 x 32768);
+            ``offload_halves`` does so per attention and MLP of Llama-style layers (never recomputing
+            ``o_proj``'s base matmul; twice the copies);
             ``offload_all`` recomputes nothing and keeps everything the layers save in CPU memory
             (for small batches, where the host sets the pace; see ``checkpointing.py``); ``auto``
             picks the fastest of these whose estimated peak fits ``memory_budget_gib``
