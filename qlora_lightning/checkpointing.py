@@ -22,11 +22,15 @@ layer's never redoes ``down_proj``'s. Llama-style layers only (``HALVES``); othe
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from typing import Literal, Optional, Union
 
 import torch
 from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+log = logging.getLogger(__name__)
 
 # Saved tensors smaller than this stay on the GPU: a pinned block, two copies and an event cost
 # tens of microseconds of host time each, which a few kilobytes of memory are not worth.
@@ -51,15 +55,22 @@ def enable_checkpointing(model: torch.nn.Module, mode: Checkpointing) -> None:
     # transformers >= 5.2x renamed it; older 5.x has the old name only.
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable({"use_reentrant": False})
+    whole = set()  # kinds of layer offload_halves cannot split
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False):  # the layers transformers checkpoints
             if mode == "offload":
                 module._gradient_checkpointing_func = offloaded_checkpoint
             elif mode == "offload_all":
                 module._gradient_checkpointing_func = functools.partial(offloaded_layer, module)
+            elif mode == "offload_halves" and type(module).__name__ in HALVES:
+                module._gradient_checkpointing_func = functools.partial(offloaded_halves, module)
             elif mode == "offload_halves":
-                module._gradient_checkpointing_func = (functools.partial(offloaded_halves, module)
-                                                       if type(module).__name__ in HALVES else offloaded_checkpoint)
+                module._gradient_checkpointing_func = offloaded_checkpoint
+                if isinstance(module, GradientCheckpointingLayer):  # not the model, which holds the flag too
+                    whole.add(type(module).__name__)
+    if whole:
+        log.warning("gradient_checkpointing offload_halves: %s not split into attention and MLP (not "
+                    "Llama-style); checkpointed whole with offloaded inputs, as under offload", ", ".join(sorted(whole)))
 
 
 def offloaded_checkpoint(function, *args, **kwargs):

@@ -461,3 +461,20 @@ def test_offloading_hooks_run_eagerly_from_compiled_layer_norms(device, tmp_path
         loss = model(input_ids=tokens, labels=tokens).loss
     loss.backward()
     assert traced and not any(traced)
+
+
+def test_offload_halves_splits_llama_style_layers_and_says_which_it_checkpoints_whole(caplog):
+    def checkpoint_funcs(model):
+        with caplog.at_level("WARNING", logger="qlora_lightning.checkpointing"):
+            checkpointing.enable_checkpointing(model, "offload_halves")
+        return {getattr(layer._gradient_checkpointing_func, "func", layer._gradient_checkpointing_func)
+                for layer in model.model.layers}
+
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "vocab_size": 128}
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
+    assert checkpoint_funcs(llama) == {checkpointing.offloaded_halves}
+    assert not caplog.text
+    phi = transformers.PhiForCausalLM(transformers.PhiConfig(**small))  # attention and MLP side by side
+    assert checkpoint_funcs(phi) == {checkpointing.offloaded_checkpoint}
+    assert "PhiDecoderLayer not split" in caplog.text
