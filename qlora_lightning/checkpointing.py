@@ -70,7 +70,8 @@ def enable_checkpointing(model: torch.nn.Module, mode: Checkpointing) -> None:
                     whole.add(type(module).__name__)
     if whole:
         log.warning("gradient_checkpointing offload_halves: %s not split into attention and MLP (not "
-                    "Llama-style); checkpointed whole with offloaded inputs, as under offload", ", ".join(sorted(whole)))
+                    "Llama-style); checkpointed whole with offloaded inputs, as under offload",
+                    ", ".join(sorted(whole)))
 
 
 def offloaded_checkpoint(function, *args, **kwargs):
