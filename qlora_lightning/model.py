@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Iterable, Literal, Optional, Union
 
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
@@ -325,16 +325,19 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def compile_layers(model: torch.nn.Module, scope: Literal["parts", "layer"] = "parts") -> None:
+def compile_layers(model: torch.nn.Module, scope: Literal["parts", "layer"] = "parts",
+                   split: Iterable[str] = ()) -> None:
     """``torch.compile`` every decoder layer, or each of its children (attention, MLP, norms), in place.
 
     Inside whatever checkpoints the layer (transformers' checkpointing calls the layer's module
     call, which is what a compiled module replaces; the offloading hooks, FSDP), which stays eager
     and wraps compiled code. The layers share their classes, so one graph serves them all (dynamo
-    guards on the code, not the instance).
+    guards on the code, not the instance). Layers of a class in ``split`` compile their children
+    whatever the scope: ``offload_halves`` calls those, never the layer.
     """
     for layer in decoder_layers(model):
-        for module in ([layer] if scope == "layer" else layer.children()):
+        whole = scope == "layer" and type(layer).__name__ not in split
+        for module in ([layer] if whole else layer.children()):
             module.compile()
 
 
@@ -372,7 +375,7 @@ def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: Che
         use_base_last(half for layer in decoder_layers(model)
                       for half in ([layer.self_attn, layer.mlp] if type(layer).__name__ in HALVES else [layer]))
     if should_compile(spec.compile_layers, device):
-        compile_layers(model, spec.compile_scope)
+        compile_layers(model, spec.compile_scope, split=HALVES if gradient_checkpointing == "offload_halves" else ())
     # from_pretrained returns the base in eval mode and Lightning keeps each module's mode, but
     # Hugging Face layers checkpoint activations only in training mode: without this,
     # gradient_checkpointing would silently do nothing.

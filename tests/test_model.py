@@ -252,6 +252,14 @@ def test_whole_layers_compile_with_compile_scope_layer():
     assert _compiled_parts(model) == [False] * 2 * 4
 
 
+def test_offload_halves_compiles_the_parts_it_calls_whatever_the_scope():
+    model = build_model(dataclasses.replace(tiny_spec(), compile_layers=True, compile_scope="layer"), LoraSpec(r=4),
+                        gradient_checkpointing="offload_halves")
+    layers = model.base_model.model.model.layers
+    assert [layer._compiled_call_impl is not None for layer in layers] == [False, False]
+    assert _compiled_parts(model) == [True] * 2 * 4
+
+
 def test_cpu_embeddings_keep_the_table_off_the_device_and_change_nothing_else():
     tokens = _token_batch(n_rows=2, length=24)
     spec = tiny_spec()
