@@ -736,7 +736,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
     lines = ["Goals of the speed and memory issue (baseline in the same command):", "",
              "| goal | target | measured | met |", "|---|---|---|---|"]
     lines += [f"| {v['goal']} | {v['target']} | {v['measured']} "
-              f"| {'n/a (no baseline)' if v['met'] is None else 'yes' if v['met'] else 'NO'} |" for v in verdicts]
+              f"| {'n/a' if v['met'] is None else 'yes' if v['met'] else 'NO'} |" for v in verdicts]
     return lines + [""]
 
 
