@@ -48,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # make_arch beside this file, also in the worker processes
 
 from make_arch import ARCHS, write_arch  # noqa: E402
+from step_stalls import StepStalls, stall_lines  # noqa: E402
 
 GIB = 2**30
 
@@ -57,7 +58,7 @@ GIB = 2**30
 LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
           "attn_implementation": "sdpa", "compile_layers": "auto", "compile_scope": "parts", "cpu_embeddings": False,
           "lora_dropout": 0.05, "lean_forward": False, "skip_last_recompute": True, "optimizer": "paged_adamw_8bit",
-          "compiled_dequant_tokens": None}
+          "compiled_dequant_tokens": None, "freeze_heap": False}
 LIGER = {"liger_kernel": True, "compile_layers": False}
 OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
 LEANEST = {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0, "lean_forward": True}
@@ -103,6 +104,12 @@ VARIANTS: dict[str, dict] = {
     # Attention and MLP checkpointed apart: o_proj's base matmul is not recomputed either.
     "offload_halves+chunked_ce+cpu_embed+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw",
                                                                "gradient_checkpointing": "offload_halves"},
+    # The fastest 8x1024 paths with the heap frozen (qlora_lightning.FreezeHeap): full garbage collections
+    # walk only what training makes, should one land in a step.
+    "offload_halves+chunked_ce+cpu_embed+nodrop+fused_adamw+freeze_heap": {
+        **LEANEST, "optimizer": "fused_adamw", "gradient_checkpointing": "offload_halves", "freeze_heap": True},
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+freeze_heap": {**LEANEST, "optimizer": "fused_adamw",
+                                                                    "freeze_heap": True},
     # The 4-bit matmuls through bitsandbytes' operator and addmm throughout (lora.compiled_dequant_tokens: 0),
     # or in the compiled graph up to 512 tokens per matmul only (the default until 2026-11-29; now any number).
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+bnb_dequant": {**LEANEST, "optimizer": "fused_adamw",
@@ -349,7 +356,7 @@ def run_project(job: Job) -> dict:
     from transformers import AutoConfig
 
     import qlora_lightning
-    from qlora_lightning import BaseModelSpec, LoraSpec, PerfMonitor, SFTModule
+    from qlora_lightning import BaseModelSpec, FreezeHeap, LoraSpec, PerfMonitor, SFTModule
 
     class LoadedMemory(Callback):
         """GPU memory held once the model is built, before the optimizer state and activations."""
@@ -376,10 +383,11 @@ def run_project(job: Job) -> dict:
                 torch.cuda.synchronize()
             return time.perf_counter()
 
-    class Profile(Callback):
+    class StepEnd(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if (batch_idx + 1) % job.accumulate == 0:
                 profiler.step()
+                stalls.mark()
 
     profiler = StepProfiler(job)
 
@@ -407,13 +415,15 @@ def run_project(job: Job) -> dict:
     monitor, loaded, wall = PerfMonitor(warmup_steps=job.warmup), LoadedMemory(), WallClock()
     root = tempfile.mkdtemp(prefix="bench-")
     module.adapter_dir = str(Path(root) / "adapter")
+    callbacks = [monitor, loaded, wall, StepEnd()] + ([FreezeHeap()] if opts["freeze_heap"] else [])
     trainer = Trainer(accelerator="auto", devices=1, precision="bf16-mixed", max_steps=job.warmup + job.steps,
                       accumulate_grad_batches=job.accumulate, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                      num_sanity_val_steps=0, default_root_dir=root, callbacks=[monitor, loaded, wall, Profile()])
+                      num_sanity_val_steps=0, default_root_dir=root, callbacks=callbacks)
     vocab = AutoConfig.from_pretrained(job.arch_dir).vocab_size
     # Items are whole micro-batches, pinned as the DataModules' loaders pin them on a GPU.
     loader = DataLoader(synthetic_batches(job, vocab), batch_size=None, pin_memory=torch.cuda.is_available())
+    stalls = StepStalls(torch.cuda.is_available())
     trainer.fit(module, train_dataloaders=loader)
     s = monitor.summary(trainer, module)
     peak = s["peak_alloc_gib"]
@@ -422,7 +432,8 @@ def run_project(job: Job) -> dict:
             "peak_reserved_gib": s["peak_reserved_gib"] if isinstance(peak, float) else None,
             "loaded_gib": loaded.gib, "measured_steps": s["measured_steps"], "profile": profiler.result(),
             "wall_tokens_per_sec": job.steps * job.accumulate * job.batch * job.seq / wall.seconds,
-            "step_times_s": [round(m["perf/step_time_s"], 4) for m in monitor.steps]}
+            "step_times_s": [round(m["perf/step_time_s"], 4) for m in monitor.steps],
+            "step_stalls": stalls.finish(len(monitor.steps))}
 
 
 def run_baseline(job: Job) -> dict:
@@ -500,7 +511,7 @@ def plain_loop(model, job: Job, device) -> dict:
             torch.cuda.synchronize()
 
     batches = iter(synthetic_batches(job, model.config.vocab_size))
-    times, profiler = [], StepProfiler(job)
+    times, profiler, stalls = [], StepProfiler(job), StepStalls(on_cuda)
     for _ in range(job.warmup + job.steps):
         sync()
         start = time.perf_counter()
@@ -514,6 +525,7 @@ def plain_loop(model, job: Job, device) -> dict:
         sync()
         times.append(time.perf_counter() - start)
         profiler.step()
+        stalls.mark()
     step = statistics.median(times[job.warmup:])
     tokens = job.batch * job.seq * job.accumulate
     config = model.config
@@ -526,7 +538,8 @@ def plain_loop(model, job: Job, device) -> dict:
             "mfu": flops * tokens / step / peak_flops if peak_flops else None,
             "peak_alloc_gib": torch.cuda.max_memory_allocated() / GIB if on_cuda else None,
             "peak_reserved_gib": torch.cuda.max_memory_reserved() / GIB if on_cuda else None,
-            "loaded_gib": loaded, "measured_steps": len(times) - job.warmup, "profile": profiler.result()}
+            "loaded_gib": loaded, "measured_steps": len(times) - job.warmup, "profile": profiler.result(),
+            "step_times_s": [round(t, 4) for t in times[job.warmup:]], "step_stalls": stalls.finish(job.steps)}
 
 
 RUNNERS = {"project": run_project, BASELINE: run_baseline, PEER: run_peer}
@@ -569,6 +582,8 @@ def plan(args: argparse.Namespace, arch_root: Path) -> list[Job]:
     if args.goals:
         goal_jobs = []
         for goal in GOALS:
+            if args.archs and goal.arch not in args.archs:
+                continue
             batch, seq = parse_shape(goal.shape)
             if goal.needs_baseline:
                 goal_jobs.append(Job(goal.arch, batch, seq, BASELINE, BASELINE, arch_dir(goal.arch), **common))
@@ -702,6 +717,10 @@ def goal_verdicts(rows: list[dict]) -> list[dict]:
     for goal in GOALS:
         row = next((r for r in rows if goal.judges(r) and r.get("tokens_per_sec")), None)
         if row is None:
+            planned = next((r for r in rows if goal.judges(r)), None)
+            if planned is not None:  # skipped for time, or failed
+                verdicts.append({"goal": f"{goal.arch} {goal.shape}, {goal.variant}", "target": goal.target(),
+                                 "measured": planned.get("status", "did not run"), "met": None})
             continue
         base = baseline_of(row, rows)
         measured = f"{row['tokens_per_sec']:.0f} tok/s, {_fmt(row.get('peak_alloc_gib'))} GiB"
@@ -795,11 +814,13 @@ def markdown(meta: dict, rows: list[dict]) -> str:
               "synchronize per tensor); `layer_compile` = `base.compile_scope: layer`; `recompute_last` = "
               "`lora.skip_last_recompute: false`; `peft_forward` = `lora.lean_forward: false`; `bnb_dequant` / "
               "`dequant512` = `lora.compiled_dequant_tokens` 0 / 512 (default: no limit); `eager` = "
-              "`base.compile_layers: false` (on a GPU the default compiles each layer's parts); `no_gc` = `gradient_checkpointing: false`. Peaks are torch "
+              "`base.compile_layers: false` (on a GPU the default compiles each layer's parts); `no_gc` = "
+              "`gradient_checkpointing: false`; `freeze_heap` = the `qlora_lightning.FreezeHeap` callback. "
+              "Peaks are torch "
               "allocator peaks after model load (PagedAdamW8bit's paged state lives in CUDA managed memory, which "
               "they do not count). wall tokens/s: the project's measured steps over host wall time with the GPU "
               "synchronized at both ends (its tokens/s is the median step timed by GPU events).", ""]
-    return "\n".join(lines + goal_lines(rows) + profile_lines(rows))
+    return "\n".join(lines + goal_lines(rows) + stall_lines(rows) + profile_lines(rows))
 
 
 def profile_lines(rows: list[dict]) -> list[str]:
@@ -864,7 +885,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--original", action="store_true", help="the original T4 experiments' table")
     parser.add_argument("--goals", action="store_true",
                         help="the speed and memory goals, each on its path with its baseline, and a verdict for each "
-                             f"(one 10-minute GPU command: {QUICK_BUDGET_S:.0f} s unless --budget-s)")
+                             f"(--archs: those archs' goals only; {QUICK_BUDGET_S:.0f} s unless --budget-s: "
+                             "Mistral's, then Llama-2's and Gemma's, fit one 10-minute GPU command each)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the transformers+PEFT baseline")
     parser.add_argument("--no-peer", dest="peer", action="store_false",
                         help="skip Unsloth (measured by default when it is installed)")

@@ -7,6 +7,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from qlora_lightning.adapters import AdapterMix, AdapterSet
 from qlora_lightning.callbacks import PerfMonitor
+from qlora_lightning.collector import FreezeHeap
 from qlora_lightning.distributed import DecoderLayerPolicy
 from qlora_lightning.data import (
     CodeAlpacaDataModule,
@@ -24,5 +25,5 @@ from qlora_lightning.writers import JSONLWriter
 
 __all__ = ["BaseModelSpec", "LoraSpec", "build_model", "load_tokenizer", "QLoRAModule", "SFTModule", "DPOModule",
            "SFTDataModule", "GuanacoDataModule", "CodeAlpacaDataModule", "GSM8KDataModule", "ColumnDataModule",
-           "PreferenceDataModule", "PerfMonitor", "PromptsDataModule", "GSM8KEval", "JSONLWriter", "AdapterSet",
+           "PreferenceDataModule", "PerfMonitor", "FreezeHeap", "PromptsDataModule", "GSM8KEval", "JSONLWriter", "AdapterSet",
            "AdapterMix", "DecoderLayerPolicy"]

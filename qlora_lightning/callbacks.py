@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from qlora_lightning.collector import CollectorClock
 from qlora_lightning.data.packing import real_tokens_and_examples
 from qlora_lightning.lagged import Mark, copy_to_host
 
@@ -127,10 +128,12 @@ class PerfMonitor(Callback):
         self._stepped = False
         self._peaks_per_rank: Optional[torch.Tensor] = None  # (world, 3) GiB, gathered at the end of training
         self._start_alloc_gib: Optional[float] = None  # the model (weights, adapter) once the strategy placed it
+        self._collector = CollectorClock()  # host time in Python's garbage collector (collector.py)
+        self._gc_seconds = 0.0  # its reading at the end of the previous step
 
     @staticmethod
     def _new_window() -> dict:
-        return {"tokens": 0, "padded_tokens": 0, "samples": 0, "max_len": 0, "tainted": False}
+        return {"tokens": 0, "padded_tokens": 0, "samples": 0, "max_len": 0, "tainted": False, "gc_s": 0.0}
 
     def _sync(self, trainer: Trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -146,6 +149,8 @@ class PerfMonitor(Callback):
             # Before any activation or optimizer state: what the weights take (per shard under FSDP).
             self._start_alloc_gib = torch.cuda.memory_allocated(trainer.strategy.root_device) / _GIB
         self._sync(trainer)
+        self._collector.start()
+        self._gc_seconds = self._collector.seconds
         self._train_start = time.perf_counter()
         self._start = Mark(trainer.strategy.root_device)
 
@@ -169,6 +174,7 @@ class PerfMonitor(Callback):
         self._stepped = False
         if isinstance(w["tokens"], torch.Tensor):
             w["tokens"] = copy_to_host(w["tokens"])
+        w["gc_s"], self._gc_seconds = self._collector.seconds - self._gc_seconds, self._collector.seconds
         end = Mark(trainer.strategy.root_device)
         step = trainer.global_step  # already incremented by this optimizer step
         if step > self.warmup_steps and not w["tainted"]:
@@ -193,6 +199,9 @@ class PerfMonitor(Callback):
             "perf/padded_tokens_per_sec": padded_tokens / seconds,
             "perf/samples_per_sec": samples / seconds,
             "perf/real_token_fraction": tokens / max(padded_tokens, 1),
+            # This rank's host seconds in the garbage collector during the step: a stall the GPU
+            # likely waited out, when a step is slower than its neighbours.
+            "perf/gc_pause_s": w["gc_s"],
         }
         flops = self._flops_per_token(trainer.lightning_module, w["max_len"])
         peak = self._peak_flops(trainer)
@@ -246,6 +255,7 @@ class PerfMonitor(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._sync(trainer)
+        self._collector.stop()
         self._train_seconds = time.perf_counter() - (self._train_start or time.perf_counter())
         while self._pending:
             self._record(trainer, *self._pending.popleft())
@@ -255,6 +265,10 @@ class PerfMonitor(Callback):
         directory = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast under DDP/FSDP: every rank
         if trainer.is_global_zero:
             self.write_summary(trainer, pl_module, directory)
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._collector.stop()
 
     def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         """The run in one JSON-friendly dict: what ran, how fast, how much memory, final losses."""
@@ -286,6 +300,7 @@ class PerfMonitor(Callback):
             "samples_per_sec": median("perf/samples_per_sec"),
             "step_time_s": median("perf/step_time_s"),
             "mfu": median("perf/mfu"),
+            "gc_pause_s_max": max((s["perf/gc_pause_s"] for s in self.steps), default=None),
             "peak_alloc_gib": peaks[:, 0].max().item() if on_cuda else not_measured,
             "peak_reserved_gib": peaks[:, 1].max().item() if on_cuda else not_measured,
             "peak_alloc_gib_per_rank": peaks[:, 0].tolist() if on_cuda else not_measured,

@@ -53,6 +53,13 @@ class QLoRACLI(LightningCLI):
         count_steps(trainer)
         return trainer
 
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # The `checkpoint` group above always builds a ModelCheckpoint, which the Trainer refuses
+        # beside `enable_checkpointing: false`: that setting drops it instead.
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+        return super()._instantiate_trainer(config, callbacks)
+
     def before_fit(self) -> None:
         ckpt = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt == "last" and self.trainer.checkpoint_callback.dirpath is None:

@@ -42,6 +42,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
     summary = json.loads((run / "run_summary.json").read_text())
     assert summary["optimizer_steps"] == 20
     assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["final_val_loss"])
+    # Host time in the garbage collector, per measured step (on the CPU too).
+    assert summary["gc_pause_s_max"] >= 0 and len(events.Scalars("perf/gc_pause_s")) == summary["measured_steps"]
 
 
 def test_quickstart_runs_from_another_directory(tmp_path):
@@ -75,3 +77,18 @@ def test_bad_input_is_one_error_line_naming_it(case, tmp_path):
     result = run_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path),
                      *extra, timeout=120)
     _assert_one_line_error(result, *needles)
+
+
+def test_checkpointing_can_be_turned_off(tmp_path):
+    """``trainer.enable_checkpointing: false`` drops the checkpoint callback the CLI always adds
+    (the Trainer refuses the two together)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from qlora_lightning.cli import make_cli
+
+    cli = make_cli(["--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.default_root_dir",
+                    str(tmp_path), "--trainer.enable_checkpointing=false"], run=False)
+    assert not any(isinstance(c, ModelCheckpoint) for c in cli.trainer.callbacks)
+    on = make_cli(["--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.default_root_dir",
+                   str(tmp_path)], run=False)
+    assert any(isinstance(c, ModelCheckpoint) for c in on.trainer.callbacks)

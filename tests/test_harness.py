@@ -97,6 +97,9 @@ def test_goals_mode_runs_each_goal_on_its_path_with_the_baseline_it_needs(tmp_pa
         expected.append((goal.arch, goal.shape, goal.variant))
     assert [(j.arch, j.shape, j.variant) for j in jobs] == expected
     assert ("mistral-7b", "1x32768", harness.BASELINE) not in expected  # judged against Unsloth's figure
+    # One arch's goals, to fit one GPU command.
+    llama = harness.plan(harness.parse_args(["--goals", "--tiny", "--archs", "llama-2-7b"]), tmp_path)
+    assert [(j.arch, j.variant) for j in llama] == [(a, v) for a, _, v in expected if a == "llama-2-7b"] != []
 
 
 def _row(arch, shape, variant, tokens_per_sec, peak):
@@ -123,6 +126,9 @@ def test_goal_verdicts_check_speed_and_memory_against_the_baseline_in_the_same_c
     assert verdicts == {"mistral-7b 8x1024": True, "llama-2-7b 8x1024": False, "gemma-7b 8x1024": False,
                         "mistral-7b 1x512": None, "mistral-7b 1x32768": False,
                         "no configuration slower or heavier than its baseline": False}
+    skipped = {**_row("mistral-7b", "1x512", small.variant, None, None), "status": "skipped (time budget)"}
+    verdicts = harness.goal_verdicts(rows[:2] + [skipped])
+    assert [(v["measured"], v["met"]) for v in verdicts[1:2]] == [("skipped (time budget)", None)]
     behind = harness.goal_verdicts(rows)[-1]["measured"]
     assert behind == "mistral-7b 8x1024 eager"
     assert "| NO |" in "\n".join(harness.goal_lines(rows))

@@ -1,0 +1,157 @@
+"""What else happened during each optimizer step of a benchmark job: the suspects for a step slower
+than its neighbours (at 8x1024 one step in four or so runs 0.1-0.55 s over the median).
+
+Per step: host seconds in Python's garbage collector; calls of the CUDA caching allocator to
+cudaMalloc, and its retries; pinned host blocks the host allocator had to create (cudaHostAlloc)
+and the seconds they took; and from ``nvidia-smi``, sampled every 50 ms beside the job, the
+lowest SM clock, the highest power draw and the clock event reasons seen (power cap, thermal).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+import weakref
+from datetime import datetime
+from typing import Optional
+
+# Tried in order: the names of the clock event reasons changed across drivers (R535).
+SMI_FIELDS = ("timestamp,clocks.sm,power.draw,clocks_event_reasons.active",
+              "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active",
+              "timestamp,clocks.sm,power.draw")
+SMI_PERIOD_MS = 50
+
+# Bits of the clock event reasons that slow the clock (not "idle" or "applications clocks").
+REASONS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal", 0x80: "hw_power_brake"}
+
+
+class StepStalls:
+    """``mark()`` at the end of every optimizer step (as the host sees it: the GPU runs at most a step
+    behind); ``finish(n)`` stops measuring and gives the last n steps' records."""
+
+    def __init__(self, on_cuda: bool):
+        from qlora_lightning.collector import CollectorClock  # in the job's process: the report's needs no Lightning
+
+        self.on_cuda = on_cuda
+        self.clock = CollectorClock()
+        self.clock.start()
+        self.marks = [self._reading()]
+        self.sampler = GpuSampler() if on_cuda else None
+
+    def _reading(self) -> dict:
+        reading = {"time": time.time(), "gc_s": self.clock.seconds}
+        if self.on_cuda:
+            import torch
+
+            # host_memory_stats: torch >= 2.7
+            device, host = torch.cuda.memory_stats(), getattr(torch.cuda, "host_memory_stats", dict)()
+            reading.update(device_mallocs=device.get("num_device_alloc", 0),
+                           alloc_retries=device.get("num_alloc_retries", 0),
+                           host_allocs=host.get("num_host_alloc", 0),
+                           host_alloc_s=host.get("host_alloc_time.total", 0) / 1e6)  # microseconds
+        return reading
+
+    def mark(self) -> None:
+        self.marks.append(self._reading())
+
+    def finish(self, n: int) -> list[dict]:
+        """The last ``n`` steps: each reading's difference from the one before, with the GPU samples between."""
+        self.clock.stop()
+        samples = self.sampler.stop() if self.sampler else []
+        records = []
+        for before, after in zip(self.marks[-n - 1:-1], self.marks[-n:]):
+            record = {key: round(after[key] - before[key], 4) for key in after if key != "time"}
+            record.update(gpu_window(samples, before["time"], after["time"]))
+            records.append(record)
+        return records
+
+
+def gpu_window(samples: list[tuple], start: float, end: float) -> dict:
+    """The lowest SM clock, highest power and the slowing clock event reasons of the samples in [start, end)."""
+    inside = [s for s in samples if start <= s[0] < end]
+    if not inside:
+        return {}
+    reasons = 0
+    for sample in inside:
+        reasons |= sample[3] or 0
+    return {"sm_mhz_min": min(s[1] for s in inside), "power_w_max": max(s[2] for s in inside),
+            "clock_reasons": [name for bit, name in REASONS.items() if reasons & bit]}
+
+
+class GpuSampler:
+    """``nvidia-smi`` in a loop beside the job, its CSV lines in a temporary file."""
+
+    def __init__(self):
+        self.fields = next((f for f in SMI_FIELDS if _smi_accepts(f)), None)
+        self.file = tempfile.TemporaryFile(mode="w+")
+        self.proc = None
+        if self.fields:
+            self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.fields}", "--format=csv,noheader,nounits",
+                                          "-i", "0", f"--loop-ms={SMI_PERIOD_MS}"], stdout=self.file,
+                                         stderr=subprocess.DEVNULL)
+            weakref.finalize(self, self.proc.terminate)  # a job that fails never calls stop()
+
+    def stop(self) -> list[tuple]:
+        """(unix time, SM MHz, watts, reasons bitmask or None) per sample."""
+        if self.proc is None:
+            return []
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.file.seek(0)
+        return [s for s in map(parse_sample, self.file.read().splitlines()) if s]
+
+
+def _smi_accepts(fields: str) -> bool:
+    try:
+        return subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i", "0"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def parse_sample(line: str) -> Optional[tuple]:
+    """``2026/11/29 08:40:01.123, 1980, 612.35, 0x0000000000000004`` -> (unix time, 1980, 612.35, 4)."""
+    parts = [p.strip() for p in line.split(",")]
+    try:
+        when = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()  # local time, as time.time()
+        reasons = int(parts[3], 16) if len(parts) > 3 else None
+        return when, float(parts[1]), float(parts[2]), reasons
+    except (ValueError, IndexError):
+        return None  # "[N/A]" or a partial line
+
+
+def stall_lines(rows: list[dict]) -> list[str]:
+    """The report's lines on steps slower than 1.05x their job's median, beside that job's median step."""
+    lines = []
+    for r in rows:
+        times, stalls = r.get("step_times_s") or [], r.get("step_stalls") or []
+        if len(times) != len(stalls) or not times:
+            continue
+        median = sorted(times)[(len(times) - 1) // 2]
+        slow = [i for i, t in enumerate(times) if t > 1.05 * median]
+        if not slow:
+            continue
+        typical = times.index(median)
+        cells = [f"step {i + 1}: {times[i]:.3f} s ({describe(stalls[i])})" for i in slow]
+        lines.append(f"- {r['arch']} {r['batch']}x{r['seq']} {r['variant']}: median {median:.3f} s "
+                     f"({describe(stalls[typical])}); slower: " + "; ".join(cells))
+    if not lines:
+        return []
+    return ["Steps over 1.05x their job's median, with what else happened in them (GC: host seconds in "
+            "Python's garbage collector; cudaMalloc: new device blocks; pinned: new pinned host blocks; "
+            "SM MHz: lowest clock sampled; reasons: clock event reasons seen):", ""] + lines + [""]
+
+
+def describe(record: dict) -> str:
+    parts = [f"GC {record.get('gc_s', 0):.3f} s"]
+    if "device_mallocs" in record:
+        parts += [f"cudaMalloc {record['device_mallocs']:.0f}", f"pinned {record['host_allocs']:.0f} "
+                  f"({record['host_alloc_s']:.3f} s)"]
+        if record.get("alloc_retries"):
+            parts.append(f"retries {record['alloc_retries']:.0f}")
+    if "sm_mhz_min" in record:
+        parts.append(f"SM {record['sm_mhz_min']:.0f} MHz, {record['power_w_max']:.0f} W")
+        if record["clock_reasons"]:
+            parts.append("reasons " + "+".join(record["clock_reasons"]))
+    return ", ".join(parts)
