@@ -25,5 +25,5 @@ from qlora_lightning.writers import JSONLWriter
 
 __all__ = ["BaseModelSpec", "LoraSpec", "build_model", "load_tokenizer", "QLoRAModule", "SFTModule", "DPOModule",
            "SFTDataModule", "GuanacoDataModule", "CodeAlpacaDataModule", "GSM8KDataModule", "ColumnDataModule",
-           "PreferenceDataModule", "PerfMonitor", "FreezeHeap", "PromptsDataModule", "GSM8KEval", "JSONLWriter", "AdapterSet",
-           "AdapterMix", "DecoderLayerPolicy"]
+           "PreferenceDataModule", "PerfMonitor", "FreezeHeap", "PromptsDataModule", "GSM8KEval", "JSONLWriter",
+           "AdapterSet", "AdapterMix", "DecoderLayerPolicy"]
