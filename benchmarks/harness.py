@@ -433,7 +433,9 @@ def run_project(job: Job) -> dict:
             "loaded_gib": loaded.gib, "measured_steps": s["measured_steps"], "profile": profiler.result(),
             "wall_tokens_per_sec": job.steps * job.accumulate * job.batch * job.seq / wall.seconds,
             "step_times_s": [round(m["perf/step_time_s"], 4) for m in monitor.steps],
-            "step_stalls": stalls.finish(len(monitor.steps))}
+            # With the GPU's waits for offloaded activations (PerfMonitor's perf/offload_wait_s).
+            "step_stalls": [{**record, "offload_wait_s": m.get("perf/offload_wait_s", 0.0)}
+                            for record, m in zip(stalls.finish(len(monitor.steps)), monitor.steps)]}
 
 
 def run_baseline(job: Job) -> dict:

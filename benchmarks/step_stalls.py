@@ -1,7 +1,8 @@
 """What else happened during each optimizer step of a benchmark job: the suspects for a step slower
 than its neighbours (at 8x1024 one step in four or so runs 0.1-0.55 s over the median).
 
-Per step: host seconds in Python's garbage collector; calls of the CUDA caching allocator to
+Per step: host seconds in Python's garbage collector; on the project's path, GPU seconds spent
+waiting for offloaded activations to come back (``perf/offload_wait_s``); calls of the CUDA caching allocator to
 cudaMalloc, and its retries; pinned host blocks the host allocator had to create (cudaHostAlloc)
 and the seconds they took; and from ``nvidia-smi``, sampled every 50 ms beside the job, the
 lowest SM clock, the highest power draw and the clock event reasons seen (power cap, thermal).
@@ -139,12 +140,15 @@ def stall_lines(rows: list[dict]) -> list[str]:
     if not lines:
         return []
     return ["Steps over 1.05x their job's median, with what else happened in them (GC: host seconds in "
-            "Python's garbage collector; cudaMalloc: new device blocks; pinned: new pinned host blocks; "
+            "Python's garbage collector; copies waited for: GPU seconds the compute stream waited for "
+            "offloaded activations; cudaMalloc: new device blocks; pinned: new pinned host blocks; "
             "SM MHz: lowest clock sampled; reasons: clock event reasons seen):", ""] + lines + [""]
 
 
 def describe(record: dict) -> str:
     parts = [f"GC {record.get('gc_s', 0):.3f} s"]
+    if "offload_wait_s" in record:
+        parts.append(f"copies waited for {record['offload_wait_s']:.3f} s")
     if "device_mallocs" in record:
         parts += [f"cudaMalloc {record['device_mallocs']:.0f}", f"pinned {record['host_allocs']:.0f} "
                   f"({record['host_alloc_s']:.3f} s)"]

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from qlora_lightning.checkpointing import COPY_WAITS
 from qlora_lightning.collector import CollectorClock
 from qlora_lightning.data.packing import real_tokens_and_examples
 from qlora_lightning.lagged import Mark, copy_to_host
@@ -133,7 +134,8 @@ class PerfMonitor(Callback):
 
     @staticmethod
     def _new_window() -> dict:
-        return {"tokens": 0, "padded_tokens": 0, "samples": 0, "max_len": 0, "tainted": False, "gc_s": 0.0}
+        return {"tokens": 0, "padded_tokens": 0, "samples": 0, "max_len": 0, "tainted": False, "gc_s": 0.0,
+                "copy_waits": []}
 
     def _sync(self, trainer: Trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -150,6 +152,7 @@ class PerfMonitor(Callback):
             self._start_alloc_gib = torch.cuda.memory_allocated(trainer.strategy.root_device) / _GIB
         self._sync(trainer)
         self._collector.start()
+        COPY_WAITS.enabled = self._on_cuda(trainer)  # offloaded checkpointing's waits for its copies
         self._gc_seconds = self._collector.seconds
         self._train_start = time.perf_counter()
         self._start = Mark(trainer.strategy.root_device)
@@ -175,6 +178,7 @@ class PerfMonitor(Callback):
         if isinstance(w["tokens"], torch.Tensor):
             w["tokens"] = copy_to_host(w["tokens"])
         w["gc_s"], self._gc_seconds = self._collector.seconds - self._gc_seconds, self._collector.seconds
+        w["copy_waits"] = COPY_WAITS.take()
         end = Mark(trainer.strategy.root_device)
         step = trainer.global_step  # already incremented by this optimizer step
         if step > self.warmup_steps and not w["tainted"]:
@@ -203,6 +207,9 @@ class PerfMonitor(Callback):
             # likely waited out, when a step is slower than its neighbours.
             "perf/gc_pause_s": w["gc_s"],
         }
+        if w["copy_waits"]:  # the step's events are done: its end was waited for above
+            # GPU seconds the compute stream waited for offloaded activations to come back.
+            metrics["perf/offload_wait_s"] = COPY_WAITS.seconds(w["copy_waits"])
         flops = self._flops_per_token(trainer.lightning_module, w["max_len"])
         peak = self._peak_flops(trainer)
         if flops and peak:
@@ -256,6 +263,7 @@ class PerfMonitor(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._sync(trainer)
         self._collector.stop()
+        COPY_WAITS.enabled = False
         self._train_seconds = time.perf_counter() - (self._train_start or time.perf_counter())
         while self._pending:
             self._record(trainer, *self._pending.popleft())
@@ -269,6 +277,7 @@ class PerfMonitor(Callback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._collector.stop()
+        COPY_WAITS.enabled = False
 
     def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         """The run in one JSON-friendly dict: what ran, how fast, how much memory, final losses."""
@@ -301,6 +310,8 @@ class PerfMonitor(Callback):
             "step_time_s": median("perf/step_time_s"),
             "mfu": median("perf/mfu"),
             "gc_pause_s_max": max((s["perf/gc_pause_s"] for s in self.steps), default=None),
+            "offload_wait_s_max": max((s["perf/offload_wait_s"] for s in self.steps if "perf/offload_wait_s" in s),
+                                      default=None),
             "peak_alloc_gib": peaks[:, 0].max().item() if on_cuda else not_measured,
             "peak_reserved_gib": peaks[:, 1].max().item() if on_cuda else not_measured,
             "peak_alloc_gib_per_rank": peaks[:, 0].tolist() if on_cuda else not_measured,

@@ -206,8 +206,47 @@ class _Parked:
 
     def fetch(self) -> torch.Tensor:
         self.prefetch()
-        torch.cuda.current_stream(self.device).wait_event(self.ready)
+        compute = torch.cuda.current_stream(self.device)
+        start = COPY_WAITS.mark(compute)
+        compute.wait_event(self.ready)
+        COPY_WAITS.add(start, compute)
         return self.back
+
+
+class CopyWaits:
+    """How long the compute stream waited for tensors coming back from CPU memory, where ``enabled``
+    (``PerfMonitor`` turns it on): an event pair around each wait, whose elapsed time is the wait
+    alone, as the stream reaches the first once the work before it is done."""
+
+    def __init__(self):
+        self.enabled = False
+        self._pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def mark(self, stream: torch.cuda.Stream) -> Optional[torch.cuda.Event]:
+        if not self.enabled:
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        return start
+
+    def add(self, start: Optional[torch.cuda.Event], stream: torch.cuda.Stream) -> None:
+        if start is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record(stream)
+            self._pairs.append((start, end))
+
+    def take(self) -> list[tuple[torch.cuda.Event, torch.cuda.Event]]:
+        """The pairs recorded since the last call."""
+        pairs, self._pairs = self._pairs, []
+        return pairs
+
+    @staticmethod
+    def seconds(pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]]) -> float:
+        """Their waits added up (each pair's events must have completed)."""
+        return sum(start.elapsed_time(end) for start, end in pairs) / 1e3
+
+
+COPY_WAITS = CopyWaits()
 
 
 def _dead() -> None:
