@@ -14,11 +14,12 @@ loading path) and each batch shape, in one command:
 
 Every configuration runs in its own process (memory peaks cannot leak between them); the
 step time is the median of ``--steps`` optimizer steps after ``--warmup`` warm-up steps, with
-the GPU synchronized before each clock read. Results go to ``<out>/harness.json``,
+the GPU synchronized before each clock read. Each step's time is kept with what else happened in
+it (``step_stalls.py``); the report lists the slow steps. Results go to ``<out>/harness.json``,
 ``harness.md`` and ``harness.png`` (when matplotlib is there), rewritten after each run.
 
     python benchmarks/harness.py --quick --out /tmp/bench            # one ~10-minute GPU command
-    python benchmarks/harness.py --goals --no-peer --out /tmp/goals  # the goals, met or not
+    python benchmarks/harness.py --goals --archs mistral-7b --no-peer --out /tmp/goals  # its goals, met or not
     python benchmarks/harness.py --archs gemma-7b --shapes 8x1024 --variants default chunked_ce
     python benchmarks/harness.py --archs llama-2-7b --shapes 1x512 --variants default eager --repeat 3
     python benchmarks/harness.py --original --out /tmp/orig          # the original T4 experiments
