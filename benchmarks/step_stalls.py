@@ -10,6 +10,7 @@ lowest SM clock, the highest power draw and the clock event reasons seen (power 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import tempfile
 import time
@@ -84,12 +85,14 @@ class GpuSampler:
     """``nvidia-smi`` in a loop beside the job, its CSV lines in a temporary file."""
 
     def __init__(self):
-        self.fields = next((f for f in SMI_FIELDS if _smi_accepts(f)), None)
+        # The job's GPU, cuda:0: the first of CUDA_VISIBLE_DEVICES (an index or a UUID) where it is set.
+        self.gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
+        self.fields = next((f for f in SMI_FIELDS if _smi_accepts(f, self.gpu)), None)
         self.file = tempfile.TemporaryFile(mode="w+")
         self.proc = None
         if self.fields:
             self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.fields}", "--format=csv,noheader,nounits",
-                                          "-i", "0", f"--loop-ms={SMI_PERIOD_MS}"], stdout=self.file,
+                                          "-i", self.gpu, f"--loop-ms={SMI_PERIOD_MS}"], stdout=self.file,
                                          stderr=subprocess.DEVNULL)
             weakref.finalize(self, self.proc.terminate)  # a job that fails never calls stop()
 
@@ -103,9 +106,9 @@ class GpuSampler:
         return [s for s in map(parse_sample, self.file.read().splitlines()) if s]
 
 
-def _smi_accepts(fields: str) -> bool:
+def _smi_accepts(fields: str, gpu: str) -> bool:
     try:
-        return subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i", "0"],
+        return subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i", gpu],
                               capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
