@@ -114,12 +114,17 @@ class PerfMonitor(Callback):
         warmup_steps: Optimizer steps left out of the statistics (compilation, allocator warm-up).
         peak_tflops: bf16 peak of the GPU in TFLOP/s for MFU; looked up from the device name when None.
         summary_file: File name of the JSON summary, written in the logger's directory.
+        offload_waits: Time the GPU's waits for offloaded activations (``perf/offload_wait_s``): two
+            CUDA events per activation brought back, a few microseconds of host time each. Under
+            ``offload_all`` at small batches, where hundreds come back per step and the host sets
+            the pace, that may be a few milliseconds a step (an estimate; not measured yet).
     """
 
     def __init__(self, warmup_steps: int = 2, peak_tflops: Optional[float] = None,
-                 summary_file: str = "run_summary.json"):
+                 summary_file: str = "run_summary.json", offload_waits: bool = True):
         super().__init__()
         self.warmup_steps, self.peak_tflops, self.summary_file = warmup_steps, peak_tflops, summary_file
+        self.offload_waits = offload_waits
         self.steps: list[dict] = []
         self._window = self._new_window()
         self._start: Optional[Mark] = None  # the end of the previous step
@@ -152,7 +157,7 @@ class PerfMonitor(Callback):
             self._start_alloc_gib = torch.cuda.memory_allocated(trainer.strategy.root_device) / _GIB
         self._sync(trainer)
         self._collector.start()
-        COPY_WAITS.enabled = self._on_cuda(trainer)  # offloaded checkpointing's waits for its copies
+        COPY_WAITS.enabled = self.offload_waits and self._on_cuda(trainer)
         self._gc_seconds = self._collector.seconds
         self._train_start = time.perf_counter()
         self._start = Mark(trainer.strategy.root_device)
