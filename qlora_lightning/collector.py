@@ -1,10 +1,10 @@
 """Python's cyclic garbage collector: the host time it takes, and a heap it need not walk.
 
 A full collection walks every container object the process holds. With torch, transformers and
-Lightning loaded that is over half a million objects: the CPU quickstart's full collections took
-up to 250 ms each (``benchmarks/results/2026-11-29_session12``). The host queues no kernels
-meanwhile, and the GPU runs dry once the few milliseconds of work already queued are done, so a
-collection that lands inside a step lengthens it by about as much. ``torch.compile`` adds many
+Lightning loaded that is over half a million objects: full collections in the CPU quickstart's
+process took 250-290 ms each (``benchmarks/results/2026-11-29_session12``). The host queues no
+kernels meanwhile, and the GPU runs dry once the work already queued is done, so a collection that
+lands inside a step can lengthen it by nearly as much. ``torch.compile`` adds many
 long-lived objects in the first steps, which makes the collector's next full pass likelier.
 
 ``CollectorClock`` measures that time (``PerfMonitor`` logs it per step as ``perf/gc_pause_s``);
