@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import gc
 import sys
+import time
 from datetime import datetime
+
+import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -50,3 +54,19 @@ def test_slow_steps_are_listed_with_what_happened_in_them():
     assert ("step 2: 1.050 s (GC 0.410 s, cudaMalloc 0, pinned 3 (0.050 s), SM 1980 MHz, 650 W, "
             "reasons sw_power_cap)") in line
     assert step_stalls.stall_lines([{**row, "step_times_s": [0.66, 0.67, 0.65]}]) == []  # none slow
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_each_step_has_the_allocators_counts_and_the_clock():
+    stalls = step_stalls.StepStalls(on_cuda=True)
+    x = torch.randn(4096, 4096, device="cuda")
+    for _ in range(3):  # steps of 0.3 s: several of nvidia-smi's 50 ms samples each
+        start = time.time()
+        while time.time() - start < 0.3:
+            x = (x @ x).clamp_(-1, 1)
+        torch.cuda.synchronize()
+        stalls.mark()
+    records = stalls.finish(3)
+    assert all({"device_mallocs", "host_allocs", "host_alloc_s", "sm_mhz_min", "power_w_max"} <= set(r)
+               for r in records), records
+    assert all(r["sm_mhz_min"] > 0 and r["power_w_max"] > 0 for r in records), records
