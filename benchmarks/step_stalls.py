@@ -77,7 +77,8 @@ def gpu_window(samples: list[tuple], start: float, end: float) -> dict:
     reasons = 0
     for sample in inside:
         reasons |= sample[3] or 0
-    return {"sm_mhz_min": min(s[1] for s in inside), "power_w_max": max(s[2] for s in inside),
+    clocks, powers = [s[1] for s in inside if s[1] is not None], [s[2] for s in inside if s[2] is not None]
+    return {"sm_mhz_min": min(clocks, default=None), "power_w_max": max(powers, default=None),
             "clock_reasons": [name for bit, name in REASONS.items() if reasons & bit]}
 
 
@@ -115,14 +116,20 @@ def _smi_accepts(fields: str, gpu: str) -> bool:
 
 
 def parse_sample(line: str) -> Optional[tuple]:
-    """``2026/11/29 08:40:01.123, 1980, 612.35, 0x0000000000000004`` -> (unix time, 1980, 612.35, 4)."""
+    """``2026/11/29 08:40:01.123, 1980, 612.35, 0x0000000000000004`` -> (unix time, 1980, 612.35, 4);
+    a field the driver does not report (``[N/A]``) is None."""
     parts = [p.strip() for p in line.split(",")]
     try:
         when = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()  # local time, as time.time()
-        reasons = int(parts[3], 16) if len(parts) > 3 else None
-        return when, float(parts[1]), float(parts[2]), reasons
+        clock, power = _number(parts[1], float), _number(parts[2], float)
+        reasons = _number(parts[3], lambda text: int(text, 16)) if len(parts) > 3 else None
     except (ValueError, IndexError):
-        return None  # "[N/A]" or a partial line
+        return None  # a partial line
+    return when, clock, power, reasons
+
+
+def _number(text: str, parse):
+    return None if text.startswith("[") else parse(text)
 
 
 def stall_lines(rows: list[dict]) -> list[str]:
@@ -158,7 +165,11 @@ def describe(record: dict) -> str:
         if record.get("alloc_retries"):
             parts.append(f"retries {record['alloc_retries']:.0f}")
     if "sm_mhz_min" in record:
-        parts.append(f"SM {record['sm_mhz_min']:.0f} MHz, {record['power_w_max']:.0f} W")
+        parts.append(f"SM {_fmt(record['sm_mhz_min'])} MHz, {_fmt(record['power_w_max'])} W")
         if record["clock_reasons"]:
             parts.append("reasons " + "+".join(record["clock_reasons"]))
     return ", ".join(parts)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.0f}"

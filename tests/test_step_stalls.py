@@ -22,7 +22,8 @@ def test_a_sample_line_parses_with_or_without_reasons():
     assert step_stalls.parse_sample("2026/11/29 08:40:01.123, 1980, 612.35, 0x0000000000000004") == (
         when, 1980.0, 612.35, 4)
     assert step_stalls.parse_sample("2026/11/29 08:40:01.123, 1980, 612.35") == (when, 1980.0, 612.35, None)
-    assert step_stalls.parse_sample("2026/11/29 08:40:01.123, [N/A], 612.35") is None
+    assert step_stalls.parse_sample("2026/11/29 08:40:01.123, [N/A], 612.35") == (when, None, 612.35, None)
+    assert step_stalls.parse_sample("2026/11/29 08:40:01.1") is None  # cut short when the sampler stopped
 
 
 def test_gpu_window_takes_the_samples_inside_the_step():
@@ -32,6 +33,9 @@ def test_gpu_window_takes_the_samples_inside_the_step():
     assert step_stalls.gpu_window(samples, 10.0, 11.0) == {
         "sm_mhz_min": 1500.0, "power_w_max": 690.0, "clock_reasons": ["sw_power_cap", "hw_thermal"]}
     assert step_stalls.gpu_window(samples, 12.0, 13.0) == {}
+    unreported = step_stalls.gpu_window([(10.0, 1980.0, None, None)], 10.0, 11.0)
+    assert unreported == {"sm_mhz_min": 1980.0, "power_w_max": None, "clock_reasons": []}
+    assert step_stalls.describe(unreported) == "GC 0.000 s, SM 1980 MHz, n/a W"
 
 
 def test_the_host_clock_counts_collections_per_step():
@@ -69,4 +73,4 @@ def test_on_a_gpu_each_step_has_the_allocators_counts_and_the_clock():
     records = stalls.finish(3)
     assert all({"device_mallocs", "host_allocs", "host_alloc_s", "sm_mhz_min", "power_w_max"} <= set(r)
                for r in records), records
-    assert all(r["sm_mhz_min"] > 0 and r["power_w_max"] > 0 for r in records), records
+    assert all(r["sm_mhz_min"] > 0 for r in records), records
