@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # make_arch beside this file, also in the worker processes
 
 from make_arch import ARCHS, write_arch  # noqa: E402
-from step_stalls import StepStalls, stall_lines  # noqa: E402
+from step_stalls import SLOW, StepStalls, slow_steps, stall_lines  # noqa: E402
 
 GIB = 2**30
 
@@ -733,6 +733,9 @@ def goal_verdicts(rows: list[dict]) -> list[dict]:
             if None not in (row.get("peak_alloc_gib"), base.get("peak_alloc_gib")):
                 measured += f", {row['peak_alloc_gib'] / base['peak_alloc_gib']:.0%} of its memory"
             measured += ")"
+        slow = slow_steps(row.get("step_times_s") or [])
+        if slow:  # a median its steps do not agree on
+            measured += f"; {len(slow)} of its {len(row['step_times_s'])} steps over {SLOW}x their median"
         verdicts.append({"goal": f"{goal.arch} {goal.shape}, {goal.variant}", "target": goal.target(),
                          "measured": measured, "met": goal.met(row, base)})
     paired = [(r, baseline_of(r, rows)) for r in rows if r["impl"] == "project" and r.get("tokens_per_sec")]

@@ -23,6 +23,7 @@ SMI_FIELDS = ("timestamp,clocks.sm,power.draw,clocks_event_reasons.active",
               "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active",
               "timestamp,clocks.sm,power.draw")
 SMI_PERIOD_MS = 50
+SLOW = 1.05  # a step this many times the median step or more is listed with what happened in it
 
 # Bits of the clock event reasons that slow the clock (not "idle" or "applications clocks").
 REASONS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal", 0x80: "hw_power_brake"}
@@ -132,6 +133,14 @@ def _number(text: str, parse):
     return None if text.startswith("[") else parse(text)
 
 
+def slow_steps(times: list[float]) -> list[int]:
+    """Indices of the steps over ``SLOW`` times the (lower) median step."""
+    if not times:
+        return []
+    median = sorted(times)[(len(times) - 1) // 2]
+    return [i for i, t in enumerate(times) if t > SLOW * median]
+
+
 def stall_lines(rows: list[dict]) -> list[str]:
     """The report's lines on steps slower than 1.05x their job's median, beside that job's median step."""
     lines = []
@@ -139,10 +148,10 @@ def stall_lines(rows: list[dict]) -> list[str]:
         times, stalls = r.get("step_times_s") or [], r.get("step_stalls") or []
         if len(times) != len(stalls) or not times:
             continue
-        median = sorted(times)[(len(times) - 1) // 2]
-        slow = [i for i, t in enumerate(times) if t > 1.05 * median]
+        slow = slow_steps(times)
         if not slow:
             continue
+        median = sorted(times)[(len(times) - 1) // 2]
         typical = times.index(median)
         cells = [f"step {i + 1}: {times[i]:.3f} s ({describe(stalls[i])})" for i in slow]
         lines.append(f"- {r['arch']} {r['batch']}x{r['seq']} {r['variant']}: median {median:.3f} s "

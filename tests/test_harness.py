@@ -132,6 +132,9 @@ def test_goal_verdicts_check_speed_and_memory_against_the_baseline_in_the_same_c
     skipped = {**_row("mistral-7b", "1x512", small.variant, None, None), "status": "skipped (time budget)"}
     verdicts = harness.goal_verdicts(rows[:2] + [skipped])
     assert [(v["measured"], v["met"]) for v in verdicts[1:2]] == [("skipped (time budget)", None)]
+    uneven = {**rows[1], "step_times_s": [0.66, 0.65, 0.83, 0.66, 1.2, 0.65, 0.66, 0.66]}
+    measured = harness.goal_verdicts([rows[0], uneven])[0]["measured"]
+    assert measured.endswith("; 2 of its 8 steps over 1.05x their median")
     behind = harness.goal_verdicts(rows)[-1]["measured"]
     assert behind == "mistral-7b 8x1024 eager"
     assert "| NO |" in "\n".join(harness.goal_lines(rows))
