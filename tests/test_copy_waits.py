@@ -25,16 +25,12 @@ def test_off_it_records_nothing_and_touches_no_device():
 def test_it_times_the_wait_for_the_side_stream_and_only_that():
     waits, compute, side = CopyWaits(), torch.cuda.current_stream(), torch.cuda.Stream()
     waits.enabled = True
-    # How long the sleep kernel runs, on the compute stream.
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record(compute)
-    torch.cuda._sleep(50_000_000)
-    end.record(compute)
+    torch.cuda._sleep(50_000_000)  # the clock ramps up: a sleep kernel counts cycles, not seconds
     torch.cuda.synchronize()
-    asleep = begin.elapsed_time(end) / 1e3
-    # The same sleep on the side stream, which the compute stream then waits for.
-    ready = torch.cuda.Event()
+    # A sleep on the side stream, timed there, which the compute stream then waits for.
+    begin, ready = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.cuda.stream(side):
+        begin.record(side)
         torch.cuda._sleep(50_000_000)
         ready.record(side)
     start = waits.mark(compute)
@@ -47,6 +43,7 @@ def test_it_times_the_wait_for_the_side_stream_and_only_that():
     waits.add(start, compute)
     slept, idle = waits.take()
     torch.cuda.synchronize()
+    asleep = begin.elapsed_time(ready) / 1e3
     assert 0.8 * asleep < CopyWaits.seconds([slept]) < 1.1 * asleep
     assert CopyWaits.seconds([idle]) < 0.05 * asleep
 
