@@ -34,6 +34,16 @@ def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum()
 
 
+def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Indices of the labelled positions among the flattened (B*(T-1),) next-token targets.
+
+    On a GPU tensor this waits for the GPU (how many there are decides the result's size);
+    computed from the batch's host copy before it moves (``QLoRAModule.transfer_batch_to_device``),
+    it costs no wait.
+    """
+    return (labels[:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+
+
 def _chunk_nll(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
                targets: torch.Tensor) -> torch.Tensor:
     """(N,) NLL of one chunk: (N, H) hidden -> (N, V) logits -> cross-entropy in fp32 (or wider)."""
@@ -42,7 +52,7 @@ def _chunk_nll(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tenso
 
 
 def chunked_token_nll(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
-                      chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk_size: int, positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token NLL of each labelled position, without ever holding the full (B, T, V) logits.
 
     Only labelled positions go through ``head`` (prompt and padding tokens cost nothing), in
@@ -56,6 +66,7 @@ def chunked_token_nll(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch
         labels: (B, T) token ids, ``IGNORE_INDEX`` where there is no loss.
         chunk_size: Tokens per chunk; peak logits memory is chunk_size x V x (2 + 4 + 4) bytes
             (bf16 logits, fp32 copy, fp32 log-softmax).
+        positions: ``labelled_positions(labels)``, on ``hidden``'s device; found there when not given.
 
     Returns:
         (N,) NLL of the N labelled positions in row-major order, and the (B, T-1) mask of those
@@ -67,7 +78,8 @@ def chunked_token_nll(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch
     keep = targets != IGNORE_INDEX  # (B, T-1)
     # Gathered by index: the backward of a boolean-mask gather would find the positions again,
     # a second wait for the GPU.
-    positions = keep.flatten().nonzero().squeeze(1)
+    if positions is None:
+        positions = labelled_positions(labels)
     hidden, targets = hidden.flatten(0, 1).index_select(0, positions), targets.flatten().index_select(0, positions)
     # Empty, but attached to the graph even when N == 0, so that backward still runs.
     chunks = [hidden[:0].sum(dim=-1, dtype=torch.promote_types(hidden.dtype, torch.float32))]
@@ -79,17 +91,20 @@ def chunked_token_nll(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch
 
 
 def chunked_lm_loss_sum(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
-                        chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        chunk_size: int, positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``lm_loss_sum(head(hidden), labels)`` through ``chunked_token_nll``: the same up to summation order."""
-    nll, keep = chunked_token_nll(hidden, head, labels, chunk_size)
+    nll, keep = chunked_token_nll(hidden, head, labels, chunk_size, positions)
     return nll.sum(), keep.sum()
 
 
 def chunked_sequence_logps(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-                           labels: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                           labels: torch.Tensor, chunk_size: int,
+                           positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``sequence_logps(head(hidden), labels)`` through ``chunked_token_nll``: (B,) log-probs, (B,) counts."""
-    nll, keep = chunked_token_nll(hidden, head, labels, chunk_size)
-    rows = keep.nonzero()[:, 0]  # the sequence of each labelled position, in the same order
+    if positions is None:
+        positions = labelled_positions(labels)
+    nll, keep = chunked_token_nll(hidden, head, labels, chunk_size, positions)
+    rows = positions.div(keep.shape[1], rounding_mode="floor")  # the sequence of each labelled position
     return -nll.new_zeros(keep.shape[0]).index_add(0, rows, nll), keep.sum(-1)
 
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from qlora_lightning.losses import (IGNORE_INDEX, chunked_lm_loss_sum, chunked_sequence_logps, lm_loss_sum,
-                                   sequence_logps)
+from qlora_lightning.losses import (IGNORE_INDEX, chunked_lm_loss_sum, chunked_sequence_logps, labelled_positions,
+                                   lm_loss_sum, sequence_logps)
+from qlora_lightning.modules.base import LOSS_POSITIONS
 
 
 def _problem(seed: int = 0, batch: int = 3, length: int = 17, width: int = 64, vocab: int = 96):
@@ -85,18 +86,38 @@ def test_sft_module_chunked_loss_matches_plain_on_a_4bit_model():
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     batch["labels"][:, :4] = IGNORE_INDEX
     results = []
-    for chunk in (None, 5):
+    # The last: the labelled positions found on the host copy as the batch moves, as in training.
+    for chunk, moved in ((None, False), (5, False), (5, True)):
         module.loss_chunk_size = chunk
         module.model.zero_grad()
-        nll, n = module.loss_sum(batch)
+        nll, n = module.loss_sum(_moved(module, batch) if moved else batch)
         nll.backward()
         grads = [p.grad.clone() for p in module.model.parameters() if p.requires_grad]
         results.append((nll.detach(), n, grads))
-    (plain, n_plain, g_plain), (chunked, n_chunked, g_chunked) = results
-    assert n_plain == n_chunked
-    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
-    for got, want in zip(g_chunked, g_plain):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    plain, n_plain, g_plain = results[0]
+    for chunked, n_chunked, g_chunked in results[1:]:
+        assert n_plain == n_chunked
+        torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+        for got, want in zip(g_chunked, g_plain):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _moved(module, batch: dict) -> dict:
+    moved = module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    torch.testing.assert_close(moved[LOSS_POSITIONS], labelled_positions(batch["labels"]))
+    return moved
+
+
+def test_only_a_chunked_loss_gets_the_positions_found_on_the_host():
+    from tests.conftest import sft_module
+
+    module = sft_module()
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    assert LOSS_POSITIONS not in module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    module.loss_chunk_size = 4
+    assert LOSS_POSITIONS not in batch and LOSS_POSITIONS in module.transfer_batch_to_device(batch,
+                                                                                           torch.device("cpu"), 0)
 
 
 def test_dpo_module_chunked_logps_match_plain_on_a_4bit_model():
@@ -106,16 +127,17 @@ def test_dpo_module_chunked_logps_match_plain_on_a_4bit_model():
     module.configure_model()
     batch = ordered_batches(preference_data())[0]
     results = []
-    for chunk in (None, 5):
+    for chunk, moved in ((None, False), (5, False), (5, True)):
         module.loss_chunk_size = chunk
         module.model.zero_grad()
-        metrics = module.pair_metrics(batch)  # the live reference, then the policy
+        metrics = module.pair_metrics(_moved(module, batch) if moved else batch)  # the live reference, then the policy
         metrics["loss"].backward()
         grads = [p.grad.clone() for p in module.model.parameters() if p.requires_grad]
         results.append(({k: v.detach() for k, v in metrics.items()}, grads))
-    (plain, g_plain), (chunked, g_chunked) = results
-    for name in plain:
-        torch.testing.assert_close(chunked[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
-    for got, want in zip(g_chunked, g_plain):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    plain, g_plain = results[0]
+    for chunked, g_chunked in results[1:]:
+        for name in plain:
+            torch.testing.assert_close(chunked[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
+        for got, want in zip(g_chunked, g_plain):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     assert any(g.abs().max() > 0 for g in g_plain)

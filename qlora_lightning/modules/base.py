@@ -25,11 +25,16 @@ from qlora_lightning.errors import UserError
 from qlora_lightning.estimate import choose_checkpointing, estimate_peak_memory
 from qlora_lightning.generation import greedy_generate, stop_token_ids
 from qlora_lightning.lagged import HostReadings
+from qlora_lightning.losses import labelled_positions
+from qlora_lightning.masks import positions_from_the_model
 from qlora_lightning.reliability import NonFiniteLossError
 from qlora_lightning.model import (BaseModelSpec, Checkpointing, CpuEmbedding, Fraction, LoraSpec, build_model,
                                    load_tokenizer, spec_dict)
 
 log = logging.getLogger(__name__)
+
+# The batch key of the chunked loss's labelled positions (``losses.labelled_positions``), found on the host.
+LOSS_POSITIONS = "loss_positions"
 
 
 def paged_adamw_8bit(params, lr: float = 2e-4, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -219,12 +224,14 @@ class QLoRAModule(LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """(B, T) token ids -> (B, T, V) logits."""
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+        with positions_from_the_model("position_ids" not in kwargs):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
 
     def final_hidden(self, **inputs) -> torch.Tensor:
         """(B, T, H) final hidden states (after the last norm): the forward of a chunked loss."""
         causal_lm = self.model.get_base_model()  # the transformers model inside the PEFT wrapper
-        return causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        with positions_from_the_model("position_ids" not in inputs):
+            return causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
 
     def logits_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """(N, H) final hidden states -> (N, V) logits, as the model's own forward computes them."""
@@ -359,6 +366,11 @@ class QLoRAModule(LightningModule):
 
     @override
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        labels = batch.get("labels") if isinstance(batch, dict) else None
+        if self.loss_chunk_size is not None and isinstance(labels, torch.Tensor) and labels.device.type == "cpu":
+            # Found on the host copy, the chunked loss's labelled positions cost the GPU no wait.
+            positions = labelled_positions(labels)
+            batch = {**batch, LOSS_POSITIONS: positions.pin_memory() if labels.is_pinned() else positions}
         moved = super().transfer_batch_to_device(batch, device, dataloader_idx)
         embedding = self.model.get_input_embeddings() if self.model is not None else None
         if isinstance(embedding, CpuEmbedding) and isinstance(batch, dict) and "input_ids" in batch:

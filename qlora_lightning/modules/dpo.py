@@ -23,7 +23,7 @@ from qlora_lightning.distributed import is_fsdp
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import PreferenceLossType, chunked_sequence_logps, dpo_loss, sequence_logps
 from qlora_lightning.model import add_frozen_adapter, trainable_state_dict
-from qlora_lightning.modules.base import QLoRAModule
+from qlora_lightning.modules.base import LOSS_POSITIONS, QLoRAModule
 
 # Checked when a config is parsed: at 0.5 the labels carry no preference at all.
 LabelSmoothing = restricted_number_type("LabelSmoothing", float, [(">=", 0.0), ("<", 0.5)])
@@ -129,7 +129,7 @@ class DPOModule(QLoRAModule):
         if self.loss_chunk_size is None:
             return sequence_logps(self(**inputs), batch["labels"])
         return chunked_sequence_logps(self.final_hidden(**inputs), self.logits_head(), batch["labels"],
-                                      self.loss_chunk_size)
+                                      self.loss_chunk_size, batch.get(LOSS_POSITIONS))
 
     @override
     def on_fit_start(self) -> None:

@@ -8,7 +8,7 @@ from typing_extensions import override
 
 from qlora_lightning.data.packing import check_packing_backend, model_inputs
 from qlora_lightning.losses import chunked_lm_loss_sum, lm_loss_sum
-from qlora_lightning.modules.base import QLoRAModule
+from qlora_lightning.modules.base import LOSS_POSITIONS, QLoRAModule
 
 
 class SFTModule(QLoRAModule):
@@ -68,7 +68,7 @@ class SFTModule(QLoRAModule):
         if self.loss_chunk_size is None:
             return lm_loss_sum(self(**model_inputs(batch)), batch["labels"])
         return chunked_lm_loss_sum(self.final_hidden(**model_inputs(batch)), self.logits_head(), batch["labels"],
-                                   self.loss_chunk_size)
+                                   self.loss_chunk_size, batch.get(LOSS_POSITIONS))
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
