@@ -6,6 +6,10 @@ waiting for offloaded activations to come back (``perf/offload_wait_s``); calls 
 cudaMalloc, and its retries; pinned host blocks the host allocator had to create (cudaHostAlloc)
 and the seconds they took; and from ``nvidia-smi``, sampled every 50 ms beside the job, the
 lowest SM clock, the highest power draw and the clock event reasons seen (power cap, thermal).
+And the host's side, from Linux's counters: the CPU seconds of the job's threads, their seconds
+ready to run but waiting for a CPU (``/proc/self/task/*/schedstat``), and the seconds the
+hypervisor took from the machine's CPUs (steal, ``/proc/stat``): a host that runs slow leaves the
+GPU waiting for its launches.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ SMI_FIELDS = ("timestamp,clocks.sm,power.draw,clocks_event_reasons.active",
               "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active",
               "timestamp,clocks.sm,power.draw")
 SMI_PERIOD_MS = 50
+RUNQUEUE = "runqueue_ns"  # a reading's key: each thread's total nanoseconds ready to run but not running
 SLOW = 1.05  # a step this many times the median step or more is listed with what happened in it
 
 # Bits of the clock event reasons that slow the clock (not "idle" or "applications clocks").
@@ -43,7 +48,7 @@ class StepStalls:
         self.sampler = GpuSampler() if on_cuda else None
 
     def _reading(self) -> dict:
-        reading = {"time": time.time(), "gc_s": self.clock.seconds}
+        reading = {"time": time.time(), "gc_s": self.clock.seconds, **host_reading()}
         if self.on_cuda:
             import torch
 
@@ -64,10 +69,36 @@ class StepStalls:
         samples = self.sampler.stop() if self.sampler else []
         records = []
         for before, after in zip(self.marks[-n - 1:-1], self.marks[-n:]):
-            record = {key: round(after[key] - before[key], 4) for key in after if key != "time"}
+            record = {key: round(after[key] - before[key], 4) for key in after if key not in ("time", RUNQUEUE)}
+            if RUNQUEUE in after:
+                record["host_runqueue_s"] = round(runqueue_seconds(before[RUNQUEUE], after[RUNQUEUE]), 4)
             record.update(gpu_window(samples, before["time"], after["time"]))
             records.append(record)
         return records
+
+
+def host_reading() -> dict:
+    """Running totals: the process's CPU seconds and, where Linux tells, the machine's stolen seconds
+    and each thread's nanoseconds waiting for a CPU (``RUNQUEUE``, by thread id)."""
+    reading = {"host_cpu_s": time.process_time()}
+    try:
+        with open("/proc/stat") as f:
+            steal = int(f.readline().split()[8])  # the "cpu" line: user nice system idle iowait irq softirq steal
+    except (OSError, IndexError, ValueError):  # not Linux
+        return reading
+    waits = {}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                waits[task] = int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):  # a thread that just ended, or no schedstats
+            continue
+    return {**reading, "steal_s": steal / os.sysconf("SC_CLK_TCK"), RUNQUEUE: waits}
+
+
+def runqueue_seconds(before: dict, after: dict) -> float:
+    """Seconds the threads alive at both readings spent waiting for a CPU between them."""
+    return sum(ns - before[task] for task, ns in after.items() if task in before) / 1e9
 
 
 def gpu_window(samples: list[tuple], start: float, end: float) -> dict:
@@ -159,13 +190,18 @@ def stall_lines(rows: list[dict]) -> list[str]:
     if not lines:
         return []
     return ["Steps over 1.05x their job's median, with what else happened in them (GC: host seconds in "
-            "Python's garbage collector; copies waited for: GPU seconds the compute stream waited for "
+            "Python's garbage collector; host CPU: CPU seconds of the job's threads; runqueue: their seconds "
+            "waiting for a CPU; steal: seconds the hypervisor took from the machine's CPUs; copies waited for: GPU seconds the compute stream waited for "
             "offloaded activations; cudaMalloc: new device blocks; pinned: new pinned host blocks; "
             "SM MHz: lowest clock sampled; reasons: clock event reasons seen):", ""] + lines + [""]
 
 
 def describe(record: dict) -> str:
     parts = [f"GC {record.get('gc_s', 0):.3f} s"]
+    if "host_cpu_s" in record:
+        parts.append(f"host CPU {record['host_cpu_s']:.3f} s")
+    if "host_runqueue_s" in record:
+        parts.append(f"runqueue {record['host_runqueue_s']:.3f} s, steal {record['steal_s']:.2f} s")
     if "offload_wait_s" in record:
         parts.append(f"copies waited for {record['offload_wait_s']:.3f} s")
     if "device_mallocs" in record:
