@@ -8,6 +8,8 @@ from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import harness  # noqa: E402
+import kernel_profile  # noqa: E402
+import report  # noqa: E402
 
 ARGS = ["--archs", "mistral-7b", "llama-2-7b", "--shapes", "1x512", "8x1024", "--variants", "default", "eager"]
 
@@ -45,10 +47,10 @@ def test_rounds_interleave_and_the_report_takes_the_median_round(tmp_path, monke
                                                     ("hf_peft", 2), ("default", 2)]
     rows = [{**harness.asdict(j), "status": "ok", "tokens_per_sec": tps, "peak_alloc_gib": 1.0 + j.round}
             for j, tps in zip(jobs, [900, 1300, 1000, 1100, 800, 1200])]
-    merged = {r["variant"]: r for r in harness.merge_rounds(rows)}
+    merged = {r["variant"]: r for r in report.merge_rounds(rows)}
     assert merged["hf_peft"]["tokens_per_sec"] == 900 and merged["default"]["tokens_per_sec"] == 1200
     assert merged["default"]["rounds"] == 3 and merged["default"]["peak_alloc_gib"] == 3.0  # the median round's own
-    assert harness._tokens_cell(merged["default"]) == "1200 (3 rounds, 1100-1300)"
+    assert report._tokens_cell(merged["default"]) == "1200 (3 rounds, 1100-1300)"
 
 
 def test_quick_mode_keeps_to_one_ten_minute_command_unless_told_otherwise(tmp_path, monkeypatch):
@@ -64,23 +66,23 @@ def test_profile_breakdown_sorts_kernels_by_kind_and_measures_how_busy_the_gpu_i
     kernels = [("sm90_xmma_gemm_bf16bf16_bf16f32", 0.0, 600.0), ("kDequantizeBlockwise<bf16, NF4>", 600.0, 100.0),
                ("triton_poi_fused_add_mul_0", 900.0, 50.0), ("Memcpy DtoH (Device -> Pinned)", 950.0, 50.0),
                ("void at::native::vectorized_elementwise_kernel<4>", 1000.0, 200.0)]
-    result = harness.kernel_breakdown(kernels, steps=2)
+    result = kernel_profile.kernel_breakdown(kernels, steps=2)
     assert result["ms_per_step"] == {"matmul": 0.3, "other (eager kernels)": 0.1, "4-bit dequantize": 0.05,
                                      "compiled (Triton)": 0.025, "copy to/from host": 0.025}
     assert result["kernels_per_step"] == 2.5
     assert result["gpu_busy"] == 1000.0 / 1200.0  # a 200 us gap between the dequantize and the fused kernel
     row = {"arch": "mistral-7b", "batch": 8, "seq": 1024, "variant": "default", "profile": result}
-    assert harness.profile_lines([row])[2].startswith("- mistral-7b 8x1024 default: busy 83%, 2 kernels")
+    assert report.profile_lines([row])[2].startswith("- mistral-7b 8x1024 default: busy 83%, 2 kernels")
 
 
 def test_the_profiler_traces_exactly_the_last_measured_steps(monkeypatch):
-    monkeypatch.setattr(harness, "PROFILED_STEPS", 2)
+    monkeypatch.setattr(kernel_profile, "PROFILED_STEPS", 2)
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     job = harness.Job("mistral-7b", 1, 512, "project", "default", "/nowhere", steps=8, warmup=4, profile=True)
-    profiler = harness.StepProfiler(job)
+    profiler = kernel_profile.StepProfiler(job)
     calls = []
     profiler.prof = type("Recorder", (), {"start": lambda self: calls.append(("start", profiler.done)),
                                           "stop": lambda self: calls.append(("stop", profiler.done))})()
@@ -125,25 +127,25 @@ def test_goal_verdicts_check_speed_and_memory_against_the_baseline_in_the_same_c
             _row("mistral-7b", "1x512", small.variant, 1500, 4.3),  # no baseline ran
             _row("mistral-7b", "1x32768", long.variant, 10000, 14.2),  # over 14 GiB: not met
             _row("mistral-7b", "8x1024", "eager", 6000, 9.0)]  # slower than its baseline
-    verdicts = {v["goal"].split(",")[0]: v["met"] for v in harness.goal_verdicts(rows)}
+    verdicts = {v["goal"].split(",")[0]: v["met"] for v in report.goal_verdicts(rows)}
     assert verdicts == {"mistral-7b 8x1024": True, "llama-2-7b 8x1024": False, "gemma-7b 8x1024": False,
                         "mistral-7b 1x512": None, "mistral-7b 1x32768": False,
                         "no configuration slower or heavier than its baseline": False}
     skipped = {**_row("mistral-7b", "1x512", small.variant, None, None), "status": "skipped (time budget)"}
-    verdicts = harness.goal_verdicts(rows[:2] + [skipped])
+    verdicts = report.goal_verdicts(rows[:2] + [skipped])
     assert [(v["measured"], v["met"]) for v in verdicts[1:2]] == [("skipped (time budget)", None)]
     uneven = {**rows[1], "step_times_s": [0.66, 0.65, 0.83, 0.66, 1.2, 0.65, 0.66, 0.66]}
-    measured = harness.goal_verdicts([rows[0], uneven])[0]["measured"]
+    measured = report.goal_verdicts([rows[0], uneven])[0]["measured"]
     assert measured.endswith("; 2 of its 8 steps over 1.05x their median")
-    behind = harness.goal_verdicts(rows)[-1]["measured"]
+    behind = report.goal_verdicts(rows)[-1]["measured"]
     assert behind == "mistral-7b 8x1024 eager"
-    assert "| NO |" in "\n".join(harness.goal_lines(rows))
+    assert "| NO |" in "\n".join(report.goal_lines(rows))
 
 
 def test_goal_verdicts_of_a_cpu_dry_run_judge_speed_only():
     mistral = next(g for g in harness.GOALS if (g.arch, g.shape) == ("mistral-7b", "8x1024"))
     rows = [_row("mistral-7b", "8x1024", harness.BASELINE, 100, None),
             _row("mistral-7b", "8x1024", mistral.variant, 90, None)]
-    goal, slower = harness.goal_verdicts(rows)
+    goal, slower = report.goal_verdicts(rows)
     assert goal["met"] is None and "n/a GiB" in goal["measured"]  # no GPU peak: memory cannot be judged
     assert slower["met"] is False and slower["measured"] == f"mistral-7b 8x1024 {mistral.variant}"
