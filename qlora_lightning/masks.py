@@ -1,4 +1,4 @@
-"""Spares transformers' mask building its check for packed sequences where the positions are known to count 0..T-1.
+"""Spares transformers' mask building its check for packed sequences where the positions count 0..T-1.
 
 With no attention mask (an unpadded batch), transformers looks for packed sequences in the
 position ids (``masking_utils.find_packed_sequence_indices``) and decides on the host whether it
@@ -16,8 +16,6 @@ from transformers import masking_utils
 
 # Set while a forward runs on positions the model builds itself.
 _MODEL_POSITIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("model_positions", default=False)
-
-
 _transformers_check = masking_utils.find_packed_sequence_indices
 
 
