@@ -99,14 +99,25 @@ def goal_verdicts(rows: list[dict]) -> list[dict]:
             measured += f"; {len(slow)} of its {len(row['step_times_s'])} steps over {SLOW}x their median"
         verdicts.append({"goal": f"{goal.arch} {goal.shape}, {goal.variant}", "target": goal.target(),
                          "measured": measured, "met": goal.met(row, base)})
-    paired = [(r, baseline_of(r, rows)) for r in rows if r["impl"] == "project" and r.get("tokens_per_sec")]
+    project = [r for r in rows if r["impl"] == "project"]
+    paired = [(r, baseline_of(r, rows)) for r in project if r.get("tokens_per_sec")]
     paired = [(r, base) for r, base in paired if base]
     if paired:
-        behind = [f"{r['arch']} {r['batch']}x{r['seq']} {r['variant']}" for r, base in paired
+        behind = [_name(r) for r, base in paired
                   if r["tokens_per_sec"] < base["tokens_per_sec"] or _heavier(r, base)]
+        # A configuration that failed or was skipped is no evidence either way: named, and the
+        # verdict left open unless another one already fails it.
+        unmeasured = [f"{_name(r)} ({r.get('status', 'did not run')})" for r in project if not r.get("tokens_per_sec")]
+        measured = "; ".join(behind) or "none is"
+        if unmeasured:
+            measured += "; not measured: " + "; ".join(unmeasured)
         verdicts.append({"goal": "no configuration slower or heavier than its baseline", "target": "",
-                         "measured": "; ".join(behind) or "none is", "met": not behind})
+                         "measured": measured, "met": False if behind else None if unmeasured else True})
     return verdicts
+
+
+def _name(row: dict) -> str:
+    return f"{row['arch']} {row['batch']}x{row['seq']} {row['variant']}"
 
 
 def _heavier(row: dict, base: dict) -> bool:

@@ -140,6 +140,10 @@ def test_goal_verdicts_check_speed_and_memory_against_the_baseline_in_the_same_c
     behind = report.goal_verdicts(rows)[-1]["measured"]
     assert behind == "mistral-7b 8x1024 eager"
     assert "| NO |" in "\n".join(report.goal_lines(rows))
+    failed = {**_row("gemma-7b", "1x512", "offload", None, None), "status": "error: UserError: ..."}
+    open_verdict = report.goal_verdicts(rows[:2] + [failed])[-1]
+    assert open_verdict["met"] is None  # a failed configuration is not "none slower"
+    assert open_verdict["measured"] == "none is; not measured: gemma-7b 1x512 offload (error: UserError: ...)"
 
 
 def test_goal_verdicts_of_a_cpu_dry_run_judge_speed_only():
