@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # make_arch beside this file
 
 from make_arch import write_arch  # noqa: E402
+from report import fmt  # noqa: E402
 
 SHARED = HERE.parents[1] / "shared"
 LAYOUTS = ("off", "padded", "padding_free")
@@ -111,11 +112,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              "| examples/s | epoch s | peak alloc GiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r["tokens_per_sec"] / ref["tokens_per_sec"] if ref and r["tokens_per_sec"] else None
-        fmt = lambda v, spec=".1f": "n/a" if v is None else format(v, spec)  # noqa: E731
         peak = r["peak_alloc_gib"] if isinstance(r["peak_alloc_gib"], float) else None
         lines.append(f"| {r['layout']} | {r['micro_batch']} | {r['optimizer_steps']} "
                      f"| {r['padded_token_fraction']:.3f} | {fmt(r['tokens_per_sec'], '.0f')} | {fmt(ratio, '.2f')} "
-                     f"| {fmt(r['samples_per_sec'], '.2f')} | {fmt(r['train_time_s'])} | {fmt(peak, '.2f')} |")
+                     f"| {fmt(r['samples_per_sec'], '.2f')} | {fmt(r['train_time_s'], '.1f')} | {fmt(peak, '.2f')} |")
     lines += ["", "rows x micro-batch: examples (off) or packs of up to max_seq_length tokens (padded, "
               "padding_free; padding_free lays them out as one row) per micro-batch. Every layout sees the same "
               "examples.", ""]
