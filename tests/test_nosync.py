@@ -3,12 +3,12 @@
 Each wait drains the GPU's queue and leaves it idle while the host prepares the next work
 (the optimizer's launches, Lightning's hooks, the next batch). CUDA's synchronizing calls are
 counted with torch's sync debug mode over steady-state optimizer steps of the real path: pinned
-unpadded batches carrying their host-side counts (as the DataModules make them), SFTModule on a
-4-bit base with compiled layers, PerfMonitor, TensorBoard logging.
+batches, unpadded or padded on the right, carrying their host-side counts (as the DataModules make
+them), SFTModule on a 4-bit base with compiled layers, PerfMonitor, TensorBoard logging.
 
-Neither transformers' mask building (its check for packed sequences, skipped where the model
-builds the positions: ``qlora_lightning.masks``) nor the chunked loss (its labelled positions,
-found on the batch's host copy) waits. An optimizer that cannot skip a step on the GPU needs the
+Neither transformers' mask building (its checks for packed sequences and for padding, answered
+on the host: ``qlora_lightning.masks``) nor the chunked loss (its labelled positions, found on the
+batch's host copy) waits. An optimizer that cannot skip a step on the GPU needs the
 host's decision: one wait per optimizer step.
 """
 
@@ -59,17 +59,22 @@ class SyncCounter(Callback):
             self.calls = [call for call in calls if "set_sync_debug_mode" not in call]
 
 
-def _batches(n: int) -> list[dict]:
+def _batches(n: int, padded: bool) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(n):
         ids = torch.randint(3, 512, (2, 64), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
-                    "num_real_tokens": ids.numel(), "num_examples": 2})
+        mask = torch.ones_like(ids)
+        if padded:  # the second row is 16 tokens shorter, padded on the right
+            mask[1, -16:] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels,
+                    "num_real_tokens": int(mask.sum()), "num_examples": 2})
     return out
 
 
-def _sync_calls(optimizer, checkpointing, cpu_embeddings: bool, loss_chunk_size, tmp_path) -> list[str]:
+def _sync_calls(optimizer, checkpointing, cpu_embeddings: bool, loss_chunk_size, tmp_path,
+                padded: bool = False) -> list[str]:
     base = dataclasses.replace(tiny_spec(), compute_dtype="bfloat16", cpu_embeddings=cpu_embeddings)
     module = sft_module(base=base, optimizer=optimizer, gradient_checkpointing=checkpointing,
                         loss_chunk_size=loss_chunk_size)
@@ -78,7 +83,8 @@ def _sync_calls(optimizer, checkpointing, cpu_embeddings: bool, loss_chunk_size,
                       logger=TensorBoardLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
                       callbacks=[PerfMonitor(warmup_steps=1), counter])
-    trainer.fit(module, train_dataloaders=DataLoader(_batches(LAST + 2), batch_size=None, pin_memory=True))
+    trainer.fit(module, train_dataloaders=DataLoader(_batches(LAST + 2, padded), batch_size=None,
+                                                      pin_memory=True))
     return counter.calls
 
 
@@ -97,6 +103,11 @@ def test_a_step_with_fused_adamw_never_waits(checkpointing, cpu_embeddings, tmp_
 
 def test_the_chunked_loss_never_waits(tmp_path):
     calls = _sync_calls(FUSED, "offload", True, 16, tmp_path)
+    assert calls == [], collections.Counter(calls)
+
+
+def test_a_padded_batch_never_waits(tmp_path):
+    calls = _sync_calls(FUSED, "offload", True, 16, tmp_path, padded=True)
     assert calls == [], collections.Counter(calls)
 
 

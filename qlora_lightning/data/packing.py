@@ -90,11 +90,7 @@ def collate_packs(packs: list[dict], pad_id: int, padding_free: bool,
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
     """The keys of a padded or packed batch that the model's forward takes."""
-    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
-    # Without padding the mask adds nothing: transformers builds the causal mask from the positions.
-    if "attention_mask" in inputs and batch.get("num_real_tokens") == batch["input_ids"].numel():
-        del inputs["attention_mask"]
-    return inputs
+    return {k: v for k, v in batch.items() if k in MODEL_INPUT_KEYS}
 
 
 def check_packing_backend(packing: str, attn_implementation: str | None) -> None:

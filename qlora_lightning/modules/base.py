@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, ContextManager, Literal, Optional, Union
 
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
@@ -26,7 +26,7 @@ from qlora_lightning.estimate import choose_checkpointing, estimate_peak_memory
 from qlora_lightning.generation import greedy_generate, stop_token_ids
 from qlora_lightning.lagged import HostReadings
 from qlora_lightning.losses import labelled_positions
-from qlora_lightning.masks import positions_from_the_model
+from qlora_lightning.masks import known_to_the_host
 from qlora_lightning.reliability import NonFiniteLossError
 from qlora_lightning.model import (BaseModelSpec, Checkpointing, CpuEmbedding, Fraction, LoraSpec, build_model,
                                    load_tokenizer, spec_dict)
@@ -108,6 +108,8 @@ class QLoRAModule(LightningModule):
         self._bar_values = HostReadings()  # progress-bar values on their way to the host
         self._skips_warned = 0
         self._pending_rng_states: Optional[dict] = None
+        # The last batch's attention mask on the device, and whether its host copy pads anything.
+        self._mask_twin: Optional[tuple[torch.Tensor, bool]] = None
         self.model: Optional[torch.nn.Module] = None
         self._tokenizer = None
         # Checkpoints hold the adapter only; the frozen base is rebuilt from `base`.
@@ -224,14 +226,32 @@ class QLoRAModule(LightningModule):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """(B, T) token ids -> (B, T, V) logits."""
-        with positions_from_the_model("position_ids" not in kwargs):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+        inputs, known = self._as_known({"input_ids": input_ids, "attention_mask": attention_mask, **kwargs})
+        with known:
+            return self.model(**inputs, use_cache=False).logits
 
     def final_hidden(self, **inputs) -> torch.Tensor:
         """(B, T, H) final hidden states (after the last norm): the forward of a chunked loss."""
         causal_lm = self.model.get_base_model()  # the transformers model inside the PEFT wrapper
-        with positions_from_the_model("position_ids" not in inputs):
+        inputs, known = self._as_known(inputs)
+        with known:
             return causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+
+    def _as_known(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], ContextManager[None]]:
+        """``inputs`` for the model, and what the host knows of them for its mask building
+        (``qlora_lightning.masks``): whether it builds the positions, and whether the mask pads.
+
+        A mask is known where it is the last batch's as moved to the device: one that pads nothing
+        is dropped (the causal mask over the model's own positions says the same), one that pads is
+        kept without the model reading it. Beside explicit positions a mask stays: without it,
+        transformers would read positions that restart inside a row as packed sequences.
+        """
+        mask, twin = inputs.get("attention_mask"), self._mask_twin
+        padded = twin[1] if mask is not None and twin is not None and twin[0] is mask else None
+        model_positions = "position_ids" not in inputs
+        if padded is False and model_positions:
+            inputs = {key: value for key, value in inputs.items() if key != "attention_mask"}
+        return inputs, known_to_the_host(model_positions=model_positions, padded=bool(padded))
 
     def logits_head(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """(N, H) final hidden states -> (N, V) logits, as the model's own forward computes them."""
@@ -372,6 +392,10 @@ class QLoRAModule(LightningModule):
             positions = labelled_positions(labels)
             batch = {**batch, LOSS_POSITIONS: positions.pin_memory() if labels.is_pinned() else positions}
         moved = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        if isinstance(mask, torch.Tensor) and mask.device.type == "cpu":
+            # Read on the host copy, whether the batch pads costs the GPU no wait (``_as_known``).
+            self._mask_twin = (moved["attention_mask"], not bool(mask.all()))
         embedding = self.model.get_input_embeddings() if self.model is not None else None
         if isinstance(embedding, CpuEmbedding) and isinstance(batch, dict) and "input_ids" in batch:
             embedding.remember_host_copy(moved["input_ids"], batch["input_ids"])
