@@ -378,6 +378,14 @@ def plan(args: argparse.Namespace, arch_root: Path) -> list[Job]:
     return jobs
 
 
+def unfit(job: Job) -> Optional[str]:
+    """Why ``job`` cannot run on its arch, known without starting it (the project would refuse it
+    after loading the model)."""
+    if job.options.get("cpu_embeddings") and ARCHS[job.arch].get("tie_word_embeddings"):
+        return f"not run: cpu_embed needs an untied embedding table ({job.arch} ties it to the head)"
+    return None
+
+
 def run_job(job: Job, timeout: float, log) -> dict:
     """Run ``job`` in a fresh Python process; its output goes to ``log``."""
     start = time.perf_counter()
@@ -475,6 +483,9 @@ def main() -> None:
             guess = walls[-1] if walls else 0.0  # the last job (the first of an arch also builds its weights)
             if left is not None and left < max(guess, 30.0):
                 rows.append({**asdict(job), "status": "skipped (time budget)"})
+                continue
+            if reason := unfit(job):
+                rows.append({**asdict(job), "status": reason})
                 continue
             print(f"[{i + 1}/{len(jobs)}] {job.arch} {job.shape} {job.variant} ...", flush=True)
             row = run_job(job, timeout=left if left else 3600, log=log)

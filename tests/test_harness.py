@@ -27,6 +27,16 @@ def test_each_shape_runs_the_baseline_first_then_the_project_variants(tmp_path, 
     assert {j.impl for j in jobs} <= harness.RUNNERS.keys()
 
 
+def test_a_job_the_project_would_refuse_on_its_arch_is_not_started(tmp_path):
+    args = ["--archs", "gemma-7b", "mistral-7b", "--shapes", "1x512", "--tiny", "--no-baseline", "--no-peer",
+            "--variants", "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit", "offload+chunked_ce+nodrop+fused_adamw"]
+    jobs = harness.plan(harness.parse_args(args), tmp_path)
+    refused = {(j.arch, j.variant): harness.unfit(j) for j in jobs}
+    assert refused.pop(("gemma-7b", "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit")).startswith(
+        "not run: cpu_embed needs an untied embedding table (gemma-7b ties it")
+    assert set(refused.values()) == {None}
+
+
 def test_unsloth_runs_beside_the_baseline_when_installed_unless_told_not_to(tmp_path, monkeypatch):
     located = []
     monkeypatch.setattr(harness.importlib.util, "find_spec", lambda name: located.append(name) or object())
