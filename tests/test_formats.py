@@ -345,3 +345,17 @@ def test_fit_runs_on_each_format_from_its_path_alone(tmp_path, caplog):
         assert report["format"] == DETECTED.get(name, name)
     for name in pairs:
         assert list((tmp_path / f"pairs_{name}").glob("lightning_logs/version_0/adapter/adapter_model.safetensors"))
+
+
+def test_a_dataset_module_of_its_own_layout_as_the_readme_writes_it(tokenizer, tmp_path):
+    namespace: dict = {}
+    readme = (REPO / "README.md").read_text()
+    exec(readme.split("# my_project/data.py\n")[1].split("```")[0], namespace)  # noqa: S102 - the README's code
+    rows = [{"q": f"What is {i} + 1?", "a": str(i + 1)} for i in range(6)]
+    dm = namespace["TriviaDataModule"](path=str(write_jsonl(tmp_path / "trivia.jsonl", rows)), tokenizer=tokenizer,
+                                       val_fraction=0.5, seed=0)
+    dm.setup("fit")
+    assert dm.row_format == "trivia" and len(all_rows(dm)) == 6
+    for row in all_rows(dm):
+        (answer,) = trained_spans(row["input_ids"], row["labels"], tokenizer)
+        assert f"is {int(answer) - 1} + 1?" in tokenizer.decode(row["input_ids"])

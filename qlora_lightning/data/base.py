@@ -367,7 +367,9 @@ class SFTDataModule(LightningDataModule):
             fmt = detect_format(first, self.preference, self.path, fallback=self.native_format)
             log.info("data '%s': format '%s' (detected from the fields %s)", self.path, fmt,
                      ", ".join(sorted(set().union(*(row.keys() for row in first)))))
-        self._warn_unused_fields(ds, fields_read(fmt, self.columns()))
+        read = fields_read(fmt, self.columns())
+        if read is not None:
+            self._warn_unused_fields(ds, read)
         return fmt
 
     def _warn_unused_fields(self, ds: datasets.Dataset, read: set[str]) -> None:

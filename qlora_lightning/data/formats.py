@@ -392,12 +392,13 @@ def _fields(rows: list[dict]) -> str:
     return ", ".join(sorted(set().union(*(row.keys() for row in rows)))) or "(none)"
 
 
-def fields_read(fmt: str, columns: Optional[dict] = None) -> set[str]:
-    """The top-level fields a format reads (the others are reported as unused when they hold text)."""
+def fields_read(fmt: str, columns: Optional[dict] = None) -> Optional[set[str]]:
+    """The top-level fields a format reads (the others are reported as unused when they hold text);
+    None for a format of a user's own DataModule, whose reader this module does not know."""
     if fmt == "columns":
         return {name for name in (columns or {}).values() if name}
     return {"alpaca": {"instruction", "input", "output", "system"},
             "sharegpt": {"conversations", "messages", "system", "chosen", "rejected"},
             "openai": {"messages"}, "trl": {"messages", "prompt", "completion", "chosen", "rejected"},
             "openai_preference": {"input", "preferred_output", "non_preferred_output"},
-            "hh_rlhf": {"chosen", "rejected"}, "guanaco": {"text"}, "gsm8k": {"question", "answer"}}[fmt]
+            "hh_rlhf": {"chosen", "rejected"}, "guanaco": {"text"}, "gsm8k": {"question", "answer"}}.get(fmt)
