@@ -332,6 +332,10 @@ def test_fit_runs_on_each_format_from_its_path_alone(tmp_path, caplog):
         {"instruction": f"Add {i} and 1.", "input": "", "output": f"{i + 1}"} for i in range(12)])
     pairs = {name: write_jsonl(tmp_path / f"pairs_{name}.jsonl", [
         make(conversation(i)[:-1], f"Blue {i}.", f"Soup {i}.") for i in range(12)]) for name, make in PAIR_ROWS.items()}
+    pairs["hh_rlhf"] = write_jsonl(tmp_path / "pairs_hh.jsonl", [
+        {key: f"\n\nHuman: Name colour {i}.\n\nAssistant: {reply} {i}." for key, reply in (("chosen", "Blue"),
+                                                                                         ("rejected", "Soup"))}
+        for i in range(12)])
     with caplog.at_level(logging.INFO, logger="qlora_lightning.data.base"):
         for name, path in files.items():
             _fit("quickstart.yaml", path, tmp_path / name)
