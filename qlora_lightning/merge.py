@@ -265,7 +265,8 @@ def _failure_line(report: dict, failed: list[str]) -> str:
                       for name in failed)
     fix = report.get("passes_instead")
     hint = f"{fix} passes" if fix else "no other dtype or --into passes: the adapter does not fit this base"
-    return (f"merge check failed against adapter-on-4-bit ({worst}; floor of {report['dtype']} rounding x{MARGIN:g}): "
+    dtype = report["dtype"].removeprefix("torch.")
+    return (f"merge check failed against adapter-on-4-bit ({worst}; limits: {MARGIN:g}x the floor of {dtype} rounding): "
             f"{hint}; nothing written (--allow-divergence writes it anyway)")
 
 
