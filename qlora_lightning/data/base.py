@@ -326,6 +326,8 @@ class SFTDataModule(LightningDataModule):
         self.row_format = self._read_format(raw[self.train_split])
         train, val = self._split(raw)
         self.splits = {"train": self._encode(train, "train"), "val": self._encode(val, "val")}
+        log.info("data: %d train and %d validation rows of '%s' (format %s)", len(self.splits["train"]),
+                 len(self.splits["val"]), self.path, self.row_format)
         if self.packing != "off":
             self.splits = {name: pack_examples(ds, self.max_seq_length) for name, ds in self.splits.items()}
         self._write_report()
