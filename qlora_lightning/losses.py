@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable, Literal, Optional
 
@@ -108,7 +109,9 @@ def chunked_sequence_logps(hidden: torch.Tensor, head: Callable[[torch.Tensor], 
     return -nll.new_zeros(keep.shape[0]).index_add(0, rows, nll), keep.sum(-1)
 
 
-PreferenceLossType = Literal["sigmoid", "ipo", "hinge"]
+PreferenceLossType = Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"]
+# Losses of the policy alone: no reference model is built or run for them.
+REFERENCE_FREE = ("orpo", "simpo")
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,3 +172,45 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     else:
         raise ValueError(f"unknown loss_type {loss_type!r} (use sigmoid, ipo or hinge)")
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation on either side of -ln 2."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor,
+              beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO's odds-ratio term per pair (add it to the NLL of the chosen responses), as TRL's ``ORPOTrainer``.
+
+    Args:
+        chosen_avg: (B,) mean per-token log-probs of the chosen responses (ORPO's likelihoods are per token).
+        rejected_avg: (B,) the same for the rejected responses.
+        beta: Weight of the odds-ratio term (the paper's lambda).
+
+    Returns:
+        (B,) ``-beta * log sigmoid(log odds(chosen) - log odds(rejected))``, and the detached rewards
+        ``beta * chosen_avg`` and ``beta * rejected_avg``.
+    """
+    chosen_avg, rejected_avg = chosen_avg.float(), rejected_avg.float()
+    log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+    return -beta * F.logsigmoid(log_odds), beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
+def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO per pair (length-normalised, no reference), as TRL's ``CPOTrainer`` with ``loss_type="simpo"``.
+
+    Args:
+        chosen_avg: (B,) mean per-token log-probs of the chosen responses.
+        rejected_avg: (B,) the same for the rejected responses.
+        beta: Scale of the reward ``beta * mean log-prob``.
+        gamma: Target reward margin (TRL's ``simpo_gamma``).
+        label_smoothing: Assumed probability that a pair's label is flipped.
+
+    Returns:
+        (B,) losses and the detached rewards ``beta * chosen_avg`` and ``beta * rejected_avg``.
+    """
+    margin = beta * (chosen_avg - rejected_avg) - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+    return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()

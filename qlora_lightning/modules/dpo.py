@@ -1,9 +1,9 @@
-"""Direct Preference Optimization on one 4-bit base.
+"""Preference tuning on one 4-bit base: DPO (and IPO, hinge) against a reference; ORPO and SimPO without one.
 
 The policy is the base with the trainable adapter. The reference is the same base with the
 adapter switched off or, when DPO starts from an SFT adapter, a frozen copy of that adapter
 loaded beside the trainable one and switched in for the reference forward. Either way the base
-weights exist once in memory.
+weights exist once in memory. ORPO and SimPO need no reference: one forward per pair, none built.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from typing_extensions import override
 
 from qlora_lightning.distributed import is_fsdp
 from qlora_lightning.errors import UserError
-from qlora_lightning.losses import PreferenceLossType, chunked_sequence_logps, dpo_loss, sequence_logps
+from qlora_lightning.losses import (
+    REFERENCE_FREE, PreferenceLossType, chunked_sequence_logps, dpo_loss, orpo_loss, sequence_logps, simpo_loss)
 from qlora_lightning.model import add_frozen_adapter, trainable_state_dict
 from qlora_lightning.modules.base import LOSS_POSITIONS, QLoRAModule
 
@@ -46,19 +47,24 @@ def reference_fingerprint(model: torch.nn.Module) -> str:
 
 
 class DPOModule(QLoRAModule):
-    """DPO (or IPO, hinge) on preference pairs, with batches laid out by ``PreferenceDataModule``.
+    """DPO (or IPO, hinge, ORPO, SimPO) on preference pairs, with batches laid out by ``PreferenceDataModule``.
 
     Each step runs chosen and rejected sequences through the policy in one (2B, T) forward; a
     sequence's log-prob is the sum over its response tokens. Logs ``loss``, ``rewards/chosen``,
     ``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy`` (share of pairs whose chosen
     reward is strictly higher), ``logps/chosen`` and ``logps/rejected`` under ``train/``, ``val/``
-    and ``test/``; rewards are ``beta * (log pi - log pi_ref)``, as in TRL.
+    and ``test/``; rewards are ``beta * (log pi - log pi_ref)``, as in TRL (ORPO, SimPO:
+    ``beta`` times the mean per-token log-prob, as TRL's ORPO and CPO trainers log them).
 
     Args:
-        beta: Inverse temperature of the implicit reward (``ipo``: the regularization tau).
-        loss_type: ``sigmoid`` (DPO), ``ipo`` (per-token log-ratios, as TRL) or ``hinge``.
-        label_smoothing: ``sigmoid`` only: assumed probability that a pair's label is flipped
-            (conservative DPO); 0 is plain DPO.
+        beta: Inverse temperature of the implicit reward (``ipo``: the regularization tau; ``orpo``:
+            the weight lambda of the odds-ratio term).
+        loss_type: ``sigmoid`` (DPO), ``ipo`` (per-token log-ratios, as TRL), ``hinge``, ``orpo``
+            (the chosen responses' NLL plus an odds-ratio term) or ``simpo`` (length-normalised
+            rewards with a margin); the last two run no reference.
+        label_smoothing: ``sigmoid`` and ``simpo``: assumed probability that a pair's label is
+            flipped (conservative DPO); 0 is the plain loss.
+        simpo_gamma: ``simpo``: the target margin between the chosen and rejected rewards.
         sft_adapter: Directory of the adapter an SFT run saved. It is loaded twice on the one
             base: frozen, as the reference, and trainable, as the policy's start (unless
             ``lora.init_adapter`` names another). Without it the reference is the bare base.
@@ -71,12 +77,15 @@ class DPOModule(QLoRAModule):
     sequences_per_example = 2  # the chosen and the rejected sequence of each pair, in one forward
 
     def __init__(self, *args, beta: PositiveFloat = 0.1, loss_type: PreferenceLossType = "sigmoid",
-                 label_smoothing: LabelSmoothing = 0.0, sft_adapter: Optional[str] = None,
+                 label_smoothing: LabelSmoothing = 0.0, simpo_gamma: float = 0.5, sft_adapter: Optional[str] = None,
                  precompute_ref_logps: bool = False, ref_batch_size: PositiveInt = 4, **kwargs):
         super().__init__(*args, **kwargs)
-        if label_smoothing and loss_type != "sigmoid":
-            raise UserError(f"model.label_smoothing applies to the sigmoid loss only, not {loss_type}")
-        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        if label_smoothing and loss_type not in ("sigmoid", "simpo"):
+            raise UserError(f"model.label_smoothing applies to the sigmoid and simpo losses only, not {loss_type}")
+        if loss_type in REFERENCE_FREE and (precompute_ref_logps or sft_adapter):
+            raise UserError(f"loss_type {loss_type} runs no reference: drop model.precompute_ref_logps and "
+                            "model.sft_adapter (start from an SFT adapter with model.lora.init_adapter)")
+        self.beta, self.loss_type, self.label_smoothing, self.simpo_gamma = beta, loss_type, label_smoothing, simpo_gamma
         self.sft_adapter = sft_adapter
         self.precompute_ref_logps, self.ref_batch_size = precompute_ref_logps, ref_batch_size
         if sft_adapter and not self.lora.init_adapter:
@@ -89,6 +98,7 @@ class DPOModule(QLoRAModule):
     def describe(self) -> dict:
         return {**super().describe(), "dpo": {"beta": self.beta, "loss_type": self.loss_type,
                                               "label_smoothing": self.label_smoothing,
+                                              "simpo_gamma": self.simpo_gamma,
                                               "sft_adapter": self.sft_adapter,
                                               "precompute_ref_logps": self.precompute_ref_logps}}
 
@@ -157,6 +167,8 @@ class DPOModule(QLoRAModule):
 
     def pair_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
         """Loss and metrics (means over the batch's pairs) of one (2B, T) pair batch; see ``METRICS``."""
+        if self.loss_type in REFERENCE_FREE:
+            return self._reference_free_metrics(*self.pair_logps(batch))
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
@@ -168,13 +180,22 @@ class DPOModule(QLoRAModule):
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing,
             chosen_tokens, rejected_tokens)
-        return {"loss": losses.mean(),
-                "rewards/chosen": chosen_rewards.mean(),
-                "rewards/rejected": rejected_rewards.mean(),
-                "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
-                "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-                "logps/chosen": chosen.detach().mean(),
-                "logps/rejected": rejected.detach().mean()}
+        return _metrics(losses.mean(), chosen_rewards, rejected_rewards, chosen, rejected)
+
+    def _reference_free_metrics(self, logps: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ORPO and SimPO score each response by its mean per-token log-prob."""
+        chosen, rejected = logps.chunk(2)
+        chosen_tokens, rejected_tokens = tokens.chunk(2)
+        chosen_avg, rejected_avg = chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
+        if self.loss_type == "orpo":
+            odds, chosen_rewards, rejected_rewards = orpo_loss(chosen_avg, rejected_avg, self.beta)
+            # The SFT term: the chosen responses' NLL per token over the batch, as TRL's ORPOTrainer.
+            loss = -chosen.sum() / chosen_tokens.sum().clamp(min=1) + odds.mean()
+        else:
+            losses, chosen_rewards, rejected_rewards = simpo_loss(chosen_avg, rejected_avg, self.beta,
+                                                                  self.simpo_gamma, self.label_smoothing)
+            loss = losses.mean()
+        return _metrics(loss, chosen_rewards, rejected_rewards, chosen, rejected)
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -209,3 +230,15 @@ class DPOModule(QLoRAModule):
             metric = self.eval_metrics[stage][name]
             metric.update(value, weight=pairs)  # a mean over all pairs of the split
             self.log(f"{stage}/{name}", metric, batch_size=pairs, prog_bar=name in ("loss", "rewards/accuracy"))
+
+
+def _metrics(loss: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen: torch.Tensor,
+             rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``METRICS`` of one batch: its loss, and means over its pairs."""
+    return {"loss": loss,
+            "rewards/chosen": chosen_rewards.mean(),
+            "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": chosen.detach().mean(),
+            "logps/rejected": rejected.detach().mean()}
