@@ -1,4 +1,4 @@
-"""Peak GPU memory of QLoRA SFT vs DPO vs DPO with precomputed reference log-probs, Mistral-7B.
+"""Peak GPU memory and step time of QLoRA SFT, DPO (live or precomputed reference), ORPO and SimPO, Mistral-7B.
 
 The Mistral-7B-v0.1 architecture (published dims: vocab 32000, hidden 4096, MLP 14336, 32
 layers, 32 heads, 8 KV heads; ``make_arch.py``) with random weights, NF4 + double quant, bf16
@@ -10,7 +10,9 @@ bf16-mixed, batch 1, 512 tokens per sequence:
   tokens each) in one (2, 512) forward, plus a no-grad reference forward (adapter off);
 * ``dpo_precomputed``: the same with ``precompute_ref_logps``: the reference runs once over
   the data before training (its peak is reported apart, as ``setup_peak_alloc_gib``) and each
-  step runs the policy only.
+  step runs the policy only;
+* ``orpo`` / ``simpo``: ``DPOModule`` with ``loss_type`` ``orpo`` / ``simpo``: the same pairs, no
+  reference at all (none built, none run).
 
 Each variant runs in its own process (peaks cannot leak between them), all from one command.
 ``loaded_gib`` is the memory held once the model is built; ``peak_alloc_gib`` /
@@ -38,7 +40,7 @@ sys.path.insert(0, str(HERE))  # make_arch beside this file, also in the worker 
 from make_arch import write_arch  # noqa: E402
 
 GIB = 2**30
-VARIANTS = ("sft", "dpo", "dpo_precomputed")
+VARIANTS = ("sft", "dpo", "dpo_precomputed", "orpo", "simpo")
 
 
 def _rows(args: argparse.Namespace, vocab: int) -> list[dict]:
@@ -90,7 +92,8 @@ def run_variant(args: argparse.Namespace) -> dict:
                    for ids in (torch.tensor([r["chosen_prompt_ids"] + r["chosen_ids"]]) for r in rows)]
         fit_data = {"train_dataloaders": DataLoader(batches, batch_size=None)}  # items are whole micro-batches
     else:
-        module = DPOModule(**common, precompute_ref_logps=args.variant == "dpo_precomputed")
+        loss = {"orpo": {"loss_type": "orpo"}, "simpo": {"loss_type": "simpo", "beta": 2.0}}.get(args.variant, {})
+        module = DPOModule(**common, precompute_ref_logps=args.variant == "dpo_precomputed", **loss)
         data = PreferenceDataModule(path="synthetic", tokenizer=qlora_lightning.load_tokenizer(tokenizer),
                                     max_seq_length=args.seq, batch_size=1)
         data.splits = {"train": datasets.Dataset.from_list(rows), "val": datasets.Dataset.from_list(rows[:1])}
