@@ -363,3 +363,9 @@ def test_a_dataset_module_of_its_own_layout_as_the_readme_writes_it(tokenizer, t
     for row in all_rows(dm):
         (answer,) = trained_spans(row["input_ids"], row["labels"], tokenizer)
         assert f"is {int(answer) - 1} + 1?" in tokenizer.decode(row["input_ids"])
+
+
+def test_an_sft_file_given_to_the_preference_module_says_which_module_reads_it(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "chat.jsonl", [SFT_ROWS["openai"](conversation(i)) for i in range(4)])
+    with pytest.raises(UserError, match="holds no preference pairs .*an SFT DataModule"):
+        PreferenceDataModule(path=str(path), tokenizer=tokenizer).setup("fit")

@@ -342,7 +342,8 @@ def detect_format(rows: list[dict], preference: bool, source: str, fallback: Opt
     """
     guesses = Counter(_guess(row) for row in rows)
     pairs = sum(n for fmt, n in guesses.items() if fmt in _PAIR_GUESSES)
-    if pairs and (pairs > len(rows) / 2) != preference:
+    known = sum(n for fmt, n in guesses.items() if fmt is not None)
+    if (pairs > len(rows) / 2 and not preference) or (preference and known and not pairs):
         module = "qlora_lightning.PreferenceDataModule" if not preference else "an SFT DataModule"
         kind = "preference pairs" if not preference else "no preference pairs"
         raise UserError(f"data '{source}' holds {kind} (fields: {_fields(rows)}); read it with {module}")
