@@ -22,7 +22,7 @@ from qlora_lightning.errors import UserError
 from qlora_lightning.modules.base import QLoRAModule
 from qlora_lightning.progress import count_steps
 from qlora_lightning.reliability import AtomicCheckpointIO
-from qlora_lightning.resume import RunFolderGuard, check_resume, find_last, run_folder, run_record
+from qlora_lightning.resume import RunFolderGuard, StepCheckpoint, check_resume, find_last, run_folder, run_record
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class QLoRACLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.base", "data.init_args.tokenizer", compute_fn=_tokenizer_of)
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         parser.add_argument("--allow_config_changes", type=bool, default=False,
                             help="fit --ckpt_path: resume under a config that differs from the one that wrote the "
                                  "checkpoint (more steps, a new learning rate); the differences are logged")

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
 from qlora_lightning.errors import UserError
@@ -203,3 +204,18 @@ class RunFolderGuard(Callback):
         folder = Path(trainer.log_dir)
         if folder.parent == Path(logger.root_dir) and folder.name.startswith("version_"):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, told in a resumed run that the restored step is saved already.
+
+    It forgets that across a resume, so the resumed run's first micro-batch saved the restored step
+    again (as ``...-v1.ckpt``, and as ``last.ckpt``) in the middle of the next step's accumulation:
+    a state that holds no accumulated gradient, which no resume repeats.
+    """
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        # Private; checked by tests/test_private_symbols.py. At a fresh start this is step 0, as before.
+        self._last_global_step_saved = trainer.global_step

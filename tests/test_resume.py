@@ -2,6 +2,7 @@
 and what a resume checks: the config that wrote the checkpoint, and which run it belongs to."""
 
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -59,10 +60,10 @@ def assert_same_adapter(expected_dir: Path, got_dir: Path) -> None:
     assert not diffs, f"adapter differs from the uninterrupted run's (max abs diff per tensor): {diffs}"
 
 
-def checkpoint_names(folder: Path, after: int) -> set[str]:
-    """``epoch=E-step=S.ckpt`` names with S > ``after``."""
+def checkpoint_names(folder: Path, after: int = -1) -> set[str]:
+    """``epoch=E-step=S[-vN].ckpt`` names with S > ``after``."""
     return {p.name for p in (folder / "checkpoints").glob("epoch=*-step=*.ckpt")
-            if int(p.stem.split("step=")[1]) > after}
+            if int(re.search(r"step=(\d+)", p.name).group(1)) > after}
 
 
 @pytest.fixture(scope="module")
@@ -86,25 +87,27 @@ def test_resume_from_an_explicit_path_is_bit_identical(tmp_path, straight, kind,
     shutil.copy(source, ckpt)
     fit(kind, tmp_path, "--ckpt_path", str(ckpt))
     assert_same_adapter(run_dir(straight[kind]), run_dir(tmp_path))
-    # Named by their true epoch and step, as the uninterrupted run's.
-    assert checkpoint_names(run_dir(tmp_path), step) == checkpoint_names(run_dir(straight[kind]), step)
+    # Named by their true epoch and step, as the uninterrupted run's; the restored step is not saved again.
+    assert checkpoint_names(run_dir(tmp_path)) == checkpoint_names(run_dir(straight[kind]), step)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", RUNS)
 @pytest.mark.parametrize("where", ["epoch end", "mid-epoch"])
 def test_run_stopped_at_max_steps_resumes_with_last_into_the_same_run(tmp_path, straight, kind, where):
-    # Stopped by max_steps, the run writes last.ckpt when fit ends, in a form Lightning itself
-    # resumes wrongly (resume.as_saved_after_last_batch); "mid-epoch" stops one step into the second epoch.
+    # Stopped by max_steps with no periodic save on its last step, the run writes last.ckpt when fit
+    # ends, in a form Lightning itself resumes wrongly (resume.as_saved_after_last_batch).
+    # "mid-epoch" stops one step into the second epoch.
     stop = STEPS[kind]["epoch end"] + (1 if where == "mid-epoch" else 0)
-    fit(kind, tmp_path, "--trainer.max_steps", str(stop))
+    fit(kind, tmp_path, "--trainer.max_steps", str(stop), "--checkpoint.every_n_train_steps", str(stop + 1))
+    assert checkpoint_names(run_dir(tmp_path)) == set()  # last.ckpt only: written when fit ended
     with pytest.raises(UserError, match=rf"trainer\.max_steps: {stop} -> 10\).*--allow_config_changes"):
         fit(kind, tmp_path, "--ckpt_path", "last")
     fit(kind, tmp_path, "--ckpt_path", "last", "--allow_config_changes", "true")
 
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]  # one run folder
     assert_same_adapter(run_dir(straight[kind]), run_dir(tmp_path))
-    assert checkpoint_names(run_dir(tmp_path), stop) == checkpoint_names(run_dir(straight[kind]), stop)
+    assert checkpoint_names(run_dir(tmp_path)) == checkpoint_names(run_dir(straight[kind]), stop)
     # One TensorBoard curve: every step's loss once, across both processes' event files.
     events = EventAccumulator(str(run_dir(tmp_path)))
     events.Reload()
