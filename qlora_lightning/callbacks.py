@@ -131,6 +131,8 @@ class PerfMonitor(Callback):
         self._pending: deque[tuple[int, dict, Mark, Mark]] = deque()  # measured steps not yet recorded
         self._train_start: Optional[float] = None
         self._train_seconds = 0.0
+        self._earlier_seconds = 0.0  # training time of the run before it was resumed (from the checkpoint)
+        self._trainer: Optional[Trainer] = None  # for state_dict, which Lightning calls without it
         self._stepped = False
         self._peaks_per_rank: Optional[torch.Tensor] = None  # (world, 3) GiB, gathered at the end of training
         self._start_alloc_gib: Optional[float] = None  # the model (weights, adapter) once the strategy placed it
@@ -148,6 +150,28 @@ class PerfMonitor(Callback):
 
     def _on_cuda(self, trainer: Trainer) -> bool:
         return trainer.strategy.root_device.type == "cuda"
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The steps measured so far and the training time, so that a resumed run's summary covers the whole run.
+
+        The step just measured is recorded first (its end event is behind the work the checkpoint
+        already waited for): the resumed run starts after it and would never measure it. Every rank
+        saves checkpoints, so the all-gather in ``_record`` is reached by all.
+        """
+        while self._pending:
+            self._record(self._trainer, *self._pending.popleft())
+        running = time.perf_counter() - self._train_start if self._train_start is not None else 0.0
+        return {"steps": list(self.steps), "train_seconds": self._earlier_seconds + running}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps = list(state_dict["steps"])
+        self._earlier_seconds = state_dict["train_seconds"]
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -269,7 +293,7 @@ class PerfMonitor(Callback):
         self._sync(trainer)
         self._collector.stop()
         COPY_WAITS.enabled = False
-        self._train_seconds = time.perf_counter() - (self._train_start or time.perf_counter())
+        self._train_seconds = self._earlier_seconds + time.perf_counter() - (self._train_start or time.perf_counter())
         while self._pending:
             self._record(trainer, *self._pending.popleft())
         peaks = self._peak_memory_gib(trainer)
