@@ -76,9 +76,11 @@ class QLoRACLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks + [RunFolderGuard()])
 
     def _parse_ckpt_path(self) -> None:
-        """A no-op. LightningCLI's own replaces the config's model with the hyperparameters stored
-        in the checkpoint (its class included): here the config says what runs, and ``before_fit``
+        """For ``fit``, nothing. LightningCLI's own replaces the config's model with the hyperparameters
+        stored in the checkpoint (its class included): a resume runs the config, and ``before_fit``
         checks the checkpoint against it."""
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
 
     def run_record(self) -> dict:
         """This run's config as plain values (``resume.run_record``), as its checkpoints record it."""
