@@ -111,7 +111,8 @@ class PerfMonitor(Callback):
     """Logs ``perf/*`` to the trainer's logger and writes a JSON run summary next to the logs.
 
     Args:
-        warmup_steps: Optimizer steps left out of the statistics (compilation, allocator warm-up).
+        warmup_steps: Optimizer steps left out of the statistics (compilation, allocator warm-up), at
+            the start of every process: a resumed run warms up again.
         peak_tflops: bf16 peak of the GPU in TFLOP/s for MFU; looked up from the device name when None.
         summary_file: File name of the JSON summary, written in the logger's directory.
         offload_waits: Time the GPU's waits for offloaded activations (``perf/offload_wait_s``): two
@@ -132,6 +133,7 @@ class PerfMonitor(Callback):
         self._train_start: Optional[float] = None
         self._train_seconds = 0.0
         self._earlier_seconds = 0.0  # training time of the run before it was resumed (from the checkpoint)
+        self._first_step = 0  # the step training started from in this process (a resumed run's: the checkpoint's)
         self._trainer: Optional[Trainer] = None  # for state_dict, which Lightning calls without it
         self._stepped = False
         self._peaks_per_rank: Optional[torch.Tensor] = None  # (world, 3) GiB, gathered at the end of training
@@ -184,6 +186,7 @@ class PerfMonitor(Callback):
         COPY_WAITS.enabled = self.offload_waits and self._on_cuda(trainer)
         self._gc_seconds = self._collector.seconds
         self._train_start = time.perf_counter()
+        self._first_step = trainer.global_step
         self._start = Mark(trainer.strategy.root_device)
 
     @override
@@ -210,7 +213,7 @@ class PerfMonitor(Callback):
         w["copy_waits"] = COPY_WAITS.take()
         end = Mark(trainer.strategy.root_device)
         step = trainer.global_step  # already incremented by this optimizer step
-        if step > self.warmup_steps and not w["tainted"]:
+        if step > self._first_step + self.warmup_steps and not w["tainted"]:
             self._pending.append((step, w, self._start, end))
         self._start, self._window = end, self._new_window()
         # The step before: its end is behind the work just queued, so waiting for it keeps the GPU busy.

@@ -112,8 +112,11 @@ class QLoRACLI(LightningCLI):
 def continue_run_folder(trainer: Trainer, ckpt: str, root: Path, step: int) -> None:
     """Resuming from a checkpoint of ``root/version_N``: log to that run folder, not a new one.
 
-    TensorBoard then shows one curve, with the events that the interrupted run logged after
-    ``step`` (the checkpoint's) purged; checkpoints and ``run_summary.json`` go where the run's are.
+    TensorBoard then shows one curve, with the events that the interrupted run logged from index
+    ``step`` (the checkpoint's global step) on purged: Lightning logs an optimizer step's train
+    metrics at its index minus one, so those the resumed run repeats. ``perf/*`` of the checkpoint's
+    own step, logged at its index, goes too (``run_summary.json`` keeps it). Checkpoints and
+    ``run_summary.json`` go where the run's are.
     """
     version = run_folder(ckpt, root)
     logger = trainer.logger
