@@ -45,9 +45,12 @@ class QLoRACLI(LightningCLI):
         # save_on_train_epoch_end: a step that ends an epoch is saved right then. Otherwise Lightning
         # defers it to a validation it expects next (which val_check_interval may not run) and saves
         # after the next micro-batch instead, in the middle of an accumulation, which no resume can repeat.
+        # enable_version_counter false: a resumed run overwrites last.ckpt (and the files of steps it
+        # repeats) rather than writing last-v1.ckpt beside a stale last.ckpt that `--ckpt_path last` would take.
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 3,
                              "checkpoint.monitor": "step", "checkpoint.mode": "max",
-                             "checkpoint.every_n_train_steps": 50, "checkpoint.save_on_train_epoch_end": True})
+                             "checkpoint.every_n_train_steps": 50, "checkpoint.save_on_train_epoch_end": True,
+                             "checkpoint.enable_version_counter": False})
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)

@@ -67,6 +67,11 @@ def checkpoint_names(folder: Path, after: int = -1) -> set[str]:
             if int(re.search(r"step=(\d+)", p.name).group(1)) > after}
 
 
+def perf_steps(folder: Path) -> list[dict]:
+    """The steps PerfMonitor measured, as its state in ``last.ckpt`` holds them."""
+    return torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["PerfMonitor"]["steps"]
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The uninterrupted 10-step run of each module, checkpointed after every step."""
@@ -102,11 +107,16 @@ def test_run_stopped_at_max_steps_resumes_with_last_into_the_same_run(tmp_path, 
     stop = STEPS[kind]["epoch end"] + (1 if where == "mid-epoch" else 0)
     fit(kind, tmp_path, "--trainer.max_steps", str(stop), "--checkpoint.every_n_train_steps", str(stop + 1))
     assert checkpoint_names(run_dir(tmp_path)) == set()  # last.ckpt only: written when fit ended
+    first = json.loads((run_dir(tmp_path) / "run_summary.json").read_text())
+    measured_first = perf_steps(run_dir(tmp_path))
+    assert len(measured_first) == first["measured_steps"]
     with pytest.raises(UserError, match=rf"trainer\.max_steps: {stop} -> 10\).*--allow_config_changes"):
         fit(kind, tmp_path, "--ckpt_path", "last")
     fit(kind, tmp_path, "--ckpt_path", "last", "--allow_config_changes", "true")
 
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]  # one run folder
+    # last.ckpt is the resumed run's own (under a changed checkpoint.every_n_train_steps too), no last-v1.ckpt.
+    assert not list((run_dir(tmp_path) / "checkpoints").glob("*-v*.ckpt"))
     assert_same_adapter(run_dir(straight[kind]), run_dir(tmp_path))
     assert checkpoint_names(run_dir(tmp_path)) == checkpoint_names(run_dir(straight[kind]), stop)
     # One TensorBoard curve: every step's loss once, across both processes' event files.
@@ -114,10 +124,11 @@ def test_run_stopped_at_max_steps_resumes_with_last_into_the_same_run(tmp_path, 
     events.Reload()
     steps = [e.step for e in events.Scalars("train/loss")]
     assert sorted(steps) == sorted(set(steps)) and len(steps) >= 10 - 1, steps
-    # run_summary.json covers the whole run: every step measured once, as in the uninterrupted run.
+    # run_summary.json covers the whole run: the steps measured before the stop, then those after.
     summary = json.loads((run_dir(tmp_path) / "run_summary.json").read_text())
-    expected = json.loads((run_dir(straight[kind]) / "run_summary.json").read_text())
-    assert (summary["optimizer_steps"], summary["measured_steps"]) == (10, expected["measured_steps"])
+    measured = perf_steps(run_dir(tmp_path))
+    assert summary["optimizer_steps"] == 10 and summary["measured_steps"] == len(measured) > len(measured_first)
+    assert measured[:len(measured_first)] == measured_first and summary["train_time_s"] > first["train_time_s"]
 
 
 def test_dpo_checkpoint_is_refused_by_an_sft_config_in_one_line(tmp_path):
