@@ -11,10 +11,9 @@ Two choices of the weights the adapter is merged into:
 
 The merge runs in fp32 and rounds once to ``--dtype``. Afterwards the merged model and
 adapter-on-4-bit are run on a fixed batch; the max and mean absolute logit differences go to
-``merge_report.json`` in the output directory. When the max exceeds ``--tolerance`` times the
-spread (std) of the reference logits (a relative bound, because logit scales differ by orders of
-magnitude between a random tiny model and a trained 7B one), the merge fails, naming the first
-wider ``--dtype`` that passes, unless ``--allow-divergence``.
+``merge_report.json`` in the output directory, with a warning when the max exceeds
+``--tolerance`` times the spread (std) of the reference logits: a relative bound, because
+logit scales differ by orders of magnitude between a random tiny model and a trained 7B one.
 """
 
 from __future__ import annotations
@@ -137,34 +136,10 @@ def merge_and_check(adapter_dir: Union[str, Path], output: Union[str, Path], spe
     report = {"adapter": str(adapter_dir), "base": spec.name_or_path, "into": into, "dtype": str(dtype),
               "quantization": spec.quantization, "output": str(output), "tolerance": tolerance}
     if reference is not None:
-        reference_logits = logits_on(reference, batch)
-        del reference
-        report.update(logit_gap(merged_logits, reference_logits))
-        report["within_tolerance"] = within(report, tolerance)
-        if not report["within_tolerance"] and into == "dequantized":
-            report["passing_dtype"] = passing_dtype(adapter_dir, spec, dtype, device, batch, reference_logits,
-                                                    tolerance)
+        report.update(logit_gap(merged_logits, logits_on(reference, batch)))
+        report["within_tolerance"] = report["max_abs_logit_diff"] <= tolerance * report["reference_logit_std"]
     (output / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def within(gap: dict[str, float], tolerance: float) -> bool:
-    return gap["max_abs_logit_diff"] <= tolerance * gap["reference_logit_std"]
-
-
-def passing_dtype(adapter_dir: Union[str, Path], spec: BaseModelSpec, failed: torch.dtype,
-                  device: Union[str, torch.device], batch: dict[str, torch.Tensor], reference_logits: torch.Tensor,
-                  tolerance: float) -> Optional[str]:
-    """The narrowest wider dtype whose merge passes the check (each tried is merged once more), or None."""
-    for dtype in (torch.float16, torch.float32):
-        if torch.finfo(dtype).eps >= torch.finfo(failed).eps:
-            continue  # no more precise than the dtype that failed
-        merged = merge_adapter(adapter_dir, spec, "dequantized", dtype, device)
-        passed = within(logit_gap(logits_on(merged, batch), reference_logits), tolerance)
-        del merged
-        if passed:
-            return str(dtype).removeprefix("torch.")
-    return None
 
 
 def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -186,10 +161,8 @@ def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where to load and merge (default: cuda when available)")
     parser.add_argument("--tolerance", type=float, default=0.1,
-                        help="fail when the max absolute logit difference to adapter-on-4-bit exceeds this "
+                        help="warn when the max absolute logit difference to adapter-on-4-bit exceeds this "
                              "many standard deviations of its logits (default: 0.1)")
-    parser.add_argument("--allow-divergence", action="store_true",
-                        help="keep a merged model that fails the check: warn and exit 0")
     return parser.parse_args(args)
 
 
@@ -202,15 +175,8 @@ def main(args: Optional[Sequence[str]] = None) -> dict:
                              opts.tolerance)
     print(json.dumps(report, indent=2))
     if report.get("within_tolerance") is False:
-        if opts.into == "original":
-            why = "expected with --into original (the 4-bit quantization error)"
-        elif report.get("passing_dtype"):
-            why = f"--dtype {report['passing_dtype']} passes"
-        else:
-            why = "no wider --dtype passes"
-        message = (f"merged logits differ from adapter-on-4-bit by up to {report['max_abs_logit_diff']:.4g} "
-                   f"(> {opts.tolerance:.4g} x logit std {report['reference_logit_std']:.4g}): {why}")
-        if not opts.allow_divergence:
-            raise UserError(f"{message}; the model in {opts.output} is kept, pass --allow-divergence to accept it")
-        log.warning("%s", message)
+        log.warning("merged logits differ from adapter-on-4-bit by up to %.4g (> %.4g x logit std %.4g)%s",
+                    report["max_abs_logit_diff"], opts.tolerance, report["reference_logit_std"],
+                    ": expected with --into original (the 4-bit quantization error)" if opts.into == "original"
+                    else "")
     return report

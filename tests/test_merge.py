@@ -69,29 +69,11 @@ def test_merge_cli_writes_a_standalone_bf16_model_within_bf16_tolerance(adapter_
     assert all(type(m) is torch.nn.Linear for name, m in merged.named_modules() if name.endswith("q_proj"))
     assert (output / "tokenizer_config.json").is_file()
 
-    original_args = ["merge", "--adapter", str(adapter_dir), "--output", str(tmp_path / "original"),
-                     "--into", "original"]
-    with pytest.raises(SystemExit) as exit_info:
-        main(original_args)
-    assert "expected with --into original" in str(exit_info.value.code)
-    assert str(exit_info.value.code).endswith("pass --allow-divergence to accept it")
     with caplog.at_level(logging.WARNING, logger="qlora_lightning.merge"):
-        main([*original_args, "--allow-divergence"])
+        main(["merge", "--adapter", str(adapter_dir), "--output", str(tmp_path / "original"), "--into", "original"])
     original = json.loads((tmp_path / "original" / "merge_report.json").read_text())
     assert not original["within_tolerance"] and "expected with --into original" in caplog.text
     assert original["max_abs_logit_diff"] > 5 * report["max_abs_logit_diff"]
-
-
-def test_merge_that_fails_the_check_exits_nonzero_naming_a_dtype_that_passes(adapter_dir, tmp_path):
-    # Against an fp32-compute reference at 1e-3 logit stds: bf16's rounding of the merged weights
-    # (about 1e-2, the test above) fails, fp32's (summation order only, about 1e-6) passes.
-    output = tmp_path / "merged"
-    with pytest.raises(SystemExit) as exit_info:
-        main(["merge", "--adapter", str(adapter_dir), "--output", str(output), "--tolerance", "1e-3",
-              "--compute-dtype", "float32"])
-    report = json.loads((output / "merge_report.json").read_text())
-    assert not report["within_tolerance"] and report["passing_dtype"] in ("float16", "float32"), report
-    assert f"--dtype {report['passing_dtype']} passes" in str(exit_info.value.code)
 
 
 def test_dequantized_merge_of_a_16bit_adapter_is_refused_in_one_line(adapter_dir, tmp_path):
