@@ -48,8 +48,9 @@ def _rows(args: argparse.Namespace, vocab: int) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     prompt_len = args.seq // 4
     draw = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()  # noqa: E731
-    return [{"prompt_ids": draw(prompt_len), "chosen_ids": draw(args.seq - prompt_len),
-             "rejected_ids": draw(args.seq - prompt_len)} for _ in range(args.warmup + args.steps)]
+    prompts = [draw(prompt_len) for _ in range(args.warmup + args.steps)]
+    return [{"chosen_prompt_ids": prompt, "chosen_ids": draw(args.seq - prompt_len), "rejected_prompt_ids": prompt,
+             "rejected_ids": draw(args.seq - prompt_len)} for prompt in prompts]
 
 
 def run_variant(args: argparse.Namespace) -> dict:
@@ -86,7 +87,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     if args.variant == "sft":
         module = SFTModule(**common)
         batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-                   for ids in (torch.tensor([r["prompt_ids"] + r["chosen_ids"]]) for r in rows)]
+                   for ids in (torch.tensor([r["chosen_prompt_ids"] + r["chosen_ids"]]) for r in rows)]
         fit_data = {"train_dataloaders": DataLoader(batches, batch_size=None)}  # items are whole micro-batches
     else:
         module = DPOModule(**common, precompute_ref_logps=args.variant == "dpo_precomputed")

@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
+from qlora_lightning import console
 from qlora_lightning.data.base import SFTDataModule
 from qlora_lightning.errors import UserError
 from qlora_lightning.modules.base import QLoRAModule
@@ -166,11 +167,15 @@ _TOOLS = {"merge": "qlora_lightning.merge", "estimate": "qlora_lightning.estimat
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
+    console.configure(verbose="--verbose" in argv)
+    argv = [arg for arg in argv if arg != "--verbose"]  # the project's flag, not LightningCLI's
+    if args is None:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (and warns when given a copy of it)
     try:
         if argv[:1] and argv[0] in _TOOLS:
             importlib.import_module(_TOOLS[argv[0]]).main(argv[1:])
             return
-        make_cli(args)
+        make_cli(None if args is None else argv)
     except ArgumentError as err:
         sys.exit(f"error: {one_line(str(err))} (see --help)")
     except UserError as err:

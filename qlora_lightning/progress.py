@@ -4,7 +4,8 @@ With ``max_steps`` set (and ``max_epochs`` left at -1), Lightning's bars cap eac
 at the optimizer steps left, forgetting gradient accumulation (the quickstart's last epoch read
 ``4/2``: four micro-batches of two remaining steps); the Rich bar also describes the epoch as
 ``Epoch e/max_epochs-1``, which reads ``Epoch 99/-2``. Here the cap counts micro-batches and the
-Rich bar names the step: ``Epoch 99 · step 198/200``.
+Rich bar names the step: ``Epoch 99 · step 198/200``. Neither shows the logger's version number
+(``v_num: 0.000``), which the run folder's name already says.
 """
 
 from __future__ import annotations
@@ -28,8 +29,17 @@ def _train_batches(trainer: Trainer) -> Union[int, float]:
     return min(trainer.num_training_batches, remaining)
 
 
+def _without_version(metrics: dict) -> dict:
+    metrics.pop("v_num", None)
+    return metrics
+
+
 class StepTQDMProgressBar(TQDMProgressBar):
     """Lightning's tqdm bar with the last epoch's micro-batches counted with accumulation."""
+
+    @override
+    def get_metrics(self, trainer, pl_module) -> dict:
+        return _without_version(super().get_metrics(trainer, pl_module))
 
     @property
     @override
@@ -40,6 +50,10 @@ class StepTQDMProgressBar(TQDMProgressBar):
 class StepRichProgressBar(RichProgressBar):
     """Lightning's Rich bar with the last epoch's micro-batches counted with accumulation, described
     by the optimizer step where ``max_steps`` ends the run."""
+
+    @override
+    def get_metrics(self, trainer, pl_module) -> dict:
+        return _without_version(super().get_metrics(trainer, pl_module))
 
     @property
     @override

@@ -39,6 +39,7 @@ from tests.conftest import EXAMPLES, REPO, TINY_LLAMA, sft_module, tiny_spec, to
 
 FSDP_CONFIG = REPO / "configs" / "mistral_fsdp.yaml"
 STEPS = 4
+ADAM_LR = 1e-2  # every run's AdamW learning rate, constant (no warm-up)
 RESUME_AFTER = {"resume": 1, "resumelate": 3}  # optimizer steps of the first fit
 # Small enough that every step clips (FSDP: through the root's clip_grad_norm_, over all shards).
 # Not in bf16 runs: the shards' norm, summed in another order, differs in its last bit, and bf16
@@ -127,13 +128,13 @@ def module_and_data(task: str, sft_adapter: Optional[str] = None, bf16: bool = F
         data = GSM8KDataModule(path=str(EXAMPLES / "gsm8k_train.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
                                num_samples=16, batch_size=2, val_fraction=0.25)
         # Gradient checkpointing asked for: under FSDP the strategy's policy replaces it.
-        return sft_module(base=base, r=8, lr=1e-2, gradient_checkpointing=True,
+        return sft_module(base=base, r=8, lr=ADAM_LR, gradient_checkpointing=True,
                           loss_chunk_size=CHUNK if chunked else None), data
     data = PreferenceDataModule(path=str(EXAMPLES / "preference.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
                                 max_seq_length=128, batch_size=2, val_fraction=0.2)
     # The reference is the SFT adapter, frozen beside the policy on the one (sharded) base.
     module = DPOModule(base=base, lora=LoraSpec(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False,
-                       optimizer=functools.partial(torch.optim.AdamW, lr=1e-2), warmup_ratio=0.0,
+                       optimizer=functools.partial(torch.optim.AdamW, lr=ADAM_LR), warmup_ratio=0.0,
                        sft_adapter=sft_adapter, loss_chunk_size=CHUNK if chunked else None)
     return module, data
 

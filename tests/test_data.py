@@ -182,7 +182,7 @@ def test_long_prompt_is_cut_from_the_left_and_the_response_kept(tokenizer):
     data = GSM8KDataModule(path="unused.jsonl", tokenizer=tokenizer, max_seq_length=64)
     out = _encode_one(data, row)
     ids, labels = out["input_ids"], out["labels"]
-    assert out["truncated"] and out["drop_reason"] == "" and len(ids) == 64
+    assert out["prompt_truncated"] and not out["response_truncated"] and out["drop_reason"] == "" and len(ids) == 64
     assert ids[0] == tokenizer.bos_token_id  # BOS survives the cut
     (prompt, response), = gsm8k_turns(row)
     runs = _runs(labels)
@@ -197,7 +197,7 @@ def test_overlong_response_is_cut_on_the_right(tokenizer):
     data = GSM8KDataModule(path="unused.jsonl", tokenizer=tokenizer, max_seq_length=48)
     out = _encode_one(data, row)
     ids, labels = out["input_ids"], out["labels"]
-    assert out["truncated"] and len(ids) == 48
+    assert out["response_truncated"] and out["final_line_lost"] and len(ids) == 48
     labelled = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
     assert tokenizer.eos_token_id not in labelled  # the end was cut off
     assert "0 1 2 3" in tokenizer.decode(labelled) and "299" not in tokenizer.decode(labelled)

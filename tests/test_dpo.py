@@ -16,14 +16,9 @@ import torch
 import torch.nn.functional as F
 from tests.conftest import EXAMPLES, REPO, TINY_LLAMA, cpu_trainer, shared_path, tiny_spec
 
-from qlora_lightning.data.preference import (
-    PreferenceDataModule,
-    pair_from_columns,
-    pair_from_transcripts,
-    tokenize_pair,
-    truncate_pair,
-)
-from qlora_lightning.data.tokenize import ChatFormat, RowError, tokenize_messages
+from qlora_lightning.data.formats import DEFAULT_ROLES, column_pair, hh_rlhf_pair, trl_pair
+from qlora_lightning.data.preference import PreferenceDataModule, tokenize_pair
+from qlora_lightning.data.tokenize import PROMPT_TOO_LONG, ChatFormat, RowError, plan_cut, tokenize_messages
 from qlora_lightning.losses import IGNORE_INDEX, dpo_loss, sequence_logps
 from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model
 from qlora_lightning.modules.dpo import REFERENCE_ADAPTER, DPOModule, reference_fingerprint
@@ -146,41 +141,44 @@ def test_dpo_loss_rejects_bad_settings():
 # ---- preference data ---------------------------------------------------------------------
 
 def test_row_layouts():
-    # Intel/orca_dpo_pairs: system + question + two answers.
+    # Intel/orca_dpo_pairs: system + question + two answers, read as named columns.
     orca = {"system": "Be brief.", "question": "2+2?", "chosen": "4", "rejected": "5"}
-    assert pair_from_columns(orca, "question", "chosen", "rejected", "system") == (
+    assert column_pair(orca, DEFAULT_ROLES, "question", "chosen", "rejected", "system") == (
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "4", "5")
-    # HuggingFaceH4/ultrafeedback_binarized: whole conversations; the prompt column is ignored.
+    # HuggingFaceH4/ultrafeedback_binarized: whole conversations; the prompt column only repeats them.
     conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                     {"role": "user", "content": "Name a color."}]
     uf = {"prompt": "Name a color.", "chosen": conversation + [{"role": "assistant", "content": "Blue."}],
           "rejected": conversation + [{"role": "assistant", "content": "No."}]}
-    assert pair_from_columns(uf, "prompt", "chosen", "rejected", None) == (conversation, "Blue.", "No.")
+    assert trl_pair(uf, DEFAULT_ROLES) == (conversation, "Blue.", "No.")
+    assert trl_pair({k: v for k, v in uf.items() if k != "prompt"}, DEFAULT_ROLES) == (conversation, "Blue.", "No.")
     # TRL's conversational format: prompt messages, one-message responses.
     trl_row = {"prompt": conversation, "chosen": [{"role": "assistant", "content": "Red."}],
                "rejected": [{"role": "assistant", "content": "Soup."}]}
-    assert pair_from_columns(trl_row, "prompt", "chosen", "rejected", None) == (conversation, "Red.", "Soup.")
+    assert trl_pair(trl_row, DEFAULT_ROLES) == (conversation, "Red.", "Soup.")
     # Anthropic/hh-rlhf: two transcripts split at the last assistant turn.
     shared = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a color."
     hh = {"chosen": shared + "\n\nAssistant: Blue.", "rejected": shared + "\n\nAssistant: No."}
-    assert pair_from_transcripts(hh, "chosen", "rejected") == (conversation, "Blue.", "No.")
+    assert hh_rlhf_pair(hh, DEFAULT_ROLES) == (conversation, "Blue.", "No.")
     with pytest.raises(RowError, match="share a prompt"):
-        pair_from_transcripts({"chosen": hh["chosen"], "rejected": "\n\nHuman: Other\n\nAssistant: No."},
-                              "chosen", "rejected")
-    with pytest.raises(RowError, match="different conversations"):
-        pair_from_columns({**uf, "rejected": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "x"}]},
-                          "prompt", "chosen", "rejected", None)
+        hh_rlhf_pair({"chosen": hh["chosen"], "rejected": "\n\nHuman: Other\n\nAssistant: No."}, DEFAULT_ROLES)
+    with pytest.raises(RowError, match="share no prompt"):
+        trl_pair({**uf, "rejected": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "x"}]},
+                 DEFAULT_ROLES)
+    with pytest.raises(RowError, match="'chosen' is not one assistant reply"):  # they part before their last turn
+        trl_pair({**uf, "rejected": conversation[:1] + [{"role": "assistant", "content": "x"}]}, DEFAULT_ROLES)
 
 
 def test_pair_tokens_match_sft_rendering(tokenizer):
     prompt = [{"role": "user", "content": "What is 7 times 8?"}]
     out = tokenize_pair(prompt, "It is 56.", "It is 54.", tokenizer, ChatFormat(), 128, 64, False)
     sft = tokenize_messages(prompt + [{"role": "assistant", "content": "It is 56."}], tokenizer, ChatFormat(), 128)
-    assert out["prompt_ids"] + out["chosen_ids"] == sft["input_ids"]
+    assert out["chosen_prompt_ids"] + out["chosen_ids"] == sft["input_ids"]
+    assert out["rejected_prompt_ids"] == out["chosen_prompt_ids"]
     response = [i for i, label in enumerate(sft["labels"]) if label != IGNORE_INDEX]
-    assert response[0] == len(out["prompt_ids"])  # the boundary is where SFT's loss starts
+    assert response[0] == len(out["chosen_prompt_ids"])  # the boundary is where SFT's loss starts
     assert out["chosen_ids"][-1] == out["rejected_ids"][-1] == tokenizer.eos_token_id
-    assert not out["truncated"]
+    assert not out["prompt_truncated"] and not out["response_truncated"]
 
 
 def test_pair_tokens_with_a_chat_template(tokenizer):
@@ -190,7 +188,7 @@ def test_pair_tokens_with_a_chat_template(tokenizer):
     templated.chat_template = chatml
     prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "7 times 8?"}]
     out = tokenize_pair(prompt, "56", "54", templated, ChatFormat(), 128, 64, use_chat_template=True)
-    assert templated.decode(out["prompt_ids"]).endswith("<|im_start|>assistant\n")
+    assert templated.decode(out["chosen_prompt_ids"]).endswith("<|im_start|>assistant\n")
     assert templated.decode(out["chosen_ids"]) == "56<|im_end|>\n"
     assert templated.decode(out["rejected_ids"]) == "54<|im_end|>\n"
 
@@ -200,7 +198,8 @@ def test_hh_rlhf_layout_through_the_datamodule(tmp_path):
              "rejected": f"\n\nHuman: What is {a} plus {a}?\n\nAssistant: {2 * a + 1}."} for a in range(10)]
     path = tmp_path / "hh.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    dm = preference_data(str(path), layout="hh-rlhf")
+    dm = preference_data(str(path))  # format: auto finds hh_rlhf
+    assert dm.row_format == "hh_rlhf"
     assert len(dm.splits["train"]) + len(dm.splits["val"]) == 10
     batch = ordered_batches(dm)[0]
     pairs = batch["input_ids"].shape[0] // 2
@@ -216,36 +215,38 @@ def test_hh_rlhf_layout_through_the_datamodule(tmp_path):
 
 
 def test_truncation_cuts_the_prompt_first():
-    bos, prompt = [1], list(range(100, 109))  # 10 prompt tokens with BOS
-    chosen, rejected = list(range(200, 206)), list(range(300, 303))
-    # 16 > 12 tokens: 4 prompt tokens go (oldest first, BOS kept); the responses stay whole.
-    p, c, r, cut = truncate_pair(bos + prompt, chosen, rejected, 12, 4, n_keep_left=1)
-    assert (p, c, r, cut) == (bos + prompt[4:], chosen, rejected, True)
-    # 16 > 11: the prompt goes down to max_prompt_length (8) only; then the responses are cut on the right.
-    p, c, r, cut = truncate_pair(bos + prompt, chosen, rejected, 11, 8, n_keep_left=1)
-    assert (p, c, r) == (bos + prompt[-7:], chosen[:3], rejected)
-    assert truncate_pair(bos + prompt, chosen, rejected, 20, 4) == (bos + prompt, chosen, rejected, False)
-    with pytest.raises(RowError, match="prompt longer"):
-        truncate_pair(bos + prompt, chosen, rejected, 10, 4)
+    # 1 head token (BOS) + 9 prompt tokens, 6 response tokens: 16 > 12, 4 prompt tokens go
+    # (oldest first, head kept); the response stays whole.
+    assert plan_cut(n_head=1, n_prompt=10, n_response=6, limit=12, max_prompt_length=4) == (4, 0)
+    # 16 > 11: the prompt goes down to max_prompt_length (8) only; then the response is cut on the right.
+    assert plan_cut(n_head=1, n_prompt=10, n_response=6, limit=11, max_prompt_length=8) == (2, 3)
+    assert plan_cut(n_head=1, n_prompt=10, n_response=6, limit=20, max_prompt_length=4) == (0, 0)
+    # A head (BOS + system message) that leaves no room for a response token: the only drop.
+    assert plan_cut(n_head=9, n_prompt=10, n_response=6, limit=10, max_prompt_length=4) == (1, 5)
+    with pytest.raises(RowError, match=PROMPT_TOO_LONG):
+        plan_cut(n_head=10, n_prompt=12, n_response=6, limit=10, max_prompt_length=4)
 
 
 def test_bad_pairs_are_counted_and_skipped_with_one_warning_line(tmp_path, caplog):
     good = [json.loads(line) for line in Path(PREFERENCE).read_text().splitlines()]
     bad = [{"prompt": "Same?", "chosen": "Yes.", "rejected": "Yes."},
            {"prompt": "Empty?", "chosen": "Something.", "rejected": "  "},
-           {"prompt": "word " * 400, "chosen": "Long.", "rejected": "Short."}]
+           {"prompt": [{"role": "system", "content": "rule " * 400}, {"role": "user", "content": "Hi?"}],
+            "chosen": "Long.", "rejected": "Short."}]
+    kept_long = {"prompt": "word " * 400 + "Last?", "chosen": "Long.", "rejected": "Short."}  # cut, not dropped
     path = tmp_path / "pairs.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in good + bad))
+    path.write_text("".join(json.dumps(row) + "\n" for row in good + bad + [kept_long]))
     with caplog.at_level(logging.WARNING, logger="qlora_lightning.data.base"):
         dm = preference_data(str(path), val_fraction=0.1)
     dropped = sum(sum(dm.report[split]["dropped"].values()) for split in ("train", "val"))
     reasons = set(dm.report["train"]["dropped"]) | set(dm.report["val"]["dropped"])
     assert dropped == 3
-    assert reasons == {"chosen and rejected are identical", "empty response", "prompt longer than max_seq_length"}
+    assert reasons == {"chosen and rejected are identical", "empty response", PROMPT_TOO_LONG}
+    assert sum(dm.report[split]["prompt_truncated"] for split in ("train", "val")) == 1
     warnings = [r.getMessage() for r in caplog.records
                 if r.levelno == logging.WARNING and r.name.startswith("qlora_lightning")]
     assert 1 <= len(warnings) <= 2 and all("\n" not in w and "dropped" in w for w in warnings)  # one per split
-    assert len(dm.splits["train"]) + len(dm.splits["val"]) == len(good)
+    assert len(dm.splits["train"]) + len(dm.splits["val"]) == len(good) + 1
 
     module = dpo_module(loss_type="ipo")
     module.configure_model()
@@ -386,9 +387,9 @@ def test_dpo_on_stories260k_learns_the_preferences_while_the_reference_stays_fix
     model_dir = str(shared_path("models", "stories260K"))
     data = str(shared_path("datasets", "preference", "oasst1_en_validation_pairs.jsonl"))
     torch.manual_seed(0)
-    dm = preference_data(data, tokenizer=model_dir, num_samples=160, num_val_samples=4, max_seq_length=96,
+    dm = preference_data(data, tokenizer=model_dir, num_samples=40, num_val_samples=4, max_seq_length=96,
                          batch_size=8)
-    assert len(dm.splits["train"]) >= 32  # long prompts are dropped; enough short ones remain
+    assert len(dm.splits["train"]) == 40 and dm.report["train"]["prompt_truncated"]  # long pairs are cut, not dropped
     module = dpo_module(BaseModelSpec(name_or_path=model_dir, compute_dtype="float32", quantization="none"), lr=1e-2,
                         precompute_ref_logps=True, beta=0.1)
     module.configure_model()

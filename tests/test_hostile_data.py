@@ -44,25 +44,30 @@ def _write(path, rows):
 @pytest.mark.parametrize("cls", list(GOOD), ids=lambda c: c.__name__)
 def test_malformed_rows_are_counted_not_fatal(cls, tokenizer, tmp_path):
     rng = random.Random(0)
-    rows = [_hostile(GOOD[cls], rng) for _ in range(200)] + [GOOD[cls]] * 5 + \
-        [{**GOOD[cls]}] * 0
+    # Good rows (each string made distinct) among the hostile ones, and 5 copies of one of them.
+    good = [{key: f"{value} {i}" if value else value for key, value in GOOD[cls].items()} for i in range(20)]
+    rows = good + [good[0]] * 5 + [_hostile(GOOD[cls], rng) for _ in range(200)]
     total = _write(tmp_path / "rows.jsonl", rows)
     dm = cls(path=str(tmp_path / "rows.jsonl"), tokenizer=tokenizer, max_seq_length=64, val_fraction=0.2, seed=0)
     dm.setup("fit")
 
-    report = dm.report
-    assert sum(r["rows"] for r in report.values()) == total
+    report, read = dm.report, dm.read_report
+    assert read["rows"] == total == sum(r["rows"] for r in report.values()) + read["duplicates"]
+    copies = [d["at"] for d in read["duplicate_rows"] if d["reason"] == "duplicate (line 1)"]  # of good[0]
+    assert copies == [f"line {n}" for n in range(21, 26)]
     for split in report.values():
         assert split["kept"] + sum(split["dropped"].values()) == split["rows"]
+        assert len(split["dropped_rows"]) == sum(split["dropped"].values())  # each named by its line
+        assert all(d["at"].startswith("line ") for d in split["dropped_rows"])
     reasons = set().union(*(split["dropped"] for split in report.values()))
-    assert "invalid JSON" in reasons and "duplicate" in reasons
+    assert "invalid JSON" in reasons
     assert any(r.startswith("missing field") for r in reasons)
     kept = [row for split in dm.splits.values() for row in split]
     assert kept and all(len(row["input_ids"]) <= 64 for row in kept)
 
 
-def test_strict_mode_names_the_first_bad_row(tokenizer, tmp_path):
+def test_strict_mode_names_the_first_bad_row_by_its_line(tokenizer, tmp_path):
     _write(tmp_path / "rows.jsonl", [GOOD[GSM8KDataModule], {"question": "no answer"}])
     dm = GSM8KDataModule(path=str(tmp_path / "rows.jsonl"), tokenizer=tokenizer, strict=True, val_fraction=0.5)
-    with pytest.raises(UserError, match=r"row \d+ of the \w+ split .*data.strict"):
+    with pytest.raises(UserError, match=r"^line 2 of '.*rows.jsonl' \(\w+ split\): missing field 'answer' .*data.strict"):
         dm.setup("fit")

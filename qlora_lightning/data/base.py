@@ -11,7 +11,7 @@ import logging
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import datasets
 import torch
@@ -21,9 +21,11 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
+from qlora_lightning.data.formats import SFT_FORMATS, UNMAPPED, Format, detect_format, fields_read, role_map, sft_reader
 from qlora_lightning.data.packing import PackingMode, collate_packs, pack_examples
 from qlora_lightning.data.sampling import EpochSeededSampler, LengthGroupedSampler
-from qlora_lightning.data.tokenize import RAW_JSON, ChatFormat, Message, RowError, decode_row, tokenize_messages
+from qlora_lightning.data.tokenize import (
+    RAW_JSON, ChatFormat, Message, RowError, TrainOn, decode_row, tokenize_messages)
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import IGNORE_INDEX
 from qlora_lightning.model import load_tokenizer
@@ -34,12 +36,19 @@ log = logging.getLogger(__name__)
 # Room for a prompt and a response; checked when a config is parsed.
 SequenceLength = restricted_number_type("SequenceLength", int, [(">=", 16)])
 
+_LISTED = 100  # dropped rows listed one by one in data_report.json (all are counted)
+
 _FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
                   ".arrow": "arrow", ".txt": "text"}
 
 
+# Column added to every raw split: where the row sits in its source ("line 12", "item 3",
+# "test row 5"), so that every error and report entry points at the user's own file.
+ORIGIN = "__origin__"
+
+
 def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> datasets.DatasetDict:
-    """A local file or directory, or else a hub dataset id, as a DatasetDict of splits."""
+    """A local file or directory, or else a hub dataset id, as a DatasetDict of splits with an ``ORIGIN`` column."""
     local = Path(path).expanduser()
     try:
         if local.is_file():
@@ -47,23 +56,42 @@ def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> datasets.Da
             if builder is None:
                 raise UserError(f"data file '{path}': unsupported extension (use {', '.join(_FILE_BUILDERS)})")
             try:
-                return datasets.load_dataset(builder, data_files={"train": str(local)})
+                raw = datasets.load_dataset(builder, data_files={"train": str(local)})
             except Exception:
                 if builder != "json":
                     raise
                 return _lenient_json(local)
+            return datasets.DatasetDict({"train": raw["train"].add_column(ORIGIN, _file_origins(local, raw["train"]))})
         if local.is_dir():
             if (local / "dataset_dict.json").is_file():
-                return datasets.load_from_disk(str(local))
-            return datasets.load_dataset(str(local))
-        if path.startswith((".", "/", "~")) or Path(path).suffix in _FILE_BUILDERS:
+                raw = datasets.load_from_disk(str(local))
+            else:
+                raw = datasets.load_dataset(str(local))
+        elif path.startswith((".", "/", "~")) or Path(path).suffix in _FILE_BUILDERS:
             raise UserError(f"data path '{path}' does not exist")
-        return datasets.load_dataset(path, hub_config)
+        else:
+            raw = datasets.load_dataset(path, hub_config)
+        return datasets.DatasetDict({name: ds.add_column(ORIGIN, [f"{name} row {i + 1}" for i in range(len(ds))])
+                                     for name, ds in raw.items()})
     except UserError:
         raise
     except Exception as err:  # datasets raises many types; the user needs the first line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load data '{path}': {first}") from None
+
+
+def _file_origins(path: Path, ds: datasets.Dataset) -> list[str]:
+    """Each row's place in its file: the line of a JSON Lines or text file, the item of a JSON array, else the row."""
+    if path.suffix.lower() in (".jsonl", ".json", ".txt"):
+        with path.open(encoding="utf-8", errors="replace") as f:
+            head = f.read(4096).lstrip()
+        if head.startswith("[") and path.suffix.lower() == ".json":
+            return [f"item {i + 1}" for i in range(len(ds))]
+        with path.open(encoding="utf-8", errors="replace") as f:
+            lines = [n + 1 for n, line in enumerate(f) if line.strip()]  # the loaders skip blank lines
+        if len(lines) == len(ds):
+            return [f"line {n}" for n in lines]
+    return [f"row {i + 1}" for i in range(len(ds))]
 
 
 def resolve_tokenizer(tokenizer: Optional[Union[str, PreTrainedTokenizerBase]]) -> PreTrainedTokenizerBase:
@@ -82,37 +110,62 @@ def _lenient_json(path: Path) -> datasets.DatasetDict:
     except ValueError:
         whole = None
     if isinstance(whole, list):
-        lines = [json.dumps(row) for row in whole]
+        rows = [(f"item {i + 1}", json.dumps(row)) for i, row in enumerate(whole)]
     else:
-        lines = [line for line in text.splitlines() if line.strip()]
-    return datasets.DatasetDict({"train": datasets.Dataset.from_dict({RAW_JSON: lines})})
+        rows = [(f"line {n + 1}", line) for n, line in enumerate(text.splitlines()) if line.strip()]
+    return datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {RAW_JSON: [line for _, line in rows], ORIGIN: [origin for origin, _ in rows]})})
+
+
+def without_origin(row: dict) -> dict:
+    """The row as its file has it: decoded (``decode_row``) and without the ``ORIGIN`` column."""
+    return decode_row({key: value for key, value in row.items() if key != ORIGIN})
 
 
 def _encode_row(row: dict, to_messages: Callable[[dict], list[Message]], tokenizer: PreTrainedTokenizerBase,
-                fmt: ChatFormat, max_seq_length: int, use_chat_template: bool) -> dict:
+                fmt: ChatFormat, max_seq_length: int, max_prompt_length: int, use_chat_template: bool,
+                train_on: TrainOn) -> dict:
     """Module-level (not a method) so that `datasets` can hash it and cache the tokenized split."""
     try:
-        out = tokenize_messages(to_messages(decode_row(row)), tokenizer, fmt, max_seq_length, use_chat_template)
-        return {**out, "drop_reason": ""}
+        messages = to_messages(without_origin(row))
+        out = tokenize_messages(messages, tokenizer, fmt, max_seq_length, max_prompt_length, use_chat_template,
+                                train_on)
+        return {**out, "final_line_lost": out["response_truncated"] and _final_line_lost(messages, out, tokenizer),
+                "drop_reason": ""}
     except RowError as err:
-        return {"input_ids": [], "labels": [], "truncated": False, "drop_reason": str(err)}
+        return {"input_ids": [], "labels": [], "prompt_truncated": False, "response_truncated": False,
+                "final_line_lost": False, "drop_reason": str(err)}
 
 
-def _mark_duplicates(encoded: datasets.Dataset) -> tuple[datasets.Dataset, Counter]:
-    """Mark as ``duplicate`` each kept row whose tokens repeat an earlier one; count all drop reasons."""
-    columns = [c for c in encoded.column_names if c not in ("drop_reason", "truncated")]
-    seen, reasons, marks = set(), Counter(), []
-    for row in encoded:
-        reason = row["drop_reason"]
-        if not reason:
-            key = hash(tuple(tuple(row[c]) if isinstance(row[c], list) else row[c] for c in columns))
-            reason = "duplicate" if key in seen else ""
-            seen.add(key)
-        marks.append(reason)
-        reasons.update([reason] if reason else [])
-    if reasons["duplicate"]:
-        encoded = encoded.remove_columns("drop_reason").add_column("drop_reason", marks)
-    return encoded, reasons
+def _final_line_lost(messages: list[Message], encoded: dict, tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether a response cut on the right lost its last line (GSM8K's ``#### N``, the end of a code block)."""
+    final = messages[-1]["content"].strip().splitlines()[-1]
+    labels = encoded["labels"]
+    start = len(labels)
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1  # the last trained run: what is left of the last response
+    kept = tokenizer.decode(labels[start:], skip_special_tokens=True)
+    return "".join(final.split()) not in "".join(kept.split())  # tokenizers may move spaces
+
+
+def _row_key(row: dict) -> str:
+    """A row's content, for finding duplicates: its raw JSON text, or its fields as sorted JSON."""
+    if RAW_JSON in row:
+        return row[RAW_JSON]
+    return json.dumps({k: v for k, v in row.items() if k != ORIGIN}, sort_keys=True, default=str)
+
+
+def drop_duplicates(ds: datasets.Dataset, seen: dict[str, str]) -> tuple[datasets.Dataset, list[dict]]:
+    """The rows whose content no earlier row had (``seen``: content -> origin, updated), and the others' entries."""
+    keep, dropped = [], []
+    for i, row in enumerate(ds):
+        key = _row_key(row)
+        if key in seen:
+            dropped.append({"at": row[ORIGIN], "reason": f"duplicate ({seen[key]})"})
+        else:
+            seen[key] = row[ORIGIN]
+            keep.append(i)
+    return (ds.select(keep) if dropped else ds), dropped
 
 
 class SFTDataModule(LightningDataModule):
@@ -146,6 +199,17 @@ class SFTDataModule(LightningDataModule):
         group_by_length: Without packing, batch examples of similar length (less padding); the
             order is still random from batch to batch of length groups.
         strict: Fail on the first bad row (saying which and why) instead of dropping and counting it.
+        format: How a row holds its turns (see ``data/formats.py``): ``auto`` detects it from the
+            first rows and logs what it found.
+        roles: Role names of the data -> ``system`` / ``user`` / ``assistant`` / ``tool``, on top of
+            ``formats.DEFAULT_ROLES`` (``human`` -> user, ``gpt`` -> assistant, ``developer`` -> system, ...).
+        unmapped_roles: A row with a role no entry maps stops the run (``error``, naming the role and
+            the row's line), or is dropped and counted (``drop``). It is never trained by guess.
+        train_on: ``all_assistant``: loss on every assistant turn; ``last_assistant``: on the last
+            one only. System, user and tool turns are never trained.
+        max_prompt_length: When a row is too long, its prompt is cut from the left down to no
+            fewer than this many tokens, then its response from the right; default
+            ``max_seq_length // 2``.
     """
 
     default_path: str = ""
@@ -173,6 +237,11 @@ class SFTDataModule(LightningDataModule):
         packing: PackingMode = "off",
         group_by_length: bool = False,
         strict: bool = False,
+        format: Format = "auto",
+        roles: Optional[dict[str, str]] = None,
+        unmapped_roles: Literal["error", "drop"] = "error",
+        train_on: TrainOn = "all_assistant",
+        max_prompt_length: Optional[PositiveInt] = None,
     ):
         super().__init__()
         self.path = shipped(path or self.default_path)
@@ -182,33 +251,54 @@ class SFTDataModule(LightningDataModule):
         self.num_samples, self.num_val_samples, self.seed = num_samples, num_val_samples, seed
         self.max_seq_length, self.batch_size, self.num_workers = max_seq_length, batch_size, num_workers
         self.use_chat_template = use_chat_template
-        self.format = ChatFormat(user_template or self.default_user_template, system_template)
-        if "{content}" not in self.format.user_template:
-            raise UserError(f"data.user_template must contain '{{content}}': {self.format.user_template!r}")
+        self.chat_format = ChatFormat(user_template or self.default_user_template, system_template)
+        if "{content}" not in self.chat_format.user_template:
+            raise UserError(f"data.user_template must contain '{{content}}': {self.chat_format.user_template!r}")
+        if format != "auto" and format not in self.formats:
+            raise UserError(f"data.format '{format}' does not apply to {type(self).__name__} "
+                            f"(use one of: auto, {', '.join(self.formats)})")
+        self.format, self.roles, self.unmapped_roles, self.train_on = format, role_map(roles), unmapped_roles, train_on
+        self.max_prompt_length = self.max_seq_length // 2 if max_prompt_length is None else max_prompt_length
+        if self.max_prompt_length >= self.max_seq_length:
+            raise UserError(f"data.max_prompt_length must be below max_seq_length ({self.max_seq_length}), "
+                            f"got {self.max_prompt_length}")
+        # The format read: data.format, or what `auto` finds when the data is read (until then, the dataset's own).
+        self.row_format: Optional[str] = self.native_format if format == "auto" else format
         self.pad_to_multiple_of = pad_to_multiple_of
         if group_by_length and packing != "off":
             raise UserError("data.group_by_length applies only with data.packing 'off' (packs are already full)")
         self.packing, self.group_by_length = packing, group_by_length
         self.splits: dict[str, datasets.Dataset] = {}
         self.strict = strict
-        self.report: dict[str, dict] = {}  # per split: rows, kept, truncated, dropped {reason: count}
+        self.report: dict[str, dict] = {}  # per split: rows, kept, truncated, dropped
+        self.read_report: dict[str, Any] = {}  # before the split: rows, duplicates, fields no key reads
+
+    formats: tuple[str, ...] = SFT_FORMATS  # the values of data.format this module reads
+    native_format: Optional[str] = None  # what `auto` reads when no row shows a format (the dataset's own)
+    preference = False  # whether rows are preference pairs (decides what `auto` may detect)
+
+    def columns(self) -> Optional[dict]:
+        """The column names of the ``columns`` format (its subclasses name them)."""
+        return None
 
     def messages_fn(self) -> Callable[[dict], list[Message]]:
-        """The row -> chat messages function of this dataset; raises ``RowError`` for a bad row.
+        """The row -> chat messages function of the format read; raises ``RowError`` for a bad row.
 
-        Subclasses return a module-level function (or a ``functools.partial`` of one): `datasets`
-        hashes it to cache the tokenized split, which a bound method would defeat.
+        A ``functools.partial`` of a module-level function: `datasets` hashes it to cache the
+        tokenized split, which a bound method would defeat.
         """
-        raise NotImplementedError
+        return sft_reader(self.row_format, self.roles, self.columns())
 
     def encoder(self) -> tuple[Callable[..., dict], dict]:
         """The raw row -> tokens function that ``datasets.map`` runs, and its keyword arguments.
 
-        The function returns the tokenized columns plus ``truncated`` (bool) and ``drop_reason``
-        ('' for a kept row, else why it is dropped, counted and logged). Module-level, for caching.
+        The function returns the tokenized columns plus ``prompt_truncated``, ``response_truncated``
+        and ``final_line_lost`` (bools) and ``drop_reason`` ('' for a kept row, else why it is
+        dropped, counted and logged). Module-level, for caching.
         """
-        return _encode_row, {"to_messages": self.messages_fn(), "tokenizer": self.tokenizer, "fmt": self.format,
-                             "max_seq_length": self.max_seq_length, "use_chat_template": self.use_chat_template}
+        return _encode_row, {"to_messages": self.messages_fn(), "tokenizer": self.tokenizer, "fmt": self.chat_format,
+                             "max_seq_length": self.max_seq_length, "max_prompt_length": self.max_prompt_length,
+                             "use_chat_template": self.use_chat_template, "train_on": self.train_on}
 
     @property
     def dropped(self) -> dict[str, Counter]:
@@ -217,10 +307,11 @@ class SFTDataModule(LightningDataModule):
 
     def describe(self) -> dict:
         """What this data is, for run summaries."""
-        return {"dataset": self.path, "hub_config": self.hub_config, "num_samples": self.num_samples,
+        return {"dataset": self.path, "format": self.row_format, "hub_config": self.hub_config,
+                "num_samples": self.num_samples,
                 "train_rows": len(self.splits["train"]) if "train" in self.splits else None,
                 "val_rows": len(self.splits["val"]) if "val" in self.splits else None,
-                "max_seq_length": self.max_seq_length, "report": self.report,
+                "max_seq_length": self.max_seq_length, "read": self.read_report, "report": self.report,
                 "packing": self.packing, "group_by_length": self.group_by_length}  # packed: *_rows count packs
 
     # ---- Lightning hooks -------------------------------------------------------------
@@ -230,8 +321,13 @@ class SFTDataModule(LightningDataModule):
             return
         self.tokenizer = resolve_tokenizer(self.tokenizer)
         raw = load_raw_dataset(self.path, self.hub_config)
+        if self.train_split not in raw:
+            raise UserError(f"data '{self.path}' has no split '{self.train_split}' (it has: {', '.join(raw)})")
+        self.row_format = self._read_format(raw[self.train_split])
         train, val = self._split(raw)
         self.splits = {"train": self._encode(train, "train"), "val": self._encode(val, "val")}
+        log.info("data: %d train and %d validation rows of '%s' (format %s)", len(self.splits["train"]),
+                 len(self.splits["val"]), self.path, self.row_format)
         if self.packing != "off":
             self.splits = {name: pack_examples(ds, self.max_seq_length) for name, ds in self.splits.items()}
         self._write_report()
@@ -246,7 +342,8 @@ class SFTDataModule(LightningDataModule):
             return
         path = Path(log_dir) / "data_report.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"data": self.path, "splits": self.report}, indent=2) + "\n")
+        path.write_text(json.dumps({"data": self.path, "format": self.row_format, "read": self.read_report,
+                                    "splits": self.report}, indent=2) + "\n")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.splits["train"], shuffle=True)
@@ -259,15 +356,51 @@ class SFTDataModule(LightningDataModule):
 
     # ---- pieces ----------------------------------------------------------------------
 
+    def _read_format(self, ds: datasets.Dataset) -> str:
+        """``data.format``, or the format its first rows show (logged), after a warning for fields no key reads."""
+        first = []
+        for row in ds.select(range(min(len(ds), 20))):
+            try:
+                first.append(without_origin(row))
+            except RowError:  # a broken row tells nothing of the format; it is dropped when encoded
+                continue
+        fmt = self.format
+        if fmt == "auto":
+            fmt = detect_format(first, self.preference, self.path, fallback=self.native_format)
+            log.info("data '%s': format '%s' (detected from the fields %s)", self.path, fmt,
+                     ", ".join(sorted(set().union(*(row.keys() for row in first)))))
+        read = fields_read(fmt, self.columns())
+        if read is not None:
+            self._warn_unused_fields(ds, read)
+        return fmt
+
+    def _warn_unused_fields(self, ds: datasets.Dataset, read: set[str]) -> None:
+        """One warning naming each column no key reads that holds a value in some row (counted)."""
+        unused = {}
+        for name in set(ds.column_names) - read - {ORIGIN, RAW_JSON}:
+            filled = sum(value not in (None, "", [], {}) for value in ds[name])
+            if filled:
+                unused[name] = filled
+        if unused:
+            self.read_report["unused_fields"] = unused
+            detail = ", ".join(f"'{name}' ({n} rows)" for name, n in sorted(unused.items()))
+            log.warning("data '%s': fields read by no data key: %s (map them or remove them)", self.path, detail)
+
     def _split(self, raw: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dataset]:
-        if self.train_split not in raw:
-            raise UserError(f"data '{self.path}' has no split '{self.train_split}' (it has: {', '.join(raw)})")
-        train = raw[self.train_split]
+        # Duplicates go before the held-out split, so that no row sits in both splits. A dataset's
+        # own splits are each its authors' choice: deduplicated apart.
+        train, duplicates = drop_duplicates(raw[self.train_split], {})
         if self.val_split and self.val_split in raw:
-            val = raw[self.val_split]
+            val, more = drop_duplicates(raw[self.val_split], {})
+            duplicates += more
         else:
             held = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
             train, val = held["train"], held["test"]
+        self.read_report.update(rows=sum(len(raw[name]) for name in {self.train_split, self.val_split} & set(raw)),
+                                duplicates=len(duplicates), duplicate_rows=duplicates[:_LISTED])
+        if duplicates:
+            log.warning("data '%s': dropped %d duplicate rows (first: %s is a %s)", self.path, len(duplicates),
+                        duplicates[0]["at"], duplicates[0]["reason"])
         return self._sample(train, self.num_samples), self._sample(val, self.num_val_samples)
 
     def _sample(self, ds: datasets.Dataset, n: Optional[int]) -> datasets.Dataset:
@@ -277,33 +410,38 @@ class SFTDataModule(LightningDataModule):
 
     def _encode(self, ds: datasets.Dataset, name: str) -> datasets.Dataset:
         encode, fn_kwargs = self.encoder()
-        encoded = ds.map(
-            encode,
-            fn_kwargs=fn_kwargs,
-            remove_columns=ds.column_names,
-            desc=f"tokenizing {name}",
-        )
-        encoded, reasons = _mark_duplicates(encoded)
-        if self.strict and reasons:
-            first = next(i for i, r in enumerate(encoded["drop_reason"]) if r)
-            raise UserError(f"row {first} of the {name} split of '{self.path}': {encoded[first]['drop_reason']} "
-                            "(data.strict is on)")
-        kept = encoded.filter(lambda r: r == "", input_columns="drop_reason").remove_columns("drop_reason")
-        truncated = sum(kept["truncated"])
-        self.report[name] = {"rows": len(encoded), "kept": len(kept), "truncated": truncated,
-                             "dropped": dict(reasons.most_common())}
-        if reasons:
+        encoded = ds.map(encode, fn_kwargs=fn_kwargs, remove_columns=[c for c in ds.column_names if c != ORIGIN],
+                         desc=f"tokenizing {name}")
+        drops = [{"at": at, "reason": why} for at, why in zip(encoded[ORIGIN], encoded["drop_reason"]) if why]
+        self._refuse(drops, name)
+        kept = encoded.filter(lambda r: r == "", input_columns="drop_reason")
+        flags = [c for c in encoded.column_names if c.endswith(("_truncated", "_lost"))]
+        reasons = Counter(drop["reason"] for drop in drops)
+        self.report[name] = {"rows": len(encoded), "kept": len(kept), **{c: sum(kept[c]) for c in flags},
+                             "dropped": dict(reasons.most_common()), "dropped_rows": drops[:_LISTED]}
+        if drops:
             detail = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
-            log.warning("%s split of '%s': dropped %d of %d rows (%s)", name, self.path, sum(reasons.values()),
-                        len(encoded), detail)
-        if truncated:
-            log.info("%s split of '%s': truncated %d rows to %d tokens", name, self.path, truncated,
-                     self.max_seq_length)
+            log.warning("%s split of '%s': dropped %d of %d rows (%s; first: %s)", name, self.path, len(drops),
+                        len(encoded), detail, drops[0]["at"])
+        cut = {c: self.report[name][c] for c in flags if self.report[name][c]}
+        if cut:
+            log.info("%s split of '%s': %s (of %d rows, to %d tokens)", name, self.path,
+                     ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in cut.items()), len(kept), self.max_seq_length)
         if len(kept) == 0:
             why = reasons.most_common(1)[0][0] if reasons else "the split is empty"
             raise UserError(f"no usable rows in the {name} split of '{self.path}': {why} "
-                            f"(columns: {', '.join(ds.column_names)})")
-        return kept.remove_columns("truncated")
+                            f"(columns: {', '.join(c for c in ds.column_names if c != ORIGIN)})")
+        return kept.remove_columns(["drop_reason", ORIGIN, *flags])
+
+    def _refuse(self, drops: list[dict], name: str) -> None:
+        """Stop on the first bad row under ``strict``, and on the first unmapped role unless told to drop them."""
+        first = drops[0] if drops and self.strict else next(
+            (d for d in drops if d["reason"].startswith(UNMAPPED) and self.unmapped_roles == "error"), None)
+        if first is None:
+            return
+        hint = "data.strict is on" if self.strict else \
+            "map it with data.roles, or drop such rows with data.unmapped_roles: drop"
+        raise UserError(f"{first['at']} of '{self.path}' ({name} split): {first['reason']} ({hint})")
 
     def _loader(self, ds: datasets.Dataset, shuffle: bool) -> DataLoader:
         # Stateful: checkpoints record the position inside the epoch, so resuming never

@@ -1,26 +1,22 @@
-"""Preference pairs for DPO: a prompt, a chosen and a rejected response -> token ids of the three parts.
+"""Preference pairs for DPO: a prompt, a chosen and a rejected response -> token ids of both sequences.
 
-Row layouts (``layout`` and the column names):
-
-- ``columns``: ``prompt`` / ``chosen`` / ``rejected`` columns, each a string or a list of
-  ``{role, content}`` messages, plus an optional system-prompt column. This covers TRL's
-  conversational format (prompt messages, chosen = ``[assistant message]``),
-  ``HuggingFaceH4/ultrafeedback_binarized`` and ``trl-lib/ultrafeedback_binarized`` (chosen and
-  rejected are whole conversations; everything before their last message is the prompt) and
-  ``Intel/orca_dpo_pairs`` (``prompt_column: question``, ``system_column: system``).
-- ``hh-rlhf``: ``Anthropic/hh-rlhf``: chosen and rejected are whole ``\\n\\nHuman: ...\\n\\nAssistant: ...``
-  transcripts sharing a prefix; they are split at their last assistant turn.
+Rows are read by format (``data.format``, ``auto`` by default; see ``data/formats.py``):
+TRL's explicit and implicit-prompt rows (``trl-lib/ultrafeedback_binarized``,
+``HuggingFaceH4/ultrafeedback_binarized``), LLaMA-Factory's ShareGPT pairs, OpenAI's preference
+fine-tuning rows, ``Anthropic/hh-rlhf`` transcripts, or named ``columns`` (``Intel/orca_dpo_pairs``
+with ``prompt_column: question, system_column: system``).
 
 Text is rendered like SFT data (``data/tokenize.py``): the tokenizer's chat template with
-``use_chat_template``, else ``user_template`` / ``system_template``, EOS after each response.
+``use_chat_template``, else ``user_template`` / ``system_template``, EOS after each response;
+earlier assistant turns of the prompt are context, only the reply carries loss.
 
-Truncation (``max_seq_length`` per sequence, prompt + one response): when the prompt plus the
-longer response does not fit, the prompt is cut first, from the left (oldest context first,
-BOS kept), but not below ``max_prompt_length`` tokens; then both responses are cut on the right
-to the room left. Chosen and rejected always share the same prompt tokens, so the
-prompt/response boundary sits at the same position in both. Rows are dropped (counted, one
-warning line per split) when a response is empty, chosen and rejected are identical (before or
-after truncation), or the prompt alone fills ``max_seq_length``.
+Truncation (``max_seq_length`` per sequence, prompt + one response) follows the SFT policy
+(``data/tokenize.py``) for each of the two sequences: the prompt is cut from the left (BOS and a
+leading system message kept) to no fewer than ``max_prompt_length`` tokens, then the response on
+the right. Each sequence keeps as much of its prompt as fits beside its own response, as TRL's
+``keep_end`` does. Rows are dropped (counted, one warning line per split) when a response is
+empty, chosen and rejected are identical (before or after truncation), or not even the head of the
+prompt leaves room for a response token.
 
 A batch holds each pair as two sequences, chosen rows first: ``input_ids``, ``attention_mask``
 and ``labels`` are (2B, T), so one forward covers both responses and ``attention_mask`` counts
@@ -29,160 +25,72 @@ the tokens of both (the perf callback counts throughput from it).
 
 from __future__ import annotations
 
-import functools
-import re
-import sys
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import torch
 from datasets.fingerprint import Hasher
 
-from qlora_lightning.data.base import SFTDataModule, pad_batch
-from qlora_lightning.data.generic import column_messages
-from qlora_lightning.data.tokenize import ChatFormat, Message, RowError, optional_str, required_str, tokenize_messages
+from qlora_lightning.data.base import SFTDataModule, pad_batch, without_origin
+from qlora_lightning.data.formats import PREFERENCE_FORMATS, Pair, preference_reader
+from qlora_lightning.data.tokenize import (
+    HEAD, TRAINED, ChatFormat, Message, RowError, encode_segments, plan_cut, render_segments)
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import IGNORE_INDEX
 
-PairLayout = Literal["columns", "hh-rlhf"]
-Pair = tuple[list[Message], str, str]  # prompt messages, chosen reply, rejected reply
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-_HH_REPLY = "\n\nAssistant:"
-
-
-# ---- raw row -> (prompt messages, chosen, rejected) -------------------------------------
-
-def pair_from_columns(row: dict, prompt_column: str, chosen_column: str, rejected_column: str,
-                      system_column: Optional[str]) -> Pair:
-    """Prompt / chosen / rejected columns, each a string or a list of messages (+ a system prompt)."""
-    chosen_context, chosen = _reply(row, chosen_column)
-    rejected_context, rejected = _reply(row, rejected_column)
-    contexts = [c for c in (chosen_context, rejected_context) if c]
-    if len(contexts) == 2 and contexts[0] != contexts[1]:
-        raise RowError("chosen and rejected continue different conversations")
-    prompt = contexts[0] if contexts else _prompt(row, prompt_column)
-    system = optional_str(row, system_column) if system_column else None
-    if system and not (prompt and prompt[0]["role"] == "system"):
-        prompt = [{"role": "system", "content": system}] + prompt
-    return prompt, chosen, rejected
-
-
-def pair_from_transcripts(row: dict, chosen_column: str, rejected_column: str) -> Pair:
-    """Two ``Human:/Assistant:`` transcripts sharing a prompt, split at their last assistant turn."""
-    prompt_text, chosen = _split_last_reply(required_str(row, chosen_column))
-    rejected_prompt_text, rejected = _split_last_reply(required_str(row, rejected_column))
-    if prompt_text != rejected_prompt_text:
-        raise RowError("chosen and rejected transcripts do not share a prompt")
-    parts = _HH_TURN.split(prompt_text)  # ["", "Human", " q", "Assistant", " a", ..., "Human", " q"]
-    if parts[0].strip() or len(parts) < 3:
-        raise RowError("transcript is not '\\n\\nHuman: ...\\n\\nAssistant: ...' turns")
-    roles = {"Human": "user", "Assistant": "assistant"}
-    prompt = [{"role": roles[who], "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2])]
-    return prompt, chosen.strip(), rejected.strip()
-
-
-def _reply(row: dict, column: str) -> tuple[list[Message], str]:
-    """A response column: a string, or messages whose last one is the reply (the rest is context)."""
-    if isinstance(row.get(column), list):
-        messages = column_messages(row, prompt_column="", response_column="", system_column=None,
-                                   messages_column=column)
-        if not messages or messages[-1]["role"] != "assistant":
-            raise RowError(f"field '{column}' does not end with an assistant message")
-        return messages[:-1], messages[-1]["content"]
-    return [], required_str(row, column)
-
-
-def _prompt(row: dict, column: str) -> list[Message]:
-    if isinstance(row.get(column), list):
-        return column_messages(row, prompt_column="", response_column="", system_column=None, messages_column=column)
-    return [{"role": "user", "content": required_str(row, column)}]
-
-
-def _split_last_reply(transcript: str) -> tuple[str, str]:
-    cut = transcript.rfind(_HH_REPLY)
-    if cut < 0:
-        raise RowError("transcript has no '\\n\\nAssistant:' turn")
-    return transcript[:cut], transcript[cut + len(_HH_REPLY):]
+REPLIES = ("chosen", "rejected")
 
 
 # ---- (prompt, chosen, rejected) -> token ids ---------------------------------------------
 
 def tokenize_pair(prompt: list[Message], chosen: str, rejected: str, tokenizer, fmt: ChatFormat,
                   max_seq_length: int, max_prompt_length: int, use_chat_template: bool) -> dict:
-    """``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` (+ ``truncated``), per the module's truncation policy.
+    """``{chosen,rejected}_prompt_ids`` / ``{chosen,rejected}_ids`` and what was cut, per the module's policy.
 
     Raises:
-        RowError: for an empty response, identical responses, or a prompt that fills ``max_seq_length``.
+        RowError: for an empty response, identical responses, or a prompt whose head fills ``max_seq_length``.
     """
     if not chosen.strip() or not rejected.strip():
         raise RowError("empty response")
     if chosen.strip() == rejected.strip():
         raise RowError("chosen and rejected are identical")
-    prompt_ids, chosen_ids = _prompt_and_response(prompt, chosen, tokenizer, fmt, use_chat_template)
-    rejected_prompt_ids, rejected_ids = _prompt_and_response(prompt, rejected, tokenizer, fmt, use_chat_template)
-    if prompt_ids != rejected_prompt_ids:
+    sequences = [_prompt_and_response(prompt, reply, tokenizer, fmt, use_chat_template) for reply in (chosen, rejected)]
+    if sequences[0][:2] != sequences[1][:2]:
         raise RowError("the prompt tokenizes differently before chosen and rejected")
-    n_bos = int(tokenizer.bos_token_id is not None and prompt_ids[:1] == [tokenizer.bos_token_id])
-    prompt_ids, chosen_ids, rejected_ids, truncated = truncate_pair(
-        prompt_ids, chosen_ids, rejected_ids, max_seq_length, max_prompt_length, n_keep_left=n_bos)
-    if chosen_ids == rejected_ids:
+    out = {"prompt_truncated": False, "response_truncated": False}
+    for name, (n_head, prompt_ids, response_ids) in zip(REPLIES, sequences):
+        prompt_cut, response_cut = plan_cut(n_head, len(prompt_ids), len(response_ids), max_seq_length,
+                                            max_prompt_length)
+        out[f"{name}_prompt_ids"] = prompt_ids[:n_head] + prompt_ids[n_head + prompt_cut:]
+        out[f"{name}_ids"] = response_ids[:len(response_ids) - response_cut]
+        out["prompt_truncated"] |= prompt_cut > 0
+        out["response_truncated"] |= response_cut > 0
+    if out["chosen_prompt_ids"] + out["chosen_ids"] == out["rejected_prompt_ids"] + out["rejected_ids"]:
         raise RowError("chosen and rejected are identical after truncation")
-    return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "truncated": truncated}
+    return out
 
 
 def _prompt_and_response(prompt: list[Message], reply: str, tokenizer, fmt: ChatFormat,
-                         use_chat_template: bool) -> tuple[list[int], list[int]]:
-    # The SFT tokenizer renders the conversation (template, BOS, EOS); the last run of loss
-    # tokens is the reply, everything before it (earlier assistant turns included) the prompt.
-    encoded = tokenize_messages(prompt + [{"role": "assistant", "content": reply}], tokenizer, fmt,
-                                max_seq_length=sys.maxsize, use_chat_template=use_chat_template)
-    ids, labels = encoded["input_ids"], encoded["labels"]
-    start = len(ids)
-    while start > 0 and labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    return ids[:start], ids[start:]
-
-
-def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_seq_length: int,
-                  max_prompt_length: int, n_keep_left: int = 0) -> tuple[list[int], list[int], list[int], bool]:
-    """Fit prompt + the longer response into ``max_seq_length``: prompt cut first (from the left), then responses.
-
-    Args:
-        prompt: Prompt token ids.
-        chosen: Chosen response token ids.
-        rejected: Rejected response token ids.
-        max_seq_length: Longest sequence (prompt + one response).
-        max_prompt_length: The prompt is never cut below this many tokens.
-        n_keep_left: Leading prompt tokens that are never cut (BOS).
-
-    Returns:
-        The three id lists and whether anything was cut.
-
-    Raises:
-        RowError: when the prompt alone fills ``max_seq_length`` (no room for a response).
-    """
-    if len(prompt) >= max_seq_length:
-        raise RowError("prompt longer than max_seq_length")
-    excess = len(prompt) + max(len(chosen), len(rejected)) - max_seq_length
-    if excess <= 0:
-        return prompt, chosen, rejected, False
-    cut = min(excess, max(len(prompt) - max(max_prompt_length, n_keep_left), 0))
-    prompt = prompt[:n_keep_left] + prompt[n_keep_left + cut:]
-    room = max_seq_length - len(prompt)
-    return prompt, chosen[:room], rejected[:room], True
+                         use_chat_template: bool) -> tuple[int, list[int], list[int]]:
+    """The kept head's length, the prompt's ids (head included) and the reply's ids (EOS included)."""
+    messages = prompt + [{"role": "assistant", "content": reply}]
+    ids, kinds = encode_segments(render_segments(messages, tokenizer, fmt, use_chat_template, "last_assistant"),
+                                 tokenizer, use_chat_template)
+    n_head = next((i for i, kind in enumerate(kinds) if kind != HEAD), len(kinds))
+    start = kinds.index(TRAINED)
+    return n_head, ids[:start], ids[start:]
 
 
 def _encode_pair_row(row: dict, to_pair: Callable[[dict], Pair], tokenizer, fmt: ChatFormat, max_seq_length: int,
                      max_prompt_length: int, use_chat_template: bool) -> dict:
     """Module-level (not a method) so that `datasets` can hash it and cache the tokenized split."""
     try:
-        prompt, chosen, rejected = to_pair(row)
-        out = tokenize_pair(prompt, chosen, rejected, tokenizer, fmt, max_seq_length, max_prompt_length,
+        out = tokenize_pair(*to_pair(without_origin(row)), tokenizer, fmt, max_seq_length, max_prompt_length,
                             use_chat_template)
         return {**out, "drop_reason": ""}
     except RowError as err:
-        return {"prompt_ids": [], "chosen_ids": [], "rejected_ids": [], "truncated": False, "drop_reason": str(err)}
+        empty = {f"{name}{part}_ids": [] for name in REPLIES for part in ("_prompt", "")}
+        return {**empty, "prompt_truncated": False, "response_truncated": False, "drop_reason": str(err)}
 
 
 # ---- batches ---------------------------------------------------------------------------
@@ -194,8 +102,9 @@ def pad_pairs(rows: list[dict], pad_id: int, multiple: Optional[int] = None) -> 
     on the prompt and on padding. Precomputed reference log-probs, when the rows have them,
     come along as (B,) ``ref_chosen_logps`` / ``ref_rejected_logps``.
     """
-    sequences = [{"input_ids": r["prompt_ids"] + r[key], "labels": [IGNORE_INDEX] * len(r["prompt_ids"]) + r[key]}
-                 for key in ("chosen_ids", "rejected_ids") for r in rows]
+    sequences = [{"input_ids": r[f"{name}_prompt_ids"] + r[f"{name}_ids"],
+                  "labels": [IGNORE_INDEX] * len(r[f"{name}_prompt_ids"]) + r[f"{name}_ids"]}
+                 for name in REPLIES for r in rows]
     batch = pad_batch(sequences, pad_id, multiple)
     for column in REFERENCE_COLUMNS:
         if column in rows[0]:
@@ -211,47 +120,41 @@ def _reference_columns(batch: dict[str, list], compute: Callable[[dict], tuple[t
 
 
 class PreferenceDataModule(SFTDataModule):
-    """Preference pairs (prompt, chosen, rejected) for DPO; see the module docstring for layouts and truncation.
+    """Preference pairs (prompt, chosen, rejected) for DPO; see the module docstring for formats and truncation.
 
     Args:
-        layout: ``columns`` (prompt / chosen / rejected columns, strings or message lists) or
-            ``hh-rlhf`` (chosen and rejected are whole ``Human:/Assistant:`` transcripts).
-        prompt_column: Column of the prompt (a string or a list of messages); unused when chosen
-            and rejected are whole conversations.
-        chosen_column: Column of the preferred response (a string, or messages ending with it).
-        rejected_column: Column of the dispreferred response.
-        system_column: Optional column of a system prompt.
-        max_prompt_length: The prompt is never cut below this many tokens when a pair is too long
-            (the responses are cut instead); default ``max_seq_length // 2``.
+        prompt_column: ``format: columns``: column of the prompt (a string or a list of messages);
+            unused when chosen and rejected are whole conversations.
+        chosen_column: ``format: columns``: column of the preferred response (a string, or messages ending with it).
+        rejected_column: ``format: columns``: column of the dispreferred response.
+        system_column: ``format: columns``: optional column of a system prompt.
     """
 
     default_path = "trl-lib/ultrafeedback_binarized"
+    formats = PREFERENCE_FORMATS
+    preference = True
 
-    def __init__(self, layout: PairLayout = "columns", prompt_column: str = "prompt", chosen_column: str = "chosen",
-                 rejected_column: str = "rejected", system_column: Optional[str] = None,
-                 max_prompt_length: Optional[int] = None, **kwargs):
+    def __init__(self, prompt_column: str = "prompt", chosen_column: str = "chosen", rejected_column: str = "rejected",
+                 system_column: Optional[str] = None, **kwargs):
         if kwargs.get("packing", "off") != "off" or kwargs.get("group_by_length"):
             raise UserError("data.packing and data.group_by_length do not apply to preference pairs")
+        if kwargs.get("train_on", "all_assistant") != "all_assistant":
+            raise UserError("data.train_on does not apply to preference pairs (only the reply is scored)")
         super().__init__(**kwargs)
-        self.max_prompt_length = self.max_seq_length // 2 if max_prompt_length is None else max_prompt_length
-        if not 0 < self.max_prompt_length < self.max_seq_length:
-            raise UserError(f"data.max_prompt_length must be in [1, max_seq_length), got {self.max_prompt_length}")
-        self.layout = layout
-        if layout == "hh-rlhf":
-            self.to_pair = functools.partial(pair_from_transcripts, chosen_column=chosen_column,
-                                             rejected_column=rejected_column)
-        else:
-            self.to_pair = functools.partial(pair_from_columns, prompt_column=prompt_column,
-                                             chosen_column=chosen_column, rejected_column=rejected_column,
-                                             system_column=system_column)
+        self.column_names = {"prompt_column": prompt_column, "chosen_column": chosen_column,
+                             "rejected_column": rejected_column, "system_column": system_column}
+
+    def columns(self) -> Optional[dict]:
+        return self.column_names
 
     def encoder(self) -> tuple[Callable[..., dict], dict]:
-        return _encode_pair_row, {"to_pair": self.to_pair, "tokenizer": self.tokenizer, "fmt": self.format,
+        to_pair = preference_reader(self.row_format, self.roles, self.columns())
+        return _encode_pair_row, {"to_pair": to_pair, "tokenizer": self.tokenizer, "fmt": self.chat_format,
                                   "max_seq_length": self.max_seq_length, "max_prompt_length": self.max_prompt_length,
                                   "use_chat_template": self.use_chat_template}
 
     def describe(self) -> dict:
-        return {**super().describe(), "layout": self.layout, "max_prompt_length": self.max_prompt_length}
+        return {**super().describe(), "max_prompt_length": self.max_prompt_length}
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """B pairs -> one (2B, T) batch, chosen sequences first (see ``pad_pairs``)."""

@@ -7,8 +7,8 @@ from typing import Optional
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from qlora_lightning.data.base import SFTDataModule, load_raw_dataset, resolve_tokenizer
-from qlora_lightning.data.tokenize import RowError, decode_row, required_str, tokenize_prompt
+from qlora_lightning.data.base import ORIGIN, SFTDataModule, load_raw_dataset, resolve_tokenizer, without_origin
+from qlora_lightning.data.tokenize import RowError, required_str, tokenize_prompt
 from qlora_lightning.errors import UserError
 
 
@@ -46,13 +46,14 @@ class PromptsDataModule(SFTDataModule):
         rows = raw[self.split]
         if self.num_samples is not None:
             rows = rows.select(range(min(self.num_samples, len(rows))))  # the first rows, in order
-        for i, row in enumerate(rows):
+        for row in rows:
             try:
-                row = decode_row(row)
+                origin, row = row[ORIGIN], without_origin(row)
                 messages = [{"role": "user", "content": required_str(row, self.prompt_column)}]
             except RowError as err:
-                raise UserError(f"prompt row {i} of '{self.path}': {err}") from None
-            ids = tokenize_prompt(messages, self.tokenizer, self.format, self.max_seq_length, self.use_chat_template)
+                raise UserError(f"prompt at {origin} of '{self.path}': {err}") from None
+            ids = tokenize_prompt(messages, self.tokenizer, self.chat_format, self.max_seq_length,
+                                  self.use_chat_template)
             self.prompts.append({"prompt_ids": ids, "record": row})
         if not self.prompts:
             raise UserError(f"no prompts in '{self.path}'")
