@@ -161,10 +161,11 @@ def test_a_changed_config_is_listed_and_refused_unless_allowed(tmp_path):
     assert "\n" not in message
 
 
-def test_a_failed_setup_leaves_no_run_folder(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+@pytest.mark.parametrize("key", ["data.init_args.path", "model.init_args.base.name_or_path"])
+def test_a_failed_setup_leaves_no_run_folder(tmp_path, key):
+    with pytest.raises(UserError):
         make_cli(["fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path),
-                  "--data.init_args.path", str(tmp_path / "missing.jsonl")])
+                  f"--{key}", str(tmp_path / "missing")])
     assert not list(tmp_path.glob("lightning_logs/version_*"))
 
 
@@ -199,11 +200,13 @@ def _fit_process(root: Path, kind: str, *extra: str, check: bool = True) -> subp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind, killer", [
-    ("sft", "KillAtStep"),  # after step 5, two steps past the checkpoint of step 3 (inside the second epoch)
-    ("dpo", "KillDuringSave"),  # while writing the checkpoint of step 6: step 3's must resume
+@pytest.mark.parametrize("kind, killer, ckpt", [
+    # After step 5, two steps past the checkpoint of step 3 (inside the second epoch); resumed the
+    # way most users do, by the explicit path of the run's last.ckpt.
+    ("sft", "KillAtStep", "lightning_logs/version_0/checkpoints/last.ckpt"),
+    ("dpo", "KillDuringSave", "last"),  # while writing the checkpoint of step 6: step 3's must resume
 ])
-def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, kind, killer):
+def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, kind, killer, ckpt):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _fit_process(straight, kind)
     kill_step = "5" if killer == "KillAtStep" else "6"
@@ -214,7 +217,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, kin
     if killer == "KillDuringSave":
         assert list(checkpoints.glob(".*.tmp")), "the kill did not land inside a checkpoint write"
         assert not list(checkpoints.glob("*step=6.ckpt"))
-    _fit_process(resumed, kind, "--ckpt_path", "last")
+    _fit_process(resumed, kind, "--ckpt_path", ckpt if ckpt == "last" else str(resumed / ckpt))
+    assert sorted(p.name for p in (resumed / "lightning_logs").iterdir()) == ["version_0"]  # the same run folder
     assert_same_adapter(run_dir(straight), run_dir(resumed))
 
 
