@@ -201,7 +201,7 @@ class RunFolderGuard(Callback):
         logger = trainer.logger
         if self.started or trainer.ckpt_path is not None or logger is None or not trainer.is_global_zero:
             return
-        folder = Path(trainer.log_dir)
+        folder = Path(logger.log_dir)  # not trainer.log_dir: a broadcast, which the other ranks would not join
         if folder.parent == Path(logger.root_dir) and folder.name.startswith("version_"):
             shutil.rmtree(folder, ignore_errors=True)
 
