@@ -111,7 +111,8 @@ class PerfMonitor(Callback):
     """Logs ``perf/*`` to the trainer's logger and writes a JSON run summary next to the logs.
 
     Args:
-        warmup_steps: Optimizer steps left out of the statistics (compilation, allocator warm-up).
+        warmup_steps: Optimizer steps left out of the statistics (compilation, allocator warm-up), at
+            the start of every process: a resumed run warms up again.
         peak_tflops: bf16 peak of the GPU in TFLOP/s for MFU; looked up from the device name when None.
         summary_file: File name of the JSON summary, written in the logger's directory.
         offload_waits: Time the GPU's waits for offloaded activations (``perf/offload_wait_s``): two
@@ -131,6 +132,9 @@ class PerfMonitor(Callback):
         self._pending: deque[tuple[int, dict, Mark, Mark]] = deque()  # measured steps not yet recorded
         self._train_start: Optional[float] = None
         self._train_seconds = 0.0
+        self._earlier_seconds = 0.0  # training time of the run before it was resumed (from the checkpoint)
+        self._first_step = 0  # the step training started from in this process (a resumed run's: the checkpoint's)
+        self._trainer: Optional[Trainer] = None  # for state_dict, which Lightning calls without it
         self._stepped = False
         self._peaks_per_rank: Optional[torch.Tensor] = None  # (world, 3) GiB, gathered at the end of training
         self._start_alloc_gib: Optional[float] = None  # the model (weights, adapter) once the strategy placed it
@@ -150,6 +154,28 @@ class PerfMonitor(Callback):
         return trainer.strategy.root_device.type == "cuda"
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The steps measured so far and the training time, so that a resumed run's summary covers the whole run.
+
+        The step just measured is recorded first (its end event is behind the work the checkpoint
+        already waited for): the resumed run starts after it and would never measure it. Every rank
+        saves checkpoints, so the all-gather in ``_record`` is reached by all.
+        """
+        while self._pending:
+            self._record(self._trainer, *self._pending.popleft())
+        running = time.perf_counter() - self._train_start if self._train_start is not None else 0.0
+        return {"steps": list(self.steps), "train_seconds": self._earlier_seconds + running}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps = list(state_dict["steps"])
+        self._earlier_seconds = state_dict["train_seconds"]
+
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._on_cuda(trainer):
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
@@ -160,6 +186,7 @@ class PerfMonitor(Callback):
         COPY_WAITS.enabled = self.offload_waits and self._on_cuda(trainer)
         self._gc_seconds = self._collector.seconds
         self._train_start = time.perf_counter()
+        self._first_step = trainer.global_step
         self._start = Mark(trainer.strategy.root_device)
 
     @override
@@ -186,7 +213,7 @@ class PerfMonitor(Callback):
         w["copy_waits"] = COPY_WAITS.take()
         end = Mark(trainer.strategy.root_device)
         step = trainer.global_step  # already incremented by this optimizer step
-        if step > self.warmup_steps and not w["tainted"]:
+        if step > self._first_step + self.warmup_steps and not w["tainted"]:
             self._pending.append((step, w, self._start, end))
         self._start, self._window = end, self._new_window()
         # The step before: its end is behind the work just queued, so waiting for it keeps the GPU busy.
@@ -269,7 +296,7 @@ class PerfMonitor(Callback):
         self._sync(trainer)
         self._collector.stop()
         COPY_WAITS.enabled = False
-        self._train_seconds = time.perf_counter() - (self._train_start or time.perf_counter())
+        self._train_seconds = self._earlier_seconds + time.perf_counter() - (self._train_start or time.perf_counter())
         while self._pending:
             self._record(trainer, *self._pending.popleft())
         peaks = self._peak_memory_gib(trainer)

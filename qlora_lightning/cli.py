@@ -9,10 +9,13 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 
 from qlora_lightning import console
 from qlora_lightning.data.base import SFTDataModule
@@ -20,6 +23,9 @@ from qlora_lightning.errors import UserError
 from qlora_lightning.modules.base import QLoRAModule
 from qlora_lightning.progress import count_steps
 from qlora_lightning.reliability import AtomicCheckpointIO
+from qlora_lightning.resume import RunFolderGuard, StepCheckpoint, check_resume, find_last, run_folder, run_record
+
+log = logging.getLogger(__name__)
 
 
 def _tokenizer_of(base) -> str:
@@ -33,13 +39,19 @@ class QLoRACLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.base", "data.init_args.tokenizer", compute_fn=_tokenizer_of)
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
+        parser.add_argument("--allow_config_changes", type=bool, default=False,
+                            help="fit --ckpt_path: resume under a config that differs from the one that wrote the "
+                                 "checkpoint (more steps, a new learning rate); the differences are logged")
         # save_on_train_epoch_end: a step that ends an epoch is saved right then. Otherwise Lightning
         # defers it to a validation it expects next (which val_check_interval may not run) and saves
         # after the next micro-batch instead, in the middle of an accumulation, which no resume can repeat.
+        # enable_version_counter false: a resumed run overwrites last.ckpt (and the files of steps it
+        # repeats) rather than writing last-v1.ckpt beside a stale last.ckpt that `--ckpt_path last` would take.
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 3,
                              "checkpoint.monitor": "step", "checkpoint.mode": "max",
-                             "checkpoint.every_n_train_steps": 50, "checkpoint.save_on_train_epoch_end": True})
+                             "checkpoint.every_n_train_steps": 50, "checkpoint.save_on_train_epoch_end": True,
+                             "checkpoint.enable_version_counter": False})
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
@@ -59,27 +71,69 @@ class QLoRACLI(LightningCLI):
         # beside `enable_checkpointing: false`: that setting drops it instead.
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-        return super()._instantiate_trainer(config, callbacks)
+        # Atomic checkpoints, added here rather than as a trainer default: a plugin instance among the
+        # defaults cannot be written to the run's config.yaml, which must rerun the run.
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super()._instantiate_trainer(config, callbacks + [RunFolderGuard()])
+
+    def _parse_ckpt_path(self) -> None:
+        """For ``fit``, nothing. LightningCLI's own replaces the config's model with the hyperparameters
+        stored in the checkpoint (its class included): a resume runs the config, and ``before_fit``
+        checks the checkpoint against it."""
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
+    def run_record(self) -> dict:
+        """This run's config as plain values (``resume.run_record``), as its checkpoints record it."""
+        dump = self.parser.dump(self.config, skip_link_targets=False, skip_none=False, format="yaml")
+        return run_record(yaml.safe_load(dump)[self.subcommand])
 
     def before_fit(self) -> None:
+        record = self.run_record()
+        self.model.run_record = record
         ckpt = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt == "last" and self.trainer.checkpoint_callback.dirpath is None:
-            self.config_init[self.subcommand]["ckpt_path"] = latest_checkpoint(self.trainer)
+        if ckpt is None:
+            return
+        io = AtomicCheckpointIO()
+        root = Path(self.trainer.logger.root_dir if self.trainer.logger else self.trainer.default_root_dir)
+        dirpath = self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback else None
+        if ckpt == "last":
+            ckpt = str(Path(dirpath) / "last.ckpt") if dirpath else find_last(root, record, io.load_checkpoint)
+        checkpoint = io.load_checkpoint(ckpt)
+        changes = check_resume(ckpt, checkpoint.get("run_record"), record,
+                               self.config[self.subcommand].get("allow_config_changes"))
+        if changes:
+            log.warning("resuming %s under a changed config: %s", ckpt, "; ".join(changes))
+        self.config_init[self.subcommand]["ckpt_path"] = ckpt
+        # The run folder's config.yaml is the run's config, not how it was resumed: it reruns the run.
+        self.config[self.subcommand]["ckpt_path"] = None
+        continue_run_folder(self.trainer, ckpt, root, checkpoint["global_step"])
 
 
-def latest_checkpoint(trainer) -> str:
-    """The newest ``last.ckpt`` among the logger's earlier versions (each run logs to a new one)."""
-    root = Path(trainer.logger.root_dir if trainer.logger else trainer.default_root_dir)
-    found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise UserError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints")
-    return str(found[-1])
+def continue_run_folder(trainer: Trainer, ckpt: str, root: Path, step: int) -> None:
+    """Resuming from a checkpoint of ``root/version_N``: log to that run folder, not a new one.
+
+    TensorBoard then shows one curve, with the events that the interrupted run logged from index
+    ``step`` (the checkpoint's global step) on purged: Lightning logs an optimizer step's train
+    metrics at its index minus one, so those the resumed run repeats. ``perf/*`` of the checkpoint's
+    own step, logged at its index, goes too (``run_summary.json`` keeps it). Checkpoints and
+    ``run_summary.json`` go where the run's are.
+    """
+    version = run_folder(ckpt, root)
+    logger = trainer.logger
+    if version is None or not isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        return
+    logger._version = version  # read by log_dir; private, checked by tests/test_private_symbols.py
+    if isinstance(logger, TensorBoardLogger):
+        logger._kwargs["purge_step"] = step  # passed to the SummaryWriter when it is created
 
 
 def trainer_defaults() -> dict:
-    """bf16 mixed precision on a GPU (fp32 on the CPU, where bf16 autocast is slow); atomic checkpoints."""
-    return {"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true",
-            "plugins": [AtomicCheckpointIO()]}
+    """bf16 mixed precision on a GPU (fp32 on the CPU, where bf16 autocast is slow)."""
+    return {"precision": "bf16-mixed" if torch.cuda.is_available() else "32-true"}
 
 
 def one_line(message: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -44,7 +46,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).is_file():
             raise UserError(f"checkpoint '{path}' does not exist")
         try:
-            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=False)
+            # Tensors and plain values only: loading never runs code that a checkpoint names.
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            if found is None:
+                raise UserError(f"checkpoint '{path}' is truncated or corrupt (UnpicklingError); "
+                                "resume from an earlier one") from None
+            raise UserError(f"checkpoint '{path}' holds a {found.group(1)}, not only tensors and plain values "
+                            "(written by an older version, or not by this project): start a new run") from None
         except Exception as err:  # torch raises several types for truncated / garbled files
             raise UserError(f"checkpoint '{path}' is truncated or corrupt ({type(err).__name__}); "
                             "resume from an earlier one") from None

@@ -11,7 +11,6 @@ from typing import Any, Callable, ContextManager, Literal, Optional, Union
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, get_scheduler
@@ -28,6 +27,7 @@ from qlora_lightning.lagged import HostReadings
 from qlora_lightning.losses import labelled_positions
 from qlora_lightning.masks import known_to_the_host
 from qlora_lightning.reliability import NonFiniteLossError
+from qlora_lightning.resume import as_saved_after_last_batch, collect_rng_states, set_rng_states
 from qlora_lightning.model import (BaseModelSpec, Checkpointing, CpuEmbedding, Fraction, LoraSpec, build_model,
                                    load_tokenizer, spec_dict)
 
@@ -108,6 +108,9 @@ class QLoRAModule(LightningModule):
         self._bar_values = HostReadings()  # progress-bar values on their way to the host
         self._skips_warned = 0
         self._pending_rng_states: Optional[dict] = None
+        # The config that runs this module (``resume.run_record``), set by the CLI and written into
+        # every checkpoint, so that a resume can be checked against it.
+        self.run_record: Optional[dict] = None
         # The last batch's attention mask on the device, and whether its host copy pads anything.
         self._mask_twin: Optional[tuple[torch.Tensor, bool]] = None
         self.model: Optional[torch.nn.Module] = None
@@ -376,11 +379,15 @@ class QLoRAModule(LightningModule):
         trainable = {"model." + clean_name(name) for name, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # Dropout masks come from these generators: restoring them makes a resumed run exact.
-        checkpoint["rng_states"] = _collect_rng_states()
+        checkpoint["rng_states"] = collect_rng_states()
         checkpoint["skipped_steps"] = self.skipped_steps
+        if self.run_record is not None:
+            checkpoint["run_record"] = self.run_record
 
     @override
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Before Lightning restores its loops from the same dict.
+        as_saved_after_last_batch(checkpoint)
         self._pending_rng_states = checkpoint.get("rng_states")
         self._skipped_steps = torch.tensor(float(checkpoint.get("skipped_steps", 0)))
 
@@ -406,7 +413,7 @@ class QLoRAModule(LightningModule):
         # Restored here, not on load: starting the data loader between load and the first
         # batch draws from the global generator, which the uninterrupted run did not do.
         if self._pending_rng_states is not None:
-            _set_rng_states(self._pending_rng_states)
+            set_rng_states(self._pending_rng_states)
             self._pending_rng_states = None
 
     @override
