@@ -1,29 +1,35 @@
-"""QLoRA fine-tuning (SFT and DPO) of 2.7B-8B language models with Lightning."""
+"""QLoRA fine-tuning (SFT and DPO) of 2.7B-8B language models with Lightning.
 
+The public names below are imported on first use (PEP 562), so that ``python -m qlora_lightning
+--help`` answers without loading torch, transformers and Lightning.
+"""
+
+import importlib
 import logging
 
 # bitsandbytes warns at import on every CPU-only machine that an optional fused kernel is missing.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from qlora_lightning.adapters import AdapterMix, AdapterSet
-from qlora_lightning.callbacks import PerfMonitor
-from qlora_lightning.collector import FreezeHeap
-from qlora_lightning.distributed import DecoderLayerPolicy
-from qlora_lightning.data import (
-    CodeAlpacaDataModule,
-    ColumnDataModule,
-    GSM8KDataModule,
-    GuanacoDataModule,
-    PreferenceDataModule,
-    PromptsDataModule,
-    SFTDataModule,
-)
-from qlora_lightning.gsm8k_eval import GSM8KEval
-from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_tokenizer
-from qlora_lightning.modules import DPOModule, QLoRAModule, SFTModule
-from qlora_lightning.writers import JSONLWriter
+_EXPORTS = {
+    "AdapterMix": "adapters", "AdapterSet": "adapters",
+    "PerfMonitor": "callbacks", "FreezeHeap": "collector", "DecoderLayerPolicy": "distributed",
+    "SFTDataModule": "data", "GuanacoDataModule": "data", "CodeAlpacaDataModule": "data", "GSM8KDataModule": "data",
+    "ColumnDataModule": "data", "PreferenceDataModule": "data", "PromptsDataModule": "data",
+    "GSM8KEval": "gsm8k_eval",
+    "BaseModelSpec": "model", "LoraSpec": "model", "build_model": "model", "load_tokenizer": "model",
+    "QLoRAModule": "modules", "SFTModule": "modules", "DPOModule": "modules",
+    "JSONLWriter": "writers",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = ["BaseModelSpec", "LoraSpec", "build_model", "load_tokenizer", "QLoRAModule", "SFTModule", "DPOModule",
-           "SFTDataModule", "GuanacoDataModule", "CodeAlpacaDataModule", "GSM8KDataModule", "ColumnDataModule",
-           "PreferenceDataModule", "PerfMonitor", "FreezeHeap", "PromptsDataModule", "GSM8KEval", "JSONLWriter",
-           "AdapterSet", "AdapterMix", "DecoderLayerPolicy"]
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qlora_lightning' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f"qlora_lightning.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # imported once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,3 +1,3 @@
-from qlora_lightning.cli import main
+from qlora_lightning.commands import main
 
 main()

@@ -1,0 +1,33 @@
+"""The entry point: every command listed with its purpose, answered without torch; unknown ones refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from qlora_lightning.commands import COMMANDS
+from tests.conftest import REPO
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    # -X importtime lists every module imported, on stderr: the help must not need torch.
+    return subprocess.run([sys.executable, "-X", "importtime", "-m", "qlora_lightning", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_command_without_importing_torch():
+    for flag in ([], ["--help"], ["-h"]):
+        result = _run(*flag)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.startswith("usage: qlora-lightning (or python -m qlora_lightning) COMMAND")
+        listed = [line.split()[0] for line in result.stdout.split("commands:\n")[1].split("\n\n")[0].splitlines()]
+        assert listed == ["fit", "validate", "test", "predict", "merge", "estimate"] == list(COMMANDS)
+        imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+        assert not {"torch", "transformers", "lightning"} & imported, sorted(imported)[:20]
+
+
+def test_an_unknown_command_is_one_line_naming_the_commands():
+    result = _run("frobnicate")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: unknown command 'frobnicate' (one of: fit, validate, test, predict, merge, estimate")
