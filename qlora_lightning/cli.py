@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import logging
 import re
 import sys
@@ -158,7 +160,34 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> QLoRACLI:
     """The CLI that ``main`` runs; ``run=False`` parses and instantiates without running (tests)."""
     return QLoRACLI(QLoRAModule, SFTDataModule, subclass_mode_model=True, subclass_mode_data=True,
                     trainer_defaults=trainer_defaults(), args=args, run=run, save_config_kwargs={"overwrite": True},
-                    parser_kwargs={"exit_on_error": False})
+                    parser_kwargs={"exit_on_error": False, "prog": "qlora-lightning"})
+
+
+# The Trainer keys the shipped configs set; `--help` names them, `--help-all` lists all ~80.
+_TRAINER_KEYS = ("max_steps", "max_epochs", "accumulate_grad_batches", "precision", "devices", "strategy",
+                 "gradient_clip_val", "val_check_interval", "log_every_n_steps", "callbacks", "default_root_dir")
+
+
+def project_help(command: str) -> str:
+    """``COMMAND --help``: the model's and the data's own keys first (for the classes in ``--config``, else
+    SFTModule and SFTDataModule), then the Trainer keys the configs use; ``--help-all`` has the rest."""
+    parts = [f"usage: qlora-lightning {command} --config FILE [--model.init_args.KEY VALUE] "
+             "[--data.init_args.KEY VALUE] [--trainer.KEY VALUE] [--ckpt_path PATH]"]
+    for group, default in (("model", "qlora_lightning.SFTModule"), ("data", "qlora_lightning.SFTDataModule")):
+        out, argv = io.StringIO(), sys.argv
+        sys.argv = argv[:1]  # LightningCLI warns when given args beside a command line
+        try:
+            with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+                make_cli([command, f"--{group}.help", default], run=False)
+        finally:
+            sys.argv = argv
+        text = out.getvalue()
+        parts.append(text[text.find("Help for"):].strip() if "Help for" in text else text.strip())
+    parts.append("Trainer keys the configs use (--trainer.KEY VALUE): " + ", ".join(_TRAINER_KEYS) +
+                 f".\nAnother class's keys: --model.help qlora_lightning.DPOModule, --data.help "
+                 f"qlora_lightning.PreferenceDataModule. Every option, the Trainer's included: "
+                 f"qlora-lightning {command} --help-all")
+    return "\n\n".join(parts)
 
 
 # Subcommands that build no Trainer and load no training data: plain argparse CLIs of their own.
@@ -172,6 +201,12 @@ def main(args: list[str] | None = None) -> None:
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (and warns when given a copy of it)
     try:
+        if len(argv) == 2 and argv[1] in ("-h", "--help") and argv[0] not in _TOOLS:
+            print(project_help(argv[0]))
+            return
+        if "--help-all" in argv:  # LightningCLI's own, complete help
+            argv = ["--help" if arg == "--help-all" else arg for arg in argv]
+            args = argv
         if argv[:1] and argv[0] in _TOOLS:
             importlib.import_module(_TOOLS[argv[0]]).main(argv[1:])
             return

@@ -31,3 +31,16 @@ def test_an_unknown_command_is_one_line_naming_the_commands():
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: unknown command 'frobnicate' (one of: fit, validate, test, predict, merge, estimate")
+
+
+def test_a_commands_help_leads_with_the_projects_keys():
+    from tests.test_cli import run_cli
+
+    result = run_cli("fit", "--help", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout
+    assert text.startswith("usage: qlora-lightning fit --config FILE")
+    model, data, trainer = (text.find(key) for key in ("--model.lora.r", "--data.format", "Trainer keys"))
+    assert 0 < model < data < trainer, (model, data, trainer)
+    assert "--trainer.max_epochs" not in text and "--help-all" in text.splitlines()[-1]
+    assert len(text.splitlines()) < 450  # not the ~760 lines of every Trainer option
