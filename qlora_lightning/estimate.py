@@ -303,7 +303,7 @@ def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str
         checkpointing = (checkpointing if checkpointing in ("offload", "offload_halves", "offload_all")
                          else bool(checkpointing))
     return {"model": name, "batch_size": sequences, "max_seq_length": seq, "gradient_checkpointing": checkpointing,
-            **estimate(checkpointing)}
+            "chosen_by_auto": model.get("gradient_checkpointing") == "auto", **estimate(checkpointing)}
 
 
 # Micro-batches up to this many tokens are bound by the host's launch work rather than the GPU, and
@@ -338,9 +338,15 @@ def choose_checkpointing(budget_gib: float, tokens: int,
 
 def main(argv: list[str]) -> None:
     """``estimate --config X.yaml [--model.init_args.lora.r 16 ...]``: print the predicted peak."""
-    parser = argparse.ArgumentParser(prog="python -m qlora_lightning estimate",
-                                     description="Predict the peak GPU memory of a training config.")
-    parser.add_argument("--config", required=True, help="the YAML given to `fit`")
+    parser = argparse.ArgumentParser(
+        prog="qlora-lightning estimate", usage="%(prog)s --config FILE [--KEY VALUE ...]",
+        description="Predict the peak GPU memory of a training config, piece by piece (the 4-bit weights, "
+                    "LoRA and its optimizer state, activations, logits), without a GPU or the model's weights.",
+        epilog="Any key of the config can be overridden as --KEY VALUE, e.g. --data.init_args.batch_size 8 "
+               "--data.init_args.max_seq_length 1024 --model.init_args.lora.r 64 --model.init_args.loss_chunk_size "
+               "1024. With --model.init_args.gradient_checkpointing auto, add --model.init_args.memory_budget_gib "
+               "GIB: the estimate then says which mode auto picks for that budget.")
+    parser.add_argument("--config", required=True, help="the YAML given to `fit` (its model and data sections)")
     args, rest = parser.parse_known_args(argv)
     if len(rest) % 2 or any(not k.startswith("--") for k in rest[::2]):
         parser.error("overrides come as pairs: --model.init_args.lora.r 16")
@@ -349,7 +355,8 @@ def main(argv: list[str]) -> None:
     except UserError as err:
         sys.exit(f"error: {err}")
     print(f"{result['model']}, {result['batch_size']} sequences x {result['max_seq_length']} tokens per micro-batch, "
-          f"gradient_checkpointing {result['gradient_checkpointing']}:")
+          f"gradient_checkpointing {result['gradient_checkpointing']}"
+          f"{' (what auto picks for this budget)' if result['chosen_by_auto'] else ''}:")
     for key, value in result.items():
         if key.endswith("_gib") and key not in ("total_gib", "paged_optimizer_state_gib", "offloaded_to_cpu_gib"):
             print(f"  {key[:-4]:<36} {value:7.2f} GiB")

@@ -236,9 +236,9 @@ def test_cli_names_the_mode_auto_picks_for_a_budget_and_asks_for_one(capsys):
     config = str(REPO / "configs" / "quickstart.yaml")
     auto = ["--model.init_args.gradient_checkpointing", "auto"]
     main(["--config", config, *auto, "--model.init_args.memory_budget_gib", "100"])
-    assert "gradient_checkpointing False:" in capsys.readouterr().out
+    assert "gradient_checkpointing False (what auto picks for this budget):" in capsys.readouterr().out
     main(["--config", config, *auto, "--model.init_args.memory_budget_gib", "0.0001"])
     # Nothing fits: the leanest. Here the loss, not a layer, sets the peak: halves would save nothing.
-    assert "gradient_checkpointing offload:" in capsys.readouterr().out
+    assert "gradient_checkpointing offload (what auto picks for this budget):" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="memory_budget_gib"):
         main(["--config", config, *auto])
