@@ -22,7 +22,7 @@ from qlora_lightning.reliability import AtomicCheckpointIO
 
 
 def _tokenizer_of(base) -> str:
-    return base.tokenizer or base.name_or_path
+    return base.tokenizer_source
 
 
 class QLoRACLI(LightningCLI):
