@@ -16,13 +16,10 @@ from lightning.pytorch.cli import LightningCLI
 
 from qlora_lightning.data.base import SFTDataModule
 from qlora_lightning.errors import UserError
+from qlora_lightning.model import tokenizer_source
 from qlora_lightning.modules.base import QLoRAModule
 from qlora_lightning.progress import count_steps
 from qlora_lightning.reliability import AtomicCheckpointIO
-
-
-def _tokenizer_of(base) -> str:
-    return base.tokenizer_source
 
 
 class QLoRACLI(LightningCLI):
@@ -31,7 +28,7 @@ class QLoRACLI(LightningCLI):
     progress bar that counts optimizer steps (``progress.py``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.init_args.base", "data.init_args.tokenizer", compute_fn=_tokenizer_of)
+        parser.link_arguments("model.init_args.base", "data.init_args.tokenizer", compute_fn=tokenizer_source)
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         # save_on_train_epoch_end: a step that ends an epoch is saved right then. Otherwise Lightning
         # defers it to a validation it expects next (which val_check_interval may not run) and saves

@@ -98,13 +98,6 @@ class BaseModelSpec:
         self.tokenizer = self.tokenizer and shipped(self.tokenizer)
 
     @property
-    def tokenizer_source(self) -> str:
-        """What ``load_tokenizer`` loads for this base: ``tokenizer``, else the model's own."""
-        if self.tokenizer:
-            return self.tokenizer
-        return str(Path(self.name_or_path, self.gguf_file)) if self.gguf_file else self.name_or_path
-
-    @property
     def checkpoint(self) -> str:
         """What ``from_pretrained`` reads: ``name_or_path``, or a GGUF file's dequantized copy (made now if
         it is not in the cache yet)."""
@@ -153,6 +146,17 @@ class LoraSpec:
     lean_forward: bool = False
     skip_last_recompute: bool = True
     compiled_dequant_tokens: Optional[NonNegativeInt] = None
+
+
+def tokenizer_source(base) -> str:
+    """What ``load_tokenizer`` loads for a base: its ``tokenizer``, else the model's own.
+
+    Args:
+        base: A ``BaseModelSpec``, or the CLI's parsed namespace of one (its argument link to the data).
+    """
+    if base.tokenizer:
+        return base.tokenizer
+    return str(Path(base.name_or_path, base.gguf_file)) if base.gguf_file else base.name_or_path
 
 
 def quantization_config(spec: BaseModelSpec) -> Optional[BitsAndBytesConfig]:

@@ -14,7 +14,8 @@ import torch
 
 from qlora_lightning import gguf as gguf_module
 from qlora_lightning.errors import UserError
-from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer
+from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer,
+                                   tokenizer_source)
 
 gguf = pytest.importorskip("gguf", reason="needs the real extra: pip install -e '.[real]'")
 
@@ -135,7 +136,7 @@ def test_gguf_loads_4bit_from_a_cache_made_once(tiny_gguf, tmp_path, monkeypatch
 def test_tokenizer_and_chat_template_come_from_the_gguf(tiny_gguf, tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
     spec = BaseModelSpec(name_or_path=str(tiny_gguf.parent), gguf_file=tiny_gguf.name)
-    tokenizer = load_tokenizer(spec.tokenizer_source)
+    tokenizer = load_tokenizer(tokenizer_source(spec))
     assert tokenizer.chat_template == CHATML
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|im_end|>"
     text = tokenizer.apply_chat_template([{"role": "user", "content": "the"}], tokenize=False,

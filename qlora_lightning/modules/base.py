@@ -29,7 +29,7 @@ from qlora_lightning.losses import labelled_positions
 from qlora_lightning.masks import known_to_the_host
 from qlora_lightning.reliability import NonFiniteLossError
 from qlora_lightning.model import (BaseModelSpec, Checkpointing, CpuEmbedding, Fraction, LoraSpec, build_model,
-                                   load_tokenizer, spec_dict)
+                                   load_tokenizer, spec_dict, tokenizer_source)
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class QLoRAModule(LightningModule):
     def tokenizer(self):
         """Loaded on first use, so building the module never downloads anything."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.base.tokenizer_source)
+            self._tokenizer = load_tokenizer(tokenizer_source(self.base))
         return self._tokenizer
 
     def describe(self) -> dict:
