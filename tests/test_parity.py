@@ -35,7 +35,8 @@ LAYERS = 4
 # through ten AdamW updates. The issue's bound is 1e-3; measured gaps are far below it (see README).
 RTOL = 1e-3
 LORA = dict(r=8, alpha=16, dropout=0.0)  # no dropout: both sides must see the same network
-LR, WARMUP, STEPS, ACCUMULATE, BATCH, CLIP = 2e-3, 2, 10, 2, 2, 0.5
+LR, WARMUP, ACCUMULATE, BATCH, CLIP = 2e-3, 2, 2, 2, 0.5
+SFT_STEPS, DPO_STEPS = 10, 5
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def sft_rows() -> list[dict]:
             for r in preference]
     rows += [{"prompt": [SYSTEM, {"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")}],
               "completion": [{"role": "assistant", "content": r["output"]}]} for r in alpaca]
-    return rows[:BATCH * ACCUMULATE * STEPS]
+    return rows[:BATCH * ACCUMULATE * SFT_STEPS]
 
 
 def trl_fp32_adapter(trainer) -> None:
@@ -108,10 +109,10 @@ def trl_peft_model(base: BaseModelSpec, adapter: str):
     return PeftModel.from_pretrained(model, adapter, is_trainable=True)
 
 
-def trl_args(config_class, tmp_path: Path, **kwargs):
+def trl_args(config_class, tmp_path: Path, steps: int, **kwargs):
     return config_class(
         output_dir=str(tmp_path / "trl"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATE,
-        max_steps=STEPS, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0,
+        max_steps=steps, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0,
         optim="adamw_torch", max_grad_norm=CLIP, logging_steps=1, report_to="none", save_strategy="no",
         train_sampling_strategy="sequential", gradient_checkpointing=False, bf16=False, use_cpu=True,
         dataloader_num_workers=0, seed=0, **kwargs)
@@ -135,34 +136,42 @@ class TrlLog:
 
 
 class StepLoss(Callback):
-    """The project's ``train/loss`` of each optimizer step (logged in ``on_before_optimizer_step``)."""
+    """The project's ``train/loss`` of each optimizer step: SFT logs the step's in
+    ``on_before_optimizer_step``, DPO each micro-batch's mean over its pairs (``per_micro_batch``),
+    which over equal micro-batches average to the step's, as TRL logs it."""
 
-    def __init__(self):
+    def __init__(self, per_micro_batch: bool):
+        self.per_micro_batch = per_micro_batch
         self.losses: list[float] = []
+        self._window: list[float] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.per_micro_batch:
+            self._window.append(trainer.callback_metrics["train/loss"].item())
         if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
-            self.losses.append(trainer.callback_metrics["train/loss"].item())
+            window = self._window or [trainer.callback_metrics["train/loss"].item()]
+            self.losses.append(sum(window) / len(window))
+            self._window = []
 
 
-def module_kwargs(base: BaseModelSpec, adapter: str) -> dict:
+def module_kwargs(base: BaseModelSpec, adapter: str, steps: int) -> dict:
     return dict(base=base, lora=LoraSpec(**LORA, init_adapter=adapter), gradient_checkpointing=False,
                 optimizer=functools.partial(torch.optim.AdamW, lr=LR, weight_decay=0.0),
-                lr_scheduler="cosine", warmup_ratio=WARMUP / STEPS)
+                lr_scheduler="cosine", warmup_ratio=WARMUP / steps)
 
 
-def fit_project(module, batches: list[dict], tmp_path: Path) -> list[float]:
+def fit_project(module, batches: list[dict], tmp_path: Path, steps: int) -> list[float]:
     """Train ``module`` on ``batches`` in order; the loss of each optimizer step."""
-    record = StepLoss()
-    trainer = cpu_trainer(tmp_path / "project", max_steps=STEPS, accumulate_grad_batches=ACCUMULATE,
+    record = StepLoss(per_micro_batch=not hasattr(module, "loss_sum"))
+    trainer = cpu_trainer(tmp_path / "project", max_steps=steps, accumulate_grad_batches=ACCUMULATE,
                           gradient_clip_val=CLIP, gradient_clip_algorithm="norm", limit_val_batches=0,
                           callbacks=[record], log_every_n_steps=1)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False))
     return record.losses
 
 
-def assert_steps_match(ours: list[float], theirs: list[float], what: str) -> None:
-    assert len(ours) == len(theirs) == STEPS or len(ours) == len(theirs), (ours, theirs)
+def assert_steps_match(ours: list[float], theirs: list[float], steps: int, what: str) -> None:
+    assert len(ours) == len(theirs) == steps, (ours, theirs)
     gaps = [abs(a - b) / abs(b) for a, b in zip(ours, theirs)]
     worst = max(range(len(gaps)), key=gaps.__getitem__)
     assert gaps[worst] <= RTOL, (f"{what}: step {worst + 1} loss {ours[worst]:.6f} (project) vs {theirs[worst]:.6f} "
@@ -184,7 +193,7 @@ def test_sft_matches_trl_sfttrainer_step_for_step(base, tokenizer, initial_adapt
     torch.manual_seed(0)
     trainer = SFTTrainer(model=trl_peft_model(base, initial_adapter), processing_class=tokenizer,
                          train_dataset=trl_data, callbacks=[log],
-                         args=trl_args(SFTConfig, tmp_path, max_length=512, packing=False, completion_only_loss=True))
+                         args=trl_args(SFTConfig, tmp_path, SFT_STEPS, max_length=512, packing=False, completion_only_loss=True))
     trl_fp32_adapter(trainer)
 
     # The project's tokens and loss masks, batched by its own collate.
@@ -201,6 +210,46 @@ def test_sft_matches_trl_sfttrainer_step_for_step(base, tokenizer, initial_adapt
     assert any(step["grad_norm"] > CLIP for step in log.steps)  # clipping took part
 
     batches = [pad_batch(examples[i:i + BATCH], tokenizer.pad_token_id) for i in range(0, len(examples), BATCH)]
-    ours = fit_project(SFTModule(**module_kwargs(base, initial_adapter)), batches, tmp_path)
-    assert_steps_match(ours, theirs, "SFT")
+    ours = fit_project(SFTModule(**module_kwargs(base, initial_adapter, SFT_STEPS)), batches, tmp_path, SFT_STEPS)
+    assert_steps_match(ours, theirs, SFT_STEPS, "SFT")
     assert theirs[-1] < theirs[0]  # it learned: the steps compared are not all the same number
+
+
+# ---- DPO ---------------------------------------------------------------------------------
+
+def test_dpo_matches_trl_dpotrainer_step_for_step(base, tokenizer, initial_adapter, tmp_path):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from qlora_lightning.data.preference import pad_pairs, tokenize_pair
+    from qlora_lightning.modules import DPOModule
+
+    pairs = [json.loads(line) for line in (EXAMPLES / "preference.jsonl").read_text().splitlines()]
+    rows = [{"prompt": [SYSTEM, *r["prompt"]], "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+            for r in pairs[:BATCH * ACCUMULATE * DPO_STEPS]]
+    log = TrlLog()
+    torch.manual_seed(0)
+    # No ref_model: TRL's reference is a frozen copy of the model's initial adapter (its "ref"
+    # adapter), which is the project's sft_adapter (a base with the adapter off gave 0.705 against
+    # TRL's ln 2 at step 1).
+    trainer = DPOTrainer(model=trl_peft_model(base, initial_adapter), processing_class=tokenizer,
+                         train_dataset=Dataset.from_list(rows), callbacks=[log],
+                         args=trl_args(DPOConfig, tmp_path, DPO_STEPS, beta=0.1, loss_type=["sigmoid"],
+                                       max_length=512, precompute_ref_log_probs=False))
+    trl_fp32_adapter(trainer)
+
+    examples = [tokenize_pair(r["prompt"], r["chosen"][0]["content"], r["rejected"][0]["content"], tokenizer,
+                              ChatFormat(), 512, 256, use_chat_template=True) for r in rows]
+    for ours, theirs in zip(examples, trainer.train_dataset):
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            assert ours[key] == theirs[key], key
+
+    trainer.train()
+    theirs = [step["loss"] for step in log.steps]
+    batches = [pad_pairs(examples[i:i + BATCH], tokenizer.pad_token_id) for i in range(0, len(examples), BATCH)]
+    ours = fit_project(DPOModule(**module_kwargs(base, initial_adapter, DPO_STEPS), beta=0.1, loss_type="sigmoid",
+                                 sft_adapter=initial_adapter),
+                       batches, tmp_path, DPO_STEPS)
+    assert_steps_match(ours, theirs, DPO_STEPS, "DPO")
+    assert theirs[-1] < theirs[0]
