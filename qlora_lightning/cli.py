@@ -22,6 +22,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from qlora_lightning import console
 from qlora_lightning.data.base import SFTDataModule
 from qlora_lightning.errors import UserError
+from qlora_lightning.model import tokenizer_source
 from qlora_lightning.modules.base import QLoRAModule
 from qlora_lightning.progress import count_steps
 from qlora_lightning.reliability import AtomicCheckpointIO
@@ -30,17 +31,13 @@ from qlora_lightning.resume import RunFolderGuard, StepCheckpoint, check_resume,
 log = logging.getLogger(__name__)
 
 
-def _tokenizer_of(base) -> str:
-    return base.tokenizer or base.name_or_path
-
-
 class QLoRACLI(LightningCLI):
     """LightningCLI with the data's tokenizer taken from the model, adapter checkpoints
     written atomically every ``checkpoint.every_n_train_steps``, values checked at parse time, and a
     progress bar that counts optimizer steps (``progress.py``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.init_args.base", "data.init_args.tokenizer", compute_fn=_tokenizer_of)
+        parser.link_arguments("model.init_args.base", "data.init_args.tokenizer", compute_fn=tokenizer_source)
         parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
         parser.add_argument("--allow_config_changes", type=bool, default=False,
                             help="fit --ckpt_path: resume under a config that differs from the one that wrote the "

