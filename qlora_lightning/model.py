@@ -31,6 +31,7 @@ from transformers import (
 from qlora_lightning.checkpointing import HALVES, Checkpointing, enable_checkpointing
 from qlora_lightning.errors import UserError, first_line
 from qlora_lightning.gguf import dequantized_checkpoint, gguf_source
+from qlora_lightning.hub import check_hub_id
 from qlora_lightning.lora_forward import use_base_last, use_lean_lora
 from qlora_lightning.paths import build_once, cache_dir, save_checkpoint, shipped
 
@@ -180,6 +181,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """Load a tokenizer (a GGUF file's from its dequantized copy), giving it a pad token (the EOS token)
     when it has none."""
     gguf = gguf_source(name_or_path)
+    if not gguf:
+        check_hub_id(shipped(name_or_path), "model (tokenizer)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(dequantized_checkpoint(gguf)) if gguf else shipped(name_or_path))
     except (OSError, ValueError) as err:
@@ -193,6 +196,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def load_base_model(spec: BaseModelSpec, device: Union[str, torch.device] = "cpu") -> PreTrainedModel:
     """Load (or build with random weights) the base model, quantized per ``spec``, onto ``device``."""
+    if not gguf_source(spec.name_or_path, spec.gguf_file):
+        check_hub_id(shipped(spec.name_or_path))
     path = random_checkpoint(spec) if spec.random_init else spec.checkpoint
     kwargs = {}
     if spec.attn_implementation:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+
+import pytest
 
 from qlora_lightning.commands import COMMANDS
 from tests.conftest import REPO
@@ -44,3 +47,21 @@ def test_a_commands_help_leads_with_the_projects_keys():
     assert 0 < model < data < trainer, (model, data, trainer)
     assert "--trainer.max_epochs" not in text and "--help-all" in text.splitlines()[-1]
     assert len(text.splitlines()) < 450  # not the ~760 lines of every Trainer option
+
+
+@pytest.mark.parametrize("offline", ["0", "1"])
+def test_a_hub_id_that_cannot_be_reached_fails_in_one_line_without_retries(offline, tmp_path):
+    # A closed local port as the hub: the connection is refused at once, as on a machine without a
+    # network (HF_HUB_OFFLINE=0), or the hub libraries told they are offline (1).
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": offline, "HF_HOME": str(tmp_path),
+           "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "qlora_lightning", "fit", "--config", "configs/quickstart.yaml",
+                             "--model.init_args.base.name_or_path", "nobody/no-such-model",
+                             "--model.init_args.base.random_init", "false", "--trainer.default_root_dir",
+                             str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model (tokenizer) 'nobody/no-such-model' is not a local folder, the hub "
+                           "(http://127.0.0.1:9) cannot be reached"), last
+    assert "point base.name_or_path at a local folder" in last
+    assert "retry" not in result.stderr.lower() and "Retrying" not in result.stderr
