@@ -369,3 +369,9 @@ def test_an_sft_file_given_to_the_preference_module_says_which_module_reads_it(t
     path = write_jsonl(tmp_path / "chat.jsonl", [SFT_ROWS["openai"](conversation(i)) for i in range(4)])
     with pytest.raises(UserError, match="holds no preference pairs .*an SFT DataModule"):
         PreferenceDataModule(path=str(path), tokenizer=tokenizer).setup("fit")
+
+
+def test_columns_format_outside_the_column_module_is_one_line(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"q": "a", "r": "b"}])
+    with pytest.raises(UserError, match="ColumnDataModule"):
+        sft_data(path, tokenizer, format="columns")

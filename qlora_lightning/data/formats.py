@@ -216,6 +216,9 @@ def sft_reader(fmt: str, roles: Mapping[str, str], columns: Optional[dict] = Non
     if fmt not in _SFT_READERS:
         raise UserError(f"data.format '{fmt}' is not an SFT format (one of: {', '.join(SFT_FORMATS)}); "
                         "preference pairs train with qlora_lightning.PreferenceDataModule")
+    if fmt == "columns" and not columns:
+        raise UserError("data.format columns reads the columns named by qlora_lightning.ColumnDataModule's "
+                        "prompt_column / response_column / messages_column: use that module")
     return functools.partial(_SFT_READERS[fmt], roles=roles, **(columns if fmt == "columns" else {}))
 
 
