@@ -372,6 +372,8 @@ def test_an_sft_file_given_to_the_preference_module_says_which_module_reads_it(t
 
 
 def test_columns_format_outside_the_column_module_is_one_line(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "rows.jsonl", [{"q": "a", "r": "b"}])
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"q": f"a{i}", "r": "b"} for i in range(8)])
     with pytest.raises(UserError, match="ColumnDataModule"):
         sft_data(path, tokenizer, format="columns")
+    with pytest.raises(UserError, match=r"1 usable rows cannot make a training split and a validation split of 0.25"):
+        sft_data(write_jsonl(tmp_path / "one.jsonl", [{"question": "q", "answer": "#### 1"}]), tokenizer)

@@ -394,7 +394,11 @@ class SFTDataModule(LightningDataModule):
             val, more = drop_duplicates(raw[self.val_split], {})
             duplicates += more
         else:
-            held = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
+            try:
+                held = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
+            except ValueError:  # too few rows for both splits: datasets says so in sklearn's words
+                raise UserError(f"data '{self.path}': {len(train)} usable rows cannot make a training split and a "
+                                f"validation split of {self.val_fraction:g}; add rows, or name a val_split") from None
             train, val = held["train"], held["test"]
         self.read_report.update(rows=sum(len(raw[name]) for name in {self.train_split, self.val_split} & set(raw)),
                                 duplicates=len(duplicates), duplicate_rows=duplicates[:_LISTED])
