@@ -14,7 +14,14 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
+from qlora_lightning.adapters import AdapterMix, AdapterSet
 from qlora_lightning.errors import UserError
+from qlora_lightning.model import BaseModelSpec, LoraSpec
+
+# The only classes a checkpoint may hold besides tensors and plain values: the module's typed
+# arguments, which ``save_hyperparameters`` stores as given when a module is built in Python (the
+# CLI stores its config as plain values). Dataclasses of plain fields: rebuilding one runs no code.
+CHECKPOINT_CLASSES = [BaseModelSpec, LoraSpec, AdapterSet, AdapterMix]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -46,8 +53,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).is_file():
             raise UserError(f"checkpoint '{path}' does not exist")
         try:
-            # Tensors and plain values only: loading never runs code that a checkpoint names.
-            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
+            # Tensors, plain values and CHECKPOINT_CLASSES only: loading never runs code a checkpoint names.
+            with torch.serialization.safe_globals(CHECKPOINT_CLASSES):
+                checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as err:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
             if found is None:

@@ -17,8 +17,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from qlora_lightning.cli import make_cli
 from qlora_lightning.errors import UserError
+from qlora_lightning.model import LoraSpec
 from qlora_lightning.reliability import AtomicCheckpointIO
 from qlora_lightning.resume import collect_rng_states, set_rng_states
+from tests.conftest import tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -243,7 +245,11 @@ def test_truncated_checkpoint_is_refused_in_one_line(tmp_path):
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError, match="truncated or corrupt"):
         io.load_checkpoint(bad)
-    # Loading runs no code a checkpoint names: an object other than tensors and plain values is refused.
+    # Loading runs no code a checkpoint names: an object other than tensors, plain values and the
+    # module's own config dataclasses (stored by a module built in Python) is refused.
+    hparams = {"base": tiny_spec(), "lora": LoraSpec(r=4)}
+    io.save_checkpoint({"state_dict": {}, "hyper_parameters": hparams}, path)
+    assert io.load_checkpoint(path)["hyper_parameters"] == hparams
     torch.save({"state_dict": {}, "rng": np.random.get_state()}, bad)
     with pytest.raises(UserError, match="not only tensors and plain values"):
         io.load_checkpoint(bad)
