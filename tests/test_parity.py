@@ -55,6 +55,7 @@ def tokenizer(base):
 def initial_adapter(base, tmp_path_factory) -> str:
     """A saved adapter with non-zero B (the first step already depends on both LoRA matrices), its
     values bf16-representable so that ``trl_fp32_adapter`` can undo TRL's cast without a trace."""
+    torch.manual_seed(0)  # PEFT draws A from the global generator: the same adapter in every run
     model = build_model(base, LoraSpec(**LORA), gradient_checkpointing=False)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
