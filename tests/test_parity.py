@@ -221,8 +221,7 @@ def test_sft_matches_trl_sfttrainer_step_for_step(base, tokenizer, initial_adapt
 
 # ---- DPO ---------------------------------------------------------------------------------
 
-# 14 minutes for both on this project's shared 2-core machine under load; CI runs slow tests too.
-@pytest.mark.slow
+@pytest.mark.slow  # see the SFT test
 def test_dpo_matches_trl_dpotrainer_step_for_step(base, tokenizer, initial_adapter, tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
