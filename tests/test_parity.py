@@ -182,6 +182,8 @@ def assert_steps_match(ours: list[float], theirs: list[float], steps: int, what:
 
 # ---- SFT ---------------------------------------------------------------------------------
 
+# 14 minutes for both on this project's shared 2-core machine under load; CI runs slow tests too.
+@pytest.mark.slow
 def test_sft_matches_trl_sfttrainer_step_for_step(base, tokenizer, initial_adapter, tmp_path):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -219,6 +221,7 @@ def test_sft_matches_trl_sfttrainer_step_for_step(base, tokenizer, initial_adapt
 
 # ---- DPO ---------------------------------------------------------------------------------
 
+@pytest.mark.slow  # see the SFT test
 def test_dpo_matches_trl_dpotrainer_step_for_step(base, tokenizer, initial_adapter, tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
