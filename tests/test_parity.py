@@ -247,7 +247,9 @@ def test_dpo_matches_trl_dpotrainer_step_for_step(base, tokenizer, initial_adapt
     examples = [tokenize_pair(r["prompt"], r["chosen"][0]["content"], r["rejected"][0]["content"], tokenizer,
                               ChatFormat(), 512, 256, use_chat_template=True) for r in rows]
     for ours, theirs in zip(examples, trainer.train_dataset):
-        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        # Nothing is cut at 512 tokens: both sequences keep the whole prompt TRL tokenized.
+        assert ours["chosen_prompt_ids"] == ours["rejected_prompt_ids"] == theirs["prompt_ids"]
+        for key in ("chosen_ids", "rejected_ids"):
             assert ours[key] == theirs[key], key
 
     trainer.train()
