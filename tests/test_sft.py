@@ -118,6 +118,12 @@ def test_real_pretrained_llama_lowers_its_validation_loss(tmp_path):
     data = GSM8KDataModule(path=str(shared_path("datasets", "gsm8k", "train.jsonl")), tokenizer=tokenizer_at(stories),
                            num_samples=32, num_val_samples=16, val_fraction=0.1, batch_size=8, max_seq_length=128)
     before = cpu_trainer(tmp_path).validate(module, datamodule=data, verbose=False)[0]["val/loss"]
-    cpu_trainer(tmp_path, max_steps=8, limit_val_batches=0).fit(module, datamodule=data)
+    # Validating inside fit after a validate call: its metric states must not be the inference
+    # tensors the validate call left.
+    fitting = cpu_trainer(tmp_path, max_steps=8)
+    fitting.fit(module, datamodule=data)
     after = cpu_trainer(tmp_path).validate(module, datamodule=data, verbose=False)[0]["val/loss"]
     assert after < before - 0.5, (before, after)
+    # fit's last validation saw the same adapter and rows: only the order of float sums differs.
+    during = fitting.callback_metrics["val/loss"].item()
+    assert abs(during - after) <= 1e-5 * after, f"fit's validation loss {during} != validate's {after}"

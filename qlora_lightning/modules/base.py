@@ -13,6 +13,7 @@ from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
+from torchmetrics import Metric
 from transformers import AutoConfig, get_scheduler
 from typing_extensions import override
 
@@ -415,6 +416,22 @@ class QLoRAModule(LightningModule):
         if self._pending_rng_states is not None:
             set_rng_states(self._pending_rng_states)
             self._pending_rng_states = None
+
+    @override
+    def on_validation_epoch_start(self) -> None:
+        self._reset_metrics()
+
+    @override
+    def on_test_epoch_start(self) -> None:
+        self._reset_metrics()
+
+    def _reset_metrics(self) -> None:
+        """Fresh metric states, made under this loop's grad mode. ``validate`` and ``test`` run under
+        inference mode, so the states they leave are inference tensors, which the validation inside
+        a later ``fit`` of the same module (no-grad only) could not update in place."""
+        for metric in self.modules():
+            if isinstance(metric, Metric):
+                metric.reset()
 
     @override
     def on_fit_end(self) -> None:
