@@ -130,7 +130,7 @@ def learn(args) -> dict:
     result = {"machine": machine(), "config": args.config, "train_samples": args.train_samples,
               "val_samples": args.val_samples, "steps": args.steps, "accumulate": args.accumulate}
 
-    scorer = GSM8KEval(max_new_tokens=args.max_new_tokens, batch_size=8) if "gsm8k" in name else None
+    scorer = GSM8KEval(max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch) if "gsm8k" in name else None
 
     def evaluate(when: str) -> None:
         metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
@@ -230,6 +230,7 @@ def main() -> None:
     parser.add_argument("--accumulate", type=int, default=8)
     parser.add_argument("--gsm8k-questions", type=int, default=200)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--generation-batch", type=int, default=32, help="learn: GSM8K prompts per generate call")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="learn: skip the TRL reference column")
     args = parser.parse_args()
