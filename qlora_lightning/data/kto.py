@@ -130,8 +130,8 @@ def pad_unpaired(rows: list[dict], pad_id: int, max_seq_length: int, multiple: O
     """
     before = rows[-1:] + rows[:-1]  # TRL's rotation: completions move one row down
     batch = pad_batch([prompt_and_reply_example(r["prompt_ids"], r["completion_ids"]) for r in rows], pad_id, multiple)
-    mismatched = [prompt_and_reply_example(r["prompt_ids"], other["completion_ids"][:max_seq_length - len(r["prompt_ids"])])
-                  for r, other in zip(rows, before)]
+    mismatched = [prompt_and_reply_example(r["prompt_ids"], o["completion_ids"][:max_seq_length - len(r["prompt_ids"])])
+                  for r, o in zip(rows, before)]
     batch.update({f"kl_{name}": value for name, value in pad_batch(mismatched, pad_id, multiple).items()})
     batch["label"] = torch.tensor([r["label"] for r in rows], dtype=torch.bool)
     return batch
