@@ -204,7 +204,7 @@ def kto_module(base=None, lr: float = 1e-2, **kwargs) -> KTOModule:
                      optimizer=functools.partial(torch.optim.AdamW, lr=lr), warmup_ratio=0.0, **kwargs)
 
 
-def test_module_loss_is_kto_of_the_policy_the_adapter_off_reference_and_the_kl_pairs(tmp_path):
+def test_module_loss_is_kto_of_the_policy_the_adapter_off_reference_and_the_kl_pairs(tmp_path, one_thread):
     dm = kto_data()
     module = kto_module(beta=0.5, desirable_weight=1.2)
     module.configure_model()
@@ -241,7 +241,7 @@ def test_batches_of_one_row_are_refused(tmp_path):
         cpu_trainer(tmp_path, max_steps=1).fit(kto_module(), datamodule=kto_data(batch_size=1))
 
 
-def test_kto_on_stories260k_learns_thumbs_up_from_thumbs_down(tmp_path):
+def test_kto_on_stories260k_learns_thumbs_up_from_thumbs_down(tmp_path, one_thread):
     # The real pretrained 260K Llama on the real oasst pairs, split into unpaired rows; 16-bit base
     # for speed (the 4-bit path is covered above), as the DPO learning test does.
     model_dir = str(shared_path("models", "stories260K"))
