@@ -169,6 +169,28 @@ def test_a_bad_label_stops_the_run_naming_the_row(tmp_path, label, error):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("layout,row,fmt", [
+    ("alpaca", lambda i: {"instruction": f"Add {i} and {i}.", "output": f"{2 * i}", "label": i % 3 > 0}, "alpaca"),
+    ("sharegpt", lambda i: {"conversations": [{"from": "human", "value": f"Add {i} and {i}."},
+                                              {"from": "gpt", "value": f"{2 * i}"}], "label": i % 3 > 0}, "sharegpt"),
+    ("hh_rlhf pairs", lambda i: {"chosen": f"\n\nHuman: Add {i} and {i}.\n\nAssistant: {2 * i}",
+                                 "rejected": f"\n\nHuman: Add {i} and {i}.\n\nAssistant: {2 * i + 1}"}, "hh_rlhf"),
+    ("openai pairs", lambda i: {"input": {"messages": [{"role": "user", "content": f"Add {i} and {i}."}]},
+                                "preferred_output": [{"role": "assistant", "content": f"{2 * i}"}],
+                                "non_preferred_output": [{"role": "assistant", "content": f"{2 * i + 1}"}]},
+     "openai_preference"),
+])
+def test_every_layout_reads_as_labelled_completions(tmp_path, tokenizer, layout, row, fmt):
+    dm = kto_data(_write(tmp_path, [row(i) for i in range(10)]))
+    assert dm.row_format == fmt and dm.from_pairs == layout.endswith("pairs")
+    rows = [r for split in ("train", "val") for r in dm.splits[split]]
+    for r in rows:
+        asked = int(tokenizer.decode(r["prompt_ids"]).split("Add ")[1].split(" ")[0])
+        answer = int(tokenizer.decode(r["completion_ids"], skip_special_tokens=True))
+        assert r["label"] == ((answer == 2 * asked) if dm.from_pairs else asked % 3 > 0)
+    assert len(rows) == (20 if dm.from_pairs else 10)
+
+
 def test_pairs_split_into_a_desirable_and_an_undesirable_row(tokenizer):
     dm = kto_data(max_seq_length=512)  # nothing cut
     assert dm.from_pairs and dm.row_format == "trl"

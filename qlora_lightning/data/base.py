@@ -447,16 +447,16 @@ class SFTDataModule(LightningDataModule):
         return kept.remove_columns(["drop_reason", ORIGIN, *flags])
 
     def _refuse(self, drops: list[dict], name: str) -> None:
-        """Stop on the first bad row under ``strict``, and on the first row whose reason is ``fatal``."""
+        """Stop on the first bad row under ``strict``, and on the first row a ``refusal_hint`` answers for."""
         if drops and self.strict:
             first, hint = drops[0], "data.strict is on"
         else:
-            first, hint = next(((d, self.fatal(d["reason"])) for d in drops if self.fatal(d["reason"])), (None, None))
+            first, hint = next(((d, hint) for d in drops if (hint := self.refusal_hint(d["reason"]))), (None, None))
         if first is None:
             return
         raise UserError(f"{first['at']} of '{self.path}' ({name} split): {first['reason']} ({hint})")
 
-    def fatal(self, reason: str) -> Optional[str]:
+    def refusal_hint(self, reason: str) -> Optional[str]:
         """What to do about a row dropped for ``reason`` when it must stop the run (a mistake in the
         data's layout, not one bad row), else None. An unmapped role stops it unless told to drop them."""
         if reason.startswith(UNMAPPED) and self.unmapped_roles == "error":

@@ -168,10 +168,10 @@ class KTODataModule(SFTDataModule):
     def _warn_unused_fields(self, ds: datasets.Dataset, read: set[str]) -> None:
         super()._warn_unused_fields(ds, read if self.from_pairs else read | {self.label_column})
 
-    def fatal(self, reason: str) -> Optional[str]:
+    def refusal_hint(self, reason: str) -> Optional[str]:
         if reason.startswith(BAD_LABEL):
             return "every row needs a label, true or false"
-        return super().fatal(reason)
+        return super().refusal_hint(reason)
 
     def encoder(self) -> tuple[Callable[..., dict], dict]:
         if self.from_pairs:
