@@ -273,18 +273,22 @@ def test_kto_on_stories260k_learns_thumbs_up_from_thumbs_down(tmp_path, one_thre
     module = kto_module(BaseModelSpec(name_or_path=model_dir, compute_dtype="float32", quantization="none"), lr=1e-2)
     module.configure_model()
 
-    def accuracy() -> float:
+    def measured() -> tuple[float, float]:
+        """Reward accuracy and mean loss over every training row."""
         module.eval()
         with torch.no_grad():
             rows = dm.splits["train"]
             values = [module.batch_metrics(dm.collate([rows[j] for j in range(i, min(i + 8, len(rows)))]))
                       for i in range(0, len(rows), 8)]
         module.train()
-        return torch.cat([v["rewards/accuracy"] for v in values]).mean().item()
+        return (torch.cat([v["rewards/accuracy"] for v in values]).mean().item(),
+                torch.stack([v["loss"] for v in values]).mean().item())
 
-    assert accuracy() == 0.0  # policy == reference: every reward sits on the reference point
-    cpu_trainer(tmp_path, max_steps=12, limit_val_batches=0).fit(module, datamodule=dm)
-    assert accuracy() >= 0.8
+    accuracy, loss = measured()
+    assert accuracy == 0.0 and loss == pytest.approx(0.5)  # policy == reference: every reward on the reference point
+    cpu_trainer(tmp_path, max_steps=16, limit_val_batches=0).fit(module, datamodule=dm)
+    accuracy, loss = measured()
+    assert accuracy >= 0.8 and loss < 0.25, (accuracy, loss)  # measured: 0.875 and 0.13
 
 
 def test_config_names_the_kto_classes(monkeypatch):
