@@ -1,4 +1,4 @@
-"""QLoRA fine-tuning (SFT and DPO) of 2.7B-8B language models with Lightning.
+"""QLoRA fine-tuning (SFT, DPO and KTO) of 2.7B-8B language models with Lightning.
 
 The public names below are imported on first use (PEP 562), so that ``python -m qlora_lightning
 --help`` answers without loading torch, transformers and Lightning.
@@ -14,10 +14,10 @@ _EXPORTS = {
     "AdapterMix": "adapters", "AdapterSet": "adapters",
     "PerfMonitor": "callbacks", "FreezeHeap": "collector", "DecoderLayerPolicy": "distributed",
     "SFTDataModule": "data", "GuanacoDataModule": "data", "CodeAlpacaDataModule": "data", "GSM8KDataModule": "data",
-    "ColumnDataModule": "data", "PreferenceDataModule": "data", "PromptsDataModule": "data",
+    "ColumnDataModule": "data", "PreferenceDataModule": "data", "KTODataModule": "data", "PromptsDataModule": "data",
     "GSM8KEval": "gsm8k_eval",
     "BaseModelSpec": "model", "LoraSpec": "model", "build_model": "model", "load_tokenizer": "model",
-    "QLoRAModule": "modules", "SFTModule": "modules", "DPOModule": "modules",
+    "QLoRAModule": "modules", "SFTModule": "modules", "DPOModule": "modules", "KTOModule": "modules",
     "JSONLWriter": "writers",
 }
 __all__ = list(_EXPORTS)

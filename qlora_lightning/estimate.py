@@ -278,7 +278,8 @@ def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str
     except OSError as err:
         raise UserError(f"model '{name}': {str(err).strip().splitlines()[0]}") from None
     optimizer = str((model.get("optimizer") or {}).get("class_path", "PagedAdamW8bit"))
-    # DPO runs each pair's chosen and rejected sequences in one forward: twice the sequences.
+    # DPO runs each pair's chosen and rejected sequences in one forward: twice the sequences. KTO's one
+    # forward with gradients holds its B rows; its KL and reference forwards keep no activations.
     sequences = int(data.get("batch_size", 1)) * (2 if "DPO" in str((tree.get("model") or {}).get("class_path")) else 1)
     seq = int(data.get("max_seq_length", 512))
 

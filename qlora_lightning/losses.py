@@ -214,3 +214,43 @@ def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float
     margin = beta * (chosen_avg - rejected_avg) - gamma
     losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     return losses, beta * chosen_avg.detach(), beta * rejected_avg.detach()
+
+
+UnpairedLossType = Literal["kto", "apo_zero_unpaired"]
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
+             kl_logratio: torch.Tensor, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             loss_type: UnpairedLossType = "kto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row KTO losses on unpaired rows, as TRL's ``KTOTrainer`` (1.16) defines them.
+
+    Args:
+        policy_logps: (B,) summed completion log-probs under the policy.
+        ref_logps: (B,) the same under the reference.
+        desirable: (B,) bool, True for a desirable (thumbs-up) row.
+        kl_logratio: The batch's mean ``log pi - log pi_ref`` over mismatched (prompt, completion)
+            pairs: KTO's estimate of KL(pi || pi_ref), the reference point z0 that rewards are
+            compared with. Unused by ``apo_zero_unpaired``, whose reference point is 0.
+        beta: Inverse temperature of the implicit reward.
+        desirable_weight: Weight of the desirable rows' losses (to balance unequal counts).
+        undesirable_weight: Weight of the undesirable rows' losses.
+        loss_type: ``kto`` (the KTO paper's eq. 7) or ``apo_zero_unpaired`` (APO-zero's unpaired variant).
+
+    Returns:
+        (B,) weighted losses (the loss is their mean), the (B,) detached rewards
+        ``beta * (log pi - log pi_ref)``, and the reference point used: the KL estimate clamped
+        at 0 and detached (TRL takes no gradient through it), 0 for ``apo_zero_unpaired``.
+    """
+    logratios = policy_logps - ref_logps
+    if loss_type == "kto":
+        kl = kl_logratio.detach().clamp(min=0)
+        desirable_losses = 1 - torch.sigmoid(beta * (logratios - kl))
+        undesirable_losses = 1 - torch.sigmoid(beta * (kl - logratios))
+    elif loss_type == "apo_zero_unpaired":
+        kl = torch.zeros((), dtype=logratios.dtype, device=logratios.device)
+        desirable_losses = 1 - torch.sigmoid(beta * logratios)
+        undesirable_losses = torch.sigmoid(beta * logratios)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r} (use kto or apo_zero_unpaired)")
+    losses = torch.where(desirable, desirable_weight * desirable_losses, undesirable_weight * undesirable_losses)
+    return losses, beta * logratios.detach(), kl

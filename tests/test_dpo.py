@@ -252,7 +252,7 @@ def test_bad_pairs_are_counted_and_skipped_with_one_warning_line(tmp_path, caplo
     module.configure_model()
     batch = ordered_batches(dm)[0]
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (2 * dm.batch_size, batch["labels"].shape[1])
-    assert torch.isfinite(module.pair_metrics(batch)["loss"])
+    assert torch.isfinite(module.batch_metrics(batch)["loss"])
 
 
 # ---- the reference: one base, adapter off or a frozen SFT adapter ---------------------------
@@ -299,7 +299,7 @@ def test_sft_adapter_reference_shares_the_one_4bit_base(tmp_path, monkeypatch):
     torch.testing.assert_close(reference, expected, rtol=0, atol=1e-4)
     module.eval()
     with torch.no_grad():
-        start = module.pair_metrics(batch)  # the policy starts from the SFT adapter: no reward yet
+        start = module.batch_metrics(batch)  # the policy starts from the SFT adapter: no reward yet
     assert abs(start["rewards/margin"].item()) < 1e-5 and start["loss"].item() == pytest.approx(0.6931, abs=1e-3)
     assert model.training is False  # as_reference restores the mode it found
     module.train()
@@ -372,7 +372,7 @@ def _train_pair_metrics(module: DPOModule, dm: PreferenceDataModule) -> dict[str
         batches = ordered_batches(dm)
         for batch in batches:
             live = {k: v for k, v in batch.items() if not k.startswith("ref_")}
-            for name, value in module.pair_metrics(live).items():
+            for name, value in module.batch_metrics(live).items():
                 out[name] += value.item() * live["input_ids"].shape[0] / 2 / len(dm.splits["train"])
         reference = torch.cat([module.reference_logps(b) for b in batches])
     module.train()

@@ -130,7 +130,7 @@ def test_dpo_module_chunked_logps_match_plain_on_a_4bit_model():
     for chunk, moved in ((None, False), (5, False), (5, True)):
         module.loss_chunk_size = chunk
         module.model.zero_grad()
-        metrics = module.pair_metrics(_moved(module, batch) if moved else batch)  # the live reference, then the policy
+        metrics = module.batch_metrics(_moved(module, batch) if moved else batch)  # the live reference, then the policy
         metrics["loss"].backward()
         grads = [p.grad.clone() for p in module.model.parameters() if p.requires_grad]
         results.append(({k: v.detach() for k, v in metrics.items()}, grads))

@@ -71,8 +71,8 @@ def test_reference_free_modules_never_run_a_reference(loss_type, tmp_path, monke
     monkeypatch.setattr(type(module), "as_reference", lambda self: pytest.fail("a reference forward ran"))
     data = preference_data()
     batch = data.collate([data.splits["train"][i] for i in range(4)])
-    metrics = module.pair_metrics(batch)
-    logps, tokens = module.pair_logps(batch)
+    metrics = module.batch_metrics(batch)
+    logps, tokens = module.response_logps(batch)
     chosen, rejected = logps.chunk(2)
     chosen_tokens, rejected_tokens = tokens.chunk(2)
     if loss_type == "orpo":  # the chosen responses' NLL per token plus the mean odds-ratio term

@@ -274,6 +274,8 @@ class SFTDataModule(LightningDataModule):
         self.read_report: dict[str, Any] = {}  # before the split: rows, duplicates, fields no key reads
 
     formats: tuple[str, ...] = SFT_FORMATS  # the values of data.format this module reads
+    # Whether ``encoder()``'s function maps batches of raw rows (and may turn one row into several).
+    encodes_batches = False
     native_format: Optional[str] = None  # what `auto` reads when no row shows a format (the dataset's own)
     preference = False  # whether rows are preference pairs (decides what `auto` may detect)
 
@@ -294,7 +296,8 @@ class SFTDataModule(LightningDataModule):
 
         The function returns the tokenized columns plus ``prompt_truncated``, ``response_truncated``
         and ``final_line_lost`` (bools) and ``drop_reason`` ('' for a kept row, else why it is
-        dropped, counted and logged). Module-level, for caching.
+        dropped, counted and logged). Module-level, for caching. With ``encodes_batches`` it takes
+        and returns columns of rows, ``ORIGIN`` included.
         """
         return _encode_row, {"to_messages": self.messages_fn(), "tokenizer": self.tokenizer, "fmt": self.chat_format,
                              "max_seq_length": self.max_seq_length, "max_prompt_length": self.max_prompt_length,
@@ -356,16 +359,22 @@ class SFTDataModule(LightningDataModule):
 
     # ---- pieces ----------------------------------------------------------------------
 
-    def _read_format(self, ds: datasets.Dataset) -> str:
-        """``data.format``, or the format its first rows show (logged), after a warning for fields no key reads."""
+    @staticmethod
+    def first_rows(ds: datasets.Dataset) -> list[dict]:
+        """Up to 20 first rows, decoded: what format detection looks at."""
         first = []
         for row in ds.select(range(min(len(ds), 20))):
             try:
                 first.append(without_origin(row))
             except RowError:  # a broken row tells nothing of the format; it is dropped when encoded
                 continue
+        return first
+
+    def _read_format(self, ds: datasets.Dataset) -> str:
+        """``data.format``, or the format its first rows show (logged), after a warning for fields no key reads."""
         fmt = self.format
         if fmt == "auto":
+            first = self.first_rows(ds)
             fmt = detect_format(first, self.preference, self.path, fallback=self.native_format)
             log.info("data '%s': format '%s' (detected from the fields %s)", self.path, fmt,
                      ", ".join(sorted(set().union(*(row.keys() for row in first)))))
@@ -414,8 +423,8 @@ class SFTDataModule(LightningDataModule):
 
     def _encode(self, ds: datasets.Dataset, name: str) -> datasets.Dataset:
         encode, fn_kwargs = self.encoder()
-        encoded = ds.map(encode, fn_kwargs=fn_kwargs, remove_columns=[c for c in ds.column_names if c != ORIGIN],
-                         desc=f"tokenizing {name}")
+        encoded = ds.map(encode, fn_kwargs=fn_kwargs, batched=self.encodes_batches,
+                         remove_columns=[c for c in ds.column_names if c != ORIGIN], desc=f"tokenizing {name}")
         drops = [{"at": at, "reason": why} for at, why in zip(encoded[ORIGIN], encoded["drop_reason"]) if why]
         self._refuse(drops, name)
         kept = encoded.filter(lambda r: r == "", input_columns="drop_reason")
@@ -438,14 +447,21 @@ class SFTDataModule(LightningDataModule):
         return kept.remove_columns(["drop_reason", ORIGIN, *flags])
 
     def _refuse(self, drops: list[dict], name: str) -> None:
-        """Stop on the first bad row under ``strict``, and on the first unmapped role unless told to drop them."""
-        first = drops[0] if drops and self.strict else next(
-            (d for d in drops if d["reason"].startswith(UNMAPPED) and self.unmapped_roles == "error"), None)
+        """Stop on the first bad row under ``strict``, and on the first row a ``refusal_hint`` answers for."""
+        if drops and self.strict:
+            first, hint = drops[0], "data.strict is on"
+        else:
+            first, hint = next(((d, hint) for d in drops if (hint := self.refusal_hint(d["reason"]))), (None, None))
         if first is None:
             return
-        hint = "data.strict is on" if self.strict else \
-            "map it with data.roles, or drop such rows with data.unmapped_roles: drop"
         raise UserError(f"{first['at']} of '{self.path}' ({name} split): {first['reason']} ({hint})")
+
+    def refusal_hint(self, reason: str) -> Optional[str]:
+        """What to do about a row dropped for ``reason`` when it must stop the run (a mistake in the
+        data's layout, not one bad row), else None. An unmapped role stops it unless told to drop them."""
+        if reason.startswith(UNMAPPED) and self.unmapped_roles == "error":
+            return "map it with data.roles, or drop such rows with data.unmapped_roles: drop"
+        return None
 
     def _loader(self, ds: datasets.Dataset, shuffle: bool) -> DataLoader:
         # Stateful: checkpoints record the position inside the epoch, so resuming never

@@ -392,6 +392,11 @@ def _guess(row: dict) -> Optional[str]:
     return None
 
 
+def holds_pairs(rows: list[dict]) -> bool:
+    """Whether most of a file's first rows are preference pairs, by their fields."""
+    return sum(_guess(row) in _PAIR_GUESSES for row in rows) > len(rows) / 2
+
+
 def _fields(rows: list[dict]) -> str:
     return ", ".join(sorted(set().union(*(row.keys() for row in rows)))) or "(none)"
 

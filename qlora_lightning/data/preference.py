@@ -54,24 +54,22 @@ def tokenize_pair(prompt: list[Message], chosen: str, rejected: str, tokenizer, 
         raise RowError("empty response")
     if chosen.strip() == rejected.strip():
         raise RowError("chosen and rejected are identical")
-    sequences = [_prompt_and_response(prompt, reply, tokenizer, fmt, use_chat_template) for reply in (chosen, rejected)]
+    sequences = [prompt_and_response(prompt, reply, tokenizer, fmt, use_chat_template) for reply in (chosen, rejected)]
     if sequences[0][:2] != sequences[1][:2]:
         raise RowError("the prompt tokenizes differently before chosen and rejected")
     out = {"prompt_truncated": False, "response_truncated": False}
-    for name, (n_head, prompt_ids, response_ids) in zip(REPLIES, sequences):
-        prompt_cut, response_cut = plan_cut(n_head, len(prompt_ids), len(response_ids), max_seq_length,
-                                            max_prompt_length)
-        out[f"{name}_prompt_ids"] = prompt_ids[:n_head] + prompt_ids[n_head + prompt_cut:]
-        out[f"{name}_ids"] = response_ids[:len(response_ids) - response_cut]
-        out["prompt_truncated"] |= prompt_cut > 0
-        out["response_truncated"] |= response_cut > 0
+    for name, sequence in zip(REPLIES, sequences):
+        prompt_ids, response_ids, prompt_cut, response_cut = cut_to_fit(*sequence, max_seq_length, max_prompt_length)
+        out[f"{name}_prompt_ids"], out[f"{name}_ids"] = prompt_ids, response_ids
+        out["prompt_truncated"] |= prompt_cut
+        out["response_truncated"] |= response_cut
     if out["chosen_prompt_ids"] + out["chosen_ids"] == out["rejected_prompt_ids"] + out["rejected_ids"]:
         raise RowError("chosen and rejected are identical after truncation")
     return out
 
 
-def _prompt_and_response(prompt: list[Message], reply: str, tokenizer, fmt: ChatFormat,
-                         use_chat_template: bool) -> tuple[int, list[int], list[int]]:
+def prompt_and_response(prompt: list[Message], reply: str, tokenizer, fmt: ChatFormat,
+                        use_chat_template: bool) -> tuple[int, list[int], list[int]]:
     """The kept head's length, the prompt's ids (head included) and the reply's ids (EOS included)."""
     messages = prompt + [{"role": "assistant", "content": reply}]
     ids, kinds = encode_segments(render_segments(messages, tokenizer, fmt, use_chat_template, "last_assistant"),
@@ -79,6 +77,20 @@ def _prompt_and_response(prompt: list[Message], reply: str, tokenizer, fmt: Chat
     n_head = next((i for i, kind in enumerate(kinds) if kind != HEAD), len(kinds))
     start = kinds.index(TRAINED)
     return n_head, ids[:start], ids[start:]
+
+
+def cut_to_fit(n_head: int, prompt_ids: list[int], response_ids: list[int], max_seq_length: int,
+               max_prompt_length: int) -> tuple[list[int], list[int], bool, bool]:
+    """One prompt + reply sequence cut per the SFT policy (``plan_cut``): the kept prompt and reply ids,
+    and whether each was cut."""
+    prompt_cut, response_cut = plan_cut(n_head, len(prompt_ids), len(response_ids), max_seq_length, max_prompt_length)
+    return (prompt_ids[:n_head] + prompt_ids[n_head + prompt_cut:], response_ids[:len(response_ids) - response_cut],
+            prompt_cut > 0, response_cut > 0)
+
+
+def prompt_and_reply_example(prompt_ids: list[int], reply_ids: list[int]) -> dict[str, list[int]]:
+    """One sequence for ``pad_batch``: the prompt then the reply, loss on the reply only."""
+    return {"input_ids": prompt_ids + reply_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + reply_ids}
 
 
 def _encode_pair_row(row: dict, to_pair: Callable[[dict], Pair], tokenizer, fmt: ChatFormat, max_seq_length: int,
@@ -102,9 +114,7 @@ def pad_pairs(rows: list[dict], pad_id: int, multiple: Optional[int] = None) -> 
     on the prompt and on padding. Precomputed reference log-probs, when the rows have them,
     come along as (B,) ``ref_chosen_logps`` / ``ref_rejected_logps``.
     """
-    sequences = [{"input_ids": r[f"{name}_prompt_ids"] + r[f"{name}_ids"],
-                  "labels": [IGNORE_INDEX] * len(r[f"{name}_prompt_ids"]) + r[f"{name}_ids"]}
-                 for name in REPLIES for r in rows]
+    sequences = [prompt_and_reply_example(r[f"{name}_prompt_ids"], r[f"{name}_ids"]) for name in REPLIES for r in rows]
     batch = pad_batch(sequences, pad_id, multiple)
     for column in REFERENCE_COLUMNS:
         if column in rows[0]:

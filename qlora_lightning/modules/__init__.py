@@ -2,6 +2,7 @@
 
 from qlora_lightning.modules.base import QLoRAModule, paged_adamw_8bit
 from qlora_lightning.modules.dpo import DPOModule
+from qlora_lightning.modules.kto import KTOModule
 from qlora_lightning.modules.sft import SFTModule
 
-__all__ = ["QLoRAModule", "SFTModule", "DPOModule", "paged_adamw_8bit"]
+__all__ = ["QLoRAModule", "SFTModule", "DPOModule", "KTOModule", "paged_adamw_8bit"]

@@ -4,6 +4,7 @@ The policy is the base with the trainable adapter. The reference is the same bas
 adapter switched off or, when DPO starts from an SFT adapter, a frozen copy of that adapter
 loaded beside the trainable one and switched in for the reference forward. Either way the base
 weights exist once in memory. ORPO and SimPO need no reference: one forward per pair, none built.
+``PreferenceModule`` holds what DPO and KTO (``modules/kto.py``) share.
 """
 
 from __future__ import annotations
@@ -30,9 +31,6 @@ from qlora_lightning.modules.base import LOSS_POSITIONS, QLoRAModule
 LabelSmoothing = restricted_number_type("LabelSmoothing", float, [(">=", 0.0), ("<", 0.5)])
 
 REFERENCE_ADAPTER = "reference"
-# Logged as train/<name>, val/<name> and test/<name>.
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-           "logps/chosen", "logps/rejected")
 
 
 def reference_fingerprint(model: torch.nn.Module) -> str:
@@ -46,7 +44,121 @@ def reference_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-class DPOModule(QLoRAModule):
+class PreferenceModule(QLoRAModule):
+    """What DPO and KTO share: the reference on the one 4-bit base, response log-probs, and per-batch metrics.
+
+    A subclass gives ``batch_metrics(batch)``: each of ``metric_names`` -> a 0-d tensor (a mean
+    over the batch's examples) or a 1-d one (a value per example it covers, e.g. KTO's desirable
+    rows only; absent when it covers none). Training logs each per step as ``train/loss`` or its
+    own name (TRL's); validation and test log means over the whole split as ``val/<name>`` and
+    ``test/<name>``.
+
+    Args:
+        beta: Inverse temperature of the implicit reward ``beta * (log pi - log pi_ref)``.
+        sft_adapter: Directory of the adapter an SFT run saved. It is loaded twice on the one
+            base: frozen, as the reference, and trainable, as the policy's start (unless
+            ``lora.init_adapter`` names another). Without it the reference is the bare base.
+    """
+
+    metric_names: tuple[str, ...] = ()
+
+    def __init__(self, *args, beta: PositiveFloat = 0.1, sft_adapter: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.beta, self.sft_adapter = beta, sft_adapter
+        if sft_adapter and not self.lora.init_adapter:
+            # The policy starts where SFT ended, so that at step 0 it equals the reference.
+            self.lora = replace(self.lora, init_adapter=sft_adapter)
+        self._step_loss = 0.0  # summed over the micro-batches of the current optimizer step
+        self.eval_metrics = torch.nn.ModuleDict({
+            stage: torch.nn.ModuleDict({name: MeanMetric() for name in self.metric_names})
+            for stage in ("val", "test")})
+
+    def batch_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The loss and metrics of one batch (see the class docstring)."""
+        raise NotImplementedError
+
+    @override
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.sft_adapter and REFERENCE_ADAPTER not in self.model.peft_config:
+            add_frozen_adapter(self.model, self.sft_adapter, REFERENCE_ADAPTER, "model.sft_adapter")
+
+    # ---- the reference ---------------------------------------------------------------
+
+    @contextmanager
+    def as_reference(self) -> Iterator[None]:
+        """Within this context the model is the frozen reference, in eval mode, without gradients.
+
+        Eval mode turns every dropout off, so the reference gives the same log-probs whenever it
+        is asked (precomputed or live, in training or validation).
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad(), use_adapter(self.model, REFERENCE_ADAPTER if self.sft_adapter else None):
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def reference_logps(self, batch: dict) -> torch.Tensor:
+        """(N,) summed response log-probs of a batch's N sequences under the reference."""
+        with self.as_reference():
+            return self.response_logps(batch)[0]
+
+    def response_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) summed response log-probs of a batch's N sequences (``input_ids``, ``attention_mask``,
+        ``labels``), and (N,) response token counts.
+
+        Chunked per ``loss_chunk_size`` (the same values, never the full (N, T, V) logits).
+        """
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if self.loss_chunk_size is None:
+            return sequence_logps(self(**inputs), batch["labels"])
+        return chunked_sequence_logps(self.final_hidden(**inputs), self.logits_head(), batch["labels"],
+                                      self.loss_chunk_size, batch.get(LOSS_POSITIONS))
+
+    # ---- steps -----------------------------------------------------------------------
+
+    @override
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        metrics = self.batch_metrics(batch)
+        examples = batch["input_ids"].shape[0] // self.sequences_per_example
+        for name, value in metrics.items():
+            mean = value.detach().mean()
+            self.log("train/loss" if name == "loss" else name, mean,
+                     batch_size=examples if value.ndim == 0 else value.numel())
+            if name in ("loss", "rewards/accuracy"):
+                self.show_in_progress_bar(name.removeprefix("rewards/"), mean)
+        self._step_loss += metrics["loss"].detach()
+        return metrics["loss"]
+
+    @override
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.reduce_replicated_gradients()
+        loss, self._step_loss = self._step_loss, 0.0
+        self.guard_nonfinite(torch.as_tensor(loss, device=self.device), optimizer)
+        self.log("train/skipped_steps", self._skipped_steps.float())
+
+    @override
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    @override
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        examples = batch["input_ids"].shape[0] // self.sequences_per_example
+        for name, value in self.batch_metrics(batch).items():
+            metric = self.eval_metrics[stage][name]
+            if value.ndim == 0:
+                metric.update(value, weight=examples)  # a mean over all examples of the split
+            else:
+                metric.update(value)
+            self.log(f"{stage}/{name}", metric, batch_size=examples, prog_bar=name in ("loss", "rewards/accuracy"))
+
+
+class DPOModule(PreferenceModule):
     """DPO (or IPO, hinge, ORPO, SimPO) on preference pairs, with batches laid out by ``PreferenceDataModule``.
 
     Each step runs chosen and rejected sequences through the policy in one (2B, T) forward; a
@@ -75,25 +187,21 @@ class DPOModule(QLoRAModule):
     """
 
     sequences_per_example = 2  # the chosen and the rejected sequence of each pair, in one forward
+    # TRL's names; the loss is logged as train/loss.
+    metric_names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
+                    "logps/chosen", "logps/rejected")
 
     def __init__(self, *args, beta: PositiveFloat = 0.1, loss_type: PreferenceLossType = "sigmoid",
                  label_smoothing: LabelSmoothing = 0.0, simpo_gamma: float = 0.5, sft_adapter: Optional[str] = None,
                  precompute_ref_logps: bool = False, ref_batch_size: PositiveInt = 4, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, beta=beta, sft_adapter=sft_adapter, **kwargs)
         if label_smoothing and loss_type not in ("sigmoid", "simpo"):
             raise UserError(f"model.label_smoothing applies to the sigmoid and simpo losses only, not {loss_type}")
         if loss_type in REFERENCE_FREE and (precompute_ref_logps or sft_adapter):
             raise UserError(f"loss_type {loss_type} runs no reference: drop model.precompute_ref_logps and "
                             "model.sft_adapter (start from an SFT adapter with model.lora.init_adapter)")
-        self.beta, self.loss_type, self.label_smoothing, self.simpo_gamma = beta, loss_type, label_smoothing, simpo_gamma
-        self.sft_adapter = sft_adapter
+        self.loss_type, self.label_smoothing, self.simpo_gamma = loss_type, label_smoothing, simpo_gamma
         self.precompute_ref_logps, self.ref_batch_size = precompute_ref_logps, ref_batch_size
-        if sft_adapter and not self.lora.init_adapter:
-            # The policy starts where SFT ended, so that at step 0 it equals the reference.
-            self.lora = replace(self.lora, init_adapter=sft_adapter)
-        self._step_loss = 0.0  # summed over the micro-batches of the current optimizer step
-        self.eval_metrics = torch.nn.ModuleDict({
-            stage: torch.nn.ModuleDict({name: MeanMetric() for name in METRICS}) for stage in ("val", "test")})
 
     def describe(self) -> dict:
         return {**super().describe(), "dpo": {"beta": self.beta, "loss_type": self.loss_type,
@@ -102,44 +210,7 @@ class DPOModule(QLoRAModule):
                                               "sft_adapter": self.sft_adapter,
                                               "precompute_ref_logps": self.precompute_ref_logps}}
 
-    @override
-    def configure_model(self) -> None:
-        super().configure_model()
-        if self.sft_adapter and REFERENCE_ADAPTER not in self.model.peft_config:
-            add_frozen_adapter(self.model, self.sft_adapter, REFERENCE_ADAPTER, "model.sft_adapter")
-
-    # ---- the reference ---------------------------------------------------------------
-
-    @contextmanager
-    def as_reference(self) -> Iterator[None]:
-        """Within this context the model is the frozen reference, in eval mode, without gradients.
-
-        Eval mode turns every dropout off, so the reference gives the same log-probs whenever it
-        is asked (precomputed or live, in training or validation).
-        """
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad(), use_adapter(self.model, REFERENCE_ADAPTER if self.sft_adapter else None):
-                yield
-        finally:
-            self.model.train(was_training)
-
-    def reference_logps(self, batch: dict) -> torch.Tensor:
-        """(2B,) summed response log-probs of a pair batch's sequences under the reference."""
-        with self.as_reference():
-            return self.pair_logps(batch)[0]
-
-    def pair_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(2B,) summed response log-probs of a pair batch's sequences, and (2B,) response token counts.
-
-        Chunked per ``loss_chunk_size`` (the same values, never the full (2B, T, V) logits).
-        """
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if self.loss_chunk_size is None:
-            return sequence_logps(self(**inputs), batch["labels"])
-        return chunked_sequence_logps(self.final_hidden(**inputs), self.logits_head(), batch["labels"],
-                                      self.loss_chunk_size, batch.get(LOSS_POSITIONS))
+    # ---- precomputed reference log-probs ---------------------------------------------
 
     @override
     def on_fit_start(self) -> None:
@@ -165,16 +236,16 @@ class DPOModule(QLoRAModule):
 
     # ---- steps -----------------------------------------------------------------------
 
-    def pair_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Loss and metrics (means over the batch's pairs) of one (2B, T) pair batch; see ``METRICS``."""
+    def batch_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Loss and metrics (means over the batch's pairs) of one (2B, T) pair batch; see ``metric_names``."""
         if self.loss_type in REFERENCE_FREE:
-            return self._reference_free_metrics(*self.pair_logps(batch))
+            return self._reference_free_metrics(*self.response_logps(batch))
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
             # First, so that its logits are freed before the policy's forward.
             ref_chosen, ref_rejected = self.reference_logps(batch).chunk(2)
-        logps, tokens = self.pair_logps(batch)
+        logps, tokens = self.response_logps(batch)
         chosen, rejected = logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -197,44 +268,10 @@ class DPOModule(QLoRAModule):
             loss = losses.mean()
         return _metrics(loss, chosen_rewards, rejected_rewards, chosen, rejected)
 
-    @override
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        metrics = self.pair_metrics(batch)
-        pairs = batch["input_ids"].shape[0] // 2
-        for name, value in metrics.items():
-            # TRL's names (`rewards/margin`, ...) for training; validation prefixes them with `val/`.
-            self.log("train/loss" if name == "loss" else name, value.detach(), batch_size=pairs)
-            if name in ("loss", "rewards/accuracy"):
-                self.show_in_progress_bar(name.removeprefix("rewards/"), value)
-        self._step_loss += metrics["loss"].detach()
-        return metrics["loss"]
-
-    @override
-    def on_before_optimizer_step(self, optimizer) -> None:
-        self.reduce_replicated_gradients()
-        loss, self._step_loss = self._step_loss, 0.0
-        self.guard_nonfinite(torch.as_tensor(loss, device=self.device), optimizer)
-        self.log("train/skipped_steps", self._skipped_steps.float())
-
-    @override
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    @override
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _eval_step(self, batch: dict, stage: str) -> None:
-        pairs = batch["input_ids"].shape[0] // 2
-        for name, value in self.pair_metrics(batch).items():
-            metric = self.eval_metrics[stage][name]
-            metric.update(value, weight=pairs)  # a mean over all pairs of the split
-            self.log(f"{stage}/{name}", metric, batch_size=pairs, prog_bar=name in ("loss", "rewards/accuracy"))
-
 
 def _metrics(loss: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen: torch.Tensor,
              rejected: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``METRICS`` of one batch: its loss, and means over its pairs."""
+    """``DPOModule.metric_names`` of one batch: its loss, and means over its pairs."""
     return {"loss": loss,
             "rewards/chosen": chosen_rewards.mean(),
             "rewards/rejected": rejected_rewards.mean(),
