@@ -132,10 +132,10 @@ def learn(args) -> dict:
 
     scorer = GSM8KEval(max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch) if "gsm8k" in name else None
 
-    def evaluate(when: str) -> None:
+    def evaluate(when: str, score: bool = True) -> None:
         metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
         result[f"val_{when}"] = {k: float(v) for k, v in metrics.items()}
-        if scorer is not None:
+        if scorer is not None and score:
             start = time.perf_counter()
             scored = scorer.score(model, gsm8k_examples(model.tokenizer, args.gsm8k_questions))
             result[f"gsm8k_exact_match_{when}"] = sum(s.correct for s in scored) / len(scored)
@@ -156,7 +156,7 @@ def learn(args) -> dict:
     result["peak_rss_gib"] = peak_rss_gib()
     if args.reference:
         result["trl"] = train_with_trl(trainer, model, rows, str(initial_adapter), root / "trl")
-        evaluate("trl_after")  # the module now holds TRL's adapter
+        evaluate("trl_after", score=args.score_reference)  # the module now holds TRL's adapter
     return result
 
 
@@ -233,6 +233,8 @@ def main() -> None:
     parser.add_argument("--generation-batch", type=int, default=32, help="learn: GSM8K prompts per generate call")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="learn: skip the TRL reference column")
+    parser.add_argument("--score-reference", action="store_true",
+                        help="learn: GSM8K exact match of TRL's adapter too (validation loss always)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

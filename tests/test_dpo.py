@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from tests.conftest import EXAMPLES, REPO, TINY_LLAMA, cpu_trainer, shared_path, tiny_spec
 
 from qlora_lightning.data.formats import DEFAULT_ROLES, column_pair, hh_rlhf_pair, trl_pair

@@ -280,7 +280,7 @@ def test_pair_truncation_is_trls_keep_end_behind_the_kept_head(tokenizer):
 
 def test_sharegpt_pairs_at_512_256_with_mistral_keep_every_pair_that_truncation_can_fit(tmp_path):
     tokenizer = tokenizer_at(str(shared_path("tokenizers", "mistral-7b-v0.1")))
-    rows, prompts = [], []
+    rows = []
     for i in range(24):  # prompts of about 30 to 2,000 tokens, replies of about 10 to 600
         turns = [{"from": "system", "value": "Be helpful and brief."}]
         for t in range(1 + i % 4):
