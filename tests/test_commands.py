@@ -47,6 +47,11 @@ def test_a_commands_help_leads_with_the_projects_keys():
     assert 0 < model < data < trainer, (model, data, trainer)
     assert "--trainer.max_epochs" not in text and "--help-all" in text.splitlines()[-1]
     assert len(text.splitlines()) < 450  # not the ~760 lines of every Trainer option
+    # The same text again, from the cache (help_cache.py) this time, without loading torch.
+    again = _run("fit", "--help")
+    assert again.returncode == 0 and again.stdout == text
+    imported = {line.split("|")[-1].strip() for line in again.stderr.splitlines() if "|" in line}
+    assert not {"torch", "transformers", "lightning"} & imported, sorted(imported)[:20]
 
 
 @pytest.mark.parametrize("offline", ["0", "1"])
