@@ -70,3 +70,22 @@ def test_a_hub_id_that_cannot_be_reached_fails_in_one_line_without_retries(offli
                            "(http://127.0.0.1:9) cannot be reached"), last
     assert "point base.name_or_path at a local folder" in last
     assert "retry" not in result.stderr.lower() and "Retrying" not in result.stderr
+
+
+def test_the_cached_help_goes_stale_with_a_source_file_or_a_library(tmp_path, monkeypatch):
+    from qlora_lightning import help_cache
+
+    sources = tmp_path / "package"
+    sources.mkdir()
+    (sources / "module.py").write_text("x = 1\n")
+    monkeypatch.setattr(help_cache, "PACKAGE_DIR", sources)
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
+    help_cache.write("fit", "the help")
+    assert help_cache.read("fit") == "the help" and help_cache.read("validate") is None
+
+    (sources / "module.py").write_text("x = 22\n")  # an edited source
+    assert help_cache.read("fit") is None
+    help_cache.write("fit", "the new help")
+    assert help_cache.read("fit") == "the new help"
+    monkeypatch.setattr(help_cache, "_version", lambda name: "0.0-other")  # an upgraded library
+    assert help_cache.read("fit") is None
