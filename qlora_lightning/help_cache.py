@@ -4,8 +4,8 @@ imports none of them.
 
 The text is kept under the cache folder, one file per command and terminal width (argparse wraps to
 the width), with the key it was rendered under on its first line. The key covers what else the text is
-made of: this package's source files (size and modification time) and the versions of Python and of
-the libraries that render it.
+made of: this package's source files (size and modification time), the versions of Python and of
+the libraries that render it, and jsonargparse's settings in the environment.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def _key() -> str:
     sources = sorted((str(p.relative_to(PACKAGE_DIR)), p.stat().st_size, p.stat().st_mtime_ns)
                      for p in PACKAGE_DIR.rglob("*.py"))
     versions = [_version(name) for name in _RENDERERS]
-    return hashlib.sha256(repr((sys.version, versions, sources)).encode()).hexdigest()
+    settings = sorted((k, v) for k, v in os.environ.items() if k.startswith("JSONARGPARSE_"))  # e.g. env names in help
+    return hashlib.sha256(repr((sys.version, versions, settings, sources)).encode()).hexdigest()
 
 
 def _version(name: str) -> Optional[str]:

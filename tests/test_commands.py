@@ -87,5 +87,8 @@ def test_the_cached_help_goes_stale_with_a_source_file_or_a_library(tmp_path, mo
     assert help_cache.read("fit") is None
     help_cache.write("fit", "the new help")
     assert help_cache.read("fit") == "the new help"
+    monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "true")  # help that names environment variables
+    assert help_cache.read("fit") is None
+    monkeypatch.delenv("JSONARGPARSE_DEFAULT_ENV")
     monkeypatch.setattr(help_cache, "_version", lambda name: "0.0-other")  # an upgraded library
     assert help_cache.read("fit") is None
