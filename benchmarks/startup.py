@@ -1,44 +1,89 @@
-"""Wall time of the commands a new user types first: the command list, a command's help, a parse error.
+"""Wall time of the commands a new user types first: the command list, a command's help, parse errors.
 
-    python benchmarks/startup.py [--tree DIR] [--repeat 3]
+    python benchmarks/startup.py [--tree DIR] [--baseline REV] [--repeat 3]
 
 Each command runs ``--repeat`` times in a fresh Python (``python -m qlora_lightning ...`` from ``--tree``,
-a checkout of this project, this one by default); the median is printed. Compare two checkouts on
-one machine, one run after the other: the times depend on the machine and on what else it runs.
+a checkout of this project, this one by default); the median is printed. ``--baseline REV`` times that
+commit too (extracted with ``git archive`` into a temporary folder), each run beside the same run of
+``--tree``, so that both see the same load of the machine: the times depend on the machine and on what
+else it runs.
+
+``fit --help`` is answered from a cache folder (``help_cache.py``) after its first time: it is timed
+with a cache filled beforehand, and ``fit --help, first`` with an empty one each run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+CLI = ["-m", "qlora_lightning"]
+BAD = CLI + ["fit", "--config", "configs/quickstart.yaml"]
+# Python's arguments for each command. The last two are the floor of any command that builds the
+# parser (LightningCLI needs Lightning, which imports torch), and a control: the same in every tree.
 COMMANDS = {
-    "--help": ["--help"],
-    "fit --help": ["fit", "--help"],
-    "parse error": ["fit", "--config", "configs/quickstart.yaml", "--model.init_args.lora.r", "0"],
+    "--help": CLI + ["--help"],
+    "fit --help": CLI + ["fit", "--help"],
+    "fit --help, first": CLI + ["fit", "--help"],
+    "bad value": BAD + ["--model.init_args.lora.r", "0"],
+    "unknown key": BAD + ["--model.init_args.bogus", "1"],
+    "wrong type": BAD + ["--data.init_args.batch_size", "two"],
+    "missing file": CLI + ["fit", "--config", "configs/no_such.yaml"],
+    "import torch": ["-c", "import torch"],
+    "import lightning.pytorch": ["-c", "import lightning.pytorch"],
 }
+FRESH_CACHE = {"fit --help, first"}
 
 
-def time_command(tree: Path, args: list[str]) -> float:
+def time_command(tree: Path, args: list[str], cache: Path) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "qlora_lightning", *args], cwd=tree, capture_output=True,
-                   env={"PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    subprocess.run([sys.executable, *args], cwd=tree, capture_output=True,
+                   env={"PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                        "QLORA_CACHE": str(cache)})
     return time.perf_counter() - start
+
+
+def extract(rev: str, into: Path) -> Path:
+    """The files of commit ``rev`` of this repository, in ``into``."""
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "archive", rev], cwd=repo, capture_output=True, check=True).stdout
+    into.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1])
+    parser.add_argument("--baseline", metavar="REV", help="a commit to time beside --tree")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    print(f"tree {args.tree}, median of {args.repeat} runs")
-    for name, command in COMMANDS.items():
-        times = [time_command(args.tree, command) for _ in range(args.repeat)]
-        print(f"{name:<12} {statistics.median(times):6.2f} s   ({', '.join(f'{t:.2f}' for t in times)})")
+    with tempfile.TemporaryDirectory() as tmp:
+        trees = {"this": args.tree}
+        if args.baseline:
+            trees = {args.baseline: extract(args.baseline, Path(tmp, "baseline")), **trees}
+        caches = {name: Path(tmp, f"cache-{i}") for i, name in enumerate(trees)}
+        for name, tree in trees.items():  # compiles the sources and fills the help cache: not timed
+            time_command(tree, COMMANDS["fit --help"], caches[name])
+        print(f"{os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start; "
+              f"median of {args.repeat} runs, seconds")
+        print(f"{'':<24} " + "  ".join(f"{name:>10}" for name in trees) + "   (each run)")
+        for command, argv in COMMANDS.items():
+            times: dict[str, list[float]] = {name: [] for name in trees}
+            for run in range(args.repeat):
+                for name, tree in trees.items():
+                    cache = Path(tmp, f"fresh-{name}-{run}") if command in FRESH_CACHE else caches[name]
+                    times[name].append(time_command(tree, argv, cache))
+            medians = "  ".join(f"{statistics.median(t):10.2f}" for t in times.values())
+            each = "; ".join(", ".join(f"{x:.2f}" for x in t) for t in times.values())
+            print(f"{command:<24} {medians}   ({each})", flush=True)
+        print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional, Union
 
-from peft import PeftModel
+import torch
 
 from qlora_lightning.errors import UserError
 from qlora_lightning.model import BaseModelSpec, spec_dict
+
+# PEFT models are typed as the torch Modules they are: model.py says why peft is not imported here.
 
 # Written beside a saved adapter: how its base was loaded and quantized, which the merge must repeat.
 BASE_SPEC_FILE = "qlora_base.json"
@@ -69,8 +71,8 @@ class AdapterSet:
     active: Optional[str] = None
 
 
-def attach_adapters(model: PeftModel, adapters: AdapterSet) -> PeftModel:
-    """Load ``adapters.paths`` into ``model`` under their names (frozen), add the mixes, set the active one."""
+def attach_adapters(model: torch.nn.Module, adapters: AdapterSet) -> torch.nn.Module:
+    """Load ``adapters.paths`` into PEFT ``model`` under their names (frozen), add the mixes, set the active one."""
     for name, path in adapters.paths.items():
         if name in model.peft_config:
             raise UserError(f"adapter name '{name}' is already taken (the module's own adapter is 'default')")
@@ -95,7 +97,7 @@ def attach_adapters(model: PeftModel, adapters: AdapterSet) -> PeftModel:
 
 
 @contextmanager
-def using_adapter(model: PeftModel, name: Optional[str]) -> Iterator[PeftModel]:
+def using_adapter(model: torch.nn.Module, name: Optional[str]) -> Iterator[torch.nn.Module]:
     """Make ``name`` the active adapter for the duration (None: leave the model as it is).
 
     PEFT's ``set_adapter`` also flips ``requires_grad``; which parameters trained before is

@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from qlora_lightning import console
+from qlora_lightning import console, help_cache
 from qlora_lightning.data.base import SFTDataModule
 from qlora_lightning.errors import UserError
 from qlora_lightning.model import tokenizer_source
@@ -198,8 +198,11 @@ def main(args: list[str] | None = None) -> None:
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (and warns when given a copy of it)
     try:
-        if len(argv) == 2 and argv[1] in ("-h", "--help") and argv[0] not in _TOOLS:
-            print(project_help(argv[0]))
+        command = help_cache.asked_for(argv)
+        if command:
+            text = project_help(command)
+            help_cache.write(command, text)
+            print(text)
             return
         if "--help-all" in argv:  # LightningCLI's own, complete help
             argv = ["--help" if arg == "--help-all" else arg for arg in argv]

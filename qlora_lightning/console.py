@@ -4,6 +4,7 @@ third-party notices this project knows to be harmless. ``--verbose`` shows every
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -66,8 +67,11 @@ def configure(verbose: bool = False) -> None:
 
 def _quiet_progress_bars() -> None:
     """`datasets`' per-split bars and transformers' weight-loading bar: a line each per phase, seconds long."""
-    import datasets
     from transformers.utils import logging as transformers_logging
 
-    datasets.disable_progress_bars()
     transformers_logging.disable_progress_bar()
+    # `datasets` reads its setting from the environment when imported, which a config's parse does
+    # not (it would cost a second there); a process that has it loaded already is told directly.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()

@@ -28,18 +28,19 @@ from __future__ import annotations
 
 from itertools import chain
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
-from peft import PeftModel
-from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE, clean_tensor_name
 from transformers import PreTrainedModel
 
 from qlora_lightning.errors import UserError
 from qlora_lightning.model import decoder_layer_names
+
+if TYPE_CHECKING:  # a hint only: peft costs seconds of a config's parse (model.py)
+    from peft import PeftModel
 
 
 def _is_trainable_leaf(module: torch.nn.Module) -> bool:
@@ -217,6 +218,8 @@ def save_adapter(model: PeftModel, path: Path, state_dict: Optional[dict[str, to
         RuntimeError: The file does not hold one tensor per trainable parameter (an adapter that
             would load as its initialization, silently).
     """
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
     adapters = [model.active_adapter]
     weights = Path(path) / SAFETENSORS_WEIGHTS_NAME
     if state_dict is None:

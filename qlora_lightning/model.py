@@ -18,7 +18,6 @@ from typing import Iterable, Literal, Optional, Union
 
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -32,8 +31,11 @@ from qlora_lightning.checkpointing import HALVES, Checkpointing, enable_checkpoi
 from qlora_lightning.errors import UserError, first_line
 from qlora_lightning.gguf import dequantized_checkpoint, gguf_source
 from qlora_lightning.hub import check_hub_id
-from qlora_lightning.lora_forward import use_base_last, use_lean_lora
 from qlora_lightning.paths import build_once, cache_dir, save_checkpoint, shipped
+
+# peft (and through it bitsandbytes and torch's compiler) is imported where a model is built: a config's
+# parse reads the specs here, and stays seconds shorter without it (benchmarks/startup.py). Not even
+# for type hints: jsonargparse runs a module's TYPE_CHECKING imports. A PEFT model is a torch Module.
 
 log = logging.getLogger(__name__)
 
@@ -339,8 +341,10 @@ def embeddings_to_cpu(model: PreTrainedModel) -> None:
     model.set_input_embeddings(CpuEmbedding(embedding))
 
 
-def add_lora(model: PreTrainedModel, lora: LoraSpec) -> PeftModel:
+def add_lora(model: PreTrainedModel, lora: LoraSpec) -> torch.nn.Module:
     """Wrap a prepared (frozen) base with a new or loaded LoRA adapter."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
     if lora.init_adapter:
         _check_adapter_dir(lora.init_adapter, "lora.init_adapter")
         return PeftModel.from_pretrained(model, lora.init_adapter, is_trainable=True)
@@ -414,8 +418,10 @@ def should_compile(setting: Union[bool, Literal["auto"]], device: Union[str, tor
 
 
 def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: Checkpointing = True,
-                device: Union[str, torch.device] = "cpu") -> PeftModel:
+                device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
     """name/config -> quantized base -> frozen and prepared -> PEFT LoRA model, in training mode."""
+    from qlora_lightning.lora_forward import use_base_last, use_lean_lora  # imports peft
+
     base = prepare_base(load_base_model(spec, device), spec.upcast_frozen, gradient_checkpointing)
     if spec.cpu_embeddings:
         embeddings_to_cpu(base)
@@ -435,7 +441,7 @@ def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: Che
     return model.train()
 
 
-def add_frozen_adapter(model: PeftModel, path: str, adapter_name: str, config_key: str) -> None:
+def add_frozen_adapter(model: torch.nn.Module, path: str, adapter_name: str, config_key: str) -> None:
     """Load a saved adapter beside the active one, frozen and inactive (e.g. a DPO reference).
 
     It shares the base weights with the other adapters; ``set_adapter`` switches to it. Its
@@ -447,6 +453,8 @@ def add_frozen_adapter(model: PeftModel, path: str, adapter_name: str, config_ke
         adapter_name: Name of the new adapter inside ``model``.
         config_key: The config key that named ``path``, for error messages.
     """
+    from peft import PeftConfig
+
     _check_adapter_dir(path, config_key)
     config = PeftConfig.from_pretrained(path)
     config.lora_dropout = 0.0

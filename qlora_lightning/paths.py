@@ -10,10 +10,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from safetensors.torch import save_model
+if TYPE_CHECKING:  # a hint only: the help cache (help_cache.py) reads cache_dir without importing torch
+    import torch
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 _PREFIX = "qlora_lightning/assets/"
@@ -60,5 +60,7 @@ def save_checkpoint(model: torch.nn.Module, folder: Path) -> None:
     Not ``model.save_pretrained``: in a process group it writes on rank 0 only, and each rank
     builds its own copy of a cached checkpoint (``build_once`` keeps the first).
     """
+    from safetensors.torch import save_model
+
     model.config.save_pretrained(folder)
     save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})

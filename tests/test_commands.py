@@ -47,6 +47,11 @@ def test_a_commands_help_leads_with_the_projects_keys():
     assert 0 < model < data < trainer, (model, data, trainer)
     assert "--trainer.max_epochs" not in text and "--help-all" in text.splitlines()[-1]
     assert len(text.splitlines()) < 450  # not the ~760 lines of every Trainer option
+    # The same text again, from the cache (help_cache.py) this time, without loading torch.
+    again = _run("fit", "--help")
+    assert again.returncode == 0 and again.stdout == text
+    imported = {line.split("|")[-1].strip() for line in again.stderr.splitlines() if "|" in line}
+    assert not {"torch", "transformers", "lightning"} & imported, sorted(imported)[:20]
 
 
 @pytest.mark.parametrize("offline", ["0", "1"])
@@ -65,3 +70,25 @@ def test_a_hub_id_that_cannot_be_reached_fails_in_one_line_without_retries(offli
                            "(http://127.0.0.1:9) cannot be reached"), last
     assert "point base.name_or_path at a local folder" in last
     assert "retry" not in result.stderr.lower() and "Retrying" not in result.stderr
+
+
+def test_the_cached_help_goes_stale_with_a_source_file_or_a_library(tmp_path, monkeypatch):
+    from qlora_lightning import help_cache
+
+    sources = tmp_path / "package"
+    sources.mkdir()
+    (sources / "module.py").write_text("x = 1\n")
+    monkeypatch.setattr(help_cache, "PACKAGE_DIR", sources)
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
+    help_cache.write("fit", "the help")
+    assert help_cache.read("fit") == "the help" and help_cache.read("validate") is None
+
+    (sources / "module.py").write_text("x = 22\n")  # an edited source
+    assert help_cache.read("fit") is None
+    help_cache.write("fit", "the new help")
+    assert help_cache.read("fit") == "the new help"
+    monkeypatch.setenv("JSONARGPARSE_DEFAULT_ENV", "true")  # help that names environment variables
+    assert help_cache.read("fit") is None
+    monkeypatch.delenv("JSONARGPARSE_DEFAULT_ENV")
+    monkeypatch.setattr(help_cache, "_version", lambda name: "0.0-other")  # an upgraded library
+    assert help_cache.read("fit") is None

@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
-import datasets
 import torch
 from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt, restricted_number_type
 from lightning.pytorch import LightningDataModule
@@ -29,6 +28,11 @@ from qlora_lightning.errors import UserError
 from qlora_lightning.losses import IGNORE_INDEX
 from qlora_lightning.model import load_tokenizer
 from qlora_lightning.paths import shipped
+
+# `datasets` (with pandas and pyarrow) is imported where data is loaded: a config's parse, which imports
+# this module, then stays a second shorter (benchmarks/startup.py). The annotations name its types
+# without importing it (they are never evaluated); a TYPE_CHECKING import would not do, as jsonargparse
+# runs those of the modules whose classes a config names.
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,8 @@ ORIGIN = "__origin__"
 
 def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> datasets.DatasetDict:
     """A local file or directory, or else a hub dataset id, as a DatasetDict of splits with an ``ORIGIN`` column."""
+    import datasets
+
     local = Path(path).expanduser()
     try:
         if local.is_file():
@@ -103,6 +109,8 @@ def resolve_tokenizer(tokenizer: Optional[Union[str, PreTrainedTokenizerBase]]) 
 def _lenient_json(path: Path) -> datasets.DatasetDict:
     """A JSON / JSONL file that arrow cannot read as one table (rows of clashing types, broken
     lines): one text column of per-row JSON, decoded and judged row by row in ``decode_row``."""
+    import datasets
+
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
         whole = json.loads(text)

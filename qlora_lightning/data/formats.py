@@ -36,8 +36,6 @@ import re
 from collections import Counter
 from typing import Callable, Literal, Mapping, Optional
 
-from trl import extract_prompt
-
 from qlora_lightning.data.tokenize import Message, RowError, optional_str, required_str
 from qlora_lightning.errors import UserError
 
@@ -249,6 +247,8 @@ def trl_pair(row: dict, roles: Mapping[str, str]) -> Pair:
         if row.get("prompt") is None:
             raise RowError("no 'prompt', and 'chosen' / 'rejected' are not conversations to take it from")
         return _prompt_field(row, "prompt", roles), _reply(row, "chosen", roles), _reply(row, "rejected", roles)
+    from trl import extract_prompt  # here, not at the top: importing trl costs seconds (data/packing.py)
+
     split = extract_prompt({"chosen": to_messages(chosen, roles, "chosen"),
                             "rejected": to_messages(rejected, roles, "rejected")})
     if not split["prompt"]:

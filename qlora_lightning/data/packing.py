@@ -23,15 +23,17 @@ truncated here.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import datasets
 import torch
-from trl import pack_dataset
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import IGNORE_INDEX
+
+# trl (and through it peft, bitsandbytes, datasets) is imported where a pack is made: parsing a
+# config, which imports this module, then stays seconds shorter (benchmarks/startup.py).
+if TYPE_CHECKING:
+    import datasets
 
 PackingMode = Literal["off", "padded", "padding_free"]
 
@@ -51,6 +53,8 @@ def pack_examples(ds: datasets.Dataset, max_seq_length: int) -> datasets.Dataset
         Rows of concatenated ``input_ids`` / ``labels`` plus ``seq_lengths``, the length of each
         example in the pack (from which the position ids are rebuilt).
     """
+    from trl import pack_dataset
+
     # One map batch packs all rows together: packing in chunks would leave a half-empty pack per chunk.
     return pack_dataset(ds.select_columns(["input_ids", "labels"]), max_seq_length, strategy="bfd",
                         map_kwargs={"batch_size": max(len(ds), 1), "desc": "packing"})
@@ -74,6 +78,8 @@ def collate_packs(packs: list[dict], pad_id: int, padding_free: bool,
         ``max_length_*`` when padding-free), and the Python ints ``num_real_tokens`` and
         ``num_examples`` for throughput logs: a packed batch has no attention mask to count.
     """
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
     collator = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=padding_free,
                                                return_position_ids=True, pad_to_multiple_of=pad_to_multiple_of)
     batch = collator(packs)

@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from datasets.fingerprint import Hasher
 
 from qlora_lightning.data.base import SFTDataModule, pad_batch, without_origin
 from qlora_lightning.data.formats import PREFERENCE_FORMATS, Pair, preference_reader
@@ -183,6 +182,8 @@ class PreferenceDataModule(SFTDataModule):
             reference_fingerprint: Identifies the reference weights.
             batch_size: Pairs per reference forward.
         """
+        from datasets.fingerprint import Hasher  # datasets costs a second of a config's parse (data/base.py)
+
         for name, ds in self.splits.items():
             if REFERENCE_COLUMNS[0] in ds.column_names:
                 continue

@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric
-from transformers import AutoConfig, get_scheduler
+from transformers import AutoConfig
 from typing_extensions import override
 
 from qlora_lightning.adapters import AdapterSet, attach_adapters, save_base_spec
@@ -272,6 +272,8 @@ class QLoRAModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
+        from transformers import get_scheduler  # its module imports peft: seconds of a config's parse (model.py)
+
         params = self._trainable()
         optimizer = self.optimizer_factory(params)
         total = self.trainer.estimated_stepping_batches

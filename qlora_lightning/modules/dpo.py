@@ -17,7 +17,6 @@ from typing import Iterator, Optional
 import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
 from torchmetrics import MeanMetric
-from trl.trainer.utils import use_adapter
 from typing_extensions import override
 
 from qlora_lightning.distributed import is_fsdp
@@ -92,6 +91,8 @@ class PreferenceModule(QLoRAModule):
         Eval mode turns every dropout off, so the reference gives the same log-probs whenever it
         is asked (precomputed or live, in training or validation).
         """
+        from trl.trainer.utils import use_adapter  # trl imports peft: seconds of a config's parse (model.py)
+
         was_training = self.model.training
         self.model.eval()
         try:
