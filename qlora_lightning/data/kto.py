@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 from collections import defaultdict
 from typing import Callable, Optional
+
 import torch
 
 from qlora_lightning.data.base import ORIGIN, SFTDataModule, pad_batch, without_origin
