@@ -8,7 +8,7 @@ from typing import Optional
 
 # Each command and what it is for, in the order a user meets them.
 COMMANDS = {
-    "fit": "train an adapter (SFT, DPO, ORPO, SimPO) from a YAML config",
+    "fit": "train an adapter (SFT, DPO, ORPO, SimPO, KTO) from a YAML config",
     "validate": "validation loss and metrics of a model and adapter",
     "test": "test metrics, e.g. GSM8K exact match (configs/gsm8k_eval.yaml)",
     "predict": "generate for a file of prompts into JSONL (configs/predict_quickstart.yaml)",

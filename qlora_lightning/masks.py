@@ -12,7 +12,7 @@ on the host: a wait for everything the GPU has queued, in every forward.
   answer is "keep the mask".
 
 Within :func:`known_to_the_host` both questions take the host's answers; outside it, transformers
-asks as usual.
+asks as usual, with its own functions in place.
 """
 
 from __future__ import annotations
@@ -47,15 +47,21 @@ def _ignore_causal_mask_sdpa(padding_mask, *args, **kwargs) -> bool:
 def known_to_the_host(model_positions: bool = True, padded: bool = False) -> Iterator[None]:
     """Within: a forward called without position ids skips the packed-sequence check
     (``model_positions=False``, for a packed batch's explicit positions: it runs as usual), and
-    with ``padded`` one called with an attention mask keeps it without reading it."""
+    with ``padded`` one called with an attention mask keeps it without reading it.
+
+    The two checks are replaced only while the outermost such context is open (importing the
+    package changes nothing in transformers); other threads' forwards meanwhile see transformers'
+    own answers, since the context variables are unset there."""
     tokens = _MODEL_POSITIONS.set(model_positions), _PADDED.set(padded)
+    outermost = masking_utils.find_packed_sequence_indices is not _find_packed_sequence_indices
+    if outermost:
+        saved = masking_utils.find_packed_sequence_indices, masking_utils._ignore_causal_mask_sdpa
+        masking_utils.find_packed_sequence_indices = _find_packed_sequence_indices
+        masking_utils._ignore_causal_mask_sdpa = _ignore_causal_mask_sdpa
     try:
         yield
     finally:
+        if outermost:
+            masking_utils.find_packed_sequence_indices, masking_utils._ignore_causal_mask_sdpa = saved
         _PADDED.reset(tokens[1])
         _MODEL_POSITIONS.reset(tokens[0])
-
-
-# Installed once, on import; outside ``known_to_the_host`` they are transformers' own checks.
-masking_utils.find_packed_sequence_indices = _find_packed_sequence_indices
-masking_utils._ignore_causal_mask_sdpa = _ignore_causal_mask_sdpa

@@ -6,12 +6,16 @@ the module, is dropped where its host copy pads nothing and kept unread where it
 would be a wait for the GPU in every forward.
 """
 
+import subprocess
+import sys
+import textwrap
+
 import torch
 from transformers import masking_utils
 
 from qlora_lightning import masks
 from qlora_lightning.data.packing import model_inputs
-from tests.conftest import sft_module
+from tests.conftest import REPO, sft_module
 
 PACKED = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0]])  # three sequences in one row
 PADDED = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
@@ -33,11 +37,49 @@ def test_within_it_a_padding_mask_is_kept_unread_and_outside_it_checked(monkeypa
     with masks.known_to_the_host(padded=True):
         assert masking_utils._ignore_causal_mask_sdpa(PADDED, *args) is False and read == []
         assert masking_utils._ignore_causal_mask_sdpa(None, *args) is False and read == [None]  # no mask: as usual
-    masking_utils._ignore_causal_mask_sdpa(PADDED, *args)
-    assert read[-1] is PADDED
+        with masks.known_to_the_host(padded=False):  # nested: the host's answer is the inner one's
+            masking_utils._ignore_causal_mask_sdpa(PADDED, *args)
+            assert read[-1] is PADDED
     monkeypatch.undo()
     # The answer it takes is transformers' own for a mask that pads.
     assert masking_utils._ignore_causal_mask_sdpa(PADDED, *args) is False
+
+
+def test_outside_it_transformers_has_its_own_checks(tmp_path):
+    """The checks are replaced only within the context, not by importing the package."""
+    own = masking_utils.find_packed_sequence_indices, masking_utils._ignore_causal_mask_sdpa
+    assert own == (masks._transformers_packed_check, masks._transformers_padding_check)
+    with masks.known_to_the_host():
+        assert masking_utils.find_packed_sequence_indices is not own[0]
+    assert (masking_utils.find_packed_sequence_indices, masking_utils._ignore_causal_mask_sdpa) == own
+
+
+def test_importing_the_package_changes_nothing_in_the_libraries_it_builds_on():
+    """Every attribute of every transformers, PEFT, bitsandbytes and torch module loaded before the
+    package's modules are imported (with the other libraries it imports) is the same object after."""
+    script = textwrap.dedent("""
+        import importlib, pkgutil, sys, types
+        import bitsandbytes, peft, torch, transformers
+        import datasets, jsonargparse, lightning.pytorch, torchmetrics, trl  # their own changes to the others are not ours
+        from transformers import masking_utils, modeling_utils
+        from transformers.models.llama import modeling_llama
+        LIBS = ("transformers", "peft", "bitsandbytes", "torch")
+        def snapshot():
+            return {(name, attr): id(value) for name, module in list(sys.modules.items())
+                    if name.split(".")[0] in LIBS and isinstance(module, types.ModuleType)
+                    for attr, value in list(vars(module).items()) if not isinstance(value, types.ModuleType)}
+        before = snapshot()
+        import qlora_lightning
+        for info in pkgutil.walk_packages(qlora_lightning.__path__, "qlora_lightning."):
+            if not info.name.endswith("__main__"):  # that one runs the command line
+                importlib.import_module(info.name)
+        after = snapshot()
+        changed = sorted(f"{name}.{attr}" for (name, attr), ident in before.items()
+                         if after.get((name, attr), ident) != ident)
+        print(" ".join(changed))""")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "", f"importing qlora_lightning changed: {out.stdout}"
 
 
 def _forward_checks(module, monkeypatch, **inputs) -> tuple[torch.Tensor, dict]:
