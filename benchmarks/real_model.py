@@ -24,6 +24,7 @@ checks that TRL tokenizes these chat rows the same way).
 
     python benchmarks/real_model.py throughput --out benchmarks/results/<date>_real_model
     python benchmarks/real_model.py learn --config configs/smollm2_gsm8k.yaml --out benchmarks/results/<date>_real_model
+    python benchmarks/real_model.py report --out benchmarks/results/<date>_real_model   # the learn runs as a table
 """
 
 from __future__ import annotations
@@ -216,9 +217,35 @@ def train_with_trl(trainer, model, rows: list[dict], initial_adapter: str, out: 
             "step_losses": [step["loss"] for step in log.steps], "final_train_loss": log.steps[-1]["loss"]}
 
 
+# ---- report --------------------------------------------------------------------------------
+
+def report(out: Path) -> str:
+    """A markdown table of every ``learn`` result in ``out``: the project's run beside TRL's."""
+    lines = ["| config | rows (train / val) | steps x accumulation | validation loss before | after: project | "
+             "after: TRL | gap | final training loss: project / TRL | held-out | wall time of fit: project (with a validation pass; DPO: and the reference log-probs) / TRL | "
+             "peak host memory |", "|" + "---|" * 11]
+    for path in sorted(out.glob("smollm2_*.json")):
+        r = json.loads(path.read_text())
+        before, after, trl = (r[f"val_{when}"]["val/loss"] for when in ("before", "after", "trl_after"))
+        if "gsm8k_exact_match_before" in r:
+            held_out = f"GSM8K exact match {r['gsm8k_exact_match_before']:.3f} -> {r['gsm8k_exact_match_after']:.3f}"
+        elif "val/rewards/accuracy" in r["val_before"]:
+            accuracy, margin = ("val/rewards/accuracy", "val/rewards/margin")
+            held_out = (f"reward accuracy {r['val_before'][accuracy]:.3f} -> {r['val_after'][accuracy]:.3f} "
+                        f"(TRL {r['val_trl_after'][accuracy]:.3f}), margin {r['val_before'][margin]:.4f} -> "
+                        f"{r['val_after'][margin]:.4f} (TRL {r['val_trl_after'][margin]:.4f})")
+        else:
+            held_out = f"perplexity {r['val_before']['val/ppl']:.3f} -> {r['val_after']['val/ppl']:.3f}"
+        lines.append(f"| `{path.stem}` | {r['train_samples']} / {r['val_samples']} | {r['steps']} x {r['accumulate']} | "
+                     f"{before:.4f} | {after:.4f} | {trl:.4f} | {abs(after - trl) / trl:.2%} | "
+                     f"{r['final_train_loss']:.4f} / {r['trl']['final_train_loss']:.4f} | {held_out} | "
+                     f"{r['fit_seconds'] / 60:.1f} / {r['trl']['fit_seconds'] / 60:.1f} min | {r['peak_rss_gib']:.2f} GiB |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["throughput", "learn"])
+    parser.add_argument("what", choices=["throughput", "learn", "report"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch", type=int, default=2, help="throughput: rows per step")
     parser.add_argument("--seq", type=int, default=256, help="throughput: tokens per row")
@@ -237,6 +264,9 @@ def main() -> None:
                         help="learn: GSM8K exact match of TRL's adapter too (validation loss always)")
     args = parser.parse_args()
     out = Path(args.out)
+    if args.what == "report":
+        print(report(out))
+        return
     out.mkdir(parents=True, exist_ok=True)
     result = throughput(args) if args.what == "throughput" else learn(args)
     name = "throughput" if args.what == "throughput" else Path(args.config).stem
