@@ -146,6 +146,8 @@ def learn(args) -> dict:
         print(when, json.dumps({k: v for k, v in result.items() if k.endswith(when)})[:2000], flush=True)
 
     evaluate("before")
+    if "chosen_prompt_ids" in data.splits["train"].column_names:
+        result["pairs_left_out"] = keep_whole_prompts(data, args.steps * args.accumulate * data.batch_size)
     rows = training_rows(data, args.steps * args.accumulate)  # the same rows for TRL, read before fit fails late
     initial_adapter = root / "initial_adapter"
     model.model.save_pretrained(initial_adapter)
@@ -159,6 +161,18 @@ def learn(args) -> dict:
         result["trl"] = train_with_trl(trainer, model, rows, str(initial_adapter), root / "trl")
         evaluate("trl_after", score=args.score_reference)  # the module now holds TRL's adapter
     return result
+
+
+def keep_whole_prompts(data, n: int) -> int:
+    """Keep the first ``n`` train pairs whose two sequences hold the same prompt tokens: TRL holds one
+    prompt per pair, so a pair cut to fit with a different share of its prompt in each sequence has
+    no TRL equivalent. Both runs then train on the same pairs. Returns how many were left out."""
+    train = data.splits["train"]
+    whole = [i for i, r in enumerate(train) if r["chosen_prompt_ids"] == r["rejected_prompt_ids"]]
+    if len(whole) < n:
+        raise SystemExit(f"only {len(whole)} of {len(train)} train pairs keep one prompt: raise --train-samples")
+    data.splits["train"] = train.select(whole[:n])
+    return len(train) - len(whole)
 
 
 def training_rows(data, micro_batches: int) -> list[dict]:
@@ -191,8 +205,6 @@ def train_with_trl(trainer, model, rows: list[dict], initial_adapter: str, out: 
             def _prepare_dataset(self, dataset, *args, **kwargs):
                 return dataset
 
-        uncut = [r for r in rows if r["chosen_prompt_ids"] == r["rejected_prompt_ids"]]
-        assert len(uncut) == len(rows), "TRL holds one prompt per pair: a pair whose prompts were cut apart differs"
         dataset = Dataset.from_list([{"prompt_ids": r["chosen_prompt_ids"], "chosen_ids": r["chosen_ids"],
                                       "rejected_ids": r["rejected_ids"]} for r in rows])
         config, trainer_class = DPOConfig, PretokenizedDPOTrainer
@@ -252,7 +264,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps (timed ones for throughput)")
     parser.add_argument("--config", help="learn: a configs/smollm2_*.yaml")
-    parser.add_argument("--train-samples", type=int, default=48)
+    parser.add_argument("--train-samples", type=int, default=48,
+                        help="learn: train rows read (DPO: a few more, for the pairs TRL cannot hold)")
     parser.add_argument("--val-samples", type=int, default=16)
     parser.add_argument("--accumulate", type=int, default=8)
     parser.add_argument("--gsm8k-questions", type=int, default=200)
