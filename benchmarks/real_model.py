@@ -131,7 +131,8 @@ def learn(args) -> dict:
     result = {"machine": machine(), "config": args.config, "train_samples": args.train_samples,
               "val_samples": args.val_samples, "steps": args.steps, "accumulate": args.accumulate}
 
-    scorer = GSM8KEval(max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch) if "gsm8k" in name else None
+    scorer = (GSM8KEval(max_new_tokens=args.max_new_tokens, batch_size=args.generation_batch)
+              if "gsm8k" in name and args.gsm8k_questions > 0 else None)
 
     def evaluate(when: str, score: bool = True) -> None:
         metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
@@ -268,7 +269,7 @@ def main() -> None:
                         help="learn: train rows read (DPO: a few more, for the pairs TRL cannot hold)")
     parser.add_argument("--val-samples", type=int, default=16)
     parser.add_argument("--accumulate", type=int, default=8)
-    parser.add_argument("--gsm8k-questions", type=int, default=200)
+    parser.add_argument("--gsm8k-questions", type=int, default=200, help="learn: 0 skips the exact match")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--generation-batch", type=int, default=32, help="learn: GSM8K prompts per generate call")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
