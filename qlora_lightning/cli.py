@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from qlora_lightning import console, help_cache
+from qlora_lightning import config_check, console, help_cache
 from qlora_lightning.data.base import SFTDataModule
 from qlora_lightning.errors import UserError
 from qlora_lightning.model import tokenizer_source
@@ -54,6 +54,8 @@ class QLoRACLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
+        if self.subcommand:
+            config_check.record(self.subcommand, config)
         optimizer = config.model.init_args.get("optimizer")
         # Without an `optimizer` key the default is a plain function, with no init_args to check.
         lr = optimizer.get("init_args", {}).get("lr") if hasattr(optimizer, "get") else None
@@ -139,8 +141,8 @@ def one_line(message: str) -> str:
     """The actionable line of a jsonargparse error: which key, and what is wrong with it."""
     key = ".".join(re.findall(r'Parser key "([^"]+)"', message))
     noise = ("Does not validate", "Problem with given class_path", "Expected a <class 'NoneType'>",
-             "Given value", "Errors:", "Subtypes:", "Parser key")
-    lines = [ln.strip(" -") for ln in message.splitlines()]
+             "Given value", "Errors:", "Subtypes:")
+    lines = [re.sub(r'^Parser key "[^"]+":\s*', "", ln.strip(" -")) for ln in message.splitlines()]
     reasons = [ln for ln in lines if ln and not ln.startswith(noise)] or lines[:1]
     # A value that fits none of a Union's types (e.g. `true|false|offload`) names them all.
     expected = [_type_name(ln[len("Expected a "):]) for ln in reasons if ln.startswith("Expected a ")]

@@ -32,7 +32,8 @@ def asked_for(argv: list[str]) -> Optional[str]:
     return argv[0] if len(argv) == 2 and argv[0] in COMMANDS and argv[1] in ("-h", "--help") else None
 
 
-def _key() -> str:
+def source_key() -> str:
+    """What the cached answers were made of: a change to any part discards them."""
     sources = sorted((str(p.relative_to(PACKAGE_DIR)), p.stat().st_size, p.stat().st_mtime_ns)
                      for p in PACKAGE_DIR.rglob("*.py"))
     versions = [_version(name) for name in _RENDERERS]
@@ -57,7 +58,7 @@ def read(command: str) -> Optional[str]:
         key, _, text = _path(command).read_text().partition("\n")
     except OSError:
         return None
-    return text if key == _key() else None
+    return text if key == source_key() else None
 
 
 def write(command: str, text: str) -> None:
@@ -67,7 +68,7 @@ def write(command: str, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
-            tmp.write(f"{_key()}\n{text}")
+            tmp.write(f"{source_key()}\n{text}")
         os.replace(tmp.name, path)
     except OSError:
         pass
