@@ -295,6 +295,6 @@ def test_config_names_the_kto_classes(monkeypatch):
     from qlora_lightning.cli import make_cli
 
     monkeypatch.chdir(REPO)
-    cli = make_cli(["--config", "configs/kto_smollm2.yaml"], run=False)
+    cli = make_cli(["--config", "configs/smollm2_kto.yaml"], run=False)
     assert isinstance(cli.model, KTOModule) and isinstance(cli.datamodule, KTODataModule)
     assert cli.model.loss_type == "kto" and cli.datamodule.from_pairs and cli.datamodule.batch_size >= 2
