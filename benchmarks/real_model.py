@@ -233,26 +233,54 @@ def train_with_trl(trainer, model, rows: list[dict], initial_adapter: str, out: 
 # ---- report --------------------------------------------------------------------------------
 
 def report(out: Path) -> str:
-    """A markdown table of every ``learn`` result in ``out``: the project's run beside TRL's."""
+    """Markdown tables of every ``learn`` result in ``out``: the project's runs beside TRL's (those run
+    with a reference), then every preference method's held-out rewards (DPO's beside the others')."""
+    results = {path.stem: json.loads(path.read_text()) for path in sorted(out.glob("smollm2_*.json"))}
+    return "\n\n".join([_trl_table({k: r for k, r in results.items() if "trl" in r}),
+                         _preference_table({k: r for k, r in results.items() if _ACCURACY in r["val_before"]})])
+
+
+_ACCURACY, _MARGIN = "val/rewards/accuracy", "val/rewards/margin"
+
+
+def _trl_table(results: dict[str, dict]) -> str:
     lines = ["| config | rows (train / val) | steps x accumulation | validation loss before | after: project | "
              "after: TRL | gap | final training loss: project / TRL | held-out | wall time of fit: project (with a validation pass; DPO: and the reference log-probs) / TRL | "
              "peak host memory |", "|" + "---|" * 11]
-    for path in sorted(out.glob("smollm2_*.json")):
-        r = json.loads(path.read_text())
+    for name, r in results.items():
         before, after, trl = (r[f"val_{when}"]["val/loss"] for when in ("before", "after", "trl_after"))
         if "gsm8k_exact_match_before" in r:
             held_out = f"GSM8K exact match {r['gsm8k_exact_match_before']:.3f} -> {r['gsm8k_exact_match_after']:.3f}"
-        elif "val/rewards/accuracy" in r["val_before"]:
-            accuracy, margin = ("val/rewards/accuracy", "val/rewards/margin")
-            held_out = (f"reward accuracy {r['val_before'][accuracy]:.3f} -> {r['val_after'][accuracy]:.3f} "
-                        f"(TRL {r['val_trl_after'][accuracy]:.3f}), margin {r['val_before'][margin]:.4f} -> "
-                        f"{r['val_after'][margin]:.4f} (TRL {r['val_trl_after'][margin]:.4f})")
+        elif _ACCURACY in r["val_before"]:
+            held_out = (f"reward accuracy {r['val_before'][_ACCURACY]:.3f} -> {r['val_after'][_ACCURACY]:.3f} "
+                        f"(TRL {r['val_trl_after'][_ACCURACY]:.3f}), margin {r['val_before'][_MARGIN]:.4f} -> "
+                        f"{r['val_after'][_MARGIN]:.4f} (TRL {r['val_trl_after'][_MARGIN]:.4f})")
         else:
             held_out = f"perplexity {r['val_before']['val/ppl']:.3f} -> {r['val_after']['val/ppl']:.3f}"
-        lines.append(f"| `{path.stem}` | {r['train_samples']} / {r['val_samples']} | {r['steps']} x {r['accumulate']} | "
+        lines.append(f"| `{name}` | {r['train_samples']} / {r['val_samples']} | {r['steps']} x {r['accumulate']} | "
                      f"{before:.4f} | {after:.4f} | {trl:.4f} | {abs(after - trl) / trl:.2%} | "
                      f"{r['final_train_loss']:.4f} / {r['trl']['final_train_loss']:.4f} | {held_out} | "
                      f"{r['fit_seconds'] / 60:.1f} / {r['trl']['fit_seconds'] / 60:.1f} min | {r['peak_rss_gib']:.2f} GiB |")
+    return "\n".join(lines)
+
+
+def _loss_type(config: str) -> str:
+    """The preference method a config trains (its model's ``loss_type``)."""
+    import yaml
+
+    return yaml.safe_load(Path(config).read_text())["model"]["init_args"].get("loss_type", "-")
+
+
+def _preference_table(results: dict[str, dict]) -> str:
+    lines = ["| config | method | rows (train / val) | steps x accumulation | held-out reward accuracy before -> after | "
+             "held-out reward margin before -> after | validation loss before -> after | wall time of fit | "
+             "peak host memory |", "|" + "---|" * 9]
+    for name, r in results.items():
+        before, after = r["val_before"], r["val_after"]
+        lines.append(f"| `{name}` | {_loss_type(r['config'])} | {r['train_samples']} / {r['val_samples']} | "
+                     f"{r['steps']} x {r['accumulate']} | {before[_ACCURACY]:.3f} -> {after[_ACCURACY]:.3f} | "
+                     f"{before[_MARGIN]:.4f} -> {after[_MARGIN]:.4f} | {before['val/loss']:.4f} -> "
+                     f"{after['val/loss']:.4f} | {r['fit_seconds'] / 60:.1f} min | {r['peak_rss_gib']:.2f} GiB |")
     return "\n".join(lines)
 
 
