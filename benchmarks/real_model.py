@@ -250,7 +250,8 @@ def _trl_table(results: dict[str, dict]) -> str:
     for name, r in results.items():
         before, after, trl = (r[f"val_{when}"]["val/loss"] for when in ("before", "after", "trl_after"))
         if "gsm8k_exact_match_before" in r:
-            held_out = f"GSM8K exact match {r['gsm8k_exact_match_before']:.3f} -> {r['gsm8k_exact_match_after']:.3f}"
+            held_out = (f"perplexity {r['val_before']['val/ppl']:.3f} -> {r['val_after']['val/ppl']:.3f}; GSM8K "
+                        f"exact match {r['gsm8k_exact_match_before']:.3f} -> {r['gsm8k_exact_match_after']:.3f}")
         elif _ACCURACY in r["val_before"]:
             held_out = (f"reward accuracy {r['val_before'][_ACCURACY]:.3f} -> {r['val_after'][_ACCURACY]:.3f} "
                         f"(TRL {r['val_trl_after'][_ACCURACY]:.3f}), margin {r['val_before'][_MARGIN]:.4f} -> "
