@@ -34,12 +34,12 @@ def main(args: Optional[list[str]] = None) -> None:
         return
     if argv[0] not in COMMANDS:
         sys.exit(f"error: unknown command '{argv[0]}' (one of: {', '.join(COMMANDS)}; see --help)")
-    from qlora_lightning import help_cache  # not for the command list: reading package metadata takes a moment
+    from qlora_lightning.run import help_cache  # not for the command list: reading package metadata takes a moment
 
     cached = help_cache.asked_for(argv) and help_cache.read(argv[0])
     if cached:
         print(cached)
         return
-    from qlora_lightning.cli import main as run  # torch, transformers and Lightning load from here on
+    from qlora_lightning.run.cli import main as run  # torch, transformers and Lightning load from here on
 
     run(args)
