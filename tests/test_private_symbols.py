@@ -15,24 +15,24 @@ import pytest
 
 # (object path, attribute or None for the object itself, the code that depends on it)
 SYMBOLS = [
-    ("transformers.masking_utils", "_ignore_causal_mask_sdpa", "qlora_lightning/masks.py patches it"),
+    ("transformers.masking_utils", "_ignore_causal_mask_sdpa", "qlora_lightning/speed/masks.py patches it"),
     ("transformers.configuration_utils.PreTrainedConfig", "_attn_implementation",
      "qlora_lightning/modules/sft.py reads it"),
     ("transformers.modeling_utils.PreTrainedModel", "_no_split_modules",
-     "qlora_lightning/model.py and distributed.py read it"),
+     "qlora_lightning/model/build.py and distributed.py read it"),
     ("torch", "_foreach_mul_", "qlora_lightning/modules/sft.py calls it"),
-    ("torch.distributed.fsdp._common_utils", "FSDP_WRAPPED_MODULE", "qlora_lightning/distributed.py imports it"),
-    ("torch.distributed.fsdp._common_utils", "clean_tensor_name", "qlora_lightning/distributed.py imports it"),
-    ("peft.tuners.lora.bnb", "Linear4bit", "qlora_lightning/lora_forward.py subclasses it"),
+    ("torch.distributed.fsdp._common_utils", "FSDP_WRAPPED_MODULE", "qlora_lightning/model/distributed.py imports it"),
+    ("torch.distributed.fsdp._common_utils", "clean_tensor_name", "qlora_lightning/model/distributed.py imports it"),
+    ("peft.tuners.lora.bnb", "Linear4bit", "qlora_lightning/speed/lora_forward.py subclasses it"),
     ("trl.trainer.utils", "use_adapter", "qlora_lightning/modules/dpo.py imports it"),
-    ("bitsandbytes.optim.AdamW8bit", "init_state", "qlora_lightning/optim.py calls it"),
-    ("bitsandbytes.optim.AdamW8bit", "update_step", "qlora_lightning/optim.py calls it"),
-    ("bitsandbytes.optim.AdamW8bit", "check_overrides", "qlora_lightning/optim.py calls it"),
-    ("bitsandbytes.functional.QuantState", "__init__", "qlora_lightning/nf4.py reads its fields (below)"),
-    ("lightning.pytorch.cli.LightningCLI", "_instantiate_trainer", "qlora_lightning/cli.py overrides it"),
-    ("lightning.pytorch.cli.LightningCLI", "_parse_ckpt_path", "qlora_lightning/cli.py overrides it"),
+    ("bitsandbytes.optim.AdamW8bit", "init_state", "qlora_lightning/speed/optim.py calls it"),
+    ("bitsandbytes.optim.AdamW8bit", "update_step", "qlora_lightning/speed/optim.py calls it"),
+    ("bitsandbytes.optim.AdamW8bit", "check_overrides", "qlora_lightning/speed/optim.py calls it"),
+    ("bitsandbytes.functional.QuantState", "__init__", "qlora_lightning/speed/nf4.py reads its fields (below)"),
+    ("lightning.pytorch.cli.LightningCLI", "_instantiate_trainer", "qlora_lightning/run/cli.py overrides it"),
+    ("lightning.pytorch.cli.LightningCLI", "_parse_ckpt_path", "qlora_lightning/run/cli.py overrides it"),
     ("lightning.pytorch.callbacks.RichProgressBar", "_get_train_description",
-     "qlora_lightning/progress.py overrides it"),
+     "qlora_lightning/run/progress.py overrides it"),
 ]
 
 
@@ -56,7 +56,7 @@ def test_gradient_checkpointing_layer_calls_the_function_checkpointing_py_replac
 
     assert "self._gradient_checkpointing_func(" in inspect.getsource(GradientCheckpointingLayer), (
         "transformers' GradientCheckpointingLayer no longer calls _gradient_checkpointing_func, which "
-        "qlora_lightning/checkpointing.py sets to offload layer inputs")
+        "qlora_lightning/speed/checkpointing.py sets to offload layer inputs")
 
 
 def test_quant_state_fields_nf4_py_reads():
@@ -64,7 +64,7 @@ def test_quant_state_fields_nf4_py_reads():
 
     fields = inspect.signature(QuantState.__init__).parameters
     for field in ("absmax", "shape", "code", "blocksize", "quant_type", "offset", "state2"):
-        assert field in fields, f"bitsandbytes QuantState has no {field}: qlora_lightning/nf4.py reads it"
+        assert field in fields, f"bitsandbytes QuantState has no {field}: qlora_lightning/speed/nf4.py reads it"
 
 
 def test_lightning_state_that_resume_and_cli_rely_on(tmp_path):
@@ -72,7 +72,7 @@ def test_lightning_state_that_resume_and_cli_rely_on(tmp_path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from qlora_lightning.resume import StepCheckpoint
+    from qlora_lightning.modules.resume import StepCheckpoint
 
     trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
     state = trainer.fit_loop.state_dict()
