@@ -128,7 +128,7 @@ def continue_run_folder(trainer: Trainer, ckpt: str, root: Path, step: int) -> N
     logger = trainer.logger
     if version is None or not isinstance(logger, (TensorBoardLogger, CSVLogger)):
         return
-    logger._version = version  # read by log_dir; private, checked by tests/test_private_symbols.py
+    logger._version = version  # read by log_dir; private, checked by qlora_lightning/compat.py
     if isinstance(logger, TensorBoardLogger):
         logger._kwargs["purge_step"] = step  # passed to the SummaryWriter when it is created
 

@@ -2,5 +2,5 @@
 the host's answers to mask checks, optimizers without host-device waits, the collector's clock,
 lagged reads of GPU results, and the peak-memory estimator that picks the checkpointing mode.
 
-May import: the foundation (``errors``, ``paths``, ``losses``) and ``speed`` itself.
+May import: the foundation (``errors``, ``paths``, ``losses``, ``compat``) and ``speed`` itself.
 """
