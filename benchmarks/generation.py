@@ -48,7 +48,7 @@ def time_generate(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: i
     """Median wall seconds of ``repeats`` greedy generations of exactly ``new_tokens`` tokens, after a warm-up."""
     from transformers import GenerationConfig
 
-    from qlora_lightning.generation import inference_mode
+    from qlora_lightning.evaluate.generation import inference_mode
 
     # eos_token_id None: nothing stops a row early, so every run generates the same number of tokens.
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -93,7 +93,7 @@ def measure(model: torch.nn.Module, name: str, args: argparse.Namespace, vocab: 
 
 def make_adapter(spec, path: Path, device: torch.device) -> None:
     """Save a LoRA adapter (r=16, all linear layers) with a non-zero B, so merging really changes weights."""
-    from qlora_lightning.model import LoraSpec, build_model
+    from qlora_lightning.model.build import LoraSpec, build_model
 
     torch.manual_seed(0)
     model = build_model(spec, LoraSpec(r=16, alpha=32, dropout=0.0), gradient_checkpointing=False, device=device)
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         args.prompt_len, args.new_tokens, args.repeats = min(args.prompt_len, 16), min(args.new_tokens, 8), 1
 
-    from qlora_lightning.merge import adapter_on_base, merge_adapter
-    from qlora_lightning.model import BaseModelSpec
+    from qlora_lightning.evaluate.merge import adapter_on_base, merge_adapter
+    from qlora_lightning.model.build import BaseModelSpec
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     out = Path(args.out)

@@ -155,7 +155,7 @@ def run_project(job: Job) -> dict:
     profiler = StepProfiler(job)
 
     from qlora_lightning.modules.base import paged_adamw_8bit
-    from qlora_lightning.optim import AdamW8bit
+    from qlora_lightning.speed.optim import AdamW8bit
 
     OPTIMIZERS = {"paged_adamw_8bit": paged_adamw_8bit, "adamw_8bit": lambda params: AdamW8bit(params, lr=2e-4),
                   "fused_adamw": lambda params: torch.optim.AdamW(params, lr=2e-4, fused=True)}
@@ -252,7 +252,7 @@ def run_peer(job: Job) -> dict:
 
 
 def _checkpoint(job: Job) -> str:
-    from qlora_lightning.model import BaseModelSpec, random_checkpoint
+    from qlora_lightning.model.build import BaseModelSpec, random_checkpoint
 
     return random_checkpoint(BaseModelSpec(name_or_path=job.arch_dir, random_init=True))
 
@@ -262,7 +262,7 @@ def plain_loop(model, job: Job, device) -> dict:
     import bitsandbytes as bnb
     import torch
 
-    from qlora_lightning.callbacks import attended_positions, count_params, peak_bf16_flops, train_flops_per_token
+    from qlora_lightning.run.callbacks import attended_positions, count_params, peak_bf16_flops, train_flops_per_token
 
     optimizer = bnb.optim.PagedAdamW8bit([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     model.train()

@@ -29,7 +29,7 @@ VARIANTS: dict[str, dict] = {
     "nodrop": {**LEVERS, "lora_dropout": 0.0},
     # The leanest measured path (benchmarks/results/2026-11-28_session4), lean LoRA forward included.
     "offload+chunked_ce+cpu_embed+nodrop": LEANEST,
-    # Optimizers that spare the step its waits for the GPU (qlora_lightning.optim):
+    # Optimizers that spare the step its waits for the GPU (qlora_lightning.speed.optim):
     # bitsandbytes' 8-bit AdamW without its synchronize per tensor (the step's non-finite check
     # still waits once), and torch's fused AdamW (one kernel for every adapter tensor, skips a
     # non-finite step on the GPU; its fp32 state, 8 bytes per adapter parameter, is counted).
@@ -106,7 +106,7 @@ MEANINGS = {
     "nodrop": "`lora.dropout: 0` (the others and the baseline: 0.05)",
     "lean_lora": "`lora.lean_forward: true`",
     "fused_adamw": "`torch.optim.AdamW` with `fused: true` instead of paged 8-bit AdamW",
-    "adamw8bit": "`qlora_lightning.optim.AdamW8bit` (not paged, no synchronize per tensor)",
+    "adamw8bit": "`qlora_lightning.speed.optim.AdamW8bit` (not paged, no synchronize per tensor)",
     "layer_compile": "`base.compile_scope: layer`",
     "recompute_last": "`lora.skip_last_recompute: false`",
     "peft_forward": "`lora.lean_forward: false`",

@@ -83,7 +83,7 @@ def bitsandbytes_share(model, rows: torch.Tensor) -> float:
 
 
 def throughput(args) -> dict:
-    from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model
+    from qlora_lightning.model.build import BaseModelSpec, LoraSpec, build_model
 
     rows = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     results = {"machine": machine(), "batch": args.batch, "seq": args.seq, "warmup": args.warmup,
@@ -116,8 +116,8 @@ def gsm8k_examples(tokenizer, n: int) -> list[tuple[list[int], str]]:
 
 
 def learn(args) -> dict:
-    from qlora_lightning.cli import make_cli
-    from qlora_lightning.gsm8k_eval import GSM8KEval
+    from qlora_lightning.run.cli import make_cli
+    from qlora_lightning.evaluate.gsm8k_eval import GSM8KEval
 
     name = Path(args.config).stem
     root = Path(args.out) / f"{name}_runs"

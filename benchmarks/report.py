@@ -39,7 +39,7 @@ def with_estimates(rows: list[dict]) -> list[dict]:
     """Add the memory estimator's prediction of each row's peak, and its error against the measurement."""
     from transformers import AutoConfig
 
-    from qlora_lightning.estimate import estimate_peak_memory
+    from qlora_lightning.speed.estimate import estimate_peak_memory
 
     out = []
     for row in rows:

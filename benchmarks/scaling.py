@@ -69,7 +69,7 @@ def _probe(vocab: int):
 
 def prepare(job: dict) -> None:
     """Build and cache the random checkpoint once, so that the ranks of each run only load it."""
-    from qlora_lightning.model import random_checkpoint
+    from qlora_lightning.model.build import random_checkpoint
 
     print(random_checkpoint(_base(job)), flush=True)
 
@@ -77,7 +77,7 @@ def prepare(job: dict) -> None:
 def _strategy(job: dict):
     from lightning.pytorch.strategies import DDPStrategy
 
-    from qlora_lightning.distributed import strategy_from_config
+    from qlora_lightning.model.distributed import strategy_from_config
 
     if job["run"] == "single":
         return "auto"
@@ -150,7 +150,7 @@ def reload(job: dict) -> None:
     import torch
     from transformers import AutoConfig
 
-    from qlora_lightning.model import LoraSpec, build_model
+    from qlora_lightning.model.build import LoraSpec, build_model
 
     out = Path(job["out"])
     device = torch.device("cpu" if job["cpu"] else "cuda:0")

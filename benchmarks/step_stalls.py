@@ -39,7 +39,8 @@ class StepStalls:
     behind); ``finish(n)`` stops measuring and gives the last n steps' records."""
 
     def __init__(self, on_cuda: bool):
-        from qlora_lightning.collector import CollectorClock  # in the job's process: the report's needs no Lightning
+        # in the job's process: the report's needs no Lightning
+        from qlora_lightning.speed.collector import CollectorClock
 
         self.on_cuda = on_cuda
         self.clock = CollectorClock()

@@ -2,6 +2,10 @@
 
 The public names below are imported on first use (PEP 562), so that ``python -m qlora_lightning
 --help`` answers without loading torch, transformers and Lightning.
+
+Layers, lowest first: the foundation (``errors``, ``paths``, ``losses``, ``compat``: they import
+nothing of the package but each other) < ``speed`` < ``model`` < ``data`` < ``evaluate`` < ``modules``
+< ``run``. A module imports its own layer and lower ones only (``tests/test_layout.py``).
 """
 
 import importlib
@@ -11,14 +15,15 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _EXPORTS = {
-    "AdapterMix": "adapters", "AdapterSet": "adapters",
-    "PerfMonitor": "callbacks", "FreezeHeap": "collector", "DecoderLayerPolicy": "distributed",
+    "AdapterMix": "model.adapters", "AdapterSet": "model.adapters",
+    "PerfMonitor": "run.callbacks", "FreezeHeap": "speed.collector", "DecoderLayerPolicy": "model.distributed",
     "SFTDataModule": "data", "GuanacoDataModule": "data", "CodeAlpacaDataModule": "data", "GSM8KDataModule": "data",
     "ColumnDataModule": "data", "PreferenceDataModule": "data", "KTODataModule": "data", "PromptsDataModule": "data",
-    "GSM8KEval": "gsm8k_eval",
-    "BaseModelSpec": "model", "LoraSpec": "model", "build_model": "model", "load_tokenizer": "model",
+    "GSM8KEval": "evaluate.gsm8k_eval",
+    "BaseModelSpec": "model.build", "LoraSpec": "model.build", "build_model": "model.build",
+    "load_tokenizer": "model.build",
     "QLoRAModule": "modules", "SFTModule": "modules", "DPOModule": "modules", "KTOModule": "modules",
-    "JSONLWriter": "writers",
+    "JSONLWriter": "run.writers",
 }
 __all__ = list(_EXPORTS)
 

@@ -1,3 +1,3 @@
-from qlora_lightning.commands import main
+from qlora_lightning.run.commands import main
 
 main()

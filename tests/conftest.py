@@ -69,7 +69,7 @@ def qlora_cache(tmp_path_factory) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _cached_tokenizer(name_or_path: str):
-    from qlora_lightning.model import load_tokenizer
+    from qlora_lightning.model.build import load_tokenizer
 
     return load_tokenizer(name_or_path)
 
@@ -93,7 +93,7 @@ def tiny_spec(quantization: str = "nf4", **config_overrides):
     to about +-1.3, so no adapter can push the loss far below ln(512); pass a larger
     ``initializer_range`` where a test needs the loss to fall.
     """
-    from qlora_lightning.model import BaseModelSpec
+    from qlora_lightning.model.build import BaseModelSpec
 
     return BaseModelSpec(name_or_path=TINY_LLAMA, quantization=quantization, compute_dtype="float32",
                          random_init=True, config_overrides=config_overrides)
@@ -113,7 +113,7 @@ def one_thread():
 def sft_module(base=None, r: int = 8, alpha: Optional[int] = None, lr: float = 1e-2, optimizer=None,
                target_modules="all-linear", gradient_checkpointing: bool = False, **kwargs):
     """An SFTModule over ``base`` (the tiny Llama by default) with dropout off, so runs are deterministic."""
-    from qlora_lightning.model import LoraSpec
+    from qlora_lightning.model.build import LoraSpec
     from qlora_lightning.modules import SFTModule
 
     return SFTModule(

@@ -31,10 +31,10 @@ from typing_extensions import override
 
 from qlora_lightning import GSM8KDataModule, PerfMonitor, PreferenceDataModule
 from qlora_lightning.data.packing import real_tokens_and_examples
-from qlora_lightning.distributed import clean_name, strategy_from_config
-from qlora_lightning.model import LoraSpec
+from qlora_lightning.model.distributed import clean_name, strategy_from_config
+from qlora_lightning.model.build import LoraSpec
 from qlora_lightning.modules import DPOModule
-from qlora_lightning.reliability import AtomicCheckpointIO
+from qlora_lightning.modules.reliability import AtomicCheckpointIO
 from tests.conftest import EXAMPLES, REPO, TINY_LLAMA, sft_module, tiny_spec, tokenizer_at
 
 FSDP_CONFIG = REPO / "configs" / "mistral_fsdp.yaml"

@@ -9,12 +9,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from qlora_lightning.adapters import AdapterMix, AdapterSet, using_adapter
+from qlora_lightning.model.adapters import AdapterMix, AdapterSet, using_adapter
 from qlora_lightning.data import PromptsDataModule
 from qlora_lightning.errors import UserError
-from qlora_lightning.generation import greedy_generate, inference_mode, stop_token_ids
-from qlora_lightning.model import LoraSpec, build_model, load_base_model
-from qlora_lightning.writers import JSONLWriter
+from qlora_lightning.evaluate.generation import greedy_generate, inference_mode, stop_token_ids
+from qlora_lightning.model.build import LoraSpec, build_model, load_base_model
+from qlora_lightning.run.writers import JSONLWriter
 from tests.conftest import TINY_LLAMA, cpu_trainer, sft_module, tiny_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import MistralConfig
 
-from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model
+from qlora_lightning.model.build import BaseModelSpec, LoraSpec, build_model
 
 # Windows shorter than the sequence, so the mask is more than causal.
 SEQ, WINDOW = 96, 24

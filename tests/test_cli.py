@@ -84,7 +84,7 @@ def test_checkpointing_can_be_turned_off(tmp_path):
     (the Trainer refuses the two together)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from qlora_lightning.cli import make_cli
+    from qlora_lightning.run.cli import make_cli
 
     cli = make_cli(["--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.default_root_dir",
                     str(tmp_path), "--trainer.enable_checkpointing=false"], run=False)

@@ -8,7 +8,7 @@ import weakref
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from qlora_lightning.collector import CollectorClock, FreezeHeap
+from qlora_lightning.speed.collector import CollectorClock, FreezeHeap
 
 
 def test_clock_times_collections_while_started():

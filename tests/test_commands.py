@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from qlora_lightning.commands import COMMANDS
+from qlora_lightning.run.commands import COMMANDS
 from tests.conftest import REPO
 
 
@@ -73,7 +73,7 @@ def test_a_hub_id_that_cannot_be_reached_fails_in_one_line_without_retries(offli
 
 
 def test_the_cached_help_goes_stale_with_a_source_file_or_a_library(tmp_path, monkeypatch):
-    from qlora_lightning import help_cache
+    from qlora_lightning.run import help_cache
 
     sources = tmp_path / "package"
     sources.mkdir()

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from qlora_lightning import config_check, help_cache
-from qlora_lightning.cli import QLoRACLI, make_cli
-from qlora_lightning.cli import main as full_main
+from qlora_lightning.run import config_check, help_cache
+from qlora_lightning.run.cli import QLoRACLI, make_cli
+from qlora_lightning.run.cli import main as full_main
 from tests.conftest import REPO
 
 BASE = ["fit", "--config", "configs/quickstart.yaml"]
@@ -70,7 +70,7 @@ def test_a_mistake_gets_lightningclis_own_line(mistake, recorded, tmp_path, monk
     if args[0] == "--config":
         args = ["--config", _yaml(tmp_path, args[1])]
     early = config_check.check(BASE + args)
-    monkeypatch.setattr("qlora_lightning.model.build_model", lambda *a, **k: pytest.fail("model was built"))
+    monkeypatch.setattr("qlora_lightning.model.build.build_model", lambda *a, **k: pytest.fail("model was built"))
     with pytest.raises(SystemExit) as full:
         full_main(BASE + args)
     assert early is not None, "the early check let the mistake through"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from qlora_lightning.cli import main
+from qlora_lightning.run.cli import main
 
 BASE = ["fit", "--config", "configs/quickstart.yaml"]
 
@@ -27,7 +27,7 @@ BASE = ["fit", "--config", "configs/quickstart.yaml"]
 ])
 def test_bad_config_fails_at_parse_time_naming_the_key(args, key, monkeypatch):
     # Parse-time: nothing may be built, so building the model would be a failure here.
-    monkeypatch.setattr("qlora_lightning.model.build_model", lambda *a, **k: pytest.fail("model was built"))
+    monkeypatch.setattr("qlora_lightning.model.build.build_model", lambda *a, **k: pytest.fail("model was built"))
     monkeypatch.chdir(__import__("tests.conftest", fromlist=["REPO"]).REPO)
     with pytest.raises(SystemExit) as exit_info:
         main(BASE + args)

@@ -11,7 +11,7 @@ import torch
 import yaml
 from lightning.pytorch import LightningDataModule, Trainer
 
-from qlora_lightning.cli import make_cli
+from qlora_lightning.run.cli import make_cli
 from qlora_lightning.modules import QLoRAModule
 from tests.conftest import REPO
 

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from qlora_lightning import checkpointing
-from qlora_lightning.callbacks import PerfMonitor
-from qlora_lightning.checkpointing import CopyWaits
+from qlora_lightning.speed import checkpointing
+from qlora_lightning.run.callbacks import PerfMonitor
+from qlora_lightning.speed.checkpointing import CopyWaits
 from qlora_lightning.data import GSM8KDataModule
 from tests.conftest import EXAMPLES, TINY_LLAMA, sft_module, tiny_spec, tokenizer_at
 

@@ -26,10 +26,10 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 from safetensors.torch import load_file
 from torch.distributed.fsdp import MixedPrecision
 
-from qlora_lightning.callbacks import peak_memory_metrics
-from qlora_lightning.distributed import DecoderLayerPolicy, cast_frozen_for_fsdp, check_fsdp_precision
+from qlora_lightning.run.callbacks import peak_memory_metrics
+from qlora_lightning.model.distributed import DecoderLayerPolicy, cast_frozen_for_fsdp, check_fsdp_precision
 from qlora_lightning.errors import UserError
-from qlora_lightning.model import LoraSpec, build_model
+from qlora_lightning.model.build import LoraSpec, build_model
 from qlora_lightning.modules import DPOModule
 from tests.conftest import REPO, sft_module, tiny_spec
 from tests.distributed_worker import ADAM_LR, FSDP_CONFIG, PROBE, STEPS
@@ -269,7 +269,7 @@ def test_each_rank_loads_the_base_onto_its_own_gpu(monkeypatch):
         seen.update(kwargs)
         raise _Stop
 
-    monkeypatch.setattr("qlora_lightning.model.AutoModelForCausalLM.from_pretrained", from_pretrained)
+    monkeypatch.setattr("qlora_lightning.model.build.AutoModelForCausalLM.from_pretrained", from_pretrained)
     module = sft_module(base=dataclasses.replace(tiny_spec(), random_init=False))
     module._trainer = SimpleNamespace(strategy=strategy)
     with pytest.raises(_Stop):

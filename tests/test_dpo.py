@@ -19,7 +19,7 @@ from qlora_lightning.data.formats import DEFAULT_ROLES, column_pair, hh_rlhf_pai
 from qlora_lightning.data.preference import PreferenceDataModule, tokenize_pair
 from qlora_lightning.data.tokenize import PROMPT_TOO_LONG, ChatFormat, RowError, plan_cut, tokenize_messages
 from qlora_lightning.losses import IGNORE_INDEX, dpo_loss, sequence_logps
-from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model
+from qlora_lightning.model.build import BaseModelSpec, LoraSpec, build_model
 from qlora_lightning.modules.dpo import REFERENCE_ADAPTER, DPOModule, reference_fingerprint
 
 PREFERENCE = str(EXAMPLES / "preference.jsonl")
@@ -409,7 +409,7 @@ def test_dpo_on_stories260k_learns_the_preferences_while_the_reference_stays_fix
 
 @pytest.mark.parametrize("config", ["dpo_quickstart.yaml", "dpo_mistral.yaml"])
 def test_configs_instantiate(config, monkeypatch):
-    from qlora_lightning.cli import QLoRACLI
+    from qlora_lightning.run.cli import QLoRACLI
     from qlora_lightning.data.base import SFTDataModule
     from qlora_lightning.modules.base import QLoRAModule
 
@@ -422,7 +422,7 @@ def test_configs_instantiate(config, monkeypatch):
 
 
 def test_quickstart_cli_logs_dpo_metrics(tmp_path, monkeypatch):
-    from qlora_lightning.cli import QLoRACLI
+    from qlora_lightning.run.cli import QLoRACLI
     from qlora_lightning.data.base import SFTDataModule
     from qlora_lightning.modules.base import QLoRAModule
 

@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 from transformers import AutoConfig
 
-from qlora_lightning.estimate import choose_checkpointing, estimate_peak_memory, main
+from qlora_lightning.speed.estimate import choose_checkpointing, estimate_peak_memory, main
 from tests.conftest import REPO
 
 

@@ -12,14 +12,14 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qlora_lightning.cli import make_cli
+from qlora_lightning.run.cli import make_cli
 from qlora_lightning.data import GSM8KDataModule, pad_batch
 from qlora_lightning.data.tokenize import ChatFormat, tokenize_messages, tokenize_prompt
 from qlora_lightning.errors import UserError
-from qlora_lightning.evaluation import examples_in_batch, extract_answer, is_correct, split_prompt_response
-from qlora_lightning.generation import cut_at_stop, greedy_generate, left_pad, stop_token_ids
-from qlora_lightning.gsm8k_eval import GSM8KEval
-from qlora_lightning.model import LoraSpec, build_model
+from qlora_lightning.evaluate.evaluation import examples_in_batch, extract_answer, is_correct, split_prompt_response
+from qlora_lightning.evaluate.generation import cut_at_stop, greedy_generate, left_pad, stop_token_ids
+from qlora_lightning.evaluate.gsm8k_eval import GSM8KEval
+from qlora_lightning.model.build import LoraSpec, build_model
 from qlora_lightning.losses import IGNORE_INDEX
 from tests.conftest import EXAMPLES, TINY_LLAMA, cpu_trainer, needs_shared, shared_path, sft_module, tiny_spec
 

@@ -13,7 +13,7 @@ import pytest
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from qlora_lightning import ColumnDataModule, GSM8KDataModule, PreferenceDataModule
-from qlora_lightning.cli import make_cli
+from qlora_lightning.run.cli import make_cli
 from qlora_lightning.data.formats import DEFAULT_ROLES, preference_reader
 from qlora_lightning.data.preference import pad_pairs, tokenize_pair
 from qlora_lightning.data.tokenize import ChatFormat

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from qlora_lightning import gguf as gguf_module
+from qlora_lightning.model import gguf as gguf_module
 from qlora_lightning.errors import UserError
-from qlora_lightning.model import (BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer,
-                                   tokenizer_source)
+from qlora_lightning.model.build import (BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer,
+                                         tokenizer_source)
 
 gguf = pytest.importorskip("gguf", reason="needs the real extra: pip install -e '.[real]'")
 

@@ -13,7 +13,7 @@ import torch
 from qlora_lightning.data.kto import KTODataModule
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import IGNORE_INDEX, kto_loss, sequence_logps
-from qlora_lightning.model import BaseModelSpec, LoraSpec
+from qlora_lightning.model.build import BaseModelSpec, LoraSpec
 from qlora_lightning.modules.kto import KTOModule
 from tests.conftest import EXAMPLES, REPO, TINY_LLAMA, cpu_trainer, shared_path, tiny_spec
 
@@ -292,7 +292,7 @@ def test_kto_on_stories260k_learns_thumbs_up_from_thumbs_down(tmp_path, one_thre
 
 
 def test_config_names_the_kto_classes(monkeypatch):
-    from qlora_lightning.cli import make_cli
+    from qlora_lightning.run.cli import make_cli
 
     monkeypatch.chdir(REPO)
     cli = make_cli(["--config", "configs/smollm2_kto.yaml"], run=False)

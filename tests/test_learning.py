@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from qlora_lightning.adapters import BASE_SPEC_FILE
-from qlora_lightning.cli import make_cli
-from qlora_lightning.gsm8k_eval import GSM8KEval
+from qlora_lightning.model.adapters import BASE_SPEC_FILE
+from qlora_lightning.run.cli import make_cli
+from qlora_lightning.evaluate.gsm8k_eval import GSM8KEval
 from tests.conftest import EXAMPLES, REPO, needs_shared, shared_path
 
 pytestmark = [needs_shared, pytest.mark.usefixtures("one_thread")]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft.tuners.lora.bnb import Linear4bit
 
-from qlora_lightning.lora_forward import BaseLastLoraLinear4bit, LeanLoraLinear4bit
-from qlora_lightning.model import LoraSpec, build_model, decoder_layers
+from qlora_lightning.speed.lora_forward import BaseLastLoraLinear4bit, LeanLoraLinear4bit
+from qlora_lightning.model.build import LoraSpec, build_model, decoder_layers
 from tests.conftest import tiny_spec
 
 SPEC = dataclasses.replace(tiny_spec(num_key_value_heads=4), compute_dtype="bfloat16")

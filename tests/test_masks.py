@@ -13,7 +13,7 @@ import textwrap
 import torch
 from transformers import masking_utils
 
-from qlora_lightning import masks
+from qlora_lightning.speed import masks
 from qlora_lightning.data.packing import model_inputs
 from tests.conftest import REPO, sft_module
 

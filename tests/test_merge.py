@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from qlora_lightning.adapters import save_base_spec
-from qlora_lightning.cli import main
+from qlora_lightning.model.adapters import save_base_spec
+from qlora_lightning.run.cli import main
 from qlora_lightning.losses import IGNORE_INDEX
-from qlora_lightning.merge import (
+from qlora_lightning.evaluate.merge import (
     adapter_on_base, base_spec_for, check_batch, check_merge, divergence, merge_adapter, outputs_on)
-from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_tokenizer, tokenizer_source
+from qlora_lightning.model.build import BaseModelSpec, LoraSpec, build_model, load_tokenizer, tokenizer_source
 from tests.conftest import tiny_spec
 
 pytestmark = pytest.mark.usefixtures("one_thread")

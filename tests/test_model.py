@@ -14,11 +14,11 @@ from peft import PeftModel
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from qlora_lightning import GSM8KDataModule
-from qlora_lightning import checkpointing
-from qlora_lightning.checkpointing import OffloadToCpu
+from qlora_lightning.speed import checkpointing
+from qlora_lightning.speed.checkpointing import OffloadToCpu
 from qlora_lightning.errors import UserError
-from qlora_lightning.model import (BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer,
-                                   should_compile)
+from qlora_lightning.model.build import (BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer,
+                                         should_compile)
 from tests.conftest import EXAMPLES, TINY_LLAMA, cpu_trainer, sft_module, tiny_spec, tokenizer_at
 
 # Every linear layer 64 wide or wider in multiples of 64 (k/v made 64 wide), as bitsandbytes' CPU
@@ -307,7 +307,7 @@ def test_cpu_embeddings_refuse_a_table_tied_to_the_output_head():
 def test_cpu_embeddings_refuse_gemma_for_its_tied_table_not_its_scaled_embedding():
     from transformers import GemmaConfig, GemmaForCausalLM
 
-    from qlora_lightning.model import embeddings_to_cpu
+    from qlora_lightning.model.build import embeddings_to_cpu
 
     model = GemmaForCausalLM(GemmaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1, head_dim=32))
@@ -334,7 +334,7 @@ def test_cpu_embeddings_free_the_table_on_the_gpu_with_the_same_logits():
 
 
 def test_auto_compiles_on_a_gpu_only_where_triton_and_a_c_compiler_are(monkeypatch, caplog):
-    from qlora_lightning import model as model_module
+    from qlora_lightning.model import build as model_module
 
     monkeypatch.setattr(model_module.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(model_module.shutil, "which", lambda name: f"/usr/bin/{name}")
@@ -473,7 +473,7 @@ def test_offloading_hooks_run_eagerly_from_compiled_layer_norms(device, tmp_path
 
 def test_offload_halves_splits_llama_style_layers_and_says_which_it_checkpoints_whole(caplog):
     def checkpoint_funcs(model):
-        with caplog.at_level("WARNING", logger="qlora_lightning.checkpointing"):
+        with caplog.at_level("WARNING", logger="qlora_lightning.speed.checkpointing"):
             checkpointing.enable_checkpointing(model, "offload_halves")
         return {getattr(layer._gradient_checkpointing_func, "func", layer._gradient_checkpointing_func)
                 for layer in model.model.layers}

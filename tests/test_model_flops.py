@@ -2,7 +2,7 @@
 
 from transformers import Gemma2Config, LlamaConfig, MistralConfig
 
-from qlora_lightning.callbacks import attended_positions, train_flops_per_token
+from qlora_lightning.run.callbacks import attended_positions, train_flops_per_token
 
 
 def test_a_token_attends_to_the_sequence_or_at_most_the_sliding_window():

@@ -9,9 +9,9 @@ import pytest
 import torch
 from bitsandbytes.nn import Linear4bit
 
-from qlora_lightning import nf4
-from qlora_lightning.lora_forward import LeanLoraLinear4bit
-from qlora_lightning.model import decoder_layers
+from qlora_lightning.speed import nf4
+from qlora_lightning.speed.lora_forward import LeanLoraLinear4bit
+from qlora_lightning.model.build import decoder_layers
 from tests.test_lora_forward import SPEC, _loss_and_grads, _model
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]

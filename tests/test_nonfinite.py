@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from qlora_lightning import BaseModelSpec, LoraSpec, SFTModule
 from qlora_lightning.data.base import pad_batch
-from qlora_lightning.reliability import NonFiniteLossError
+from qlora_lightning.modules.reliability import NonFiniteLossError
 from tests.conftest import TINY_LLAMA
 
 BAD_STEP = 3

@@ -7,7 +7,7 @@ batches, unpadded or padded on the right, carrying their host-side counts (as th
 them), SFTModule on a 4-bit base with compiled layers, PerfMonitor, TensorBoard logging.
 
 Neither transformers' mask building (its checks for packed sequences and for padding, answered
-on the host: ``qlora_lightning.masks``) nor the chunked loss (its labelled positions, found on the
+on the host: ``qlora_lightning.speed.masks``) nor the chunked loss (its labelled positions, found on the
 batch's host copy) waits. An optimizer that cannot skip a step on the GPU needs the
 host's decision: one wait per optimizer step.
 """
@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from qlora_lightning import PerfMonitor
-from qlora_lightning.optim import AdamW8bit
+from qlora_lightning.speed.optim import AdamW8bit
 from tests.conftest import sft_module, tiny_spec
 
 pytestmark = pytest.mark.gpu

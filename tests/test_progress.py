@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-from qlora_lightning.cli import make_cli
-from qlora_lightning.progress import StepRichProgressBar, StepTQDMProgressBar
+from qlora_lightning.run.cli import make_cli
+from qlora_lightning.run.progress import StepRichProgressBar, StepTQDMProgressBar
 from tests.conftest import REPO
 
 

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from qlora_lightning.cli import make_cli
+from qlora_lightning.run.cli import make_cli
 from qlora_lightning.errors import UserError
-from qlora_lightning.model import LoraSpec
-from qlora_lightning.reliability import AtomicCheckpointIO
-from qlora_lightning.resume import collect_rng_states, set_rng_states
+from qlora_lightning.model.build import LoraSpec
+from qlora_lightning.modules.reliability import AtomicCheckpointIO
+from qlora_lightning.modules.resume import collect_rng_states, set_rng_states
 from tests.conftest import tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]

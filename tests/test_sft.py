@@ -15,7 +15,7 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger
 
 from qlora_lightning import GSM8KDataModule
-from qlora_lightning.model import BaseModelSpec
+from qlora_lightning.model.build import BaseModelSpec
 from qlora_lightning.modules import paged_adamw_8bit
 from tests.conftest import (EXAMPLES, TINY_LLAMA, cpu_trainer, needs_shared, shared_path, sft_module, tiny_spec,
                             tokenizer_at)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from qlora_lightning.model import BaseModelSpec, _keep_cpu_4bit_layout
+from qlora_lightning.model.build import BaseModelSpec, _keep_cpu_4bit_layout
 
 
 def trl_peft_model(base: BaseModelSpec, adapter: str):

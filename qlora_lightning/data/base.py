@@ -26,7 +26,7 @@ from qlora_lightning.data.tokenize import (
     RAW_JSON, ChatFormat, Message, RowError, TrainOn, decode_row, tokenize_messages)
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import IGNORE_INDEX
-from qlora_lightning.model import load_tokenizer
+from qlora_lightning.model.build import load_tokenizer
 from qlora_lightning.paths import shipped
 
 # `datasets` (with pandas and pyarrow) is imported where data is loaded: a config's parse, which imports

@@ -17,20 +17,20 @@ from torchmetrics import Metric
 from transformers import AutoConfig
 from typing_extensions import override
 
-from qlora_lightning.adapters import AdapterSet, attach_adapters, save_base_spec
-from qlora_lightning.distributed import (average_gradients, cast_frozen_for_fsdp, check_fsdp_precision, clean_name,
-                                         fsdp_checkpoints_activations, full_state_dict, is_fsdp, replicates_adapters,
-                                         save_adapter)
+from qlora_lightning.model.adapters import AdapterSet, attach_adapters, save_base_spec
+from qlora_lightning.model.distributed import (average_gradients, cast_frozen_for_fsdp, check_fsdp_precision,
+                                               clean_name, fsdp_checkpoints_activations, full_state_dict, is_fsdp,
+                                               replicates_adapters, save_adapter)
 from qlora_lightning.errors import UserError
-from qlora_lightning.estimate import choose_checkpointing, estimate_peak_memory
-from qlora_lightning.generation import greedy_generate, stop_token_ids
-from qlora_lightning.lagged import HostReadings
+from qlora_lightning.speed.estimate import choose_checkpointing, estimate_peak_memory
+from qlora_lightning.evaluate.generation import greedy_generate, stop_token_ids
+from qlora_lightning.speed.lagged import HostReadings
 from qlora_lightning.losses import labelled_positions
-from qlora_lightning.masks import known_to_the_host
-from qlora_lightning.reliability import NonFiniteLossError
-from qlora_lightning.resume import as_saved_after_last_batch, collect_rng_states, set_rng_states
-from qlora_lightning.model import (BaseModelSpec, Checkpointing, CpuEmbedding, Fraction, LoraSpec, build_model,
-                                   load_tokenizer, spec_dict, tokenizer_source)
+from qlora_lightning.speed.masks import known_to_the_host
+from qlora_lightning.modules.reliability import NonFiniteLossError
+from qlora_lightning.modules.resume import as_saved_after_last_batch, collect_rng_states, set_rng_states
+from qlora_lightning.model.build import (BaseModelSpec, Checkpointing, CpuEmbedding, Fraction, LoraSpec, build_model,
+                                         load_tokenizer, spec_dict, tokenizer_source)
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class QLoRAModule(LightningModule):
 
     def _as_known(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], ContextManager[None]]:
         """``inputs`` for the model, and what the host knows of them for its mask building
-        (``qlora_lightning.masks``): whether it builds the positions, and whether the mask pads.
+        (``qlora_lightning.speed.masks``): whether it builds the positions, and whether the mask pads.
 
         A mask is known where it is the last batch's as moved to the device: one that pads nothing
         is dropped (the causal mask over the model's own positions says the same), one that pads is
@@ -272,7 +272,7 @@ class QLoRAModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        from transformers import get_scheduler  # its module imports peft: seconds of a config's parse (model.py)
+        from transformers import get_scheduler  # its module imports peft: seconds of a config's parse (model/build.py)
 
         params = self._trainable()
         optimizer = self.optimizer_factory(params)

@@ -19,11 +19,11 @@ from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_ty
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from qlora_lightning.distributed import is_fsdp
+from qlora_lightning.model.distributed import is_fsdp
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import (
     REFERENCE_FREE, PreferenceLossType, chunked_sequence_logps, dpo_loss, orpo_loss, sequence_logps, simpo_loss)
-from qlora_lightning.model import add_frozen_adapter, trainable_state_dict
+from qlora_lightning.model.build import add_frozen_adapter, trainable_state_dict
 from qlora_lightning.modules.base import LOSS_POSITIONS, QLoRAModule
 
 # Checked when a config is parsed: at 0.5 the labels carry no preference at all.
@@ -91,7 +91,7 @@ class PreferenceModule(QLoRAModule):
         Eval mode turns every dropout off, so the reference gives the same log-probs whenever it
         is asked (precomputed or live, in training or validation).
         """
-        from trl.trainer.utils import use_adapter  # trl imports peft: seconds of a config's parse (model.py)
+        from trl.trainer.utils import use_adapter  # trl imports peft: seconds of a config's parse (model/build.py)
 
         was_training = self.model.training
         self.model.eval()

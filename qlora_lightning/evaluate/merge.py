@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from qlora_lightning.adapters import read_base_spec
+from qlora_lightning.model.adapters import read_base_spec
 from qlora_lightning.data.base import pad_batch
 from qlora_lightning.data.codealpaca import CodeAlpacaDataModule
 from qlora_lightning.data.formats import DEFAULT_ROLES, alpaca_messages, gsm8k_messages, guanaco_messages
@@ -52,9 +52,9 @@ from qlora_lightning.data.gsm8k import GSM8KDataModule
 from qlora_lightning.data.guanaco import GuanacoDataModule
 from qlora_lightning.data.tokenize import ChatFormat, tokenize_messages
 from qlora_lightning.errors import UserError
-from qlora_lightning.generation import inference_mode
+from qlora_lightning.evaluate.generation import inference_mode
 from qlora_lightning.losses import IGNORE_INDEX
-from qlora_lightning.model import BaseModelSpec, load_base_model, load_tokenizer
+from qlora_lightning.model.build import BaseModelSpec, load_base_model, load_tokenizer
 from qlora_lightning.paths import shipped
 
 log = logging.getLogger(__name__)

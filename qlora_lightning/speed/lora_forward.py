@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 from peft.tuners.lora.bnb import Linear4bit
 
-from qlora_lightning import nf4
+from qlora_lightning.speed import nf4
 
 
 class LeanLoraLinear4bit(Linear4bit):

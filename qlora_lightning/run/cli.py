@@ -19,14 +19,15 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from qlora_lightning import config_check, console, help_cache
+from qlora_lightning.run import config_check, console, help_cache
 from qlora_lightning.data.base import SFTDataModule
 from qlora_lightning.errors import UserError
-from qlora_lightning.model import tokenizer_source
+from qlora_lightning.model.build import tokenizer_source
 from qlora_lightning.modules.base import QLoRAModule
-from qlora_lightning.progress import count_steps
-from qlora_lightning.reliability import AtomicCheckpointIO
-from qlora_lightning.resume import RunFolderGuard, StepCheckpoint, check_resume, find_last, run_folder, run_record
+from qlora_lightning.run.progress import count_steps
+from qlora_lightning.modules.reliability import AtomicCheckpointIO
+from qlora_lightning.modules.resume import (RunFolderGuard, StepCheckpoint, check_resume, find_last, run_folder,
+                                            run_record)
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def continue_run_folder(trainer: Trainer, ckpt: str, root: Path, step: int) -> N
     logger = trainer.logger
     if version is None or not isinstance(logger, (TensorBoardLogger, CSVLogger)):
         return
-    logger._version = version  # read by log_dir; private, checked by tests/test_private_symbols.py
+    logger._version = version  # read by log_dir; private, checked by qlora_lightning/compat.py
     if isinstance(logger, TensorBoardLogger):
         logger._kwargs["purge_step"] = step  # passed to the SummaryWriter when it is created
 
@@ -190,7 +191,7 @@ def project_help(command: str) -> str:
 
 
 # Subcommands that build no Trainer and load no training data: plain argparse CLIs of their own.
-_TOOLS = {"merge": "qlora_lightning.merge", "estimate": "qlora_lightning.estimate"}
+_TOOLS = {"merge": "qlora_lightning.evaluate.merge", "estimate": "qlora_lightning.speed.estimate"}
 
 
 def main(args: list[str] | None = None) -> None:

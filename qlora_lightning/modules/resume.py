@@ -217,5 +217,5 @@ class StepCheckpoint(ModelCheckpoint):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        # Private; checked by tests/test_private_symbols.py. At a fresh start this is step 0, as before.
+        # Private; checked by qlora_lightning/compat.py. At a fresh start this is step 0, as before.
         self._last_global_step_saved = trainer.global_step

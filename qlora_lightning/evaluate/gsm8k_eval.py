@@ -17,10 +17,10 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from typing_extensions import override
 
-from qlora_lightning.adapters import using_adapter
+from qlora_lightning.model.adapters import using_adapter
 from qlora_lightning.errors import UserError
-from qlora_lightning.evaluation import examples_in_batch, is_correct, split_prompt_response
-from qlora_lightning.generation import greedy_generate, stop_token_ids
+from qlora_lightning.evaluate.evaluation import examples_in_batch, is_correct, split_prompt_response
+from qlora_lightning.evaluate.generation import greedy_generate, stop_token_ids
 
 log = logging.getLogger(__name__)
 

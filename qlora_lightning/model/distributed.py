@@ -37,9 +37,9 @@ from torch.distributed.fsdp._common_utils import FSDP_WRAPPED_MODULE, clean_tens
 from transformers import PreTrainedModel
 
 from qlora_lightning.errors import UserError
-from qlora_lightning.model import decoder_layer_names
+from qlora_lightning.model.build import decoder_layer_names
 
-if TYPE_CHECKING:  # a hint only: peft costs seconds of a config's parse (model.py)
+if TYPE_CHECKING:  # a hint only: peft costs seconds of a config's parse (build.py)
     from peft import PeftModel
 
 

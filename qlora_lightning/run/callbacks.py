@@ -23,10 +23,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from qlora_lightning.checkpointing import COPY_WAITS
-from qlora_lightning.collector import CollectorClock
+from qlora_lightning.speed.checkpointing import COPY_WAITS
+from qlora_lightning.speed.collector import CollectorClock
 from qlora_lightning.data.packing import real_tokens_and_examples
-from qlora_lightning.lagged import Mark, copy_to_host
+from qlora_lightning.speed.lagged import Mark, copy_to_host
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Iterator, Literal, Optional, Union
 import torch
 
 from qlora_lightning.errors import UserError
-from qlora_lightning.model import BaseModelSpec, spec_dict
+from qlora_lightning.model.build import BaseModelSpec, spec_dict
 
-# PEFT models are typed as the torch Modules they are: model.py says why peft is not imported here.
+# PEFT models are typed as the torch Modules they are: build.py says why peft is not imported here.
 
 # Written beside a saved adapter: how its base was loaded and quantized, which the merge must repeat.
 BASE_SPEC_FILE = "qlora_base.json"

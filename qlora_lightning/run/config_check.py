@@ -23,7 +23,7 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
-from qlora_lightning import help_cache
+from qlora_lightning.run import help_cache
 from qlora_lightning.paths import cache_dir
 
 _NUMBERS = (("int", int), ("float", float))

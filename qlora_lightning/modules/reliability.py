@@ -14,9 +14,9 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from qlora_lightning.adapters import AdapterMix, AdapterSet
+from qlora_lightning.model.adapters import AdapterMix, AdapterSet
 from qlora_lightning.errors import UserError
-from qlora_lightning.model import BaseModelSpec, LoraSpec
+from qlora_lightning.model.build import BaseModelSpec, LoraSpec
 
 # The only classes a checkpoint may hold besides tensors and plain values: the module's typed
 # arguments, which ``save_hyperparameters`` stores as given when a module is built in Python (the

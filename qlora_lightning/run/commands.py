@@ -35,7 +35,7 @@ def main(args: Optional[list[str]] = None) -> None:
     if argv[0] not in COMMANDS:
         sys.exit(f"error: unknown command '{argv[0]}' (one of: {', '.join(COMMANDS)}; see --help)")
     # Not for the command list: reading package metadata takes a moment.
-    from qlora_lightning import config_check, help_cache
+    from qlora_lightning.run import config_check, help_cache
 
     cached = help_cache.asked_for(argv) and help_cache.read(argv[0])
     if cached:
@@ -44,6 +44,6 @@ def main(args: Optional[list[str]] = None) -> None:
     problem = argv[0] in help_cache.COMMANDS and config_check.check([a for a in argv if a != "--verbose"])
     if problem:
         sys.exit(f"error: {problem} (see --help)")
-    from qlora_lightning.cli import main as run  # torch, transformers and Lightning load from here on
+    from qlora_lightning.run.cli import main as run  # torch, transformers and Lightning load from here on
 
     run(args)

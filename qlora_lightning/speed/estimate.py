@@ -38,7 +38,7 @@ from typing import Callable, Literal, Optional
 
 import yaml
 
-from qlora_lightning.checkpointing import Checkpointing
+from qlora_lightning.speed.checkpointing import Checkpointing
 from qlora_lightning.errors import UserError
 
 GIB = 2**30

@@ -1,39 +1,26 @@
-"""Every private symbol of another library that the package reads, overrides or patches still exists.
+"""Every private symbol of another library that the package reads, overrides or patches
+(``qlora_lightning/compat.py``) still exists, and the installed releases are those it was written for.
 
-Such code is written against one version (``setup.cfg`` bounds each library to the releases it
-was checked with); after an upgrade, a renamed or removed internal fails here, in one test that
-names the code depending on it, instead of deep inside training or, for the ones read with a
-``getattr`` default, not at all.
+After an upgrade, a renamed or removed internal fails here, in one test that names the code depending
+on it, instead of deep inside training or, for the ones read with a ``getattr`` default, not at all.
 """
 
 from __future__ import annotations
 
+import configparser
 import importlib
+import importlib.metadata
 import inspect
+import sys
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
-# (object path, attribute or None for the object itself, the code that depends on it)
-SYMBOLS = [
-    ("transformers.masking_utils", "_ignore_causal_mask_sdpa", "qlora_lightning/masks.py patches it"),
-    ("transformers.configuration_utils.PreTrainedConfig", "_attn_implementation",
-     "qlora_lightning/modules/sft.py reads it"),
-    ("transformers.modeling_utils.PreTrainedModel", "_no_split_modules",
-     "qlora_lightning/model.py and distributed.py read it"),
-    ("torch", "_foreach_mul_", "qlora_lightning/modules/sft.py calls it"),
-    ("torch.distributed.fsdp._common_utils", "FSDP_WRAPPED_MODULE", "qlora_lightning/distributed.py imports it"),
-    ("torch.distributed.fsdp._common_utils", "clean_tensor_name", "qlora_lightning/distributed.py imports it"),
-    ("peft.tuners.lora.bnb", "Linear4bit", "qlora_lightning/lora_forward.py subclasses it"),
-    ("trl.trainer.utils", "use_adapter", "qlora_lightning/modules/dpo.py imports it"),
-    ("bitsandbytes.optim.AdamW8bit", "init_state", "qlora_lightning/optim.py calls it"),
-    ("bitsandbytes.optim.AdamW8bit", "update_step", "qlora_lightning/optim.py calls it"),
-    ("bitsandbytes.optim.AdamW8bit", "check_overrides", "qlora_lightning/optim.py calls it"),
-    ("bitsandbytes.functional.QuantState", "__init__", "qlora_lightning/nf4.py reads its fields (below)"),
-    ("lightning.pytorch.cli.LightningCLI", "_instantiate_trainer", "qlora_lightning/cli.py overrides it"),
-    ("lightning.pytorch.cli.LightningCLI", "_parse_ckpt_path", "qlora_lightning/cli.py overrides it"),
-    ("lightning.pytorch.callbacks.RichProgressBar", "_get_train_description",
-     "qlora_lightning/progress.py overrides it"),
-]
+from qlora_lightning.compat import PRIVATE, RANGES
+from tests.conftest import REPO
+
+ON_CLASSES = [p for p in PRIVATE if not p.checked_by]
 
 
 def _resolve(path: str):
@@ -45,10 +32,35 @@ def _resolve(path: str):
         return getattr(importlib.import_module(module), name)
 
 
-@pytest.mark.parametrize("path, name, user", SYMBOLS, ids=[f"{p}.{n}" for p, n, _ in SYMBOLS])
-def test_private_symbol_exists(path, name, user):
-    owner = _resolve(path)
-    assert hasattr(owner, name), f"{path}.{name} is gone: {user}"
+@pytest.mark.parametrize("private", ON_CLASSES, ids=[f"{p.owner}.{p.name}" for p in ON_CLASSES])
+def test_private_symbol_exists(private):
+    owner = _resolve(private.owner)
+    assert private.name is None or hasattr(owner, private.name), f"{private.owner}.{private.name} is gone: {private.use}"
+
+
+def test_symbols_on_instances_have_their_test():
+    for private in PRIVATE:
+        assert private.library in RANGES, f"{private.library}: no version range in compat.RANGES"
+        if private.checked_by:
+            assert callable(getattr(sys.modules[__name__], private.checked_by, None)), private
+
+
+@pytest.mark.parametrize("library", sorted(RANGES))
+def test_the_installed_release_is_one_the_private_code_was_written_for(library):
+    installed = importlib.metadata.version(library)
+    users = "; ".join(p.use for p in PRIVATE if p.library == library)
+    assert SpecifierSet(RANGES[library]).contains(installed, prereleases=True), (
+        f"{library} {installed} is outside {RANGES[library]}, the releases this code was checked with: {users}. "
+        f"Run this file against it, then widen the range in compat.py and setup.cfg")
+
+
+def test_setup_cfg_bounds_are_the_checked_ranges():
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    requirements = [Requirement(line) for line in config["options"]["install_requires"].split("\n") if line.strip()]
+    bounds = {r.name: str(r.specifier) for r in requirements}
+    for library, versions in RANGES.items():
+        assert SpecifierSet(bounds.get(library, "")) == SpecifierSet(versions), (library, bounds.get(library), versions)
 
 
 def test_gradient_checkpointing_layer_calls_the_function_checkpointing_py_replaces():
@@ -56,7 +68,7 @@ def test_gradient_checkpointing_layer_calls_the_function_checkpointing_py_replac
 
     assert "self._gradient_checkpointing_func(" in inspect.getsource(GradientCheckpointingLayer), (
         "transformers' GradientCheckpointingLayer no longer calls _gradient_checkpointing_func, which "
-        "qlora_lightning/checkpointing.py sets to offload layer inputs")
+        "qlora_lightning/speed/checkpointing.py sets to offload layer inputs")
 
 
 def test_quant_state_fields_nf4_py_reads():
@@ -64,7 +76,7 @@ def test_quant_state_fields_nf4_py_reads():
 
     fields = inspect.signature(QuantState.__init__).parameters
     for field in ("absmax", "shape", "code", "blocksize", "quant_type", "offset", "state2"):
-        assert field in fields, f"bitsandbytes QuantState has no {field}: qlora_lightning/nf4.py reads it"
+        assert field in fields, f"bitsandbytes QuantState has no {field}: qlora_lightning/speed/nf4.py reads it"
 
 
 def test_lightning_state_that_resume_and_cli_rely_on(tmp_path):
@@ -72,7 +84,7 @@ def test_lightning_state_that_resume_and_cli_rely_on(tmp_path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from qlora_lightning.resume import StepCheckpoint
+    from qlora_lightning.modules.resume import StepCheckpoint
 
     trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
     state = trainer.fit_loop.state_dict()

@@ -27,10 +27,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from qlora_lightning.checkpointing import HALVES, Checkpointing, enable_checkpointing
+from qlora_lightning.speed.checkpointing import HALVES, Checkpointing, enable_checkpointing
 from qlora_lightning.errors import UserError, first_line
-from qlora_lightning.gguf import dequantized_checkpoint, gguf_source
-from qlora_lightning.hub import check_hub_id
+from qlora_lightning.model.gguf import dequantized_checkpoint, gguf_source
+from qlora_lightning.model.hub import check_hub_id
 from qlora_lightning.paths import build_once, cache_dir, save_checkpoint, shipped
 
 # peft (and through it bitsandbytes and torch's compiler) is imported where a model is built: a config's
@@ -420,7 +420,7 @@ def should_compile(setting: Union[bool, Literal["auto"]], device: Union[str, tor
 def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: Checkpointing = True,
                 device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
     """name/config -> quantized base -> frozen and prepared -> PEFT LoRA model, in training mode."""
-    from qlora_lightning.lora_forward import use_base_last, use_lean_lora  # imports peft
+    from qlora_lightning.speed.lora_forward import use_base_last, use_lean_lora  # imports peft
 
     base = prepare_base(load_base_model(spec, device), spec.upcast_frozen, gradient_checkpointing)
     if spec.cpu_embeddings:

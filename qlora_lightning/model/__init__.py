@@ -1,0 +1,5 @@
+"""The model: building the quantized base and its LoRA adapters (``build``), GGUF files and hub ids
+as bases, named adapter sets, and what DDP and FSDP need to know about a 4-bit PEFT model.
+
+May import: the foundation (``errors``, ``paths``, ``losses``, ``compat``), ``speed`` and ``model`` itself.
+"""
