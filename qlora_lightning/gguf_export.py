@@ -328,7 +328,10 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: Union[str, Path], dtype:
     partial = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(str(partial), arch)
     try:
-        writer.add_name(name or path.stem)
+        # transformers' GGUF reader takes a llama file named exactly "mistral" for its own Mistral class,
+        # which it then cannot map to tensors: any other spelling reads as Llama.
+        name = name or path.stem
+        writer.add_name("Mistral" if name == "mistral" else name)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_file_type(getattr(gguf.LlamaFileType, DTYPES[dtype][1]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -487,7 +490,10 @@ def _export_adapter(opts: argparse.Namespace, output: Path, name: str) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix=".merge-", dir=output))
     try:
         merged = scratch / name
-        merge_and_check(adapter, merged, spec, opts.into, torch.float32, opts.device, opts.allow_divergence)
+        report = merge_and_check(adapter, merged, spec, opts.into, torch.float32, opts.device, opts.allow_divergence)
+        check = {None: "none (16-bit base)", True: "passed", False: "failed, written anyway (--allow-divergence)"}
+        log.info("merged %s into its base (%s weights, float32); check against adapter-on-4-bit: %s", adapter,
+                 opts.into, check[report.get("passed")])
         return export_gguf(merged, output, opts.dtype, name, opts.push_to_hub, source=adapter)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

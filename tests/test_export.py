@@ -158,6 +158,22 @@ def test_a_bf16_merge_exports_to_bf16_without_any_change(tokenizer, tmp_path):
     assert torch.equal(logits(back, tokenizer), logits(load(folder), tokenizer))
 
 
+def test_a_mistral_checkpoint_is_written_as_llama(tokenizer, tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           initializer_range=0.125, sliding_window=4096, bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path / "mistral"  # a name transformers' reader would take for its own Mistral class
+    MistralForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = export_gguf(folder, tmp_path / "out", "f16")
+    assert type(load(path.parent, path.name)).__name__ == "LlamaForCausalLM"  # llama.cpp's and transformers' reading
+    assert_round_trip(path, load(folder), tokenizer, "f16")  # sequences within the window: the same computation
+
+
 def test_the_query_key_permutation_is_what_transformers_undoes():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
