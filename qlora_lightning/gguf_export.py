@@ -229,6 +229,12 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     steps = pre.get("pretokenizers", [pre]) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
     byte_level = any(step.get("type") == "ByteLevel" for step in steps)
     metaspace = next((s for s in steps if s.get("type") == "Metaspace"), None)
+    # Older sentencepiece-style files (Llama 2's own tokenizer.json): no pre-tokenizer, the "▁" comes from
+    # a normalizer that prepends it and replaces spaces with it.
+    norm = spec.get("normalizer") or {}
+    norm_steps = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    prepends = any(s.get("type") == "Prepend" and s.get("prepend") == "\u2581" for s in norm_steps)
+    replaces = any(s.get("type") == "Replace" and s.get("content") == "\u2581" for s in norm_steps)
     if byte_level:
         kind, pre_name = "gpt2", _pre_tokenizer_name(pre)
         if pre_name is None:
@@ -238,6 +244,8 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     elif metaspace is not None and model.get("byte_fallback"):
         kind, pre_name = "llama", "default"
         add_space_prefix = metaspace.get("prepend_scheme", "always") != "never"
+    elif not steps and replaces and model.get("byte_fallback"):
+        kind, pre_name, add_space_prefix = "llama", "default", prepends
     else:
         raise UserError(f"GGUF export: tokenizer with pre-tokenizer {_describe(pre)} is not supported (only "
                         f"byte-level BPE, or sentencepiece-style BPE with byte fallback)")
@@ -434,7 +442,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m qlora_lightning export", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m qlora_lightning export",
+                     description="A merged model (or an adapter, merged first as merge does) as one GGUF file for "
+                                 "llama.cpp, Ollama and LM Studio, with its tokenizer and a README.md model card.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="a merged model folder (merge --output), or any Llama/Mistral checkpoint folder")
     source.add_argument("--adapter", help="a saved adapter: merged first (as merge does, checked against "
@@ -448,10 +458,14 @@ def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--push_to_hub", "--push-to-hub", dest="push_to_hub", metavar="ORG/NAME",
                         help="upload the output folder to this Hugging Face model repository (created if absent)")
     merging = parser.add_argument_group("with --adapter (as merge takes them)")
-    merging.add_argument("--into", choices=["dequantized", "original"], default="dequantized")
+    merging.add_argument("--into", choices=["dequantized", "original"], default="dequantized",
+                         help="merge into the dequantized 4-bit weights the adapter was trained against, or into "
+                              "the original 16-bit ones (default: dequantized)")
     merging.add_argument("--base", help="base model id or directory (default: the one the adapter records)")
-    merging.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    merging.add_argument("--allow-divergence", action="store_true")
+    merging.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                         help="where to load and merge (default: cuda when available)")
+    merging.add_argument("--allow-divergence", action="store_true",
+                         help="export even when merge's check against adapter-on-4-bit fails")
     return parser.parse_args(args)
 
 

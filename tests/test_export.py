@@ -203,6 +203,31 @@ def test_sentencepiece_style_tokenizers_read_back_the_same(name, tmp_path):
     assert_same_encoding(tokenizer, read_back_tokenizer(path))
 
 
+def test_an_older_sentencepiece_style_file_is_written_as_llamas_vocabulary_too(tmp_path):
+    """Llama 2's own tokenizer.json: no pre-tokenizer, the "\u2581" from a normalizer (Prepend, Replace). transformers
+    reads any ``llama`` vocabulary back as its Metaspace tokenizer, which differs from this older form only on
+    text that starts with a space or follows a special token; llama.cpp's own tokenizer adds the prefix space
+    as this form does."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    spec = json.loads(AutoTokenizer.from_pretrained(shared_path("tokenizers", "mistral-7b-v0.1")).backend_tokenizer.to_str())
+    spec["pre_tokenizer"] = None
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    older = TokenizersBackend(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>",
+                              eos_token="</s>", unk_token="<unk>")
+    meta = gguf_export.tokenizer_metadata(older, len(older))
+    assert (meta["model"], meta["add_space_prefix"], meta["add_bos"]) == ("llama", True, True)
+    path = export_gguf(tiny_llama(tmp_path / "merged", older, layers=1), tmp_path / "out", "f16")
+    back = read_back_tokenizer(path)
+    for text in ("Hello world", "two  spaces\tand a tab\nand a newline\n\n", "digits 1234567 and 3.14", "a llama 🦙"):
+        assert older(text)["input_ids"] == back(text)["input_ids"], text
+
+
 def test_a_regex_split_is_named_as_llama_cpp_names_it_and_an_unknown_one_is_refused(tokenizer, tmp_path):
     """Llama 3's pre-tokenizer (a regex split, then byte-level without GPT-2's own regex) on the shipped vocabulary."""
     from tokenizers import Regex, pre_tokenizers
