@@ -86,6 +86,8 @@ PRIVATE = [
     Private("lightning", "lightning.pytorch.loops.fit_loop._FitLoop", "state_dict",
             "modules/resume.py rewrites its epoch_progress and the batch loop's state for an exact resume",
             checked_by="test_lightning_state_that_resume_and_cli_rely_on"),
+    Private("transformers", "transformers.integrations.gguf.gguf_tokenizer_mapping", "GGUF_PRE_TOKENIZER_SPLITS",
+            "evaluate/export.py reads it (the pre-tokenizer names GGUF files use)"),
     Private("datasets", "datasets.Dataset", "_fingerprint",
             "data/preference.py hashes it to cache reference log-probs",
             checked_by="test_dataset_fingerprint_preference_py_reads"),

@@ -290,15 +290,25 @@ def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="where to load and merge (default: cuda when available)")
     parser.add_argument("--allow-divergence", action="store_true",
                         help="write the merged model even when the check against adapter-on-4-bit fails")
+    parser.add_argument("--push_to_hub", "--push-to-hub", dest="push_to_hub", metavar="ORG/NAME",
+                        help="upload the merged folder (with its README.md model card) to this Hugging Face model "
+                             "repository (created if absent)")
     return parser.parse_args(args)
 
 
 def main(args: Optional[Sequence[str]] = None) -> dict:
     """Run the merge CLI; print the report; return it (a failed check raises ``UserError``: exit 1)."""
+    from qlora_lightning.evaluate import card as model_card
+
     opts = parse_args(args)
+    if opts.push_to_hub:
+        model_card.check_repo_id(opts.push_to_hub)
     spec = base_spec_for(opts.adapter, opts.base, quantization=opts.quantization, double_quant=opts.double_quant,
                          compute_dtype=opts.compute_dtype)
     report = merge_and_check(opts.adapter, opts.output, spec, opts.into, getattr(torch, opts.dtype), opts.device,
                              opts.allow_divergence)
+    model_card.write_merged_card(opts.output, opts.adapter, report, opts.push_to_hub)
     print(json.dumps(report, indent=2))
+    if opts.push_to_hub:
+        model_card.push_folder(opts.output, opts.push_to_hub, f"merged adapter {Path(opts.adapter).name}")
     return report

@@ -26,6 +26,7 @@ from qlora_lightning.speed.estimate import choose_checkpointing, estimate_peak_m
 from qlora_lightning.evaluate.generation import greedy_generate, stop_token_ids
 from qlora_lightning.speed.lagged import HostReadings
 from qlora_lightning.losses import labelled_positions
+from qlora_lightning.evaluate.card import fit_summary, write_adapter_card
 from qlora_lightning.speed.masks import known_to_the_host
 from qlora_lightning.modules.reliability import NonFiniteLossError
 from qlora_lightning.modules.resume import as_saved_after_last_batch, collect_rng_states, set_rng_states
@@ -112,6 +113,9 @@ class QLoRAModule(LightningModule):
         # The config that runs this module (``resume.run_record``), set by the CLI and written into
         # every checkpoint, so that a resume can be checked against it.
         self.run_record: Optional[dict] = None
+        # Set by the CLI's --push_to_hub: the hub repository the adapter goes to (for its model card).
+        self.push_to_hub: Optional[str] = None
+        self.saved_adapter_dir: Optional[Path] = None  # where on_fit_end saved the adapter
         # The last batch's attention mask on the device, and whether its host copy pads anything.
         self._mask_twin: Optional[tuple[torch.Tensor, bool]] = None
         self.model: Optional[torch.nn.Module] = None
@@ -441,6 +445,7 @@ class QLoRAModule(LightningModule):
         gathered = full_state_dict(self.trainer.strategy)
         # trainer.log_dir is a broadcast from rank 0 under DDP/FSDP: every rank must ask.
         path = Path(self.adapter_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+        log_dir = self.trainer.log_dir  # the run folder, with data_report.json
         if self.trainer.is_global_zero:
             state_dict = None if gathered is None else {  # keyed as in self.model
                 key.removeprefix("model."): value for key, value in gathered.items() if key.startswith("model.")}
@@ -448,7 +453,9 @@ class QLoRAModule(LightningModule):
             save_adapter(self.model, path, state_dict)
             self.tokenizer.save_pretrained(path)
             save_base_spec(self.base, path)
-            log.info("saved the adapter and tokenizer to %s", path)
+            write_adapter_card(path, fit_summary(self, self.trainer, log_dir), self.push_to_hub)
+            log.info("saved the adapter, tokenizer and model card to %s", path)
+        self.saved_adapter_dir = path
 
     @override
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:

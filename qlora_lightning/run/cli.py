@@ -9,6 +9,7 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 import yaml
@@ -23,6 +24,7 @@ from qlora_lightning.run import config_check, console, help_cache
 from qlora_lightning.data.base import SFTDataModule
 from qlora_lightning.errors import UserError
 from qlora_lightning.model.build import tokenizer_source
+from qlora_lightning.evaluate.card import check_repo_id, push_folder
 from qlora_lightning.modules.base import QLoRAModule
 from qlora_lightning.run.progress import count_steps
 from qlora_lightning.modules.reliability import AtomicCheckpointIO
@@ -43,6 +45,9 @@ class QLoRACLI(LightningCLI):
         parser.add_argument("--allow_config_changes", type=bool, default=False,
                             help="fit --ckpt_path: resume under a config that differs from the one that wrote the "
                                  "checkpoint (more steps, a new learning rate); the differences are logged")
+        parser.add_argument("--push_to_hub", type=Optional[str], default=None,
+                            help="fit: upload the saved adapter folder (with its README.md model card) to this "
+                                 "Hugging Face model repository, ORG/NAME (created if absent)")
         # save_on_train_epoch_end: a step that ends an epoch is saved right then. Otherwise Lightning
         # defers it to a validation it expects next (which val_check_interval may not run) and saves
         # after the next micro-batch instead, in the middle of an accumulation, which no resume can repeat.
@@ -96,6 +101,10 @@ class QLoRACLI(LightningCLI):
     def before_fit(self) -> None:
         record = self.run_record()
         self.model.run_record = record
+        repo_id = self.config[self.subcommand].get("push_to_hub")
+        if repo_id:
+            check_repo_id(repo_id)  # now, not after the training
+            self.model.push_to_hub = repo_id
         ckpt = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt is None:
             return
@@ -113,6 +122,11 @@ class QLoRACLI(LightningCLI):
         # The run folder's config.yaml is the run's config, not how it was resumed: it reruns the run.
         self.config[self.subcommand]["ckpt_path"] = None
         continue_run_folder(self.trainer, ckpt, root, checkpoint["global_step"])
+
+    def after_fit(self) -> None:
+        repo_id = self.config[self.subcommand].get("push_to_hub")
+        if repo_id and self.trainer.is_global_zero and self.model.saved_adapter_dir is not None:
+            push_folder(self.model.saved_adapter_dir, repo_id, f"adapter trained by {type(self.model).__name__}")
 
 
 def continue_run_folder(trainer: Trainer, ckpt: str, root: Path, step: int) -> None:
@@ -191,7 +205,8 @@ def project_help(command: str) -> str:
 
 
 # Subcommands that build no Trainer and load no training data: plain argparse CLIs of their own.
-_TOOLS = {"merge": "qlora_lightning.evaluate.merge", "estimate": "qlora_lightning.speed.estimate"}
+_TOOLS = {"merge": "qlora_lightning.evaluate.merge", "estimate": "qlora_lightning.speed.estimate",
+          "export": "qlora_lightning.evaluate.export"}
 
 
 def main(args: list[str] | None = None) -> None:
