@@ -43,7 +43,7 @@ COMMANDS = {
 FRESH_CACHE = {"fit --help, first"}
 # A parse of the quickstart config that stops before anything is built: what any earlier fit,
 # validate or test of this install leaves in the cache folder (config_check.py's record of keys).
-PARSE_ONLY = ["-c", "import sys; from qlora_lightning.cli import QLoRACLI, make_cli; "
+PARSE_ONLY = ["-c", "import sys; from qlora_lightning.run.cli import QLoRACLI, make_cli; "
               "QLoRACLI.instantiate_classes = lambda self: sys.exit(0); "
               "make_cli(['fit', '--config', 'configs/quickstart.yaml'])"]
 
