@@ -119,7 +119,7 @@ def learn(args) -> dict:
     from qlora_lightning.run.cli import make_cli
     from qlora_lightning.evaluate.gsm8k_eval import GSM8KEval
 
-    name = Path(args.config).stem
+    name = run_name(args)
     root = Path(args.out) / f"{name}_runs"
     overrides = ["--trainer.max_steps", str(args.steps), "--trainer.val_check_interval",
                  str(args.steps * args.accumulate), "--trainer.accumulate_grad_batches", str(args.accumulate),
@@ -162,6 +162,11 @@ def learn(args) -> dict:
         result["trl"] = train_with_trl(trainer, model, rows, str(initial_adapter), root / "trl")
         evaluate("trl_after", score=args.score_reference)  # the module now holds TRL's adapter
     return result
+
+
+def run_name(args) -> str:
+    """The config's name, and the ``--tag`` of a second run of it."""
+    return "_".join(filter(None, [Path(args.config).stem, args.tag]))
 
 
 def keep_whole_prompts(data, n: int) -> int:
@@ -303,6 +308,7 @@ def main() -> None:
     parser.add_argument("--generation-batch", type=int, default=32, help="learn: GSM8K prompts per generate call")
     parser.add_argument("--no-reference", dest="reference", action="store_false",
                         help="learn: skip the TRL reference column")
+    parser.add_argument("--tag", help="learn: results go to <config>_<tag>.json (another budget of one config)")
     parser.add_argument("--score-reference", action="store_true",
                         help="learn: GSM8K exact match of TRL's adapter too (validation loss always)")
     args = parser.parse_args()
@@ -312,7 +318,7 @@ def main() -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     result = throughput(args) if args.what == "throughput" else learn(args)
-    name = "throughput" if args.what == "throughput" else Path(args.config).stem
+    name = "throughput" if args.what == "throughput" else run_name(args)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
