@@ -198,7 +198,7 @@ class TrainingPlan:
         if self.compile:
             compiled = self.compile_scope + (" (Llama-style layers per part)" if self.compile_split else "")
         return [
-            ("checkpointing", f"{self.checkpointing.value} = {self.checkpointing.name}"),
+            ("checkpointing", f"{_as_written(self.checkpointing)} = {self.checkpointing.name}"),
             ("offloaded to CPU memory", self.offload),
             ("compiled", compiled),
             ("base matmul last in", self.base_last),
@@ -212,12 +212,16 @@ class TrainingPlan:
         ]
 
     def line(self) -> str:
-        """The plan in one line, for the log."""
-        compiled = f"compiled {self.compile_scope}" if self.compile else "eager"
-        chunks = f"loss chunks of {self.loss_chunk_size}" if self.loss_chunk_size else "full logits"
-        return (f"plan: gradient_checkpointing {self.checkpointing.value} ({self.reason}); {compiled}; "
-                f"base last in {self.base_last}; {chunks}; embeddings on {self.embeddings}; "
-                f"{self.optimizer}")
+        """The plan in one line for the log: the mode and why, then the levers that are on."""
+        levers = [f"gradient_checkpointing {_as_written(self.checkpointing)} ({self.reason})",
+                  f"compiled {self.compile_scope}" if self.compile else "eager"]
+        if self.base_last != "nowhere":
+            levers.append(f"base matmul last in {self.base_last}")
+        if self.loss_chunk_size:
+            levers.append(f"loss chunks of {self.loss_chunk_size}")
+        if self.cpu_embeddings:
+            levers.append("embeddings in CPU memory")
+        return "plan: " + ", ".join([*levers, self.optimizer])
 
     def as_dict(self) -> dict:
         """Plain values, for run summaries."""
@@ -227,6 +231,11 @@ class TrainingPlan:
                 "embeddings": self.embeddings, "optimizer": self.optimizer,
                 "micro_batch": str(self.micro_batch) if self.micro_batch else None,
                 "budget_gib": self.budget_gib, "peak_gib": self.peak_gib, "reason": self.reason}
+
+
+def _as_written(mode: CheckpointMode) -> str:
+    """The mode as a config writes it: ``false``, ``offload``, ..."""
+    return str(mode.value).lower()
 
 
 ShapeSource = Union[MicroBatch, Callable[[], MicroBatch], None]
@@ -306,10 +315,10 @@ def _auto(plan: TrainingPlan, base: BaseModelSpec, lora: LoraSpec, budget: Optio
                         "know: add --model.init_args.memory_budget_gib GIB")
     if budget is None and torch.device(device).type != "cuda":
         return replace(plan, reason="auto: no memory budget on a CPU, activations kept")
-    source = "memory_budget_gib"
+    source = ""
     if budget is None:
         budget = BUDGET_SHARE * torch.cuda.get_device_properties(device).total_memory / GIB
-        source = f"{BUDGET_SHARE:.0%} of {device}"
+        source = f" ({BUDGET_SHARE:.0%} of {device})"
     shape = _shape(micro_batch)
     plan = replace(plan, micro_batch=shape, budget_gib=budget)
     try:
@@ -322,13 +331,12 @@ def _auto(plan: TrainingPlan, base: BaseModelSpec, lora: LoraSpec, budget: Optio
         log.warning("gradient_checkpointing auto: no memory estimate for '%s' (%s); checkpointing with "
                     "offloaded layer inputs", base.name_or_path, first_line(err))
         return replace(plan, checkpointing=CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS,
-                       reason="auto: no memory estimate for this architecture, layer inputs offloaded")
+                       reason="auto: no estimate for this architecture, layer inputs offloaded")
     if gib <= budget:
-        reason = (f"auto: the fastest mode estimated to fit, {gib:.2f} of {budget:.2f} GiB ({source}) "
-                  f"at {shape}")
+        reason = f"auto: the fastest that fits, {gib:.2f} of {budget:.2f} GiB{source} at {shape}"
     else:
         log.warning("gradient_checkpointing auto: no mode fits %.2f GiB at %s tokens; %s, the leanest, is "
                     "estimated at %.2f GiB (lower data.batch_size or data.max_seq_length)",
                     budget, shape, mode.value, gib)
-        reason = f"auto: no mode fits {budget:.2f} GiB at {shape}; the leanest, at {gib:.2f} GiB"
+        reason = f"auto: no mode fits {budget:.2f} GiB{source} at {shape}, the leanest needs {gib:.2f}"
     return replace(plan, checkpointing=mode, peak_gib=gib, reason=reason)
