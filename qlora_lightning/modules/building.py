@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
@@ -17,8 +18,8 @@ from qlora_lightning.model.adapters import attach_adapters
 from qlora_lightning.model.build import build_model
 from qlora_lightning.model.distributed import (cast_frozen_for_fsdp, check_fsdp_precision, is_fsdp,
                                                replicates_adapters)
-from qlora_lightning.model.plan import (TrainingPlan, declared_micro_batch, load_model_config, optimizer_kind,
-                                        resolve_plan)
+from qlora_lightning.model.plan import (MicroBatch, TrainingPlan, declared_micro_batch, load_model_config,
+                                        optimizer_kind, resolve_plan)
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +52,20 @@ class Building(LightningModule):
             estimate: Also price the plan (``TrainingPlan.peak_gib``); needs the DataModule's shape.
             gradient_checkpointing: A setting to plan instead of the module's own.
         """
-        strategy = self._trainer.strategy if self._trainer else None
-        # Each rank loads the 4-bit base onto its own device (DDP keeps that copy; FSDP shards it).
-        device = strategy.root_device if strategy else torch.device("cpu")
+        strategy, device = self._placement()
         setting = self.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
         return resolve_plan(self.base, self.lora, setting, memory_budget_gib=self.memory_budget_gib,
                             loss_chunk_size=self.loss_chunk_size, optimizer=optimizer_kind(self.optimizer_factory),
                             device=device, strategy=strategy, micro_batch=self._declared_micro_batch,
                             estimate=estimate)
 
-    def _declared_micro_batch(self):
+    def _placement(self) -> tuple[Optional[Strategy], torch.device]:
+        """The trainer's strategy, and this rank's device (the CPU without a trainer)."""
+        strategy = self._trainer.strategy if self._trainer else None
+        # Each rank loads the 4-bit base onto its own device (DDP keeps that copy; FSDP shards it).
+        return strategy, strategy.root_device if strategy else torch.device("cpu")
+
+    def _declared_micro_batch(self) -> MicroBatch:
         """The micro-batch shape the trainer's DataModule declares (a UserError naming it if none)."""
         return declared_micro_batch(getattr(self._trainer, "datamodule", None), self.sequences_per_example)
 
@@ -68,8 +73,7 @@ class Building(LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        strategy = self._trainer.strategy if self._trainer else None
-        device = strategy.root_device if strategy else torch.device("cpu")
+        strategy, device = self._placement()
         compute_dtype = getattr(torch, self.base.compute_dtype)
         if is_fsdp(strategy) and self.base.quantization in ("nf4", "fp4"):  # before the minutes-long load
             check_fsdp_precision(strategy, str(self.trainer.precision), compute_dtype)
