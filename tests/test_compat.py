@@ -98,7 +98,7 @@ def test_lightning_state_that_resume_and_cli_rely_on(tmp_path):
     assert isinstance(TensorBoardLogger(tmp_path)._kwargs, dict), "cli.continue_run_folder sets purge_step in it"
     fsdp = FSDPStrategy()
     for name in ("_state_dict_type", "_activation_checkpointing_kwargs"):
-        assert hasattr(fsdp, name), f"FSDPStrategy.{name}: modules/base.py and distributed.py read it"
+        assert hasattr(fsdp, name), f"FSDPStrategy.{name}: modules/checkpoint_state.py and distributed.py read it"
 
 
 def test_dataset_fingerprint_preference_py_reads():
@@ -113,5 +113,5 @@ def test_fused_adam_says_it_skips_steps_on_the_device():
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
     assert optimizer._step_supports_amp_scaling, (
-        "torch's fused AdamW no longer sets _step_supports_amp_scaling: modules/base.py guard_nonfinite reads it "
+        "torch's fused AdamW no longer sets _step_supports_amp_scaling: modules/stepping.py guard_nonfinite reads it "
         "(with a default of False, so it would silently wait for the GPU at every step)")

@@ -305,11 +305,11 @@ def test_cpu_embeddings_are_refused_under_fsdp():
 def test_compiled_layers_are_refused_or_left_out_under_fsdp(setting, monkeypatch):
     built = {}
 
-    def build_model(base, *args, **kwargs):
-        built["base"] = base
+    def build_model(base, lora, plan, *args, **kwargs):
+        built["plan"] = plan
         return torch.nn.Linear(64, 64)
 
-    monkeypatch.setattr("qlora_lightning.modules.base.build_model", build_model)
+    monkeypatch.setattr("qlora_lightning.modules.building.build_model", build_model)
     module = sft_module(base=dataclasses.replace(tiny_spec(), compile_layers=setting))
     strategy = FSDPStrategy(parallel_devices=[torch.device("cuda", 0)])
     module._trainer = SimpleNamespace(strategy=strategy, precision="bf16-mixed")
@@ -318,7 +318,7 @@ def test_compiled_layers_are_refused_or_left_out_under_fsdp(setting, monkeypatch
             module.configure_model()
     else:
         module.configure_model()
-        assert built["base"].compile_layers is False
+        assert built["plan"].compile is False
 
 
 def test_fsdp_config_builds_lightnings_fsdp_strategy():

@@ -5,7 +5,9 @@ import importlib.util
 import pytest
 from transformers import AutoConfig
 
-from qlora_lightning.speed.estimate import choose_checkpointing, estimate_peak_memory, main
+from qlora_lightning.run.estimate import main
+from qlora_lightning.speed.checkpointing import CheckpointMode
+from qlora_lightning.speed.estimate import choose_checkpointing, estimate_peak_memory
 from tests.conftest import REPO
 
 
@@ -196,7 +198,7 @@ def _modes_costing(**gib):
     """An estimate function over checkpointing modes, from GiB per mode name (``no`` for False, ``yes`` for True)."""
     names = {False: "no", True: "yes", "offload": "offload", "offload_all": "offload_all",
              "offload_halves": "offload_halves"}
-    return lambda mode: gib[names[mode]]
+    return lambda mode: gib[names[mode.value]]
 
 
 COSTS = {"no": 9.0, "offload_all": 4.3, "yes": 5.0, "offload": 4.0, "offload_halves": 3.8}
@@ -211,14 +213,15 @@ COSTS = {"no": 9.0, "offload_all": 4.3, "yes": 5.0, "offload": 4.0, "offload_hal
 ])
 def test_auto_checkpointing_takes_the_fastest_mode_that_fits(budget, tokens, chosen):
     mode, gib = choose_checkpointing(budget, tokens, _modes_costing(**COSTS))
-    assert mode == chosen
+    assert mode.value == chosen
     assert gib <= budget
 
 
 def test_auto_checkpointing_falls_back_to_the_leanest_mode_when_nothing_fits():
-    assert choose_checkpointing(1.0, 512, _modes_costing(**COSTS)) == ("offload_halves", 3.8)
+    assert choose_checkpointing(1.0, 512, _modes_costing(**COSTS)) == (CheckpointMode("offload_halves"), 3.8)
     # Layers it cannot split (Phi) cost the same under both: offload, the plainer, is the one named.
-    assert choose_checkpointing(1.0, 512, _modes_costing(**{**COSTS, "offload_halves": 4.0})) == ("offload", 4.0)
+    assert choose_checkpointing(1.0, 512, _modes_costing(**{**COSTS, "offload_halves": 4.0})) == (
+        CheckpointMode("offload"), 4.0)
 
 
 def test_auto_checkpointing_for_mistral_at_1x512_within_the_issue_s_budget():
@@ -228,8 +231,8 @@ def test_auto_checkpointing_for_mistral_at_1x512_within_the_issue_s_budget():
     config = _published("mistral-7b")
     estimate = lambda mode: estimate_peak_memory(config, 1, 512, gradient_checkpointing=mode, **lean)["total_gib"]  # noqa: E731
     assert estimate("offload_all") == pytest.approx(4.32, rel=0.05)
-    assert choose_checkpointing(4.4, 512, estimate)[0] == "offload_all"
-    assert choose_checkpointing(4.4, 8 * 1024, estimate)[0] == "offload"
+    assert choose_checkpointing(4.4, 512, estimate)[0].value == "offload_all"
+    assert choose_checkpointing(4.4, 8 * 1024, estimate)[0].value == "offload"
 
 
 def test_cli_names_the_mode_auto_picks_for_a_budget_and_asks_for_one(capsys):

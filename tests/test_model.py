@@ -17,8 +17,8 @@ from qlora_lightning import GSM8KDataModule
 from qlora_lightning.speed import checkpointing
 from qlora_lightning.speed.checkpointing import OffloadToCpu
 from qlora_lightning.errors import UserError
-from qlora_lightning.model.build import (BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer,
-                                         should_compile)
+from qlora_lightning.model.build import BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer
+from qlora_lightning.model.plan import should_compile
 from tests.conftest import EXAMPLES, TINY_LLAMA, cpu_trainer, sft_module, tiny_spec, tokenizer_at
 
 # Every linear layer 64 wide or wider in multiples of 64 (k/v made 64 wide), as bitsandbytes' CPU
@@ -166,7 +166,8 @@ def test_auto_checkpointing_builds_the_fastest_mode_the_memory_budget_allows(bud
     trainer = cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0)
     module._trainer = trainer  # the estimate reads the micro-batch shape off the trainer's DataModule
     trainer.datamodule = data
-    peak = {mode: module._estimated_peak_gib(mode) for mode in (False, "offload_all", True, "offload")}
+    peak = {mode: module.plan_training(estimate=True, gradient_checkpointing=mode).peak_gib
+            for mode in (False, "offload_all", True, "offload")}
     assert peak[False] > peak["offload_all"] >= peak["offload"], peak  # 2 x 256 tokens: offload_all is a candidate
     module.memory_budget_gib, expected = {
         "none": (None, False),  # on a CPU without a budget nothing is checkpointed
@@ -177,7 +178,7 @@ def test_auto_checkpointing_builds_the_fastest_mode_the_memory_budget_allows(bud
     module._trainer = None
     with caplog.at_level("INFO", logger="qlora_lightning.modules.base"):
         trainer.fit(module, datamodule=data)
-    assert module.checkpointing == expected
+    assert module.plan.checkpointing.value == expected
     layers = module.model.config.num_hidden_layers
     assert len(calls) == layers * (2 if expected in (True, "offload") else 1)
     assert ("no mode fits" in caplog.text) == (budget == "tiny")
@@ -334,7 +335,7 @@ def test_cpu_embeddings_free_the_table_on_the_gpu_with_the_same_logits():
 
 
 def test_auto_compiles_on_a_gpu_only_where_triton_and_a_c_compiler_are(monkeypatch, caplog):
-    from qlora_lightning.model import build as model_module
+    from qlora_lightning.model import plan as model_module
 
     monkeypatch.setattr(model_module.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(model_module.shutil, "which", lambda name: f"/usr/bin/{name}")

@@ -1,5 +1,7 @@
 """Running out of GPU memory while loading says how much was expected, how much was free, what to lower."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -12,9 +14,11 @@ def test_out_of_memory_at_load_is_one_actionable_line(monkeypatch):
     def no_room(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("qlora_lightning.modules.base.build_model", no_room)
+    monkeypatch.setattr("qlora_lightning.modules.building.build_model", no_room)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1.5 * 2**30, 16 * 2**30))
     module = SFTModule(base=BaseModelSpec(name_or_path=TINY_LLAMA, random_init=True))
+    # The estimate is for the micro-batches the DataModule declares.
+    module._trainer = SimpleNamespace(strategy=None, datamodule=SimpleNamespace(batch_size=1, max_seq_length=512))
     with pytest.raises(UserError) as err:
         module.configure_model()
     message = str(err.value)

@@ -1,20 +1,17 @@
 """Pure builders: a model name (or an architecture config) -> a quantized base -> a PEFT LoRA model.
 
 Nothing here knows about Lightning; the LightningModules call `build_model` from
-`configure_model`, and tests and benchmarks call it directly.
+`configure_model` with their `TrainingPlan` (`plan.py`), and tests and benchmarks call it directly.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Optional, Union
+from typing import TYPE_CHECKING, Iterable, Literal, Optional, Union
 
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
@@ -27,11 +24,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from qlora_lightning.speed.checkpointing import HALVES, Checkpointing, enable_checkpointing
+from qlora_lightning.speed.checkpointing import HALVES, CheckpointMode, Checkpointing, enable_checkpointing
 from qlora_lightning.errors import UserError, first_line
 from qlora_lightning.model.gguf import dequantized_checkpoint, gguf_source
 from qlora_lightning.model.hub import check_hub_id
 from qlora_lightning.paths import build_once, cache_dir, save_checkpoint, shipped
+
+if TYPE_CHECKING:  # plan.py imports distributed.py, which imports this module
+    from qlora_lightning.model.plan import TrainingPlan
 
 # peft (and through it bitsandbytes and torch's compiler) is imported where a model is built: a config's
 # parse reads the specs here, and stays seconds shorter without it (benchmarks/startup.py). Not even
@@ -66,8 +66,8 @@ class BaseModelSpec:
             (see ``SFTModule.loss_chunk_size`` for one that never holds the full logits).
         compile_layers: ``torch.compile`` the parts of each decoder layer (attention, MLP, norms)
             for training: fewer kernel launches and fused elementwise work. The first steps
-            compile (a 7B model's whole benchmark job took 10 s longer on an H200); generation
-            runs eagerly. ``auto``: on a CUDA device, and not under FSDP (untested there).
+            compile (seconds of a run's start); generation runs eagerly. ``auto``: on a CUDA
+            device, and not under FSDP (untested there).
         compile_scope: What one compiled graph covers: each ``parts`` of a layer, or the whole
             ``layer`` (norms, attention, MLP and the residual adds): fewer compiled calls, and
             their per-call host work, per layer and pass.
@@ -121,23 +121,22 @@ class LoraSpec:
         init_adapter: Directory of a saved PEFT adapter to start from instead of a fresh one.
         lean_forward: In training, add the adapter's update into each 4-bit layer's output with one
             ``addmm`` (``lora_forward.py``): PEFT's math without the adapter's full-size output. Off by
-            default: with compiled layers and LoRA dropout 0.05, it measured 2% slower than PEFT's
-            forward at 8 x 1024; with dropout 0 and the other levers of the fastest path, 11% faster
-            and 0.5 GiB leaner (one round each, ``benchmarks/results``).
-        skip_last_recompute: Where checkpointing recomputes layers (``true``, ``offload``), compute
-            each decoder layer's last projection (``down_proj``; Phi's ``fc2``) adapter first and its
-            frozen 4-bit matmul last, so that the recomputation in the backward, which stops once it
-            has every tensor the backward needs, never redoes that matmul: one of seven per layer in
-            Llama-style models (``lora_forward.py``). The same math; only the order of the sum
-            changes. Measured 7% more tokens/s for Mistral-7B at 8 x 1024 on an H200.
+            default: with compiled layers and LoRA dropout it measured slower than PEFT's forward;
+            with dropout 0 and the other levers of the fastest path, faster and leaner
+            (``benchmarks/results/``).
+        skip_last_recompute: Where checkpointing recomputes layers (``true``, ``offload``; per
+            attention and MLP under ``offload_halves``), compute each one's last projection
+            (``down_proj``; Phi's ``fc2``) adapter first and its frozen 4-bit matmul last, so that
+            the recomputation in the backward, which stops once it has every tensor the backward
+            needs, never redoes that matmul: one of seven per layer in Llama-style models
+            (``lora_forward.py``). The same math; only the order of the sum changes. The plan
+            (``TrainingPlan.base_last``) says where it applies; ``benchmarks/results/`` what it gains.
         compiled_dequant_tokens: With ``lean_forward`` in compiled layers, matmuls of at most this
             many tokens (``null``: any number) dequantize their 4-bit weight in the compiled graph
             (``nf4.py``) instead of calling bitsandbytes' operator, and add the adapter's update on
             the base matmul's inner dimension where the output is at least as wide as the input.
-            On an H200, Mistral-7B at 1 x 512 ran 16% faster with the in-graph dequantization, and
-            at 8 x 1024 3.5% faster with both (``benchmarks/results/2026-11-29_session10``); an
-            earlier form of the dequantization ran 15% slower at 1 x 2048, not measured since.
-            0: never (bitsandbytes' operator and ``addmm``).
+            Measured faster for small and large micro-batches alike, an earlier form slower at a
+            middle size (``benchmarks/results/``). 0: never (bitsandbytes' operator and ``addmm``).
     """
 
     r: PositiveInt = 16
@@ -273,7 +272,7 @@ def apply_liger_kernels(model: PreTrainedModel) -> None:
 
 
 def prepare_base(model: PreTrainedModel, upcast_frozen: bool = False,
-                 gradient_checkpointing: Checkpointing = True) -> PreTrainedModel:
+                 checkpointing: Union[CheckpointMode, Checkpointing] = True) -> PreTrainedModel:
     """Freeze the base, optionally upcast its 16-bit weights, and set up gradient checkpointing, in place.
 
     What PEFT's ``prepare_model_for_kbit_training`` does, with the fp32 upcast made optional
@@ -285,7 +284,7 @@ def prepare_base(model: PreTrainedModel, upcast_frozen: bool = False,
         for param in model.parameters():
             if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
                 param.data = param.data.float()
-    enable_checkpointing(model, gradient_checkpointing)
+    enable_checkpointing(model, checkpointing)
     return model
 
 
@@ -398,43 +397,38 @@ def compile_layers(model: torch.nn.Module, scope: Literal["parts", "layer"] = "p
             module.compile()
 
 
-def should_compile(setting: Union[bool, Literal["auto"]], device: Union[str, torch.device]) -> bool:
-    """``compile_layers``: true, false, or ``auto``: on a CUDA device where Triton can build kernels.
+def build_model(spec: BaseModelSpec, lora: LoraSpec, plan: Optional[TrainingPlan] = None,
+                device: Union[str, torch.device] = "cpu", *,
+                gradient_checkpointing: Optional[Checkpointing] = None) -> torch.nn.Module:
+    """name/config -> quantized base -> frozen and prepared -> PEFT LoRA model, in training mode.
 
-    Triton compiles a small C launcher per kernel, so ``auto`` also wants a C compiler; without
-    one it trains eagerly (and says so) rather than fail at the first step.
+    Every lever is the plan's: the checkpointing mode, where the embeddings live, where the base
+    matmul goes last, whether and how the layers compile. Without a plan (tests, benchmarks,
+    tools building a model outside a run), the plan of ``gradient_checkpointing`` (default on)
+    on ``device`` is resolved here.
     """
-    if setting != "auto":
-        return bool(setting)
-    if torch.device(device).type != "cuda":
-        return False
-    compilers = [os.environ.get("CC"), "cc", "gcc", "clang"]
-    missing = [what for what, ok in (("triton", importlib.util.find_spec("triton") is not None),
-                                     ("a C compiler (cc, gcc or clang)",
-                                      any(c and shutil.which(c) for c in compilers))) if not ok]
-    if missing:
-        log.warning("base.compile_layers auto: running eagerly, %s not found", " and ".join(missing))
-    return not missing
-
-
-def build_model(spec: BaseModelSpec, lora: LoraSpec, gradient_checkpointing: Checkpointing = True,
-                device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
-    """name/config -> quantized base -> frozen and prepared -> PEFT LoRA model, in training mode."""
     from qlora_lightning.speed.lora_forward import use_base_last, use_lean_lora  # imports peft
 
-    base = prepare_base(load_base_model(spec, device), spec.upcast_frozen, gradient_checkpointing)
-    if spec.cpu_embeddings:
+    if plan is None:
+        from qlora_lightning.model.plan import resolve_plan  # plan.py imports this module (through distributed.py)
+
+        plan = resolve_plan(spec, lora, True if gradient_checkpointing is None else gradient_checkpointing,
+                            device=device)
+    elif gradient_checkpointing is not None:
+        raise TypeError("build_model takes a plan or a gradient_checkpointing mode, not both")
+    base = prepare_base(load_base_model(spec, device), spec.upcast_frozen, plan.checkpointing)
+    if plan.cpu_embeddings:
         embeddings_to_cpu(base)
     model = add_lora(base, lora)
     if lora.lean_forward:
         use_lean_lora(model, lora.compiled_dequant_tokens)
-    if lora.skip_last_recompute and gradient_checkpointing in (True, "offload"):  # the modes that recompute
+    if plan.base_last == "decoder layers":
         use_base_last(decoder_layers(model))
-    elif lora.skip_last_recompute and gradient_checkpointing == "offload_halves":
+    elif plan.base_last == "attention and MLP":
         use_base_last(half for layer in decoder_layers(model)
                       for half in ([layer.self_attn, layer.mlp] if type(layer).__name__ in HALVES else [layer]))
-    if should_compile(spec.compile_layers, device):
-        compile_layers(model, spec.compile_scope, split=HALVES if gradient_checkpointing == "offload_halves" else ())
+    if plan.compile:
+        compile_layers(model, plan.compile_scope, split=plan.compile_split)
     # from_pretrained returns the base in eval mode and Lightning keeps each module's mode, but
     # Hugging Face layers checkpoint activations only in training mode: without this,
     # gradient_checkpointing would silently do nothing.

@@ -1,6 +1,7 @@
-"""LightningModules: one shared base, one file per objective (SFT, DPO/ORPO/SimPO, KTO), and what the
-training step needs to survive kills and bad steps: atomic checkpoint IO and non-finite losses
-(``reliability``), and the state an exact resume needs (``resume``).
+"""LightningModules: one shared base (``base``, put together from ``building``, ``inputs``,
+``stepping``, ``checkpoint_state`` and ``predicting``), one file per objective (SFT, DPO/ORPO/SimPO,
+KTO), and what the training step needs to survive kills and bad steps: atomic checkpoint IO and
+non-finite losses (``reliability``), and the state an exact resume needs (``resume``).
 
 May import: every layer but ``run``.
 """

@@ -205,7 +205,7 @@ def project_help(command: str) -> str:
 
 
 # Subcommands that build no Trainer and load no training data: plain argparse CLIs of their own.
-_TOOLS = {"merge": "qlora_lightning.evaluate.merge", "estimate": "qlora_lightning.speed.estimate",
+_TOOLS = {"merge": "qlora_lightning.evaluate.merge", "estimate": "qlora_lightning.run.estimate",
           "export": "qlora_lightning.evaluate.export"}
 
 

@@ -1,29 +1,33 @@
-"""Activation checkpointing of the decoder layers, optionally with each layer's input offloaded to CPU memory.
+"""Activation checkpointing of the decoder layers, optionally with what it keeps offloaded to CPU memory.
 
-With checkpointing on, a decoder layer keeps nothing from its forward but its input (the residual
+``CheckpointMode`` names the modes by what they do; ``TrainingPlan`` (``model/plan.py``) picks one
+and ``enable_checkpointing`` puts it on a model.
+
+With recomputation on, a decoder layer keeps nothing from its forward but its input (the residual
 stream, B x T x hidden) and recomputes the rest in the backward. Those inputs, one per layer, are
-then the largest activations that outlive the forward: 2 GiB for Mistral-7B at 8 x 1024 tokens in
-bf16, 8 GiB at 1 x 32768. ``offload`` parks them in pinned CPU memory until the backward needs them.
+then the largest activations that outlive the forward, growing with the tokens of a micro-batch;
+``RECOMPUTE_LAYERS_OFFLOAD_INPUTS`` parks them in pinned CPU memory until the backward needs them.
 
-``offload_all`` recomputes nothing: every activation a layer saves for its backward waits in CPU
-memory instead. Where the host, not the GPU, sets the pace (small batches: 84 ms of GPU work in a
-585 ms step for Mistral-7B at 1 x 512), the recomputation's second forward costs host time the
-GPU waits for, while the copies run beside the compute on the copy engines. At large batches the
-copies outgrow the compute (the estimator's 1.7 GiB per layer of Mistral-7B at 8 x 1024, 53 GiB
-each way per step), so ``offload`` fits those.
+``OFFLOAD_SAVED_NO_RECOMPUTE`` recomputes nothing: every activation a layer saves for its backward
+waits in CPU memory instead. Where the host, not the GPU, sets the pace (small micro-batches, whose
+GPU work is a fraction of the step), the recomputation's second forward costs host time the GPU
+waits for, while the copies run beside the compute on the copy engines. At large micro-batches the
+copies (all a layer saves, each way, every step) outgrow the compute, and offloading the layer
+inputs alone fits better. The measured steps are in ``benchmarks/results/``.
 
-``offload_halves`` checkpoints the attention and the MLP of each layer apart, each with its input
-offloaded (twice the copies of ``offload``). The recomputation of a half stops once it has every
-tensor the backward needs, so with the half's last projection computed base matmul last
-(``lora_forward.BaseLastLoraLinear4bit``) it never redoes ``o_proj``'s base matmul, as the whole
-layer's never redoes ``down_proj``'s. Llama-style layers only (``HALVES``); others checkpoint whole.
+``RECOMPUTE_HALVES_OFFLOAD_INPUTS`` checkpoints the attention and the MLP of each layer apart, each
+with its input offloaded (twice the copies of offloading the layer inputs). The recomputation of a
+half stops once it has every tensor the backward needs, so with the half's last projection computed
+base matmul last (``lora_forward.BaseLastLoraLinear4bit``) it never redoes ``o_proj``'s base matmul,
+as the whole layer's never redoes ``down_proj``'s. Llama-style layers only (``HALVES``); others
+checkpoint whole.
 """
-
 from __future__ import annotations
 
 import functools
 import logging
 import weakref
+from enum import Enum
 from typing import Literal, Optional, Union
 
 import torch
@@ -36,35 +40,89 @@ log = logging.getLogger(__name__)
 # tens of microseconds of host time each, which a few kilobytes of memory are not worth.
 MIN_OFFLOAD_BYTES = 2**20
 
-# Off, on (each layer's input stays on the GPU), on with each layer's input offloaded, the same
-# per half layer, or no recomputation with everything each layer saves offloaded.
+# What a config writes for ``gradient_checkpointing`` (besides ``auto``, which the plan resolves).
 Checkpointing = Union[bool, Literal["offload", "offload_halves", "offload_all"]]
 
 # Decoder layers whose forward is x + attn(norm1(x)) = h, then h + mlp(norm2(h)), children so named.
 HALVES = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "GemmaDecoderLayer"})
 
 
-def enable_checkpointing(model: torch.nn.Module, mode: Checkpointing) -> None:
+class CheckpointMode(Enum):
+    """Where the backward finds the activations of the decoder layers, named by what it does.
+
+    Each member's value is what a config writes for it (``gradient_checkpointing: offload``), so
+    ``CheckpointMode(value)`` (or ``of``, which also takes a member) maps a config to a mode.
+    """
+
+    KEEP_ACTIVATIONS = False  # no checkpointing: the most memory, no recomputation
+    RECOMPUTE_LAYERS = True  # each layer keeps its input on the GPU and recomputes the rest
+    RECOMPUTE_LAYERS_OFFLOAD_INPUTS = "offload"  # the same, with the inputs in CPU memory
+    RECOMPUTE_HALVES_OFFLOAD_INPUTS = "offload_halves"  # the same per attention and MLP (Llama-style)
+    OFFLOAD_SAVED_NO_RECOMPUTE = "offload_all"  # no recomputation: all a layer saves waits in CPU memory
+
+    @classmethod
+    def of(cls, value: Union["CheckpointMode", Checkpointing]) -> "CheckpointMode":
+        """The mode a config value (``false``, ``true``, ``offload``, ...) names; a mode is itself."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            names = ", ".join(str(m.value).lower() for m in cls)
+            raise ValueError(f"gradient_checkpointing {value!r} is none of {names} (or auto)") from None
+
+    @property
+    def checkpoints(self) -> bool:
+        """Whether transformers' per-layer checkpointing hook is on (every mode but keeping activations)."""
+        return self is not CheckpointMode.KEEP_ACTIVATIONS
+
+    @property
+    def recomputes(self) -> bool:
+        """Whether the backward recomputes (part of) each layer's forward."""
+        return self in (CheckpointMode.RECOMPUTE_LAYERS, CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS,
+                        CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS)
+
+    @property
+    def offloads(self) -> str:
+        """What waits in CPU memory for the backward."""
+        return {CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS: "layer inputs",
+                CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS: "attention and MLP inputs",
+                CheckpointMode.OFFLOAD_SAVED_NO_RECOMPUTE: "all the layers save"}.get(self, "nothing")
+
+    @property
+    def offloads_inputs(self) -> bool:
+        """Whether it recomputes with the checkpointed inputs waiting in CPU memory."""
+        return self in (CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS,
+                        CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS)
+
+    @property
+    def splits_halves(self) -> bool:
+        """Whether Llama-style layers are checkpointed per attention and MLP (``HALVES``)."""
+        return self is CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS
+
+
+def enable_checkpointing(model: torch.nn.Module, mode: Union[CheckpointMode, Checkpointing]) -> None:
     """Turn on transformers' (non-reentrant) checkpointing of each decoder layer, offloaded per ``mode``.
 
-    ``offload_all`` takes over the same hook (transformers calls it for each layer in training
-    only) to run the layer once under the offloading instead.
+    ``OFFLOAD_SAVED_NO_RECOMPUTE`` takes over the same hook (transformers calls it for each layer in
+    training only) to run the layer once under the offloading instead.
     """
-    if not mode:
+    mode = CheckpointMode.of(mode)
+    if not mode.checkpoints:
         return
     # transformers >= 5.2x renamed it; older 5.x has the old name only.
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
     enable({"use_reentrant": False})
-    whole = set()  # kinds of layer offload_halves cannot split
+    whole = set()  # kinds of layer the halves mode cannot split
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False):  # the layers transformers checkpoints
-            if mode == "offload":
+            if mode is CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS:
                 module._gradient_checkpointing_func = offloaded_checkpoint
-            elif mode == "offload_all":
+            elif mode is CheckpointMode.OFFLOAD_SAVED_NO_RECOMPUTE:
                 module._gradient_checkpointing_func = functools.partial(offloaded_layer, module)
-            elif mode == "offload_halves" and type(module).__name__ in HALVES:
+            elif mode.splits_halves and type(module).__name__ in HALVES:
                 module._gradient_checkpointing_func = functools.partial(offloaded_halves, module)
-            elif mode == "offload_halves":
+            elif mode.splits_halves:
                 module._gradient_checkpointing_func = offloaded_checkpoint
                 if isinstance(module, GradientCheckpointingLayer):  # not the model, which holds the flag too
                     whole.add(type(module).__name__)

@@ -1,10 +1,11 @@
 """Predict the peak GPU memory of a QLoRA training step from a model config and a batch shape.
 
-    python -m qlora_lightning estimate --config configs/mistral.yaml [--data.init_args.batch_size 8 ...]
+``TrainingPlan.estimate`` (``model/plan.py``) calls it with a plan's levers; the ``estimate``
+command (``run/estimate.py``) prints the plan and this table for a config.
 
-The model is counted piece by piece, with the dtypes this stack really uses (checked against
-transformers 5.x, PEFT 0.21, bitsandbytes 0.50 and measured on an H200; see
-``benchmarks/harness.py``, which prints the estimate beside each measured peak):
+The model is counted piece by piece, with the dtypes this stack really uses (checked against the
+library versions ``setup.cfg`` allows and against measured peaks: ``benchmarks/harness.py`` prints
+the estimate beside each one, and ``benchmarks/results/`` keeps them):
 
 * 4-bit linear weights: 0.5 byte per weight plus the quantization constants;
 * everything else (embeddings, output head, norms, biases) in bf16, or in fp32 with
@@ -20,7 +21,7 @@ transformers 5.x, PEFT 0.21, bitsandbytes 0.50 and measured on an H200; see
   gradient checkpointing only each layer's input (the residual stream) stays, plus one layer
   recomputed in the backward with its gradient buffers (with PEFT's LoRA forward, also its copy of
   the widest projection's output and the update beside it; not with ``lora.lean_forward``);
-  ``offload`` moves those inputs to CPU memory;
+  offloading moves those inputs to CPU memory;
 * one dequantized bf16 weight in the forward and one in the backward (the largest linear);
 * logits: (B, T, V) bf16 logits, their fp32 log-softmax and its gradients, or one chunk of them
   with ``loss_chunk_size``.
@@ -31,15 +32,10 @@ higher), and architectures beyond Llama/Mistral/Gemma/Phi are counted as Llama-l
 
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
-import yaml
-
-from qlora_lightning.speed.checkpointing import Checkpointing
-from qlora_lightning.errors import UserError
+from qlora_lightning.speed.checkpointing import CheckpointMode, Checkpointing
 
 GIB = 2**30
 BLOCK = 64  # bitsandbytes 4-bit block size: one absmax per 64 weights
@@ -164,7 +160,8 @@ def optimizer_state_bytes(optimizer: str) -> tuple[int, bool]:
     return (2 if "8bit" in name else 8), name.startswith("Paged")
 
 
-def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_checkpointing: Checkpointing = True,
+def estimate_peak_memory(config, batch: int, seq: int, r: int = 16,
+                         gradient_checkpointing: Union[CheckpointMode, Checkpointing] = True,
                          loss_chunk_size: Optional[int] = None, quantization: str = "nf4",
                          double_quant: bool = True, lora_dropout: float = 0.05, optimizer: str = "PagedAdamW8bit",
                          loss_impl: Literal["project", "transformers"] = "project",
@@ -178,9 +175,7 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
         batch: Sequences per micro-batch.
         seq: Tokens per sequence.
         r: LoRA rank (``all-linear`` targets).
-        gradient_checkpointing: Whether decoder layers are recomputed in the backward (``offload``:
-            and their inputs wait in CPU memory; ``offload_halves``: the same per attention and MLP;
-            ``offload_all``: nothing is recomputed, and all that the layers save waits in CPU memory).
+        gradient_checkpointing: A ``CheckpointMode``, or the config value naming one.
         loss_chunk_size: ``SFTModule.loss_chunk_size`` (None: the plain loss).
         quantization: ``nf4``, ``fp4``, ``int8`` or ``none``.
         double_quant: Whether the 4-bit constants are quantized too.
@@ -199,6 +194,7 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
         GiB per component, ``total_gib`` (what ``torch.cuda.max_memory_allocated`` should read)
         ``paged_optimizer_state_gib`` (not in the total) and ``offloaded_to_cpu_gib``.
     """
+    mode = CheckpointMode.of(gradient_checkpointing)
     d = dims_of(config)
     tokens = batch * seq
     parts = weight_bytes(d, quantization, double_quant, upcast_frozen)
@@ -217,17 +213,17 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
     if d.sliding_window and seq > d.sliding_window and attn_implementation in ("sdpa", "eager", None):
         attention += 3 * batch * seq * seq  # a dense sliding-window mask: (B, 1, T, T) bool and its bf16 bias
     layer = attention + mlp
-    # offload_halves checkpoints a Llama-style layer's attention and MLP apart (others whole): the backward
+    # The halves mode checkpoints a Llama-style layer's attention and MLP apart (others whole): the backward
     # recomputes one at a time, and the residual stream between them waits in CPU memory too.
-    halves = gradient_checkpointing == "offload_halves" and d.gated_mlp
+    halves = mode.splits_halves and d.gated_mlp
     recomputed = max(attention, mlp) if halves else layer
     logits = logits_bytes(d, tokens, loss_chunk_size, loss_impl)
     parts["dequantized_weights"] = 2 * 2 * max(i * o for i, o in layer_linears(d))  # bf16, forward + backward
-    if gradient_checkpointing:
+    if mode.checkpoints:
         layer_inputs = d.layers * tokens * d.hidden * (4 if upcast_frozen else 2)  # the residual stream
-        if gradient_checkpointing == "offload_all":
+        if mode is CheckpointMode.OFFLOAD_SAVED_NO_RECOMPUTE:
             offloaded += d.layers * layer
-        elif gradient_checkpointing in ("offload", "offload_halves"):
+        elif mode.offloads_inputs:
             offloaded += layer_inputs * (2 if halves else 1)
         else:
             parts["checkpointed_layer_inputs"] = layer_inputs
@@ -237,8 +233,7 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
         working = recomputed + tokens * (2 if upcast_frozen else 1) * (4 * d.inter + 4 * d.hidden)
         if lean_forward:
             # PEFT's forward holds a copy of the widest projection's output and its full-size update
-            # beside it: two (tokens x intermediate) bf16 tensors. Measured on Mistral-7B at 8 x 1024,
-            # offloaded: 5.82 GiB lean, 6.35 with PEFT's forward (2026-11-29_session6/g3b).
+            # beside it: two (tokens x intermediate) bf16 tensors, which the lean forward never makes.
             working -= tokens * 2 * 2 * d.inter
         parts["peak_of_loss_or_recomputed_layer"] = max(logits, working)
     else:
@@ -251,118 +246,33 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16, gradient_che
     return out
 
 
-# ---- python -m qlora_lightning estimate --config X.yaml [--a.b.c value ...] ----------------------
-
-def _set_dotted(tree: dict, key: str, value) -> None:
-    node = tree
-    *path, last = key.split(".")
-    for part in path:
-        node = node.setdefault(part, {})
-    node[last] = value
-
-
-def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str]]] = None) -> dict:
-    """Read a training YAML's model and data sections (plus ``key value`` overrides) and estimate its peak."""
-    from transformers import AutoConfig
-
-    with open(config_path) as f:
-        tree = yaml.safe_load(f) or {}
-    for key, value in overrides or []:
-        _set_dotted(tree, key, yaml.safe_load(value))
-    model = (tree.get("model") or {}).get("init_args", {})
-    data = (tree.get("data") or {}).get("init_args", {})
-    base, lora = model.get("base") or {}, model.get("lora") or {}
-    name = base.get("name_or_path", "mistralai/Mistral-7B-v0.1")
-    try:
-        config = AutoConfig.from_pretrained(name, **(base.get("config_overrides") or {}))
-    except OSError as err:
-        raise UserError(f"model '{name}': {str(err).strip().splitlines()[0]}") from None
-    optimizer = str((model.get("optimizer") or {}).get("class_path", "PagedAdamW8bit"))
-    # DPO runs each pair's chosen and rejected sequences in one forward: twice the sequences. KTO's one
-    # forward with gradients holds its B rows; its KL and reference forwards keep no activations.
-    sequences = int(data.get("batch_size", 1)) * (2 if "DPO" in str((tree.get("model") or {}).get("class_path")) else 1)
-    seq = int(data.get("max_seq_length", 512))
-
-    def estimate(checkpointing: Checkpointing) -> dict[str, float]:
-        return estimate_peak_memory(
-            config, batch=sequences, seq=seq, r=int(lora.get("r", 16)), gradient_checkpointing=checkpointing,
-            loss_chunk_size=model.get("loss_chunk_size"), quantization=base.get("quantization", "nf4"),
-            double_quant=bool(base.get("double_quant", True)), lora_dropout=float(lora.get("dropout", 0.05)),
-            optimizer=optimizer, upcast_frozen=bool(base.get("upcast_frozen", False)),
-            liger_kernel=bool(base.get("liger_kernel", False)),
-            attn_implementation=base.get("attn_implementation", "sdpa"),
-            cpu_embeddings=bool(base.get("cpu_embeddings", False)), lean_forward=bool(lora.get("lean_forward", False)))
-
-    checkpointing = model.get("gradient_checkpointing", True)
-    if checkpointing == "auto":
-        budget = model.get("memory_budget_gib")
-        if budget is None:
-            raise UserError("gradient_checkpointing auto plans for the GPU's memory, which this machine does not "
-                            "know: add --model.init_args.memory_budget_gib GIB")
-        checkpointing, _ = choose_checkpointing(float(budget), sequences * seq, lambda m: estimate(m)["total_gib"])
-    else:
-        checkpointing = (checkpointing if checkpointing in ("offload", "offload_halves", "offload_all")
-                         else bool(checkpointing))
-    return {"model": name, "batch_size": sequences, "max_seq_length": seq, "gradient_checkpointing": checkpointing,
-            "chosen_by_auto": model.get("gradient_checkpointing") == "auto", **estimate(checkpointing)}
-
-
 # Micro-batches up to this many tokens are bound by the host's launch work rather than the GPU, and
-# there no recomputation with everything offloaded beats recomputing (measured 1.5x for Mistral-7B
-# at 1 x 512 on an H200); above it the offloaded activations outgrow the copy engines.
+# there no recomputation with everything offloaded beats recomputing; above it the offloaded
+# activations outgrow the copy engines (the measured steps are in benchmarks/results/).
 FEW_TOKENS = 1024
 
 
 def choose_checkpointing(budget_gib: float, tokens: int,
-                         estimate_gib: Callable[[Checkpointing], float]) -> tuple[Checkpointing, float]:
+                         estimate_gib: Callable[[CheckpointMode], float]) -> tuple[CheckpointMode, float]:
     """The fastest checkpointing mode whose estimated peak fits ``budget_gib``, and that estimate.
 
-    Fastest first: no checkpointing; for micro-batches of at most ``FEW_TOKENS`` tokens,
-    ``offload_all``; recomputation; recomputation with the layer inputs offloaded; the same per
-    attention and MLP (measured faster still at 8 x 1024, but only there, so tried only where whole
-    layers do not fit; for layers it cannot split its estimate is ``offload``'s). When nothing
-    fits, the leaner of the last two.
+    Fastest first: keeping the activations; for micro-batches of at most ``FEW_TOKENS`` tokens,
+    offloading all the layers save without recomputing; recomputing layers; recomputing layers with
+    their inputs offloaded; the same per attention and MLP (measured faster still at large
+    micro-batches, but not at every size, so tried only where whole layers do not fit; for layers
+    it cannot split its estimate is the whole layers'). When nothing fits, the leaner of the last two.
 
     Args:
         budget_gib: The GPU memory the step may use.
         tokens: Tokens per micro-batch (sequences x length).
-        estimate_gib: Predicted peak of a mode, in GiB (``estimate_peak_memory``'s ``total_gib``).
+        estimate_gib: Predicted peak of a mode, in GiB (``TrainingPlan.estimate``'s ``total_gib``).
     """
-    modes = [False, *(["offload_all"] if tokens <= FEW_TOKENS else []), True, "offload", "offload_halves"]
+    few = [CheckpointMode.OFFLOAD_SAVED_NO_RECOMPUTE] if tokens <= FEW_TOKENS else []
+    modes = [CheckpointMode.KEEP_ACTIVATIONS, *few, CheckpointMode.RECOMPUTE_LAYERS,
+             CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS, CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS]
     estimates = []
     for mode in modes:
         estimates.append((mode, estimate_gib(mode)))
         if estimates[-1][1] <= budget_gib:
             return estimates[-1]
-    return min(estimates[-2:], key=lambda mode_gib: mode_gib[1])  # of equals, the first: offload
-
-
-def main(argv: list[str]) -> None:
-    """``estimate --config X.yaml [--model.init_args.lora.r 16 ...]``: print the predicted peak."""
-    parser = argparse.ArgumentParser(
-        prog="qlora-lightning estimate", usage="%(prog)s --config FILE [--KEY VALUE ...]",
-        description="Predict the peak GPU memory of a training config, piece by piece (the 4-bit weights, "
-                    "LoRA and its optimizer state, activations, logits), without a GPU or the model's weights.",
-        epilog="Any key of the config can be overridden as --KEY VALUE, e.g. --data.init_args.batch_size 8 "
-               "--data.init_args.max_seq_length 1024 --model.init_args.lora.r 64 --model.init_args.loss_chunk_size "
-               "1024. With --model.init_args.gradient_checkpointing auto, add --model.init_args.memory_budget_gib "
-               "GIB: the estimate then says which mode auto picks for that budget.")
-    parser.add_argument("--config", required=True, help="the YAML given to `fit` (its model and data sections)")
-    args, rest = parser.parse_known_args(argv)
-    if len(rest) % 2 or any(not k.startswith("--") for k in rest[::2]):
-        parser.error("overrides come as pairs: --model.init_args.lora.r 16")
-    try:
-        result = estimate_from_yaml(args.config, [(k[2:], v) for k, v in zip(rest[::2], rest[1::2])])
-    except UserError as err:
-        sys.exit(f"error: {err}")
-    print(f"{result['model']}, {result['batch_size']} sequences x {result['max_seq_length']} tokens per micro-batch, "
-          f"gradient_checkpointing {result['gradient_checkpointing']}"
-          f"{' (what auto picks for this budget)' if result['chosen_by_auto'] else ''}:")
-    for key, value in result.items():
-        if key.endswith("_gib") and key not in ("total_gib", "paged_optimizer_state_gib", "offloaded_to_cpu_gib"):
-            print(f"  {key[:-4]:<36} {value:7.2f} GiB")
-    print(f"  {'predicted peak (allocated)':<36} {result['total_gib']:7.2f} GiB")
-    if result["paged_optimizer_state_gib"]:
-        print(f"  {'optimizer state (paged, not counted)':<36} {result['paged_optimizer_state_gib']:7.2f} GiB")
-    if result["offloaded_to_cpu_gib"]:
-        print(f"  {'kept in CPU memory':<36} {result['offloaded_to_cpu_gib']:7.2f} GiB")
+    return min(estimates[-2:], key=lambda mode_gib: mode_gib[1])  # of equals, the first: whole layers
