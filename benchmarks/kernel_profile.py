@@ -12,16 +12,23 @@ if TYPE_CHECKING:
 
 PROFILED_STEPS = 2
 # Kernel name fragments -> what the time went to, first match wins (cuBLAS/CUTLASS GEMMs have many names).
-KERNEL_KINDS = [("copy to/from host", ("memcpy htod", "memcpy dtoh", "memcpy htoh")),
-                ("4-bit dequantize", ("dequantize",)), ("optimizer", ("optimizer", "koptimizer")),
-                ("attention", ("flash", "fmha", "attention", "attn")),
-                ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk", "matmul")),
-                ("compiled (Triton)", ("triton",)), ("cross-entropy", ("softmax", "nll", "cross_entropy"))]
+KERNEL_KINDS = [
+    ("copy to/from host", ("memcpy htod", "memcpy dtoh", "memcpy htoh")),
+    ("4-bit dequantize", ("dequantize",)),
+    ("optimizer", ("optimizer", "koptimizer")),
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk", "matmul")),
+    ("compiled (Triton)", ("triton",)),
+    ("cross-entropy", ("softmax", "nll", "cross_entropy")),
+]
 
 
 def kernel_kind(name: str) -> str:
     low = name.lower()
-    return next((kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)), "other (eager kernels)")
+    return next(
+        (kind for kind, parts in KERNEL_KINDS if any(p in low for p in parts)),
+        "other (eager kernels)",
+    )
 
 
 def kernel_breakdown(kernels: list[tuple[str, float, float]], steps: int) -> dict:
@@ -36,8 +43,11 @@ def kernel_breakdown(kernels: list[tuple[str, float, float]], steps: int) -> dic
         per_kind[kind] = per_kind.get(kind, 0.0) + duration / 1e3 / steps
     span = max(s + d for _, s, d in kernels) - min(s for _, s, _ in kernels) if kernels else 0.0
     busy = sum(d for _, _, d in kernels)
-    return {"ms_per_step": dict(sorted(per_kind.items(), key=lambda kv: -kv[1])),
-            "kernels_per_step": len(kernels) / steps, "gpu_busy": busy / span if span else None}
+    return {
+        "ms_per_step": dict(sorted(per_kind.items(), key=lambda kv: -kv[1])),
+        "kernels_per_step": len(kernels) / steps,
+        "gpu_busy": busy / span if span else None,
+    }
 
 
 class StepProfiler:
@@ -50,7 +60,9 @@ class StepProfiler:
     def __init__(self, job: Job):
         import torch
 
-        self.enabled = (job.profile or job.profile_host or job.trace_dir) and torch.cuda.is_available()
+        self.enabled = (
+            job.profile or job.profile_host or job.trace_dir
+        ) and torch.cuda.is_available()
         self.host, self.job = job.profile_host, job
         self.steps_before = job.warmup + job.steps - PROFILED_STEPS
         self.done = 0
@@ -59,7 +71,9 @@ class StepProfiler:
             if self.host or job.trace_dir:  # a trace shows what the host ran while the GPU waited
                 activities.append(torch.profiler.ProfilerActivity.CPU)
             # Python frames in a host trace say which module's code launches what.
-            self.prof = torch.profiler.profile(activities=activities, with_stack=bool(self.host and job.trace_dir))
+            self.prof = torch.profiler.profile(
+                activities=activities, with_stack=bool(self.host and job.trace_dir)
+            )
 
     def step(self) -> None:
         if not self.enabled:
@@ -78,7 +92,11 @@ class StepProfiler:
         import shutil
 
         folder.mkdir(parents=True, exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9._-]", "-", f"{self.job.arch}_{self.job.shape}_{self.job.variant}_r{self.job.round}")
+        name = re.sub(
+            r"[^A-Za-z0-9._-]",
+            "-",
+            f"{self.job.arch}_{self.job.shape}_{self.job.variant}_r{self.job.round}",
+        )
         raw = folder / f"{name}.json"
         self.prof.export_chrome_trace(str(raw))
         with open(raw, "rb") as src, gzip.open(f"{raw}.gz", "wb") as dst:
@@ -90,11 +108,23 @@ class StepProfiler:
             return None
         # Kernels and copies only: with the host traced, annotations such as the optimizer step's
         # record_function also have a span on the GPU.
-        events = [e for e in self.prof.events() if e.device_type.name == "CUDA" and not e.is_user_annotation]
-        print(self.prof.key_averages().table(sort_by="self_device_time_total", row_limit=25), flush=True)
+        events = [
+            e
+            for e in self.prof.events()
+            if e.device_type.name == "CUDA" and not e.is_user_annotation
+        ]
+        print(
+            self.prof.key_averages().table(sort_by="self_device_time_total", row_limit=25),
+            flush=True,
+        )
         if self.host:  # where the host's time goes, by operator and Python-level function
-            print(self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40), flush=True)
+            print(
+                self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40),
+                flush=True,
+            )
         if self.job.trace_dir:
             self._export_trace(Path(self.job.trace_dir))
-        return kernel_breakdown([(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events],
-                                PROFILED_STEPS)
+        return kernel_breakdown(
+            [(e.name, e.time_range.start, e.time_range.elapsed_us()) for e in events],
+            PROFILED_STEPS,
+        )

@@ -6,13 +6,31 @@ from __future__ import annotations
 # Speed/memory levers of the project's path, as overrides of SFTModule / BaseModelSpec options;
 # `default` is what the project does when none is set (on a GPU: compiled layers). The Liger
 # variants run eagerly, as they were first measured: compiling fuses what Liger's kernels fuse.
-LEVERS = {"gradient_checkpointing": True, "loss_chunk_size": None, "liger_kernel": False, "upcast_frozen": False,
-          "attn_implementation": "sdpa", "compile_layers": "auto", "compile_scope": "parts", "cpu_embeddings": False,
-          "lora_dropout": 0.05, "lean_forward": False, "skip_last_recompute": True, "optimizer": "paged_adamw_8bit",
-          "compiled_dequant_tokens": None, "freeze_heap": True}
+LEVERS = {
+    "gradient_checkpointing": True,
+    "loss_chunk_size": None,
+    "liger_kernel": False,
+    "upcast_frozen": False,
+    "attn_implementation": "sdpa",
+    "compile_layers": "auto",
+    "compile_scope": "parts",
+    "cpu_embeddings": False,
+    "lora_dropout": 0.05,
+    "lean_forward": False,
+    "skip_last_recompute": True,
+    "optimizer": "paged_adamw_8bit",
+    "compiled_dequant_tokens": None,
+    "freeze_heap": True,
+}
 LIGER = {"liger_kernel": True, "compile_layers": False}
 OFFLOAD_CHUNKED = {"gradient_checkpointing": "offload", "loss_chunk_size": 1024}
-LEANEST = {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0, "lean_forward": True}
+LEANEST = {
+    **LEVERS,
+    **OFFLOAD_CHUNKED,
+    "cpu_embeddings": True,
+    "lora_dropout": 0.0,
+    "lean_forward": True,
+}
 # Small batches: no recomputation, every saved activation in CPU memory.
 SMALL_BATCH = {**LEANEST, "gradient_checkpointing": "offload_all", "optimizer": "adamw_8bit"}
 VARIANTS: dict[str, dict] = {
@@ -39,53 +57,109 @@ VARIANTS: dict[str, dict] = {
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw"},
     # The same with the embedding table on the GPU: no host lookup and copy per step (Mistral-7B at 8x1024:
     # 0.30 GiB more, no faster; benchmarks/results/2026-11-29_session7).
-    "offload+chunked_ce+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw", "cpu_embeddings": False},
+    "offload+chunked_ce+nodrop+fused_adamw": {
+        **LEANEST,
+        "optimizer": "fused_adamw",
+        "cpu_embeddings": False,
+    },
     # One compiled graph per decoder layer instead of one per part (on the fastest path at 8x1024: +0.2%, noise).
     "layer_compile": {**LEVERS, "compile_scope": "layer"},
-    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+layer_compile": {**LEANEST, "optimizer": "fused_adamw",
-                                                                      "compile_scope": "layer"},
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+layer_compile": {
+        **LEANEST,
+        "optimizer": "fused_adamw",
+        "compile_scope": "layer",
+    },
     # Each layer's last projection recomputed too (lora.skip_last_recompute off; on by default since the
     # 8x1024 measurements of 2026-11-29), and the fastest path with PEFT's own LoRA forward.
     "recompute_last": {**LEVERS, "skip_last_recompute": False},
-    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+recompute_last": {**LEANEST, "optimizer": "fused_adamw",
-                                                                       "skip_last_recompute": False},
-    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+peft_forward": {**LEANEST, "optimizer": "fused_adamw",
-                                                                     "lean_forward": False},
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+recompute_last": {
+        **LEANEST,
+        "optimizer": "fused_adamw",
+        "skip_last_recompute": False,
+    },
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+peft_forward": {
+        **LEANEST,
+        "optimizer": "fused_adamw",
+        "lean_forward": False,
+    },
     "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit": SMALL_BATCH,
     # Attention and MLP checkpointed apart: o_proj's base matmul is not recomputed either.
-    "offload_halves+chunked_ce+cpu_embed+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw",
-                                                               "gradient_checkpointing": "offload_halves"},
+    "offload_halves+chunked_ce+cpu_embed+nodrop+fused_adamw": {
+        **LEANEST,
+        "optimizer": "fused_adamw",
+        "gradient_checkpointing": "offload_halves",
+    },
     # The same with the embedding table on the GPU (0.24 GiB more for Mistral-7B and Llama-2-7B): no lookup on
     # the host, whose speed is the likeliest cause of Llama-2's slow rounds (2026-11-29_session13).
-    "offload_halves+chunked_ce+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw",
-                                                     "gradient_checkpointing": "offload_halves",
-                                                     "cpu_embeddings": False},
+    "offload_halves+chunked_ce+nodrop+fused_adamw": {
+        **LEANEST,
+        "optimizer": "fused_adamw",
+        "gradient_checkpointing": "offload_halves",
+        "cpu_embeddings": False,
+    },
     # The fastest 8x1024 path without the qlora_lightning.FreezeHeap callback every config lists: a full
     # garbage collection that lands in a step walks every object of the run (0.35-0.52 s on Mistral-7B).
     "offload_halves+chunked_ce+cpu_embed+nodrop+fused_adamw+thawed_heap": {
-        **LEANEST, "optimizer": "fused_adamw", "gradient_checkpointing": "offload_halves", "freeze_heap": False},
+        **LEANEST,
+        "optimizer": "fused_adamw",
+        "gradient_checkpointing": "offload_halves",
+        "freeze_heap": False,
+    },
     # The 4-bit matmuls through bitsandbytes' operator and addmm throughout (lora.compiled_dequant_tokens: 0),
     # or in the compiled graph up to 512 tokens per matmul only (the default until 2026-11-29; now any number).
-    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+bnb_dequant": {**LEANEST, "optimizer": "fused_adamw",
-                                                                    "compiled_dequant_tokens": 0},
-    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+dequant512": {**LEANEST, "optimizer": "fused_adamw",
-                                                                   "compiled_dequant_tokens": 512},
-    "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit+bnb_dequant": {**SMALL_BATCH, "compiled_dequant_tokens": 0},
-    "offload+chunked_ce+flex": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention"},
-    "offload+chunked_ce+flex+bnb_dequant": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention",
-                                            "compiled_dequant_tokens": 0},
-    "offload+chunked_ce+flex+recompute_last": {**LEVERS, **OFFLOAD_CHUNKED, "attn_implementation": "flex_attention",
-                                               "skip_last_recompute": False},
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+bnb_dequant": {
+        **LEANEST,
+        "optimizer": "fused_adamw",
+        "compiled_dequant_tokens": 0,
+    },
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+dequant512": {
+        **LEANEST,
+        "optimizer": "fused_adamw",
+        "compiled_dequant_tokens": 512,
+    },
+    "offload_all+chunked_ce+cpu_embed+nodrop+adamw8bit+bnb_dequant": {
+        **SMALL_BATCH,
+        "compiled_dequant_tokens": 0,
+    },
+    "offload+chunked_ce+flex": {
+        **LEVERS,
+        **OFFLOAD_CHUNKED,
+        "attn_implementation": "flex_attention",
+    },
+    "offload+chunked_ce+flex+bnb_dequant": {
+        **LEVERS,
+        **OFFLOAD_CHUNKED,
+        "attn_implementation": "flex_attention",
+        "compiled_dequant_tokens": 0,
+    },
+    "offload+chunked_ce+flex+recompute_last": {
+        **LEVERS,
+        **OFFLOAD_CHUNKED,
+        "attn_implementation": "flex_attention",
+        "skip_last_recompute": False,
+    },
     # The leanest path with flex attention (long sequences: no dense sliding-window mask).
-    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+flex": {**LEANEST, "optimizer": "fused_adamw",
-                                                              "attn_implementation": "flex_attention"},
+    "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+flex": {
+        **LEANEST,
+        "optimizer": "fused_adamw",
+        "attn_implementation": "flex_attention",
+    },
     "lean": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER},
     "lean+flex": {**LEVERS, **OFFLOAD_CHUNKED, **LIGER, "attn_implementation": "flex_attention"},
     "no_gc": {**LEVERS, "gradient_checkpointing": False},
-    "no_gc+chunked_ce+liger": {**LEVERS, "gradient_checkpointing": False, "loss_chunk_size": 1024, **LIGER},
+    "no_gc+chunked_ce+liger": {
+        **LEVERS,
+        "gradient_checkpointing": False,
+        "loss_chunk_size": 1024,
+        **LIGER,
+    },
 }
 # The ``optimizer`` lever's class, as the memory estimator names it.
-ESTIMATED_OPTIMIZER = {"paged_adamw_8bit": "PagedAdamW8bit", "adamw_8bit": "AdamW8bit", "fused_adamw": "AdamW"}
+ESTIMATED_OPTIMIZER = {
+    "paged_adamw_8bit": "PagedAdamW8bit",
+    "adamw_8bit": "AdamW8bit",
+    "fused_adamw": "AdamW",
+}
 BASELINE = "hf_peft"
 PEER = "unsloth"  # measured when installed, in a process of its own like every job
 
@@ -114,6 +188,6 @@ MEANINGS = {
     "eager": "`base.compile_layers: false` (on a GPU the default compiles each layer's parts)",
     "no_gc": "`gradient_checkpointing: false`",
     "thawed_heap": "without the `qlora_lightning.FreezeHeap` callback (every other project job has it, as the "
-                   "configs do)",
+    "configs do)",
 }
 LEGEND = "impl: " + "; ".join(f"`{name}` = {meaning}" for name, meaning in MEANINGS.items()) + "."

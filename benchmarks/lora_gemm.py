@@ -24,8 +24,13 @@ import statistics
 
 import torch
 
-MISTRAL = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "o_proj": (4096, 4096), "gate_proj": (4096, 14336),
-           "down_proj": (14336, 4096)}
+MISTRAL = {
+    "q_proj": (4096, 4096),
+    "k_proj": (4096, 1024),
+    "o_proj": (4096, 4096),
+    "gate_proj": (4096, 14336),
+    "down_proj": (14336, 4096),
+}
 
 
 def timed(fn, repeat: int = 20) -> float:
@@ -45,7 +50,10 @@ def timed(fn, repeat: int = 20) -> float:
 
 def projection(tokens: int, fin: int, fout: int, r: int, pad: int) -> dict[str, float]:
     dev, bf = "cuda", torch.bfloat16
-    x, g = torch.randn(tokens, fin, device=dev, dtype=bf), torch.randn(tokens, fout, device=dev, dtype=bf)
+    x, g = (
+        torch.randn(tokens, fin, device=dev, dtype=bf),
+        torch.randn(tokens, fout, device=dev, dtype=bf),
+    )
     w = torch.randn(fout, fin, device=dev, dtype=bf) / fin**0.5
     a, b = torch.randn(r, fin, device=dev, dtype=bf), torch.randn(fout, r, device=dev, dtype=bf)
     h = x @ a.t()
@@ -66,10 +74,14 @@ def projection(tokens: int, fin: int, fout: int, r: int, pad: int) -> dict[str, 
 
     def concat_bwd():
         gxh = g @ torch.cat([w, bp], 1)
-        return gxh[:, :fin].addmm(gxh[:, fin:fin + r].contiguous(), a), hp.t() @ g
+        return gxh[:, :fin].addmm(gxh[:, fin : fin + r].contiguous(), a), hp.t() @ g
 
-    return {"separate_fwd": timed(separate_fwd), "separate_bwd": timed(separate_bwd),
-            "concat_fwd": timed(concat_fwd), "concat_bwd": timed(concat_bwd)}
+    return {
+        "separate_fwd": timed(separate_fwd),
+        "separate_bwd": timed(separate_bwd),
+        "concat_fwd": timed(concat_fwd),
+        "concat_bwd": timed(concat_bwd),
+    }
 
 
 def main() -> None:
@@ -80,11 +92,21 @@ def main() -> None:
     rows = {}
     for name, (fin, fout) in MISTRAL.items():
         for pad in (1, 64):
-            rows[f"{name} pad{pad}"] = {k: round(v, 4) for k, v in
-                                        projection(args.tokens, fin, fout, args.r, pad).items()}
+            rows[f"{name} pad{pad}"] = {
+                k: round(v, 4) for k, v in projection(args.tokens, fin, fout, args.r, pad).items()
+            }
             print(name, f"pad{pad}", rows[f"{name} pad{pad}"], flush=True)
-    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tokens": args.tokens,
-                      "r": args.r, "ms": rows}))
+    print(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "tokens": args.tokens,
+                "r": args.r,
+                "ms": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

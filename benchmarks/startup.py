@@ -43,23 +43,36 @@ COMMANDS = {
 FRESH_CACHE = {"fit --help, first"}
 # A parse of the quickstart config that stops before anything is built: what any earlier fit,
 # validate or test of this install leaves in the cache folder (config_check.py's record of keys).
-PARSE_ONLY = ["-c", "import sys; from qlora_lightning.run.cli import QLoRACLI, make_cli; "
-              "QLoRACLI.instantiate_classes = lambda self: sys.exit(0); "
-              "make_cli(['fit', '--config', 'configs/quickstart.yaml'])"]
+PARSE_ONLY = [
+    "-c",
+    "import sys; from qlora_lightning.run.cli import QLoRACLI, make_cli; "
+    "QLoRACLI.instantiate_classes = lambda self: sys.exit(0); "
+    "make_cli(['fit', '--config', 'configs/quickstart.yaml'])",
+]
 
 
 def time_command(tree: Path, args: list[str], cache: Path) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, *args], cwd=tree, capture_output=True,
-                   env={"PYTHONPATH": str(tree), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
-                        "QLORA_CACHE": str(cache)})
+    subprocess.run(
+        [sys.executable, *args],
+        cwd=tree,
+        capture_output=True,
+        env={
+            "PYTHONPATH": str(tree),
+            "HF_HUB_OFFLINE": "1",
+            "PATH": "/usr/bin:/bin",
+            "QLORA_CACHE": str(cache),
+        },
+    )
     return time.perf_counter() - start
 
 
 def extract(rev: str, into: Path) -> Path:
     """The files of commit ``rev`` of this repository, in ``into``."""
     repo = Path(__file__).resolve().parents[1]
-    archive = subprocess.run(["git", "archive", rev], cwd=repo, capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "archive", rev], cwd=repo, capture_output=True, check=True
+    ).stdout
     into.mkdir()
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
@@ -79,14 +92,18 @@ def main() -> None:
         for name, tree in trees.items():  # compiles the sources and fills the caches: not timed
             time_command(tree, COMMANDS["fit --help"], caches[name])
             time_command(tree, PARSE_ONLY, caches[name])
-        print(f"{os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start; "
-              f"median of {args.repeat} runs, seconds")
+        print(
+            f"{os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start; "
+            f"median of {args.repeat} runs, seconds"
+        )
         print(f"{'':<24} " + "  ".join(f"{name:>10}" for name in trees) + "   (each run)")
         for command, argv in COMMANDS.items():
             times: dict[str, list[float]] = {name: [] for name in trees}
             for run in range(args.repeat):
                 for name, tree in trees.items():
-                    cache = Path(tmp, f"fresh-{name}-{run}") if command in FRESH_CACHE else caches[name]
+                    cache = (
+                        Path(tmp, f"fresh-{name}-{run}") if command in FRESH_CACHE else caches[name]
+                    )
                     times[name].append(time_command(tree, argv, cache))
             medians = "  ".join(f"{statistics.median(t):10.2f}" for t in times.values())
             each = "; ".join(", ".join(f"{x:.2f}" for x in t) for t in times.values())

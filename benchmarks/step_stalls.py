@@ -23,15 +23,25 @@ from datetime import datetime
 from typing import Optional
 
 # Tried in order: the names of the clock event reasons changed across drivers (R535).
-SMI_FIELDS = ("timestamp,clocks.sm,power.draw,clocks_event_reasons.active",
-              "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active",
-              "timestamp,clocks.sm,power.draw")
+SMI_FIELDS = (
+    "timestamp,clocks.sm,power.draw,clocks_event_reasons.active",
+    "timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active",
+    "timestamp,clocks.sm,power.draw",
+)
 SMI_PERIOD_MS = 50
-RUNQUEUE = "runqueue_ns"  # a reading's key: each thread's total nanoseconds ready to run but not running
+RUNQUEUE = (
+    "runqueue_ns"  # a reading's key: each thread's total nanoseconds ready to run but not running
+)
 SLOW = 1.05  # a step this many times the median step or more is listed with what happened in it
 
 # Bits of the clock event reasons that slow the clock (not "idle" or "applications clocks").
-REASONS = {0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: "sw_thermal", 0x40: "hw_thermal", 0x80: "hw_power_brake"}
+REASONS = {
+    0x4: "sw_power_cap",
+    0x8: "hw_slowdown",
+    0x20: "sw_thermal",
+    0x40: "hw_thermal",
+    0x80: "hw_power_brake",
+}
 
 
 class StepStalls:
@@ -54,11 +64,16 @@ class StepStalls:
             import torch
 
             # host_memory_stats: torch >= 2.7
-            device, host = torch.cuda.memory_stats(), getattr(torch.cuda, "host_memory_stats", dict)()
-            reading.update(device_mallocs=device.get("num_device_alloc", 0),
-                           alloc_retries=device.get("num_alloc_retries", 0),
-                           host_allocs=host.get("num_host_alloc", 0),
-                           host_alloc_s=host.get("host_alloc_time.total", 0) / 1e6)  # microseconds
+            device, host = (
+                torch.cuda.memory_stats(),
+                getattr(torch.cuda, "host_memory_stats", dict)(),
+            )
+            reading.update(
+                device_mallocs=device.get("num_device_alloc", 0),
+                alloc_retries=device.get("num_alloc_retries", 0),
+                host_allocs=host.get("num_host_alloc", 0),
+                host_alloc_s=host.get("host_alloc_time.total", 0) / 1e6,
+            )  # microseconds
         return reading
 
     def mark(self) -> None:
@@ -69,10 +84,16 @@ class StepStalls:
         self.clock.stop()
         samples = self.sampler.stop() if self.sampler else []
         records = []
-        for before, after in zip(self.marks[-n - 1:-1], self.marks[-n:]):
-            record = {key: round(after[key] - before[key], 4) for key in after if key not in ("time", RUNQUEUE)}
+        for before, after in zip(self.marks[-n - 1 : -1], self.marks[-n:]):
+            record = {
+                key: round(after[key] - before[key], 4)
+                for key in after
+                if key not in ("time", RUNQUEUE)
+            }
             if RUNQUEUE in after:
-                record["host_runqueue_s"] = round(runqueue_seconds(before[RUNQUEUE], after[RUNQUEUE]), 4)
+                record["host_runqueue_s"] = round(
+                    runqueue_seconds(before[RUNQUEUE], after[RUNQUEUE]), 4
+                )
             record.update(gpu_window(samples, before["time"], after["time"]))
             records.append(record)
         return records
@@ -84,7 +105,9 @@ def host_reading() -> dict:
     reading = {"host_cpu_s": time.process_time()}
     try:
         with open("/proc/stat") as f:
-            steal = int(f.readline().split()[8])  # the "cpu" line: user nice system idle iowait irq softirq steal
+            steal = int(
+                f.readline().split()[8]
+            )  # the "cpu" line: user nice system idle iowait irq softirq steal
     except (OSError, IndexError, ValueError):  # not Linux
         return reading
     waits = {}
@@ -110,9 +133,15 @@ def gpu_window(samples: list[tuple], start: float, end: float) -> dict:
     reasons = 0
     for sample in inside:
         reasons |= sample[3] or 0
-    clocks, powers = [s[1] for s in inside if s[1] is not None], [s[2] for s in inside if s[2] is not None]
-    return {"sm_mhz_min": min(clocks, default=None), "power_w_max": max(powers, default=None),
-            "clock_reasons": [name for bit, name in REASONS.items() if reasons & bit]}
+    clocks, powers = (
+        [s[1] for s in inside if s[1] is not None],
+        [s[2] for s in inside if s[2] is not None],
+    )
+    return {
+        "sm_mhz_min": min(clocks, default=None),
+        "power_w_max": max(powers, default=None),
+        "clock_reasons": [name for bit, name in REASONS.items() if reasons & bit],
+    }
 
 
 class GpuSampler:
@@ -125,9 +154,18 @@ class GpuSampler:
         self.file = tempfile.TemporaryFile(mode="w+")
         self.proc = None
         if self.fields:
-            self.proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.fields}", "--format=csv,noheader,nounits",
-                                          "-i", self.gpu, f"--loop-ms={SMI_PERIOD_MS}"], stdout=self.file,
-                                         stderr=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [
+                    "nvidia-smi",
+                    f"--query-gpu={self.fields}",
+                    "--format=csv,noheader,nounits",
+                    "-i",
+                    self.gpu,
+                    f"--loop-ms={SMI_PERIOD_MS}",
+                ],
+                stdout=self.file,
+                stderr=subprocess.DEVNULL,
+            )
             weakref.finalize(self, self.proc.terminate)  # a job that fails never calls stop()
 
     def stop(self) -> list[tuple]:
@@ -142,8 +180,14 @@ class GpuSampler:
 
 def _smi_accepts(fields: str, gpu: str) -> bool:
     try:
-        return subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i", gpu],
-                              capture_output=True, timeout=30).returncode == 0
+        return (
+            subprocess.run(
+                ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i", gpu],
+                capture_output=True,
+                timeout=30,
+            ).returncode
+            == 0
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
 
@@ -153,7 +197,9 @@ def parse_sample(line: str) -> Optional[tuple]:
     a field the driver does not report (``[N/A]``) is None."""
     parts = [p.strip() for p in line.split(",")]
     try:
-        when = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()  # local time, as time.time()
+        when = datetime.strptime(
+            parts[0], "%Y/%m/%d %H:%M:%S.%f"
+        ).timestamp()  # local time, as time.time()
         clock, power = _number(parts[1], float), _number(parts[2], float)
         reasons = _number(parts[3], lambda text: int(text, 16)) if len(parts) > 3 else None
     except (ValueError, IndexError):
@@ -186,16 +232,24 @@ def stall_lines(rows: list[dict]) -> list[str]:
         median = sorted(times)[(len(times) - 1) // 2]
         typical = times.index(median)
         cells = [f"step {i + 1}: {times[i]:.3f} s ({describe(stalls[i])})" for i in slow]
-        lines.append(f"- {r['arch']} {r['batch']}x{r['seq']} {r['variant']}: median {median:.3f} s "
-                     f"({describe(stalls[typical])}); slower: " + "; ".join(cells))
+        lines.append(
+            f"- {r['arch']} {r['batch']}x{r['seq']} {r['variant']}: median {median:.3f} s "
+            f"({describe(stalls[typical])}); slower: " + "; ".join(cells)
+        )
     if not lines:
         return []
-    return ["Steps over 1.05x their job's median, with what else happened in them (GC: host seconds in "
+    return (
+        [
+            "Steps over 1.05x their job's median, with what else happened in them (GC: host seconds in "
             "Python's garbage collector; host CPU: CPU seconds of the job's threads; runqueue: their seconds "
             "waiting for a CPU; steal: seconds the hypervisor took from the machine's CPUs; copies waited for: "
             "GPU seconds the compute stream waited for offloaded activations; cudaMalloc: new device blocks; "
             "pinned: new pinned host blocks; SM MHz: lowest clock sampled; reasons: clock event reasons seen):",
-            ""] + lines + [""]
+            "",
+        ]
+        + lines
+        + [""]
+    )
 
 
 def describe(record: dict) -> str:
@@ -207,8 +261,10 @@ def describe(record: dict) -> str:
     if "offload_wait_s" in record:
         parts.append(f"copies waited for {record['offload_wait_s']:.3f} s")
     if "device_mallocs" in record:
-        parts += [f"cudaMalloc {record['device_mallocs']:.0f}", f"pinned {record['host_allocs']:.0f} "
-                  f"({record['host_alloc_s']:.3f} s)"]
+        parts += [
+            f"cudaMalloc {record['device_mallocs']:.0f}",
+            f"pinned {record['host_allocs']:.0f} ({record['host_alloc_s']:.3f} s)",
+        ]
         if record.get("alloc_retries"):
             parts.append(f"retries {record['alloc_retries']:.0f}")
     if "sm_mhz_min" in record:

@@ -13,7 +13,9 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shift_for_next_token(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Align position t's logits with token t+1: (B, T-1, V) logits and (B, T-1) targets."""
     return logits[:, :-1], labels[:, 1:]
 
@@ -25,8 +27,9 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     whole optimizer step, so the loss does not depend on how tokens fall into micro-batches.
     """
     logits, targets = shift_for_next_token(logits, labels)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                          ignore_index=IGNORE_INDEX, reduction="sum")  # fp32 for a stable log-softmax
+    nll = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )  # fp32 for a stable log-softmax
     return nll, (targets != IGNORE_INDEX).sum()
 
 
@@ -45,15 +48,23 @@ def labelled_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).flatten().nonzero().squeeze(1)
 
 
-def _chunk_nll(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
-               targets: torch.Tensor) -> torch.Tensor:
+def _chunk_nll(
+    head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     """(N,) NLL of one chunk: (N, H) hidden -> (N, V) logits -> cross-entropy in fp32 (or wider)."""
     logits = head(hidden)
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none")
+    return F.cross_entropy(
+        logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="none"
+    )
 
 
-def chunked_token_nll(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
-                      chunk_size: int, positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_token_nll(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    chunk_size: int,
+    positions: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token NLL of each labelled position, without ever holding the full (B, T, V) logits.
 
     Only labelled positions go through ``head`` (prompt and padding tokens cost nothing), in
@@ -81,31 +92,51 @@ def chunked_token_nll(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch
     # a second wait for the GPU.
     if positions is None:
         positions = labelled_positions(labels)
-    hidden, targets = hidden.flatten(0, 1).index_select(0, positions), targets.flatten().index_select(0, positions)
+    hidden, targets = (
+        hidden.flatten(0, 1).index_select(0, positions),
+        targets.flatten().index_select(0, positions),
+    )
     # Empty, but attached to the graph even when N == 0, so that backward still runs.
     chunks = [hidden[:0].sum(dim=-1, dtype=torch.promote_types(hidden.dtype, torch.float32))]
     for start in range(0, targets.numel(), chunk_size):
         stop = start + chunk_size
-        chunks.append(checkpoint(partial(_chunk_nll, head), hidden[start:stop], targets[start:stop],
-                                 use_reentrant=False))
+        chunks.append(
+            checkpoint(
+                partial(_chunk_nll, head),
+                hidden[start:stop],
+                targets[start:stop],
+                use_reentrant=False,
+            )
+        )
     return torch.cat(chunks), keep
 
 
-def chunked_lm_loss_sum(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor,
-                        chunk_size: int, positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_lm_loss_sum(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    chunk_size: int,
+    positions: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``lm_loss_sum(head(hidden), labels)`` through ``chunked_token_nll``: the same up to summation order."""
     nll, keep = chunked_token_nll(hidden, head, labels, chunk_size, positions)
     return nll.sum(), keep.sum()
 
 
-def chunked_sequence_logps(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-                           labels: torch.Tensor, chunk_size: int,
-                           positions: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_sequence_logps(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    chunk_size: int,
+    positions: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``sequence_logps(head(hidden), labels)`` through ``chunked_token_nll``: (B,) log-probs, (B,) counts."""
     if positions is None:
         positions = labelled_positions(labels)
     nll, keep = chunked_token_nll(hidden, head, labels, chunk_size, positions)
-    rows = positions.div(keep.shape[1], rounding_mode="floor")  # the sequence of each labelled position
+    rows = positions.div(
+        keep.shape[1], rounding_mode="floor"
+    )  # the sequence of each labelled position
     return -nll.new_zeros(keep.shape[0]).index_add(0, rows, nll), keep.sum(-1)
 
 
@@ -125,16 +156,27 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         (B,) log-probs (fp32, or fp64 for fp64 logits) and (B,) labelled-token counts.
     """
     logits, targets = shift_for_next_token(logits, labels)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32 for a stable log-softmax
+    logits = logits.to(
+        torch.promote_types(logits.dtype, torch.float32)
+    )  # bf16 -> fp32 for a stable log-softmax
     # (B*(T-1),) NLL, 0 at ignored positions
-    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    nll = F.cross_entropy(
+        logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return -nll.view_as(targets).sum(-1), (targets != IGNORE_INDEX).sum(-1)
 
 
-def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-             ref_rejected: torch.Tensor, beta: float, loss_type: PreferenceLossType = "sigmoid",
-             label_smoothing: float = 0.0, chosen_tokens: Optional[torch.Tensor] = None,
-             rejected_tokens: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: PreferenceLossType = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_tokens: Optional[torch.Tensor] = None,
+    rejected_tokens: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair preference losses and implicit rewards, as TRL's ``DPOTrainer`` (1.16) defines them.
 
     Args:
@@ -158,8 +200,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     rejected_logratios = policy_rejected - ref_rejected
     margin = chosen_logratios - rejected_logratios
     if loss_type == "sigmoid":
-        losses = (-(1 - label_smoothing) * F.logsigmoid(beta * margin)
-                  - label_smoothing * F.logsigmoid(-beta * margin))
+        losses = -(1 - label_smoothing) * F.logsigmoid(
+            beta * margin
+        ) - label_smoothing * F.logsigmoid(-beta * margin)
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * margin)
     elif loss_type == "ipo":
@@ -167,7 +210,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
             raise ValueError("the ipo loss needs chosen_tokens and rejected_tokens")
         # Per-token log-ratios, so that the squared loss does not grow with response length (TRL's
         # choice, confirmed with the IPO authors; their reported results use it).
-        delta = chosen_logratios / chosen_tokens.clamp(min=1) - rejected_logratios / rejected_tokens.clamp(min=1)
+        delta = chosen_logratios / chosen_tokens.clamp(
+            min=1
+        ) - rejected_logratios / rejected_tokens.clamp(min=1)
         losses = (delta - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown loss_type {loss_type!r} (use sigmoid, ipo or hinge)")
@@ -179,8 +224,9 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 
-def orpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor,
-              beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def orpo_loss(
+    chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ORPO's odds-ratio term per pair (add it to the NLL of the chosen responses), as TRL's ``ORPOTrainer``.
 
     Args:
@@ -197,8 +243,13 @@ def orpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor,
     return -beta * F.logsigmoid(log_odds), beta * chosen_avg.detach(), beta * rejected_avg.detach()
 
 
-def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float, gamma: float,
-               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def simpo_loss(
+    chosen_avg: torch.Tensor,
+    rejected_avg: torch.Tensor,
+    beta: float,
+    gamma: float,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SimPO per pair (length-normalised, no reference), as TRL's ``CPOTrainer`` with ``loss_type="simpo"``.
 
     Args:
@@ -219,9 +270,16 @@ def simpo_loss(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float
 UnpairedLossType = Literal["kto", "apo_zero_unpaired"]
 
 
-def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,
-             kl_logratio: torch.Tensor, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
-             loss_type: UnpairedLossType = "kto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    kl_logratio: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: UnpairedLossType = "kto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row KTO losses on unpaired rows, as TRL's ``KTOTrainer`` (1.16) defines them.
 
     Args:
@@ -252,5 +310,7 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
         undesirable_losses = torch.sigmoid(beta * logratios)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r} (use kto or apo_zero_unpaired)")
-    losses = torch.where(desirable, desirable_weight * desirable_losses, undesirable_weight * undesirable_losses)
+    losses = torch.where(
+        desirable, desirable_weight * desirable_losses, undesirable_weight * undesirable_losses
+    )
     return losses, beta * logratios.detach(), kl

@@ -12,7 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-if TYPE_CHECKING:  # a hint only: the help cache (help_cache.py) reads cache_dir without importing torch
+if (
+    TYPE_CHECKING
+):  # a hint only: the help cache (help_cache.py) reads cache_dir without importing torch
     import torch
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -23,7 +25,7 @@ def shipped(path: str) -> str:
     """``path`` itself if it exists (or is no shipped asset); else the asset of that name in the package."""
     if not path.startswith(_PREFIX) or Path(path).exists():
         return path
-    return str(PACKAGE_DIR / "assets" / path[len(_PREFIX):])
+    return str(PACKAGE_DIR / "assets" / path[len(_PREFIX) :])
 
 
 def cache_dir() -> Path:

@@ -95,8 +95,13 @@ def tiny_spec(quantization: str = "nf4", **config_overrides):
     """
     from qlora_lightning.model.build import BaseModelSpec
 
-    return BaseModelSpec(name_or_path=TINY_LLAMA, quantization=quantization, compute_dtype="float32",
-                         random_init=True, config_overrides=config_overrides)
+    return BaseModelSpec(
+        name_or_path=TINY_LLAMA,
+        quantization=quantization,
+        compute_dtype="float32",
+        random_init=True,
+        config_overrides=config_overrides,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +115,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def sft_module(base=None, r: int = 8, alpha: Optional[int] = None, lr: float = 1e-2, optimizer=None,
-               target_modules="all-linear", gradient_checkpointing: bool = False, **kwargs):
+def sft_module(
+    base=None,
+    r: int = 8,
+    alpha: Optional[int] = None,
+    lr: float = 1e-2,
+    optimizer=None,
+    target_modules="all-linear",
+    gradient_checkpointing: bool = False,
+    **kwargs,
+):
     """An SFTModule over ``base`` (the tiny Llama by default) with dropout off, so runs are deterministic."""
     from qlora_lightning.model.build import LoraSpec
     from qlora_lightning.modules import SFTModule
@@ -130,7 +143,15 @@ def cpu_trainer(root: Path, **kwargs):
     """A quiet fp32 CPU Trainer: no logger, no checkpoints, no progress bar unless asked."""
     from lightning.pytorch import Trainer
 
-    defaults = dict(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
-                    num_sanity_val_steps=0)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        precision="32-true",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        num_sanity_val_steps=0,
+    )
     return Trainer(**{**defaults, **kwargs})

@@ -2,7 +2,8 @@
 
 Started by ``torchrun --nproc-per-node 2`` (gloo), as a multi-node job would start it: Lightning
 reads the ranks from torchrun's environment. FSDP is set up as ``configs/mistral_fsdp.yaml`` sets it.
-Each ``--runs`` entry, ``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_replicated][_resume|_resumelate]``, fits 4 steps into ``<out>/<run>/``;
+Each ``--runs`` entry, ``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_replicated][_resume|_resumelate]``,
+fits 4 steps into ``<out>/<run>/``;
 ``fit`` saves the adapter (``adapter/``) and the last checkpoint (``last.ckpt``), every rank writes
 ``rank<r>.pt`` (the adapter as this rank holds it, unsharded under FSDP; the real tokens of each of
 its optimizer steps; the logits of a fixed batch; the wrappers around the model) and rank 0 writes
@@ -19,20 +20,20 @@ from pathlib import Path
 from typing import Optional
 from unittest import mock
 
-import tests.conftest  # noqa: F401  (first: puts the hub libraries offline)
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from typing_extensions import override
 
+import tests.conftest  # noqa: F401  (first: puts the hub libraries offline)
 from qlora_lightning import GSM8KDataModule, PerfMonitor, PreferenceDataModule
 from qlora_lightning.data.packing import real_tokens_and_examples
-from qlora_lightning.model.distributed import clean_name, strategy_from_config
 from qlora_lightning.model.build import LoraSpec
+from qlora_lightning.model.distributed import clean_name, strategy_from_config
 from qlora_lightning.modules import DPOModule
 from qlora_lightning.modules.reliability import AtomicCheckpointIO
 from tests.conftest import EXAMPLES, REPO, TINY_LLAMA, sft_module, tiny_spec, tokenizer_at
@@ -73,30 +74,46 @@ class CPUFSDPStrategy(FSDPStrategy):
     # freed memory (a segfault): gather without offloading, as full_state_dict does on the CPU.
     @override
     def lightning_module_state_dict(self) -> dict:
-        with mock.patch("lightning.pytorch.strategies.fsdp._get_full_state_dict_context", _full_state_dict_no_offload):
+        with mock.patch(
+            "lightning.pytorch.strategies.fsdp._get_full_state_dict_context",
+            _full_state_dict_no_offload,
+        ):
             return super().lightning_module_state_dict()
 
     @override
     def optimizer_state(self, optimizer) -> dict:
-        with mock.patch("lightning.pytorch.strategies.fsdp._get_full_state_dict_context", _full_state_dict_no_offload):
+        with mock.patch(
+            "lightning.pytorch.strategies.fsdp._get_full_state_dict_context",
+            _full_state_dict_no_offload,
+        ):
             return super().optimizer_state(optimizer)
 
 
 def _full_state_dict_no_offload(module: torch.nn.Module, world_size: int, rank0_only: bool = True):
-    return FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT,
-                                FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
-                                FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
+    return FSDP.state_dict_type(
+        module,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+        FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+    )
 
 
 # The auto-wrap policy of the `replicated` runs: the adapters stay whole on each rank, outside FSDP.
-REPLICATED = {"auto_wrap_policy": {"class_path": "qlora_lightning.DecoderLayerPolicy", "init_args": {"adapters": False}}}
+REPLICATED = {
+    "auto_wrap_policy": {
+        "class_path": "qlora_lightning.DecoderLayerPolicy",
+        "init_args": {"adapters": False},
+    }
+}
 
 
 def strategy_for(name: str, options: set[str]):
     if name == "ddp":
         return DDPStrategy(process_group_backend="gloo")
     overrides = REPLICATED if "replicated" in options else {}
-    return strategy_from_config(FSDP_CONFIG, CPUFSDPStrategy, process_group_backend="gloo", **overrides)
+    return strategy_from_config(
+        FSDP_CONFIG, CPUFSDPStrategy, process_group_backend="gloo", **overrides
+    )
 
 
 class TokenTally(Callback):
@@ -107,7 +124,9 @@ class TokenTally(Callback):
         self._tokens, self._stepped = 0, False
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self._stepped = True  # also at an epoch's end, after fewer than accumulate_grad_batches batches
+        self._stepped = (
+            True  # also at an epoch's end, after fewer than accumulate_grad_batches batches
+        )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._tokens += int(real_tokens_and_examples(batch)[0])
@@ -116,8 +135,13 @@ class TokenTally(Callback):
             self._tokens, self._stepped = 0, False
 
 
-def module_and_data(task: str, sft_adapter: Optional[str] = None, bf16: bool = False, compiled: bool = False,
-                    chunked: bool = False):
+def module_and_data(
+    task: str,
+    sft_adapter: Optional[str] = None,
+    bf16: bool = False,
+    compiled: bool = False,
+    chunked: bool = False,
+):
     # A larger initializer range than shipped, so that 4 steps move the loss (see tiny_spec).
     base = tiny_spec(initializer_range=0.2)
     if bf16:  # the GPU recipe's dtypes: bf16 4-bit storage and frozen weights, fp32 adapters
@@ -125,17 +149,38 @@ def module_and_data(task: str, sft_adapter: Optional[str] = None, bf16: bool = F
     if compiled:  # what compile_layers: auto does on a GPU
         base = dataclasses.replace(base, compile_layers=True)
     if task == "sft":
-        data = GSM8KDataModule(path=str(EXAMPLES / "gsm8k_train.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
-                               num_samples=16, batch_size=2, val_fraction=0.25)
+        data = GSM8KDataModule(
+            path=str(EXAMPLES / "gsm8k_train.jsonl"),
+            tokenizer=tokenizer_at(TINY_LLAMA),
+            num_samples=16,
+            batch_size=2,
+            val_fraction=0.25,
+        )
         # Gradient checkpointing asked for: under FSDP the strategy's policy replaces it.
-        return sft_module(base=base, r=8, lr=ADAM_LR, gradient_checkpointing=True,
-                          loss_chunk_size=CHUNK if chunked else None), data
-    data = PreferenceDataModule(path=str(EXAMPLES / "preference.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
-                                max_seq_length=128, batch_size=2, val_fraction=0.2)
+        return sft_module(
+            base=base,
+            r=8,
+            lr=ADAM_LR,
+            gradient_checkpointing=True,
+            loss_chunk_size=CHUNK if chunked else None,
+        ), data
+    data = PreferenceDataModule(
+        path=str(EXAMPLES / "preference.jsonl"),
+        tokenizer=tokenizer_at(TINY_LLAMA),
+        max_seq_length=128,
+        batch_size=2,
+        val_fraction=0.2,
+    )
     # The reference is the SFT adapter, frozen beside the policy on the one (sharded) base.
-    module = DPOModule(base=base, lora=LoraSpec(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False,
-                       optimizer=functools.partial(torch.optim.AdamW, lr=ADAM_LR), warmup_ratio=0.0,
-                       sft_adapter=sft_adapter, loss_chunk_size=CHUNK if chunked else None)
+    module = DPOModule(
+        base=base,
+        lora=LoraSpec(r=8, alpha=16, dropout=0.0),
+        gradient_checkpointing=False,
+        optimizer=functools.partial(torch.optim.AdamW, lr=ADAM_LR),
+        warmup_ratio=0.0,
+        sft_adapter=sft_adapter,
+        loss_chunk_size=CHUNK if chunked else None,
+    )
     return module, data
 
 
@@ -144,27 +189,55 @@ def unsharded_adapter(trainer: Trainer) -> dict[str, torch.Tensor]:
     module = trainer.lightning_module
     if isinstance(trainer.strategy, FSDPStrategy):
         with FSDP.summon_full_params(trainer.strategy.model, writeback=False):
-            return {clean_name(n): p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+            return {
+                clean_name(n): p.detach().clone()
+                for n, p in module.model.named_parameters()
+                if p.requires_grad
+            }
     return {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
 
 
-def fit(strategy: str, task: str, out: Path, max_steps: int, options: set[str], sft_adapter: Optional[str] = None,
-        ckpt_path: Optional[str] = None) -> tuple[Trainer, TokenTally, PerfMonitor]:
+def fit(
+    strategy: str,
+    task: str,
+    out: Path,
+    max_steps: int,
+    options: set[str],
+    sft_adapter: Optional[str] = None,
+    ckpt_path: Optional[str] = None,
+) -> tuple[Trainer, TokenTally, PerfMonitor]:
     """One ``fit`` of ``max_steps`` optimizer steps, checkpointing its last step to ``out/last.ckpt``."""
     seed_everything(0)
-    module, data = module_and_data(task, sft_adapter, bf16="bf16" in options, compiled="compiled" in options,
-                                   chunked="chunked" in options)
+    module, data = module_and_data(
+        task,
+        sft_adapter,
+        bf16="bf16" in options,
+        compiled="compiled" in options,
+        chunked="chunked" in options,
+    )
     tally, perf = TokenTally(), PerfMonitor(warmup_steps=1)
-    checkpoint = ModelCheckpoint(dirpath=out, save_last=True, save_top_k=0, every_n_train_steps=max_steps)
+    checkpoint = ModelCheckpoint(
+        dirpath=out, save_last=True, save_top_k=0, every_n_train_steps=max_steps
+    )
     # Both strategies without autocast, so that bf16 runs compare exactly: FSDP's bf16-mixed (what
     # the GPU config uses) autocasts on CUDA only, and FSDP's 32-true would cast the model to fp32.
     precision = "bf16-mixed" if "bf16" in options and strategy == "fsdp" else "32-true"
-    trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy_for(strategy, options), precision=precision,
-                      max_steps=max_steps, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
-                      callbacks=[tally, perf, checkpoint],
-                      gradient_clip_val=None if "bf16" in options else CLIP,
-                      plugins=[AtomicCheckpointIO()],  # as the CLI sets up
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out))
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy_for(strategy, options),
+        precision=precision,
+        max_steps=max_steps,
+        accumulate_grad_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        callbacks=[tally, perf, checkpoint],
+        gradient_clip_val=None if "bf16" in options else CLIP,
+        plugins=[AtomicCheckpointIO()],  # as the CLI sets up
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+    )
     module.adapter_dir = str(out / "adapter")
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer, tally, perf
@@ -191,11 +264,23 @@ def run(name: str, out: Path, sft_adapter: str) -> None:
     with torch.no_grad():
         logits = model(PROBE, torch.ones_like(PROBE))
     rank = trainer.global_rank
-    wrappers = {kind.__name__: sum(isinstance(m, kind) for m in model.modules()) for kind in (FSDP, CheckpointWrapper)}
+    wrappers = {
+        kind.__name__: sum(isinstance(m, kind) for m in model.modules())
+        for kind in (FSDP, CheckpointWrapper)
+    }
     hf_checkpointing = trainer.lightning_module.model.base_model.model.is_activation_checkpointing
     compiled = sum(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
-    torch.save({"adapter": adapter, "tokens": tally.steps, "logits": logits, "wrappers": wrappers,
-                "hf_checkpointing": hf_checkpointing, "compiled_modules": compiled}, out / f"rank{rank}.pt")
+    torch.save(
+        {
+            "adapter": adapter,
+            "tokens": tally.steps,
+            "logits": logits,
+            "wrappers": wrappers,
+            "hf_checkpointing": hf_checkpointing,
+            "compiled_modules": compiled,
+        },
+        out / f"rank{rank}.pt",
+    )
     if rank == 0:
         (out / "perf.json").write_text(json.dumps(perf.steps))
 
@@ -203,9 +288,15 @@ def run(name: str, out: Path, sft_adapter: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--runs", nargs="+", default=["ddp_sft", "fsdp_sft", "ddp_dpo", "fsdp_dpo"],
-                        help="<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_replicated][_resume]")
-    parser.add_argument("--sft-adapter", help="the DPO runs' reference (default: the ddp_sft run's adapter)")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["ddp_sft", "fsdp_sft", "ddp_dpo", "fsdp_dpo"],
+        help="<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_replicated][_resume]",
+    )
+    parser.add_argument(
+        "--sft-adapter", help="the DPO runs' reference (default: the ddp_sft run's adapter)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # two ranks share two cores
     out = Path(args.out)

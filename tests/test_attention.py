@@ -20,15 +20,27 @@ SEQ, WINDOW = 96, 24
 @pytest.fixture(scope="module")
 def mistral_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-mistral")
-    MistralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=4, sliding_window=WINDOW, max_position_embeddings=256).save_pretrained(path)
+    MistralConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        sliding_window=WINDOW,
+        max_position_embeddings=256,
+    ).save_pretrained(path)
     return str(path)
 
 
 def _model(path: str, attn: str, device: str, dtype: str):
     torch.manual_seed(0)
-    spec = BaseModelSpec(name_or_path=path, random_init=True, compute_dtype=dtype, attn_implementation=attn)
-    model = build_model(spec, LoraSpec(r=4, dropout=0.0), gradient_checkpointing=False, device=device)
+    spec = BaseModelSpec(
+        name_or_path=path, random_init=True, compute_dtype=dtype, attn_implementation=attn
+    )
+    model = build_model(
+        spec, LoraSpec(r=4, dropout=0.0), gradient_checkpointing=False, device=device
+    )
     generator = torch.Generator().manual_seed(1)
     for name, p in model.named_parameters():
         if ".lora_B." in name:  # a non-trivial adapter
@@ -61,7 +73,12 @@ def test_flex_attention_gives_the_sdpa_loss_and_gradients_on_the_gpu(mistral_dir
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
-        results[attn] = (loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
+        results[attn] = (
+            loss.item(),
+            {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad},
+        )
     assert results["flex_attention"][0] == pytest.approx(results["sdpa"][0], rel=1e-2)
     for name, grad in results["sdpa"][1].items():
-        torch.testing.assert_close(results["flex_attention"][1][name], grad, rtol=0.05, atol=1e-3, msg=name)
+        torch.testing.assert_close(
+            results["flex_attention"][1][name], grad, rtol=0.05, atol=1e-3, msg=name
+        )

@@ -65,16 +65,29 @@ class _Probe(Callback):
             self.cycle = weakref.ref(_Cycle())  # garbage at once, freed by the collector only
         if step == 6 and not self.seen:
             gc.collect()
-            self.seen = {"early frozen": _frozen(self.early), "late frozen": _frozen(self.late),
-                         "cycle freed": self.cycle() is None}
+            self.seen = {
+                "early frozen": _frozen(self.early),
+                "late frozen": _frozen(self.late),
+                "cycle freed": self.cycle() is None,
+            }
 
 
 def test_freeze_heap_freezes_during_warm_up_only_and_gives_the_heap_back(tmp_path):
     probe = _Probe()
-    trainer = Trainer(accelerator="cpu", max_steps=8, accumulate_grad_batches=2, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=tmp_path, callbacks=[FreezeHeap(after_steps=2), probe])
-    trainer.fit(_Tiny(), train_dataloaders=torch.utils.data.DataLoader(torch.randn(16, 4), batch_size=1))
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[FreezeHeap(after_steps=2), probe],
+    )
+    trainer.fit(
+        _Tiny(), train_dataloaders=torch.utils.data.DataLoader(torch.randn(16, 4), batch_size=1)
+    )
     assert probe.first_count > 0  # the heap at the start
     # What training makes after the warm-up steps is not frozen, and its garbage is still collected.
     assert probe.seen == {"early frozen": True, "late frozen": False, "cycle freed": True}

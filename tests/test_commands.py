@@ -14,18 +14,34 @@ from tests.conftest import REPO
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     # -X importtime lists every module imported, on stderr: the help must not need torch.
-    return subprocess.run([sys.executable, "-X", "importtime", "-m", "qlora_lightning", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "qlora_lightning", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_help_lists_every_command_without_importing_torch():
     for flag in ([], ["--help"], ["-h"]):
         result = _run(*flag)
         assert result.returncode == 0, result.stderr[-2000:]
-        assert result.stdout.startswith("usage: qlora-lightning (or python -m qlora_lightning) COMMAND")
-        listed = [line.split()[0] for line in result.stdout.split("commands:\n")[1].split("\n\n")[0].splitlines()]
-        assert listed == ["fit", "validate", "test", "predict", "merge", "export", "estimate"] == list(COMMANDS)
-        imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+        assert result.stdout.startswith(
+            "usage: qlora-lightning (or python -m qlora_lightning) COMMAND"
+        )
+        listed = [
+            line.split()[0]
+            for line in result.stdout.split("commands:\n")[1].split("\n\n")[0].splitlines()
+        ]
+        assert (
+            listed
+            == ["fit", "validate", "test", "predict", "merge", "export", "estimate"]
+            == list(COMMANDS)
+        )
+        imported = {
+            line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line
+        }
         assert not {"torch", "transformers", "lightning"} & imported, sorted(imported)[:20]
 
 
@@ -33,7 +49,9 @@ def test_an_unknown_command_is_one_line_naming_the_commands():
     result = _run("frobnicate")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: unknown command 'frobnicate' (one of: fit, validate, test, predict, merge, export, estimate")
+    assert last.startswith(
+        "error: unknown command 'frobnicate' (one of: fit, validate, test, predict, merge, export, estimate"
+    )
 
 
 def test_a_commands_help_leads_with_the_projects_keys():
@@ -43,7 +61,9 @@ def test_a_commands_help_leads_with_the_projects_keys():
     assert result.returncode == 0, result.stderr[-2000:]
     text = result.stdout
     assert text.startswith("usage: qlora-lightning fit --config FILE")
-    model, data, trainer = (text.find(key) for key in ("--model.lora.r", "--data.format", "Trainer keys"))
+    model, data, trainer = (
+        text.find(key) for key in ("--model.lora.r", "--data.format", "Trainer keys")
+    )
     assert 0 < model < data < trainer, (model, data, trainer)
     assert "--trainer.max_epochs" not in text and "--help-all" in text.splitlines()[-1]
     assert len(text.splitlines()) < 450  # not the ~760 lines of every Trainer option
@@ -58,16 +78,40 @@ def test_a_commands_help_leads_with_the_projects_keys():
 def test_a_hub_id_that_cannot_be_reached_fails_in_one_line_without_retries(offline, tmp_path):
     # A closed local port as the hub: the connection is refused at once, as on a machine without a
     # network (HF_HUB_OFFLINE=0), or the hub libraries told they are offline (1).
-    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": offline, "HF_HOME": str(tmp_path),
-           "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "qlora_lightning", "fit", "--config", "configs/quickstart.yaml",
-                             "--model.init_args.base.name_or_path", "nobody/no-such-model",
-                             "--model.init_args.base.random_init", "false", "--trainer.default_root_dir",
-                             str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_OFFLINE": offline,
+        "HF_HOME": str(tmp_path),
+        "PYTHONPATH": str(REPO),
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qlora_lightning",
+            "fit",
+            "--config",
+            "configs/quickstart.yaml",
+            "--model.init_args.base.name_or_path",
+            "nobody/no-such-model",
+            "--model.init_args.base.random_init",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: model (tokenizer) 'nobody/no-such-model' is not a local folder, the hub "
-                           "(http://127.0.0.1:9) cannot be reached"), last
+    assert last.startswith(
+        "error: model (tokenizer) 'nobody/no-such-model' is not a local folder, the hub "
+        "(http://127.0.0.1:9) cannot be reached"
+    ), last
     assert "point base.name_or_path at a local folder" in last
     assert "retry" not in result.stderr.lower() and "Retrying" not in result.stderr
 

@@ -35,7 +35,9 @@ def _resolve(path: str):
 @pytest.mark.parametrize("private", ON_CLASSES, ids=[f"{p.owner}.{p.name}" for p in ON_CLASSES])
 def test_private_symbol_exists(private):
     owner = _resolve(private.owner)
-    assert private.name is None or hasattr(owner, private.name), f"{private.owner}.{private.name} is gone: {private.use}"
+    assert private.name is None or hasattr(owner, private.name), (
+        f"{private.owner}.{private.name} is gone: {private.use}"
+    )
 
 
 def test_symbols_on_instances_have_their_test():
@@ -51,16 +53,25 @@ def test_the_installed_release_is_one_the_private_code_was_written_for(library):
     users = "; ".join(p.use for p in PRIVATE if p.library == library)
     assert SpecifierSet(RANGES[library]).contains(installed, prereleases=True), (
         f"{library} {installed} is outside {RANGES[library]}, the releases this code was checked with: {users}. "
-        f"Run this file against it, then widen the range in compat.py and setup.cfg")
+        f"Run this file against it, then widen the range in compat.py and setup.cfg"
+    )
 
 
 def test_setup_cfg_bounds_are_the_checked_ranges():
     config = configparser.ConfigParser()
     config.read(REPO / "setup.cfg")
-    requirements = [Requirement(line) for line in config["options"]["install_requires"].split("\n") if line.strip()]
+    requirements = [
+        Requirement(line)
+        for line in config["options"]["install_requires"].split("\n")
+        if line.strip()
+    ]
     bounds = {r.name: str(r.specifier) for r in requirements}
     for library, versions in RANGES.items():
-        assert SpecifierSet(bounds.get(library, "")) == SpecifierSet(versions), (library, bounds.get(library), versions)
+        assert SpecifierSet(bounds.get(library, "")) == SpecifierSet(versions), (
+            library,
+            bounds.get(library),
+            versions,
+        )
 
 
 def test_gradient_checkpointing_layer_calls_the_function_checkpointing_py_replaces():
@@ -68,7 +79,8 @@ def test_gradient_checkpointing_layer_calls_the_function_checkpointing_py_replac
 
     assert "self._gradient_checkpointing_func(" in inspect.getsource(GradientCheckpointingLayer), (
         "transformers' GradientCheckpointingLayer no longer calls _gradient_checkpointing_func, which "
-        "qlora_lightning/speed/checkpointing.py sets to offload layer inputs")
+        "qlora_lightning/speed/checkpointing.py sets to offload layer inputs"
+    )
 
 
 def test_quant_state_fields_nf4_py_reads():
@@ -76,7 +88,9 @@ def test_quant_state_fields_nf4_py_reads():
 
     fields = inspect.signature(QuantState.__init__).parameters
     for field in ("absmax", "shape", "code", "blocksize", "quant_type", "offset", "state2"):
-        assert field in fields, f"bitsandbytes QuantState has no {field}: qlora_lightning/speed/nf4.py reads it"
+        assert field in fields, (
+            f"bitsandbytes QuantState has no {field}: qlora_lightning/speed/nf4.py reads it"
+        )
 
 
 def test_lightning_state_that_resume_and_cli_rely_on(tmp_path):
@@ -89,23 +103,33 @@ def test_lightning_state_that_resume_and_cli_rely_on(tmp_path):
     trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
     state = trainer.fit_loop.state_dict()
     for key in ("epoch_progress", "epoch_loop.batch_progress", "epoch_loop.state_dict"):
-        assert key in state, f"Lightning's fit loop state has no {key}: resume.as_saved_after_last_batch rewrites it"
+        assert key in state, (
+            f"Lightning's fit loop state has no {key}: resume.as_saved_after_last_batch rewrites it"
+        )
     assert "_batches_that_stepped" in trainer.fit_loop.epoch_loop.on_save_checkpoint(), (
-        "resume.as_saved_after_last_batch rewrites _batches_that_stepped")
+        "resume.as_saved_after_last_batch rewrites _batches_that_stepped"
+    )
     assert hasattr(StepCheckpoint(), "_last_global_step_saved"), "resume.StepCheckpoint sets it"
     for logger in (TensorBoardLogger(tmp_path), CSVLogger(tmp_path)):
-        assert hasattr(logger, "_version"), f"{type(logger).__name__}._version: cli.continue_run_folder sets it"
-    assert isinstance(TensorBoardLogger(tmp_path)._kwargs, dict), "cli.continue_run_folder sets purge_step in it"
+        assert hasattr(logger, "_version"), (
+            f"{type(logger).__name__}._version: cli.continue_run_folder sets it"
+        )
+    assert isinstance(TensorBoardLogger(tmp_path)._kwargs, dict), (
+        "cli.continue_run_folder sets purge_step in it"
+    )
     fsdp = FSDPStrategy()
     for name in ("_state_dict_type", "_activation_checkpointing_kwargs"):
-        assert hasattr(fsdp, name), f"FSDPStrategy.{name}: modules/checkpoint_state.py and distributed.py read it"
+        assert hasattr(fsdp, name), (
+            f"FSDPStrategy.{name}: modules/checkpoint_state.py and distributed.py read it"
+        )
 
 
 def test_dataset_fingerprint_preference_py_reads():
     import datasets
 
     assert isinstance(datasets.Dataset.from_dict({"a": [1]})._fingerprint, str), (
-        "datasets.Dataset._fingerprint: qlora_lightning/data/preference.py hashes it to cache reference log-probs")
+        "datasets.Dataset._fingerprint: qlora_lightning/data/preference.py hashes it to cache reference log-probs"
+    )
 
 
 def test_fused_adam_says_it_skips_steps_on_the_device():
@@ -114,4 +138,5 @@ def test_fused_adam_says_it_skips_steps_on_the_device():
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
     assert optimizer._step_supports_amp_scaling, (
         "torch's fused AdamW no longer sets _step_supports_amp_scaling: modules/stepping.py guard_nonfinite reads it "
-        "(with a default of False, so it would silently wait for the GPU at every step)")
+        "(with a default of False, so it would silently wait for the GPU at every step)"
+    )

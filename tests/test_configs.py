@@ -11,8 +11,8 @@ import torch
 import yaml
 from lightning.pytorch import LightningDataModule, Trainer
 
-from qlora_lightning.run.cli import make_cli
 from qlora_lightning.modules import QLoRAModule
+from qlora_lightning.run.cli import make_cli
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -44,7 +44,9 @@ def machine_overrides(path) -> list[str]:
 def test_config_instantiates_offline_and_lazily(path):
     header = path.read_text().splitlines()
     # Rule: the launch command sits in the header comment.
-    assert any(line.startswith("#") and f"--config configs/{path.name}" in line for line in header), path.name
+    assert any(
+        line.startswith("#") and f"--config configs/{path.name}" in line for line in header
+    ), path.name
 
     cli = make_cli(["--config", str(path)] + machine_overrides(path), run=False)
 
@@ -54,7 +56,9 @@ def test_config_instantiates_offline_and_lazily(path):
     # Nothing was loaded: the model is built in configure_model, the tokenizer on first use.
     assert cli.model.model is None and cli.model._tokenizer is None
     base = cli.model.base
-    assert cli.datamodule.tokenizer == (base.tokenizer or base.name_or_path)  # linked from the model
+    assert cli.datamodule.tokenizer == (
+        base.tokenizer or base.name_or_path
+    )  # linked from the model
 
     # The typed specs hold what the YAML says.
     raw = yaml.safe_load(path.read_text())["model"]["init_args"]

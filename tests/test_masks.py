@@ -13,8 +13,8 @@ import textwrap
 import torch
 from transformers import masking_utils
 
-from qlora_lightning.speed import masks
 from qlora_lightning.data.packing import model_inputs
+from qlora_lightning.speed import masks
 from tests.conftest import REPO, sft_module
 
 PACKED = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0]])  # three sequences in one row
@@ -25,18 +25,24 @@ def test_within_it_the_packed_check_answers_one_sequence_per_row_and_outside_it_
     assert masking_utils.find_packed_sequence_indices(PACKED).tolist() == [[0, 0, 0, 1, 1, 1, 1, 2]]
     with masks.known_to_the_host():
         assert masking_utils.find_packed_sequence_indices(PACKED) is None
-        with masks.known_to_the_host(model_positions=False):  # a packed batch's own positions, nested
+        with masks.known_to_the_host(
+            model_positions=False
+        ):  # a packed batch's own positions, nested
             assert masking_utils.find_packed_sequence_indices(PACKED) is not None
     assert masking_utils.find_packed_sequence_indices(PACKED) is not None
 
 
 def test_within_it_a_padding_mask_is_kept_unread_and_outside_it_checked(monkeypatch):
     read = []
-    monkeypatch.setattr(masks, "_transformers_padding_check", lambda mask, *args: read.append(mask) or False)
+    monkeypatch.setattr(
+        masks, "_transformers_padding_check", lambda mask, *args: read.append(mask) or False
+    )
     args = (4, 4, 0, 0)  # q_length, kv_length, q_offset, kv_offset
     with masks.known_to_the_host(padded=True):
         assert masking_utils._ignore_causal_mask_sdpa(PADDED, *args) is False and read == []
-        assert masking_utils._ignore_causal_mask_sdpa(None, *args) is False and read == [None]  # no mask: as usual
+        assert masking_utils._ignore_causal_mask_sdpa(None, *args) is False and read == [
+            None
+        ]  # no mask: as usual
         with masks.known_to_the_host(padded=False):  # nested: the host's answer is the inner one's
             masking_utils._ignore_causal_mask_sdpa(PADDED, *args)
             assert read[-1] is PADDED
@@ -51,7 +57,10 @@ def test_outside_it_transformers_has_its_own_checks(tmp_path):
     assert own == (masks._transformers_packed_check, masks._transformers_padding_check)
     with masks.known_to_the_host():
         assert masking_utils.find_packed_sequence_indices is not own[0]
-    assert (masking_utils.find_packed_sequence_indices, masking_utils._ignore_causal_mask_sdpa) == own
+    assert (
+        masking_utils.find_packed_sequence_indices,
+        masking_utils._ignore_causal_mask_sdpa,
+    ) == own
 
 
 def test_importing_the_package_changes_nothing_in_the_libraries_it_builds_on():
@@ -60,7 +69,8 @@ def test_importing_the_package_changes_nothing_in_the_libraries_it_builds_on():
     script = textwrap.dedent("""
         import importlib, pkgutil, sys, types
         import bitsandbytes, peft, torch, transformers
-        import datasets, jsonargparse, lightning.pytorch, torchmetrics, trl  # their own changes to the others are not ours
+        # Their own changes to the others are not ours.
+        import datasets, jsonargparse, lightning.pytorch, torchmetrics, trl
         from transformers import masking_utils, modeling_utils
         from transformers.models.llama import modeling_llama
         LIBS = ("transformers", "peft", "bitsandbytes", "torch")
@@ -77,7 +87,9 @@ def test_importing_the_package_changes_nothing_in_the_libraries_it_builds_on():
         changed = sorted(f"{name}.{attr}" for (name, attr), ident in before.items()
                          if after.get((name, attr), ident) != ident)
         print(" ".join(changed))""")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "", f"importing qlora_lightning changed: {out.stdout}"
 
@@ -90,10 +102,15 @@ def _forward_checks(module, monkeypatch, **inputs) -> tuple[torch.Tensor, dict]:
         def counted(tensor, *args, **kwargs):
             checks[name] += tensor is not None
             return check(tensor, *args, **kwargs)
+
         return counted
 
-    monkeypatch.setattr(masks, "_transformers_packed_check", count("packed", masks._transformers_packed_check))
-    monkeypatch.setattr(masks, "_transformers_padding_check", count("padding", masks._transformers_padding_check))
+    monkeypatch.setattr(
+        masks, "_transformers_packed_check", count("packed", masks._transformers_packed_check)
+    )
+    monkeypatch.setattr(
+        masks, "_transformers_padding_check", count("padding", masks._transformers_padding_check)
+    )
     with torch.no_grad():
         logits = module(**inputs)
     monkeypatch.undo()
@@ -103,7 +120,11 @@ def _forward_checks(module, monkeypatch, **inputs) -> tuple[torch.Tensor, dict]:
 def _moved(module, mask: torch.Tensor) -> dict:
     """A batch with ``mask``, through the module's move to its device (the CPU here)."""
     ids = torch.randint(3, 512, mask.shape, generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, -100)}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask.long(),
+        "labels": ids.masked_fill(~mask, -100),
+    }
     return module.transfer_batch_to_device(batch, torch.device("cpu"), 0)
 
 
@@ -117,12 +138,16 @@ def test_the_module_answers_both_checks_from_the_host_copy(monkeypatch):
     assert checks == {"packed": 0, "padding": 0} and logits.shape == (2, 8, vocab)
     positions = torch.arange(8).expand(2, 8)
     # Beside explicit positions the mask stays (else positions restarting in a row would read as packed).
-    _, checks = _forward_checks(module, monkeypatch, **model_inputs(unpadded), position_ids=positions)
+    _, checks = _forward_checks(
+        module, monkeypatch, **model_inputs(unpadded), position_ids=positions
+    )
     assert checks == {"packed": 0, "padding": 1}
     # What it skips changes nothing: transformers' own checks, of the mask and of explicit positions.
     module._mask_twin = None
-    for inputs, asked in (({**model_inputs(unpadded)}, "padding"),
-                          ({"input_ids": unpadded["input_ids"], "position_ids": positions}, "packed")):
+    for inputs, asked in (
+        ({**model_inputs(unpadded)}, "padding"),
+        ({"input_ids": unpadded["input_ids"], "position_ids": positions}, "packed"),
+    ):
         checked, checks = _forward_checks(module, monkeypatch, **inputs)
         assert checks[asked] == 1
         torch.testing.assert_close(logits, checked)
@@ -140,5 +165,7 @@ def test_the_module_answers_both_checks_from_the_host_copy(monkeypatch):
     torch.testing.assert_close(logits[mask], checked[mask])
 
     # A packed batch's explicit positions are checked.
-    _, checks = _forward_checks(module, monkeypatch, input_ids=unpadded["input_ids"][:1], position_ids=PACKED)
+    _, checks = _forward_checks(
+        module, monkeypatch, input_ids=unpadded["input_ids"][:1], position_ids=PACKED
+    )
     assert checks["packed"] == 1

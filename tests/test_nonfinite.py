@@ -25,19 +25,35 @@ class NaNAtStep(SFTModule):
     def on_train_batch_start(self, batch, batch_idx):
         super().on_train_batch_start(batch, batch_idx)
         if self.global_step == BAD_STEP:
-            self.before_bad = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            self.before_bad = {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+            }
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.global_step == BAD_STEP + 1 and not hasattr(self, "after_bad"):
-            self.after_bad = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+            self.after_bad = {
+                n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad
+            }
 
 
 def _run(policy: str, rows, root, fused: bool = False) -> NaNAtStep:
-    module = NaNAtStep(base=BaseModelSpec(name_or_path=TINY_LLAMA, random_init=True, compute_dtype="float32"),
-                       lora=LoraSpec(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False,
-                       optimizer=functools.partial(torch.optim.AdamW, lr=1e-2, fused=fused), nonfinite=policy)
-    trainer = Trainer(accelerator="cpu", max_steps=6, default_root_dir=root, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2)
+    module = NaNAtStep(
+        base=BaseModelSpec(name_or_path=TINY_LLAMA, random_init=True, compute_dtype="float32"),
+        lora=LoraSpec(r=8, alpha=16, dropout=0.0),
+        gradient_checkpointing=False,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-2, fused=fused),
+        nonfinite=policy,
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=6,
+        default_root_dir=root,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accumulate_grad_batches=2,
+    )
     batches = DataLoader([pad_batch([r], pad_id=2) for r in rows], batch_size=None)
     trainer.fit(module, train_dataloaders=batches)
     return module
@@ -50,7 +66,9 @@ def rows(tokenizer):
 
 
 # Fused AdamW skips on the device (found_inf), without the host's decision; the other drops the gradients.
-@pytest.mark.parametrize("fused", [False, True], ids=["host decides", "optimizer skips on the device"])
+@pytest.mark.parametrize(
+    "fused", [False, True], ids=["host decides", "optimizer skips on the device"]
+)
 def test_skip_policy_skips_exactly_the_bad_step(rows, tmp_path, fused, caplog):
     module = _run("skip", rows, tmp_path, fused)
     assert module.skipped_steps == 1

@@ -53,8 +53,11 @@ class SyncCounter(Callback):
             self._catcher.__exit__(None, None, None)
             torch.cuda.set_sync_debug_mode("default")
             self._catcher = False  # done: never again
-            calls = [f"{w.filename}:{w.lineno}: {linecache.getline(w.filename, w.lineno).strip()}"
-                     for w in self._records if "synchroniz" in str(w.message)]
+            calls = [
+                f"{w.filename}:{w.lineno}: {linecache.getline(w.filename, w.lineno).strip()}"
+                for w in self._records
+                if "synchroniz" in str(w.message)
+            ]
             # Switching the mode itself was seen to warn once, on a process's first switch.
             self.calls = [call for call in calls if "set_sync_debug_mode" not in call]
 
@@ -68,23 +71,46 @@ def _batches(n: int, padded: bool) -> list[dict]:
         if padded:  # the second row is 16 tokens shorter, padded on the right
             mask[1, -16:] = 0
         labels = ids.masked_fill(mask == 0, -100)
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels,
-                    "num_real_tokens": int(mask.sum()), "num_examples": 2})
+        out.append(
+            {
+                "input_ids": ids,
+                "attention_mask": mask,
+                "labels": labels,
+                "num_real_tokens": int(mask.sum()),
+                "num_examples": 2,
+            }
+        )
     return out
 
 
-def _sync_calls(optimizer, checkpointing, cpu_embeddings: bool, loss_chunk_size, tmp_path,
-                padded: bool = False) -> list[str]:
+def _sync_calls(
+    optimizer, checkpointing, cpu_embeddings: bool, loss_chunk_size, tmp_path, padded: bool = False
+) -> list[str]:
     base = dataclasses.replace(tiny_spec(), compute_dtype="bfloat16", cpu_embeddings=cpu_embeddings)
-    module = sft_module(base=base, optimizer=optimizer, gradient_checkpointing=checkpointing,
-                        loss_chunk_size=loss_chunk_size)
+    module = sft_module(
+        base=base,
+        optimizer=optimizer,
+        gradient_checkpointing=checkpointing,
+        loss_chunk_size=loss_chunk_size,
+    )
     counter = SyncCounter()
-    trainer = Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=LAST + 2,
-                      logger=TensorBoardLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
-                      callbacks=[PerfMonitor(warmup_steps=1), counter])
-    trainer.fit(module, train_dataloaders=DataLoader(_batches(LAST + 2, padded), batch_size=None,
-                                                      pin_memory=True))
+    trainer = Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=LAST + 2,
+        logger=TensorBoardLogger(tmp_path),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+        callbacks=[PerfMonitor(warmup_steps=1), counter],
+    )
+    trainer.fit(
+        module,
+        train_dataloaders=DataLoader(_batches(LAST + 2, padded), batch_size=None, pin_memory=True),
+    )
     return counter.calls
 
 

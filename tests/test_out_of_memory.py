@@ -18,7 +18,9 @@ def test_out_of_memory_at_load_is_one_actionable_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1.5 * 2**30, 16 * 2**30))
     module = SFTModule(base=BaseModelSpec(name_or_path=TINY_LLAMA, random_init=True))
     # The estimate is for the micro-batches the DataModule declares.
-    module._trainer = SimpleNamespace(strategy=None, datamodule=SimpleNamespace(batch_size=1, max_seq_length=512))
+    module._trainer = SimpleNamespace(
+        strategy=None, datamodule=SimpleNamespace(batch_size=1, max_seq_length=512)
+    )
     with pytest.raises(UserError) as err:
         module.configure_model()
     message = str(err.value)

@@ -7,8 +7,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from trl.experimental.cpo.cpo_trainer import CPOTrainer  # SimPO lives in TRL 1.x as CPO's loss_type="simpo"
-from trl.experimental.orpo.orpo_trainer import ORPOTrainer  # ORPO's maintained implementation in TRL 1.x
+from trl.experimental.cpo.cpo_trainer import (
+    CPOTrainer,
+)  # SimPO lives in TRL 1.x as CPO's loss_type="simpo"
+from trl.experimental.orpo.orpo_trainer import (
+    ORPOTrainer,
+)  # ORPO's maintained implementation in TRL 1.x
 
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import IGNORE_INDEX, orpo_loss, sequence_logps, simpo_loss
@@ -25,7 +29,9 @@ def _logits_and_labels(pairs: int = 6, length: int = 14, vocab: int = 11):
     positions = torch.arange(length)
     prompt = torch.randint(2, 7, (pairs,)).repeat(2)
     end = torch.randint(9, length + 1, (2 * pairs,))
-    labels = ids.masked_fill(~((positions >= prompt[:, None]) & (positions < end[:, None])), IGNORE_INDEX)
+    labels = ids.masked_fill(
+        ~((positions >= prompt[:, None]) & (positions < end[:, None])), IGNORE_INDEX
+    )
     return logits, labels
 
 
@@ -44,23 +50,37 @@ def test_orpo_odds_ratio_term_is_trls(beta):
     chosen, rejected = (logps / tokens).chunk(2)
     odds, chosen_rewards, rejected_rewards = orpo_loss(chosen, rejected, beta)
     trainer = SimpleNamespace(beta=beta, accelerator=CPU)
-    trl_terms, trl_chosen, trl_rejected, _, _ = ORPOTrainer.odds_ratio_loss(trainer, chosen, rejected)
+    trl_terms, trl_chosen, trl_rejected, _, _ = ORPOTrainer.odds_ratio_loss(
+        trainer, chosen, rejected
+    )
     # TRL's loss is `nll - terms.mean()`: the term enters with the opposite sign.
     torch.testing.assert_close(odds, -trl_terms, atol=1e-6, rtol=0)
     torch.testing.assert_close(chosen_rewards, trl_chosen.float(), atol=1e-6, rtol=0)
     torch.testing.assert_close(rejected_rewards, trl_rejected.float(), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("beta,gamma,smoothing", [(2.0, 0.5, 0.0), (2.5, 1.4, 0.0), (0.5, 0.0, 0.1)])
+@pytest.mark.parametrize(
+    "beta,gamma,smoothing", [(2.0, 0.5, 0.0), (2.5, 1.4, 0.0), (0.5, 0.0, 0.1)]
+)
 def test_simpo_is_trls(beta, gamma, smoothing):
     logits, labels = _logits_and_labels()
     logps, tokens = sequence_logps(logits, labels)
     chosen, rejected = (logps / tokens).chunk(2)
     losses, chosen_rewards, rejected_rewards = simpo_loss(chosen, rejected, beta, gamma, smoothing)
-    trainer = SimpleNamespace(alpha=0.0, beta=beta, simpo_gamma=gamma, label_smoothing=smoothing, loss_type="simpo",
-                              accelerator=CPU)
+    trainer = SimpleNamespace(
+        alpha=0.0,
+        beta=beta,
+        simpo_gamma=gamma,
+        label_smoothing=smoothing,
+        loss_type="simpo",
+        accelerator=CPU,
+    )
     trl_losses, trl_chosen, trl_rejected = CPOTrainer.cpo_loss(trainer, chosen, rejected)
-    for ours, theirs in ((losses, trl_losses), (chosen_rewards, trl_chosen), (rejected_rewards, trl_rejected)):
+    for ours, theirs in (
+        (losses, trl_losses),
+        (chosen_rewards, trl_chosen),
+        (rejected_rewards, trl_rejected),
+    ):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
 
 
@@ -68,7 +88,9 @@ def test_simpo_is_trls(beta, gamma, smoothing):
 def test_reference_free_modules_never_run_a_reference(loss_type, tmp_path, monkeypatch):
     module = dpo_module(loss_type=loss_type, beta=0.5 if loss_type == "simpo" else 0.1)
     module.configure_model()
-    monkeypatch.setattr(type(module), "as_reference", lambda self: pytest.fail("a reference forward ran"))
+    monkeypatch.setattr(
+        type(module), "as_reference", lambda self: pytest.fail("a reference forward ran")
+    )
     data = preference_data()
     batch = data.collate([data.splits["train"][i] for i in range(4)])
     metrics = module.batch_metrics(batch)
@@ -79,7 +101,9 @@ def test_reference_free_modules_never_run_a_reference(loss_type, tmp_path, monke
         odds = orpo_loss(chosen / chosen_tokens, rejected / rejected_tokens, 0.1)[0]
         expected = -chosen.sum() / chosen_tokens.sum() + odds.mean()
     else:
-        expected = simpo_loss(chosen / chosen_tokens, rejected / rejected_tokens, 0.5, 0.5)[0].mean()
+        expected = simpo_loss(chosen / chosen_tokens, rejected / rejected_tokens, 0.5, 0.5)[
+            0
+        ].mean()
     torch.testing.assert_close(metrics["loss"], expected)
     cpu_trainer(tmp_path, max_steps=2, limit_val_batches=1).fit(module, datamodule=data)
     assert "reference" not in module.model.peft_config

@@ -12,8 +12,11 @@ N, BATCH = 10, 3  # 4 batches per epoch, the last one short
 
 
 def _sampler(kind: str):
-    return EpochSeededSampler(range(N), seed=7) if kind == "plain" else LengthGroupedSampler(
-        [i % 5 + 1 for i in range(N)], batch_size=BATCH, seed=7)
+    return (
+        EpochSeededSampler(range(N), seed=7)
+        if kind == "plain"
+        else LengthGroupedSampler([i % 5 + 1 for i in range(N)], batch_size=BATCH, seed=7)
+    )
 
 
 def _loader(kind: str) -> StatefulDataLoader:
@@ -66,11 +69,24 @@ def test_ranks_share_one_permutation_in_equal_parts(kind):
     ranks = 3
     shards = []
     for rank in range(ranks):
-        sampler = EpochSeededSampler(range(N), seed=7, num_replicas=ranks, rank=rank) if kind == "plain" else \
-            LengthGroupedSampler([i % 5 + 1 for i in range(N)], batch_size=BATCH, seed=7, num_replicas=ranks, rank=rank)
+        sampler = (
+            EpochSeededSampler(range(N), seed=7, num_replicas=ranks, rank=rank)
+            if kind == "plain"
+            else LengthGroupedSampler(
+                [i % 5 + 1 for i in range(N)],
+                batch_size=BATCH,
+                seed=7,
+                num_replicas=ranks,
+                rank=rank,
+            )
+        )
         sampler.set_epoch(1)
         shards.append(list(sampler))
-    assert {len(shard) for shard in shards} == {len(sampler)} == {4}  # ceil(10 / 3), two indices repeated
+    assert (
+        {len(shard) for shard in shards} == {len(sampler)} == {4}
+    )  # ceil(10 / 3), two indices repeated
     whole = sampler.order()
-    assert [i for step in zip(*shards) for i in step][:N] == whole  # rank r takes every 3rd index from r
+    assert [i for step in zip(*shards) for i in step][
+        :N
+    ] == whole  # rank r takes every 3rd index from r
     assert sorted(set(sum(shards, []))) == list(range(N))

@@ -20,5 +20,7 @@ def test_whole_model_is_in_training_mode_during_fit(tmp_path):
     ids = torch.randint(0, 512, (1, 16))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     record = _RecordModes()
-    cpu_trainer(tmp_path, max_steps=1, callbacks=[record]).fit(module, DataLoader([batch], batch_size=None))
+    cpu_trainer(tmp_path, max_steps=1, callbacks=[record]).fit(
+        module, DataLoader([batch], batch_size=None)
+    )
     assert record.eval_modules == []

@@ -13,5 +13,15 @@ from qlora_lightning.data.kto import KTODataModule
 from qlora_lightning.data.preference import PreferenceDataModule
 from qlora_lightning.data.prompts import PromptsDataModule
 
-__all__ = ["SFTDataModule", "GuanacoDataModule", "CodeAlpacaDataModule", "GSM8KDataModule", "ColumnDataModule",
-           "PreferenceDataModule", "KTODataModule", "PromptsDataModule", "load_raw_dataset", "pad_batch"]
+__all__ = [
+    "SFTDataModule",
+    "GuanacoDataModule",
+    "CodeAlpacaDataModule",
+    "GSM8KDataModule",
+    "ColumnDataModule",
+    "PreferenceDataModule",
+    "KTODataModule",
+    "PromptsDataModule",
+    "load_raw_dataset",
+    "pad_batch",
+]

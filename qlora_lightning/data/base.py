@@ -13,17 +13,37 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Union
 
 import torch
-from jsonargparse.typing import NonNegativeInt, OpenUnitInterval, PositiveInt, restricted_number_type
+from jsonargparse.typing import (
+    NonNegativeInt,
+    OpenUnitInterval,
+    PositiveInt,
+    restricted_number_type,
+)
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
-from qlora_lightning.data.formats import SFT_FORMATS, UNMAPPED, Format, detect_format, fields_read, role_map, sft_reader
+from qlora_lightning.data.formats import (
+    SFT_FORMATS,
+    UNMAPPED,
+    Format,
+    detect_format,
+    fields_read,
+    role_map,
+    sft_reader,
+)
 from qlora_lightning.data.packing import PackingMode, collate_packs, pack_examples
 from qlora_lightning.data.sampling import EpochSeededSampler, LengthGroupedSampler
 from qlora_lightning.data.tokenize import (
-    RAW_JSON, ChatFormat, Message, RowError, TrainOn, decode_row, tokenize_messages)
+    RAW_JSON,
+    ChatFormat,
+    Message,
+    RowError,
+    TrainOn,
+    decode_row,
+    tokenize_messages,
+)
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import IGNORE_INDEX
 from qlora_lightning.model.build import load_tokenizer
@@ -41,8 +61,14 @@ SequenceLength = restricted_number_type("SequenceLength", int, [(">=", 16)])
 
 _LISTED = 100  # dropped rows listed one by one in data_report.json (all are counted)
 
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet",
-                  ".arrow": "arrow", ".txt": "text"}
+_FILE_BUILDERS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".txt": "text",
+}
 
 
 # Column added to every raw split: where the row sits in its source ("line 12", "item 3",
@@ -59,14 +85,18 @@ def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> datasets.Da
         if local.is_file():
             builder = _FILE_BUILDERS.get("".join(local.suffixes[-1:]).lower())
             if builder is None:
-                raise UserError(f"data file '{path}': unsupported extension (use {', '.join(_FILE_BUILDERS)})")
+                raise UserError(
+                    f"data file '{path}': unsupported extension (use {', '.join(_FILE_BUILDERS)})"
+                )
             try:
                 raw = datasets.load_dataset(builder, data_files={"train": str(local)})
             except Exception:
                 if builder != "json":
                     raise
                 return _lenient_json(local)
-            return datasets.DatasetDict({"train": raw["train"].add_column(ORIGIN, _file_origins(local, raw["train"]))})
+            return datasets.DatasetDict(
+                {"train": raw["train"].add_column(ORIGIN, _file_origins(local, raw["train"]))}
+            )
         if local.is_dir():
             if (local / "dataset_dict.json").is_file():
                 raw = datasets.load_from_disk(str(local))
@@ -76,8 +106,12 @@ def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> datasets.Da
             raise UserError(f"data path '{path}' does not exist")
         else:
             raw = datasets.load_dataset(path, hub_config)
-        return datasets.DatasetDict({name: ds.add_column(ORIGIN, [f"{name} row {i + 1}" for i in range(len(ds))])
-                                     for name, ds in raw.items()})
+        return datasets.DatasetDict(
+            {
+                name: ds.add_column(ORIGIN, [f"{name} row {i + 1}" for i in range(len(ds))])
+                for name, ds in raw.items()
+            }
+        )
     except UserError:
         raise
     except Exception as err:  # datasets raises many types; the user needs the first line
@@ -93,13 +127,17 @@ def _file_origins(path: Path, ds: datasets.Dataset) -> list[str]:
         if head.startswith("[") and path.suffix.lower() == ".json":
             return [f"item {i + 1}" for i in range(len(ds))]
         with path.open(encoding="utf-8", errors="replace") as f:
-            lines = [n + 1 for n, line in enumerate(f) if line.strip()]  # the loaders skip blank lines
+            lines = [
+                n + 1 for n, line in enumerate(f) if line.strip()
+            ]  # the loaders skip blank lines
         if len(lines) == len(ds):
             return [f"line {n}" for n in lines]
     return [f"row {i + 1}" for i in range(len(ds))]
 
 
-def resolve_tokenizer(tokenizer: Optional[Union[str, PreTrainedTokenizerBase]]) -> PreTrainedTokenizerBase:
+def resolve_tokenizer(
+    tokenizer: Optional[Union[str, PreTrainedTokenizerBase]],
+) -> PreTrainedTokenizerBase:
     """The DataModule's tokenizer, loaded when given by name."""
     if tokenizer is None:
         raise UserError("data.tokenizer is not set (the CLI takes it from the model)")
@@ -120,8 +158,13 @@ def _lenient_json(path: Path) -> datasets.DatasetDict:
         rows = [(f"item {i + 1}", json.dumps(row)) for i, row in enumerate(whole)]
     else:
         rows = [(f"line {n + 1}", line) for n, line in enumerate(text.splitlines()) if line.strip()]
-    return datasets.DatasetDict({"train": datasets.Dataset.from_dict(
-        {RAW_JSON: [line for _, line in rows], ORIGIN: [origin for origin, _ in rows]})})
+    return datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {RAW_JSON: [line for _, line in rows], ORIGIN: [origin for origin, _ in rows]}
+            )
+        }
+    )
 
 
 def without_origin(row: dict) -> dict:
@@ -129,22 +172,42 @@ def without_origin(row: dict) -> dict:
     return decode_row({key: value for key, value in row.items() if key != ORIGIN})
 
 
-def _encode_row(row: dict, to_messages: Callable[[dict], list[Message]], tokenizer: PreTrainedTokenizerBase,
-                fmt: ChatFormat, max_seq_length: int, max_prompt_length: int, use_chat_template: bool,
-                train_on: TrainOn) -> dict:
+def _encode_row(
+    row: dict,
+    to_messages: Callable[[dict], list[Message]],
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: ChatFormat,
+    max_seq_length: int,
+    max_prompt_length: int,
+    use_chat_template: bool,
+    train_on: TrainOn,
+) -> dict:
     """Module-level (not a method) so that `datasets` can hash it and cache the tokenized split."""
     try:
         messages = to_messages(without_origin(row))
-        out = tokenize_messages(messages, tokenizer, fmt, max_seq_length, max_prompt_length, use_chat_template,
-                                train_on)
-        return {**out, "final_line_lost": out["response_truncated"] and _final_line_lost(messages, out, tokenizer),
-                "drop_reason": ""}
+        out = tokenize_messages(
+            messages, tokenizer, fmt, max_seq_length, max_prompt_length, use_chat_template, train_on
+        )
+        return {
+            **out,
+            "final_line_lost": out["response_truncated"]
+            and _final_line_lost(messages, out, tokenizer),
+            "drop_reason": "",
+        }
     except RowError as err:
-        return {"input_ids": [], "labels": [], "prompt_truncated": False, "response_truncated": False,
-                "final_line_lost": False, "drop_reason": str(err)}
+        return {
+            "input_ids": [],
+            "labels": [],
+            "prompt_truncated": False,
+            "response_truncated": False,
+            "final_line_lost": False,
+            "drop_reason": str(err),
+        }
 
 
-def _final_line_lost(messages: list[Message], encoded: dict, tokenizer: PreTrainedTokenizerBase) -> bool:
+def _final_line_lost(
+    messages: list[Message], encoded: dict, tokenizer: PreTrainedTokenizerBase
+) -> bool:
     """Whether a response cut on the right lost its last line (GSM8K's ``#### N``, the end of a code block)."""
     final = messages[-1]["content"].strip().splitlines()[-1]
     labels = encoded["labels"]
@@ -162,7 +225,9 @@ def _row_key(row: dict) -> str:
     return json.dumps({k: v for k, v in row.items() if k != ORIGIN}, sort_keys=True, default=str)
 
 
-def drop_duplicates(ds: datasets.Dataset, seen: dict[str, str]) -> tuple[datasets.Dataset, list[dict]]:
+def drop_duplicates(
+    ds: datasets.Dataset, seen: dict[str, str]
+) -> tuple[datasets.Dataset, list[dict]]:
     """The rows whose content no earlier row had (``seen``: content -> origin, updated), and the others' entries."""
     keep, dropped = [], []
     for i, row in enumerate(ds):
@@ -256,34 +321,57 @@ class SFTDataModule(LightningDataModule):
         self.tokenizer = tokenizer
         self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
         self.num_samples, self.num_val_samples, self.seed = num_samples, num_val_samples, seed
-        self.max_seq_length, self.batch_size, self.num_workers = max_seq_length, batch_size, num_workers
+        self.max_seq_length, self.batch_size, self.num_workers = (
+            max_seq_length,
+            batch_size,
+            num_workers,
+        )
         self.use_chat_template = use_chat_template
         self.chat_format = ChatFormat(user_template or self.default_user_template, system_template)
         if "{content}" not in self.chat_format.user_template:
-            raise UserError(f"data.user_template must contain '{{content}}': {self.chat_format.user_template!r}")
+            raise UserError(
+                f"data.user_template must contain '{{content}}': {self.chat_format.user_template!r}"
+            )
         if format != "auto" and format not in self.formats:
-            raise UserError(f"data.format '{format}' does not apply to {type(self).__name__} "
-                            f"(use one of: auto, {', '.join(self.formats)})")
-        self.format, self.roles, self.unmapped_roles, self.train_on = format, role_map(roles), unmapped_roles, train_on
-        self.max_prompt_length = self.max_seq_length // 2 if max_prompt_length is None else max_prompt_length
+            raise UserError(
+                f"data.format '{format}' does not apply to {type(self).__name__} "
+                f"(use one of: auto, {', '.join(self.formats)})"
+            )
+        self.format, self.roles, self.unmapped_roles, self.train_on = (
+            format,
+            role_map(roles),
+            unmapped_roles,
+            train_on,
+        )
+        self.max_prompt_length = (
+            self.max_seq_length // 2 if max_prompt_length is None else max_prompt_length
+        )
         if self.max_prompt_length >= self.max_seq_length:
-            raise UserError(f"data.max_prompt_length must be below max_seq_length ({self.max_seq_length}), "
-                            f"got {self.max_prompt_length}")
+            raise UserError(
+                f"data.max_prompt_length must be below max_seq_length ({self.max_seq_length}), "
+                f"got {self.max_prompt_length}"
+            )
         # The format read: data.format, or what `auto` finds when the data is read (until then, the dataset's own).
         self.row_format: Optional[str] = self.native_format if format == "auto" else format
         self.pad_to_multiple_of = pad_to_multiple_of
         if group_by_length and packing != "off":
-            raise UserError("data.group_by_length applies only with data.packing 'off' (packs are already full)")
+            raise UserError(
+                "data.group_by_length applies only with data.packing 'off' (packs are already full)"
+            )
         self.packing, self.group_by_length = packing, group_by_length
         self.splits: dict[str, datasets.Dataset] = {}
         self.strict = strict
         self.report: dict[str, dict] = {}  # per split: rows, kept, truncated, dropped
-        self.read_report: dict[str, Any] = {}  # before the split: rows, duplicates, fields no key reads
+        self.read_report: dict[
+            str, Any
+        ] = {}  # before the split: rows, duplicates, fields no key reads
 
     formats: tuple[str, ...] = SFT_FORMATS  # the values of data.format this module reads
     # Whether ``encoder()``'s function maps batches of raw rows (and may turn one row into several).
     encodes_batches = False
-    native_format: Optional[str] = None  # what `auto` reads when no row shows a format (the dataset's own)
+    native_format: Optional[str] = (
+        None  # what `auto` reads when no row shows a format (the dataset's own)
+    )
     preference = False  # whether rows are preference pairs (decides what `auto` may detect)
 
     def columns(self) -> Optional[dict]:
@@ -306,9 +394,15 @@ class SFTDataModule(LightningDataModule):
         dropped, counted and logged). Module-level, for caching. With ``encodes_batches`` it takes
         and returns columns of rows, ``ORIGIN`` included.
         """
-        return _encode_row, {"to_messages": self.messages_fn(), "tokenizer": self.tokenizer, "fmt": self.chat_format,
-                             "max_seq_length": self.max_seq_length, "max_prompt_length": self.max_prompt_length,
-                             "use_chat_template": self.use_chat_template, "train_on": self.train_on}
+        return _encode_row, {
+            "to_messages": self.messages_fn(),
+            "tokenizer": self.tokenizer,
+            "fmt": self.chat_format,
+            "max_seq_length": self.max_seq_length,
+            "max_prompt_length": self.max_prompt_length,
+            "use_chat_template": self.use_chat_template,
+            "train_on": self.train_on,
+        }
 
     @property
     def dropped(self) -> dict[str, Counter]:
@@ -317,12 +411,19 @@ class SFTDataModule(LightningDataModule):
 
     def describe(self) -> dict:
         """What this data is, for run summaries."""
-        return {"dataset": self.path, "format": self.row_format, "hub_config": self.hub_config,
-                "num_samples": self.num_samples,
-                "train_rows": len(self.splits["train"]) if "train" in self.splits else None,
-                "val_rows": len(self.splits["val"]) if "val" in self.splits else None,
-                "max_seq_length": self.max_seq_length, "read": self.read_report, "report": self.report,
-                "packing": self.packing, "group_by_length": self.group_by_length}  # packed: *_rows count packs
+        return {
+            "dataset": self.path,
+            "format": self.row_format,
+            "hub_config": self.hub_config,
+            "num_samples": self.num_samples,
+            "train_rows": len(self.splits["train"]) if "train" in self.splits else None,
+            "val_rows": len(self.splits["val"]) if "val" in self.splits else None,
+            "max_seq_length": self.max_seq_length,
+            "read": self.read_report,
+            "report": self.report,
+            "packing": self.packing,
+            "group_by_length": self.group_by_length,
+        }  # packed: *_rows count packs
 
     # ---- Lightning hooks -------------------------------------------------------------
 
@@ -332,14 +433,23 @@ class SFTDataModule(LightningDataModule):
         self.tokenizer = resolve_tokenizer(self.tokenizer)
         raw = load_raw_dataset(self.path, self.hub_config)
         if self.train_split not in raw:
-            raise UserError(f"data '{self.path}' has no split '{self.train_split}' (it has: {', '.join(raw)})")
+            raise UserError(
+                f"data '{self.path}' has no split '{self.train_split}' (it has: {', '.join(raw)})"
+            )
         self.row_format = self._read_format(raw[self.train_split])
         train, val = self._split(raw)
         self.splits = {"train": self._encode(train, "train"), "val": self._encode(val, "val")}
-        log.info("data: %d train and %d validation rows of '%s' (format %s)", len(self.splits["train"]),
-                 len(self.splits["val"]), self.path, self.row_format)
+        log.info(
+            "data: %d train and %d validation rows of '%s' (format %s)",
+            len(self.splits["train"]),
+            len(self.splits["val"]),
+            self.path,
+            self.row_format,
+        )
         if self.packing != "off":
-            self.splits = {name: pack_examples(ds, self.max_seq_length) for name, ds in self.splits.items()}
+            self.splits = {
+                name: pack_examples(ds, self.max_seq_length) for name, ds in self.splits.items()
+            }
         self._write_report()
 
     def _write_report(self) -> None:
@@ -347,13 +457,25 @@ class SFTDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return
-        log_dir = trainer.log_dir  # on every rank: under DDP/FSDP the property is a broadcast from rank 0
+        log_dir = (
+            trainer.log_dir
+        )  # on every rank: under DDP/FSDP the property is a broadcast from rank 0
         if not trainer.is_global_zero or not log_dir:
             return
         path = Path(log_dir) / "data_report.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"data": self.path, "format": self.row_format, "read": self.read_report,
-                                    "splits": self.report}, indent=2) + "\n")
+        path.write_text(
+            json.dumps(
+                {
+                    "data": self.path,
+                    "format": self.row_format,
+                    "read": self.read_report,
+                    "splits": self.report,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.splits["train"], shuffle=True)
@@ -383,8 +505,12 @@ class SFTDataModule(LightningDataModule):
         if fmt == "auto":
             first = self.first_rows(ds)
             fmt = detect_format(first, self.preference, self.path, fallback=self.native_format)
-            log.info("data '%s': format '%s' (detected from the fields %s)", self.path, fmt,
-                     ", ".join(sorted(set().union(*(row.keys() for row in first)))))
+            log.info(
+                "data '%s': format '%s' (detected from the fields %s)",
+                self.path,
+                fmt,
+                ", ".join(sorted(set().union(*(row.keys() for row in first)))),
+            )
         read = fields_read(fmt, self.columns())
         if read is not None:
             self._warn_unused_fields(ds, read)
@@ -400,7 +526,11 @@ class SFTDataModule(LightningDataModule):
         if unused:
             self.read_report["unused_fields"] = unused
             detail = ", ".join(f"'{name}' ({n} rows)" for name, n in sorted(unused.items()))
-            log.warning("data '%s': fields read by no data key: %s (map them or remove them)", self.path, detail)
+            log.warning(
+                "data '%s': fields read by no data key: %s (map them or remove them)",
+                self.path,
+                detail,
+            )
 
     def _split(self, raw: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dataset]:
         # Duplicates go before the held-out split, so that no row sits in both splits. A dataset's
@@ -413,14 +543,24 @@ class SFTDataModule(LightningDataModule):
             try:
                 held = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
             except ValueError:  # too few rows for both splits: datasets says so in sklearn's words
-                raise UserError(f"data '{self.path}': {len(train)} usable rows cannot make a training split and a "
-                                f"validation split of {self.val_fraction:g}; add rows, or name a val_split") from None
+                raise UserError(
+                    f"data '{self.path}': {len(train)} usable rows cannot make a training split and a "
+                    f"validation split of {self.val_fraction:g}; add rows, or name a val_split"
+                ) from None
             train, val = held["train"], held["test"]
-        self.read_report.update(rows=sum(len(raw[name]) for name in {self.train_split, self.val_split} & set(raw)),
-                                duplicates=len(duplicates), duplicate_rows=duplicates[:_LISTED])
+        self.read_report.update(
+            rows=sum(len(raw[name]) for name in {self.train_split, self.val_split} & set(raw)),
+            duplicates=len(duplicates),
+            duplicate_rows=duplicates[:_LISTED],
+        )
         if duplicates:
-            log.warning("data '%s': dropped %d duplicate rows (first: %s is a %s)", self.path, len(duplicates),
-                        duplicates[0]["at"], duplicates[0]["reason"])
+            log.warning(
+                "data '%s': dropped %d duplicate rows (first: %s is a %s)",
+                self.path,
+                len(duplicates),
+                duplicates[0]["at"],
+                duplicates[0]["reason"],
+            )
         return self._sample(train, self.num_samples), self._sample(val, self.num_val_samples)
 
     def _sample(self, ds: datasets.Dataset, n: Optional[int]) -> datasets.Dataset:
@@ -430,27 +570,56 @@ class SFTDataModule(LightningDataModule):
 
     def _encode(self, ds: datasets.Dataset, name: str) -> datasets.Dataset:
         encode, fn_kwargs = self.encoder()
-        encoded = ds.map(encode, fn_kwargs=fn_kwargs, batched=self.encodes_batches,
-                         remove_columns=[c for c in ds.column_names if c != ORIGIN], desc=f"tokenizing {name}")
-        drops = [{"at": at, "reason": why} for at, why in zip(encoded[ORIGIN], encoded["drop_reason"]) if why]
+        encoded = ds.map(
+            encode,
+            fn_kwargs=fn_kwargs,
+            batched=self.encodes_batches,
+            remove_columns=[c for c in ds.column_names if c != ORIGIN],
+            desc=f"tokenizing {name}",
+        )
+        drops = [
+            {"at": at, "reason": why}
+            for at, why in zip(encoded[ORIGIN], encoded["drop_reason"])
+            if why
+        ]
         self._refuse(drops, name)
         kept = encoded.filter(lambda r: r == "", input_columns="drop_reason")
         flags = [c for c in encoded.column_names if c.endswith(("_truncated", "_lost"))]
         reasons = Counter(drop["reason"] for drop in drops)
-        self.report[name] = {"rows": len(encoded), "kept": len(kept), **{c: sum(kept[c]) for c in flags},
-                             "dropped": dict(reasons.most_common()), "dropped_rows": drops[:_LISTED]}
+        self.report[name] = {
+            "rows": len(encoded),
+            "kept": len(kept),
+            **{c: sum(kept[c]) for c in flags},
+            "dropped": dict(reasons.most_common()),
+            "dropped_rows": drops[:_LISTED],
+        }
         if drops:
             detail = ", ".join(f"{n} {why}" for why, n in reasons.most_common())
-            log.warning("%s split of '%s': dropped %d of %d rows (%s; first: %s)", name, self.path, len(drops),
-                        len(encoded), detail, drops[0]["at"])
+            log.warning(
+                "%s split of '%s': dropped %d of %d rows (%s; first: %s)",
+                name,
+                self.path,
+                len(drops),
+                len(encoded),
+                detail,
+                drops[0]["at"],
+            )
         cut = {c: self.report[name][c] for c in flags if self.report[name][c]}
         if cut:
-            log.info("%s split of '%s': %s (of %d rows, to %d tokens)", name, self.path,
-                     ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in cut.items()), len(kept), self.max_seq_length)
+            log.info(
+                "%s split of '%s': %s (of %d rows, to %d tokens)",
+                name,
+                self.path,
+                ", ".join(f"{n} {c.replace('_', ' ')}" for c, n in cut.items()),
+                len(kept),
+                self.max_seq_length,
+            )
         if len(kept) == 0:
             why = reasons.most_common(1)[0][0] if reasons else "the split is empty"
-            raise UserError(f"no usable rows in the {name} split of '{self.path}': {why} "
-                            f"(columns: {', '.join(c for c in ds.column_names if c != ORIGIN)})")
+            raise UserError(
+                f"no usable rows in the {name} split of '{self.path}': {why} "
+                f"(columns: {', '.join(c for c in ds.column_names if c != ORIGIN)})"
+            )
         return kept.remove_columns(["drop_reason", ORIGIN, *flags])
 
     def _refuse(self, drops: list[dict], name: str) -> None:
@@ -458,10 +627,14 @@ class SFTDataModule(LightningDataModule):
         if drops and self.strict:
             first, hint = drops[0], "data.strict is on"
         else:
-            first, hint = next(((d, hint) for d in drops if (hint := self.refusal_hint(d["reason"]))), (None, None))
+            first, hint = next(
+                ((d, hint) for d in drops if (hint := self.refusal_hint(d["reason"]))), (None, None)
+            )
         if first is None:
             return
-        raise UserError(f"{first['at']} of '{self.path}' ({name} split): {first['reason']} ({hint})")
+        raise UserError(
+            f"{first['at']} of '{self.path}' ({name} split): {first['reason']} ({hint})"
+        )
 
     def refusal_hint(self, reason: str) -> Optional[str]:
         """What to do about a row dropped for ``reason`` when it must stop the run (a mistake in the
@@ -477,10 +650,15 @@ class SFTDataModule(LightningDataModule):
         if shuffle:
             # A resumed run builds its loaders with the epoch already restored; over several ranks
             # the sampler shards the data itself (Lightning leaves a DistributedSampler alone).
-            ranks = {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer else {}
+            ranks = (
+                {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank}
+                if self.trainer
+                else {}
+            )
             if self.group_by_length:
-                sampler = LengthGroupedSampler([len(ids) for ids in ds["input_ids"]], self.batch_size, self.seed,
-                                               **ranks)
+                sampler = LengthGroupedSampler(
+                    [len(ids) for ids in ds["input_ids"]], self.batch_size, self.seed, **ranks
+                )
             else:
                 sampler = EpochSeededSampler(ds, self.seed, **ranks)
             sampler.set_epoch(self.trainer.current_epoch if self.trainer else 0)
@@ -489,29 +667,47 @@ class SFTDataModule(LightningDataModule):
         # an epoch resumes exactly too.
         # Pinned batches reach the GPU without the host waiting for the GPU's queue to drain.
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return StatefulDataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                                  collate_fn=self.collate, persistent_workers=self.num_workers > 0,
-                                  generator=torch.Generator().manual_seed(self.seed), pin_memory=on_gpu)
+        return StatefulDataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
+            pin_memory=on_gpu,
+        )
 
     def collate(self, rows: list[dict]) -> dict[str, Any]:
         """Pad a list of examples (or packs) on the right to the longest (dynamic padding)."""
         if self.packing != "off":
-            return collate_packs(rows, self.tokenizer.pad_token_id, self.packing == "padding_free",
-                                 self.pad_to_multiple_of)
+            return collate_packs(
+                rows,
+                self.tokenizer.pad_token_id,
+                self.packing == "padding_free",
+                self.pad_to_multiple_of,
+            )
         batch = pad_batch(rows, self.tokenizer.pad_token_id, self.pad_to_multiple_of)
         # Counted here, on the host: counting the mask on the GPU would make the host wait for it.
-        batch["num_real_tokens"], batch["num_examples"] = int(batch["attention_mask"].sum()), len(rows)
+        batch["num_real_tokens"], batch["num_examples"] = (
+            int(batch["attention_mask"].sum()),
+            len(rows),
+        )
         return batch
 
 
-def pad_batch(rows: list[dict], pad_id: int, multiple: Optional[int] = None) -> dict[str, torch.Tensor]:
+def pad_batch(
+    rows: list[dict], pad_id: int, multiple: Optional[int] = None
+) -> dict[str, torch.Tensor]:
     """(B, T) input_ids / attention_mask / labels, right-padded; labels are -100 on padding."""
     length = max(len(r["input_ids"]) for r in rows)
     if multiple:
         length = -(-length // multiple) * multiple
-    batch = {"input_ids": torch.full((len(rows), length), pad_id, dtype=torch.long),
-             "attention_mask": torch.zeros((len(rows), length), dtype=torch.long),
-             "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((len(rows), length), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(rows), length), dtype=torch.long),
+        "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long),
+    }
     for i, r in enumerate(rows):
         n = len(r["input_ids"])
         batch["input_ids"][i, :n] = torch.tensor(r["input_ids"])

@@ -39,8 +39,18 @@ from typing import Callable, Literal, Mapping, Optional
 from qlora_lightning.data.tokenize import Message, RowError, optional_str, required_str
 from qlora_lightning.errors import UserError
 
-Format = Literal["auto", "alpaca", "sharegpt", "openai", "openai_preference", "trl", "hh_rlhf", "guanaco", "gsm8k",
-                 "columns"]
+Format = Literal[
+    "auto",
+    "alpaca",
+    "sharegpt",
+    "openai",
+    "openai_preference",
+    "trl",
+    "hh_rlhf",
+    "guanaco",
+    "gsm8k",
+    "columns",
+]
 SFT_FORMATS = ("alpaca", "sharegpt", "openai", "trl", "guanaco", "gsm8k", "columns")
 PREFERENCE_FORMATS = ("sharegpt", "openai_preference", "trl", "hh_rlhf", "columns")
 ROLES = ("system", "user", "assistant", "tool")
@@ -49,17 +59,27 @@ ROLES = ("system", "user", "assistant", "tool")
 # assistant calling a tool (its own output: trained); `observation` / `tool` / `function` / `ipython`
 # are what the tool returned (context: masked).
 DEFAULT_ROLES = {
-    "system": "system", "developer": "system",
-    "user": "user", "human": "user",
-    "assistant": "assistant", "gpt": "assistant", "model": "assistant", "bot": "assistant",
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
     "function_call": "assistant",
-    "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
+    "tool": "tool",
+    "observation": "tool",
+    "function": "tool",
+    "ipython": "tool",
 }
 
 Pair = tuple[list[Message], str, str]  # prompt messages, chosen reply, rejected reply
 
 
-UNMAPPED = "unmapped role"  # how an UnmappedRole's message starts, to tell it from other drop reasons
+UNMAPPED = (
+    "unmapped role"  # how an UnmappedRole's message starts, to tell it from other drop reasons
+)
 
 
 class UnmappedRole(RowError):
@@ -78,8 +98,14 @@ def role_map(overrides: Optional[Mapping[str, str]]) -> dict[str, str]:
 
 # ---- messages --------------------------------------------------------------------------------
 
-def to_messages(items, roles: Mapping[str, str], field: str, role_key: str = "role",
-                content_key: str = "content") -> list[Message]:
+
+def to_messages(
+    items,
+    roles: Mapping[str, str],
+    field: str,
+    role_key: str = "role",
+    content_key: str = "content",
+) -> list[Message]:
     """A list of message objects (``{role, content}`` or ShareGPT's ``{from, value}``) -> messages."""
     if not isinstance(items, list) or not items:
         raise RowError(f"field '{field}' is not a non-empty list of messages")
@@ -109,7 +135,9 @@ def _content(item: dict, key: str, field: str) -> str:
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             if kind != "text" or not isinstance(part.get("text"), str):
-                raise RowError(f"a message in '{field}' has a content part of type '{kind}' (only text is read)")
+                raise RowError(
+                    f"a message in '{field}' has a content part of type '{kind}' (only text is read)"
+                )
             texts.append(part["text"])
         return "\n".join(texts)
     if content is None and item.get("tool_calls"):  # an assistant turn that only calls tools
@@ -135,6 +163,7 @@ def _prompt_field(row: dict, key: str, roles: Mapping[str, str]) -> list[Message
 
 # ---- SFT rows -> conversation ----------------------------------------------------------------
 
+
 def alpaca_messages(row: dict, roles: Mapping[str, str]) -> list[Message]:
     """The instruction (with its input, when there is one) asks; the output answers."""
     return _with_system(row, alpaca_turns(row, "instruction", "input", "output"))
@@ -146,12 +175,17 @@ def alpaca_turns(row: dict, instruction: str, extra: Optional[str], output: str)
     text = (optional_str(row, extra) or "").strip() if extra else ""
     if text:
         prompt = f"{prompt}\n\n### Input:\n{text}"
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": required_str(row, output)}]
+    return [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": required_str(row, output)},
+    ]
 
 
 def sharegpt_messages(row: dict, roles: Mapping[str, str]) -> list[Message]:
     key = "conversations" if "conversations" in row else "messages"
-    return _with_system(row, to_messages(row.get(key), roles, key, role_key="from", content_key="value"))
+    return _with_system(
+        row, to_messages(row.get(key), roles, key, role_key="from", content_key="value")
+    )
 
 
 def openai_messages(row: dict, roles: Mapping[str, str]) -> list[Message]:
@@ -180,7 +214,9 @@ def guanaco_messages(row: dict, roles: Mapping[str, str]) -> list[Message]:
     if parts[0].strip() or len(parts) < 5:
         raise RowError("text is not '### Human: ...### Assistant: ...' turns")
     names = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": names[who], "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2])]
+    return [
+        {"role": names[who], "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2])
+    ]
 
 
 def gsm8k_messages(row: dict, roles: Mapping[str, str]) -> list[Message]:
@@ -188,13 +224,21 @@ def gsm8k_messages(row: dict, roles: Mapping[str, str]) -> list[Message]:
     answer = required_str(row, "answer")
     if "####" not in answer:
         raise RowError("answer has no '#### <number>' line")
-    return [{"role": "user", "content": required_str(row, "question").strip()},
-            {"role": "assistant", "content": answer.strip()}]
+    return [
+        {"role": "user", "content": required_str(row, "question").strip()},
+        {"role": "assistant", "content": answer.strip()},
+    ]
 
 
-def column_messages(row: dict, roles: Mapping[str, str], prompt_column: str, response_column: str,
-                    system_column: Optional[str] = None, messages_column: Optional[str] = None,
-                    input_column: Optional[str] = None) -> list[Message]:
+def column_messages(
+    row: dict,
+    roles: Mapping[str, str],
+    prompt_column: str,
+    response_column: str,
+    system_column: Optional[str] = None,
+    messages_column: Optional[str] = None,
+    input_column: Optional[str] = None,
+) -> list[Message]:
     """A ready list of messages, or a prompt (+ Alpaca-style input) column, a response column and a system column."""
     if messages_column:
         return to_messages(row.get(messages_column), roles, messages_column)
@@ -204,23 +248,37 @@ def column_messages(row: dict, roles: Mapping[str, str], prompt_column: str, res
 
 
 _SFT_READERS: dict[str, Callable[..., list[Message]]] = {
-    "alpaca": alpaca_messages, "sharegpt": sharegpt_messages, "openai": openai_messages, "trl": trl_messages,
-    "guanaco": guanaco_messages, "gsm8k": gsm8k_messages, "columns": column_messages,
+    "alpaca": alpaca_messages,
+    "sharegpt": sharegpt_messages,
+    "openai": openai_messages,
+    "trl": trl_messages,
+    "guanaco": guanaco_messages,
+    "gsm8k": gsm8k_messages,
+    "columns": column_messages,
 }
 
 
-def sft_reader(fmt: str, roles: Mapping[str, str], columns: Optional[dict] = None) -> Callable[[dict], list[Message]]:
+def sft_reader(
+    fmt: str, roles: Mapping[str, str], columns: Optional[dict] = None
+) -> Callable[[dict], list[Message]]:
     """The row -> messages function of a format (a partial of a module-level function, so `datasets` can hash it)."""
     if fmt not in _SFT_READERS:
-        raise UserError(f"data.format '{fmt}' is not an SFT format (one of: {', '.join(SFT_FORMATS)}); "
-                        "preference pairs train with qlora_lightning.PreferenceDataModule")
+        raise UserError(
+            f"data.format '{fmt}' is not an SFT format (one of: {', '.join(SFT_FORMATS)}); "
+            "preference pairs train with qlora_lightning.PreferenceDataModule"
+        )
     if fmt == "columns" and not columns:
-        raise UserError("data.format columns reads the columns named by qlora_lightning.ColumnDataModule's "
-                        "prompt_column / response_column / messages_column: use that module")
-    return functools.partial(_SFT_READERS[fmt], roles=roles, **(columns if fmt == "columns" else {}))
+        raise UserError(
+            "data.format columns reads the columns named by qlora_lightning.ColumnDataModule's "
+            "prompt_column / response_column / messages_column: use that module"
+        )
+    return functools.partial(
+        _SFT_READERS[fmt], roles=roles, **(columns if fmt == "columns" else {})
+    )
 
 
 # ---- preference rows -> (prompt, chosen, rejected) ------------------------------------------
+
 
 def _single_reply(messages: list[Message], field: str) -> str:
     if len(messages) != 1 or messages[0]["role"] != "assistant":
@@ -242,24 +300,48 @@ def trl_pair(row: dict, roles: Mapping[str, str]) -> Pair:
     """An explicit ``prompt`` with one reply each, or ``chosen`` / ``rejected`` whole conversations sharing
     their prompt (then a ``prompt`` column, as ``HuggingFaceH4/ultrafeedback_binarized`` has, only repeats it)."""
     chosen, rejected = row.get("chosen"), row.get("rejected")
-    whole = isinstance(chosen, list) and isinstance(rejected, list) and max(len(chosen), len(rejected)) > 1
+    whole = (
+        isinstance(chosen, list)
+        and isinstance(rejected, list)
+        and max(len(chosen), len(rejected)) > 1
+    )
     if not whole:
         if row.get("prompt") is None:
-            raise RowError("no 'prompt', and 'chosen' / 'rejected' are not conversations to take it from")
-        return _prompt_field(row, "prompt", roles), _reply(row, "chosen", roles), _reply(row, "rejected", roles)
-    from trl import extract_prompt  # here, not at the top: importing trl costs seconds (data/packing.py)
+            raise RowError(
+                "no 'prompt', and 'chosen' / 'rejected' are not conversations to take it from"
+            )
+        return (
+            _prompt_field(row, "prompt", roles),
+            _reply(row, "chosen", roles),
+            _reply(row, "rejected", roles),
+        )
+    from trl import (
+        extract_prompt,
+    )  # here, not at the top: importing trl costs seconds (data/packing.py)
 
-    split = extract_prompt({"chosen": to_messages(chosen, roles, "chosen"),
-                            "rejected": to_messages(rejected, roles, "rejected")})
+    split = extract_prompt(
+        {
+            "chosen": to_messages(chosen, roles, "chosen"),
+            "rejected": to_messages(rejected, roles, "rejected"),
+        }
+    )
     if not split["prompt"]:
         raise RowError("'chosen' and 'rejected' share no prompt")
-    return split["prompt"], _single_reply(split["chosen"], "chosen"), _single_reply(split["rejected"], "rejected")
+    return (
+        split["prompt"],
+        _single_reply(split["chosen"], "chosen"),
+        _single_reply(split["rejected"], "rejected"),
+    )
 
 
 def sharegpt_pair(row: dict, roles: Mapping[str, str]) -> Pair:
     """LLaMA-Factory: ``conversations`` is the prompt, ``chosen`` / ``rejected`` single ``{from, value}`` replies."""
     keys = {"role_key": "from", "content_key": "value"}
-    return sharegpt_messages(row, roles), _reply(row, "chosen", roles, **keys), _reply(row, "rejected", roles, **keys)
+    return (
+        sharegpt_messages(row, roles),
+        _reply(row, "chosen", roles, **keys),
+        _reply(row, "rejected", roles, **keys),
+    )
 
 
 def openai_pair(row: dict, roles: Mapping[str, str]) -> Pair:
@@ -267,7 +349,11 @@ def openai_pair(row: dict, roles: Mapping[str, str]) -> Pair:
     if not isinstance(source, dict):
         raise RowError("field 'input' is not an object with 'messages'")
     prompt = to_messages(source.get("messages"), roles, "input.messages")
-    return prompt, _reply(row, "preferred_output", roles), _reply(row, "non_preferred_output", roles)
+    return (
+        prompt,
+        _reply(row, "preferred_output", roles),
+        _reply(row, "non_preferred_output", roles),
+    )
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -280,11 +366,15 @@ def hh_rlhf_pair(row: dict, roles: Mapping[str, str]) -> Pair:
     rejected_prompt_text, rejected = _split_last_reply(required_str(row, "rejected"))
     if prompt_text != rejected_prompt_text:
         raise RowError("chosen and rejected transcripts do not share a prompt")
-    parts = _HH_TURN.split(prompt_text)  # ["", "Human", " q", "Assistant", " a", ..., "Human", " q"]
+    parts = _HH_TURN.split(
+        prompt_text
+    )  # ["", "Human", " q", "Assistant", " a", ..., "Human", " q"]
     if parts[0].strip() or len(parts) < 3:
         raise RowError("transcript is not '\\n\\nHuman: ...\\n\\nAssistant: ...' turns")
     names = {"Human": "user", "Assistant": "assistant"}
-    prompt = [{"role": names[who], "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2])]
+    prompt = [
+        {"role": names[who], "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2])
+    ]
     return prompt, chosen.strip(), rejected.strip()
 
 
@@ -292,11 +382,17 @@ def _split_last_reply(transcript: str) -> tuple[str, str]:
     cut = transcript.rfind(_HH_REPLY)
     if cut < 0:
         raise RowError("transcript has no '\\n\\nAssistant:' turn")
-    return transcript[:cut], transcript[cut + len(_HH_REPLY):]
+    return transcript[:cut], transcript[cut + len(_HH_REPLY) :]
 
 
-def column_pair(row: dict, roles: Mapping[str, str], prompt_column: str, chosen_column: str, rejected_column: str,
-                system_column: Optional[str] = None) -> Pair:
+def column_pair(
+    row: dict,
+    roles: Mapping[str, str],
+    prompt_column: str,
+    chosen_column: str,
+    rejected_column: str,
+    system_column: Optional[str] = None,
+) -> Pair:
     """Prompt / chosen / rejected columns; chosen and rejected may be conversations ending in their reply."""
     chosen_context, chosen = _context_and_reply(row, chosen_column, roles)
     rejected_context, rejected = _context_and_reply(row, rejected_column, roles)
@@ -309,7 +405,9 @@ def column_pair(row: dict, roles: Mapping[str, str], prompt_column: str, chosen_
     return prompt, chosen, rejected
 
 
-def _context_and_reply(row: dict, column: str, roles: Mapping[str, str]) -> tuple[list[Message], str]:
+def _context_and_reply(
+    row: dict, column: str, roles: Mapping[str, str]
+) -> tuple[list[Message], str]:
     """A string reply, or a conversation ending in one (everything before it is the context)."""
     if isinstance(row.get(column), list):
         messages = to_messages(row[column], roles, column)
@@ -320,21 +418,33 @@ def _context_and_reply(row: dict, column: str, roles: Mapping[str, str]) -> tupl
 
 
 _PREFERENCE_READERS: dict[str, Callable[..., Pair]] = {
-    "sharegpt": sharegpt_pair, "openai_preference": openai_pair, "trl": trl_pair, "hh_rlhf": hh_rlhf_pair,
+    "sharegpt": sharegpt_pair,
+    "openai_preference": openai_pair,
+    "trl": trl_pair,
+    "hh_rlhf": hh_rlhf_pair,
     "columns": column_pair,
 }
 
 
-def preference_reader(fmt: str, roles: Mapping[str, str], columns: Optional[dict] = None) -> Callable[[dict], Pair]:
+def preference_reader(
+    fmt: str, roles: Mapping[str, str], columns: Optional[dict] = None
+) -> Callable[[dict], Pair]:
     """The row -> (prompt, chosen, rejected) function of a format (hashable by `datasets`)."""
     if fmt not in _PREFERENCE_READERS:
-        raise UserError(f"data.format '{fmt}' is not a preference format (one of: {', '.join(PREFERENCE_FORMATS)})")
-    return functools.partial(_PREFERENCE_READERS[fmt], roles=roles, **(columns if fmt == "columns" else {}))
+        raise UserError(
+            f"data.format '{fmt}' is not a preference format (one of: {', '.join(PREFERENCE_FORMATS)})"
+        )
+    return functools.partial(
+        _PREFERENCE_READERS[fmt], roles=roles, **(columns if fmt == "columns" else {})
+    )
 
 
 # ---- which format is this? -----------------------------------------------------------------
 
-def detect_format(rows: list[dict], preference: bool, source: str, fallback: Optional[str] = None) -> str:
+
+def detect_format(
+    rows: list[dict], preference: bool, source: str, fallback: Optional[str] = None
+) -> str:
     """The format most of a file's first rows show by their fields (see the module docstring).
 
     Args:
@@ -349,24 +459,33 @@ def detect_format(rows: list[dict], preference: bool, source: str, fallback: Opt
     if (pairs > len(rows) / 2 and not preference) or (preference and known and not pairs):
         module = "qlora_lightning.PreferenceDataModule" if not preference else "an SFT DataModule"
         kind = "preference pairs" if not preference else "no preference pairs"
-        raise UserError(f"data '{source}' holds {kind} (fields: {_fields(rows)}); read it with {module}")
+        raise UserError(
+            f"data '{source}' holds {kind} (fields: {_fields(rows)}); read it with {module}"
+        )
     guesses.pop(None, None)
     if guesses:
         return _PAIR_GUESSES.get(guesses.most_common(1)[0][0], guesses.most_common(1)[0][0])
     if fallback:
         return fallback
     formats = PREFERENCE_FORMATS if preference else SFT_FORMATS
-    raise UserError(f"data '{source}': cannot tell its format from the fields {_fields(rows)}; "
-                    f"set data.format to one of {', '.join(formats)}")
+    raise UserError(
+        f"data '{source}': cannot tell its format from the fields {_fields(rows)}; "
+        f"set data.format to one of {', '.join(formats)}"
+    )
 
 
 # Guesses that only preference rows give, and the format each means.
-_PAIR_GUESSES = {"openai_preference": "openai_preference", "sharegpt_pair": "sharegpt", "hh_rlhf": "hh_rlhf",
-                 "trl_pair": "trl"}
+_PAIR_GUESSES = {
+    "openai_preference": "openai_preference",
+    "sharegpt_pair": "sharegpt",
+    "hh_rlhf": "hh_rlhf",
+    "trl_pair": "trl",
+}
 
 
 def _guess(row: dict) -> Optional[str]:
     """The format one row's fields show, ``*_pair`` for the preference twins of SFT formats; None when unclear."""
+
     def has(*keys):
         return all(row.get(key) is not None for key in keys)
 
@@ -406,8 +525,13 @@ def fields_read(fmt: str, columns: Optional[dict] = None) -> Optional[set[str]]:
     None for a format of a user's own DataModule, whose reader this module does not know."""
     if fmt == "columns":
         return {name for name in (columns or {}).values() if name}
-    return {"alpaca": {"instruction", "input", "output", "system"},
-            "sharegpt": {"conversations", "messages", "system", "chosen", "rejected"},
-            "openai": {"messages"}, "trl": {"messages", "prompt", "completion", "chosen", "rejected"},
-            "openai_preference": {"input", "preferred_output", "non_preferred_output"},
-            "hh_rlhf": {"chosen", "rejected"}, "guanaco": {"text"}, "gsm8k": {"question", "answer"}}.get(fmt)
+    return {
+        "alpaca": {"instruction", "input", "output", "system"},
+        "sharegpt": {"conversations", "messages", "system", "chosen", "rejected"},
+        "openai": {"messages"},
+        "trl": {"messages", "prompt", "completion", "chosen", "rejected"},
+        "openai_preference": {"input", "preferred_output", "non_preferred_output"},
+        "hh_rlhf": {"chosen", "rejected"},
+        "guanaco": {"text"},
+        "gsm8k": {"question", "answer"},
+    }.get(fmt)

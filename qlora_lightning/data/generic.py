@@ -22,13 +22,25 @@ class ColumnDataModule(SFTDataModule):
 
     default_user_template = "### Instruction:\n{content}\n\n### Response:\n"
 
-    def __init__(self, path: str, prompt_column: str = "prompt", response_column: str = "response",
-                 system_column: Optional[str] = None, messages_column: Optional[str] = None,
-                 input_column: Optional[str] = None, format: Format = "columns", **kwargs):
+    def __init__(
+        self,
+        path: str,
+        prompt_column: str = "prompt",
+        response_column: str = "response",
+        system_column: Optional[str] = None,
+        messages_column: Optional[str] = None,
+        input_column: Optional[str] = None,
+        format: Format = "columns",
+        **kwargs,
+    ):
         super().__init__(path=path, format=format, **kwargs)
-        self.column_names = {"prompt_column": prompt_column, "response_column": response_column,
-                             "system_column": system_column, "messages_column": messages_column,
-                             "input_column": input_column}
+        self.column_names = {
+            "prompt_column": prompt_column,
+            "response_column": response_column,
+            "system_column": system_column,
+            "messages_column": messages_column,
+            "input_column": input_column,
+        }
 
     def columns(self) -> Optional[dict]:
         return self.column_names

@@ -35,8 +35,17 @@ import torch
 
 from qlora_lightning.data.base import ORIGIN, SFTDataModule, pad_batch, without_origin
 from qlora_lightning.data.formats import (
-    PREFERENCE_FORMATS, SFT_FORMATS, holds_pairs, preference_reader, sft_reader)
-from qlora_lightning.data.preference import cut_to_fit, prompt_and_reply_example, prompt_and_response
+    PREFERENCE_FORMATS,
+    SFT_FORMATS,
+    holds_pairs,
+    preference_reader,
+    sft_reader,
+)
+from qlora_lightning.data.preference import (
+    cut_to_fit,
+    prompt_and_reply_example,
+    prompt_and_response,
+)
 from qlora_lightning.data.tokenize import ChatFormat, Message, RowError
 from qlora_lightning.errors import UserError
 
@@ -46,6 +55,7 @@ _TRUTH = {"true": True, "false": False}
 
 
 # ---- rows -> (prompt, completion, label) ----------------------------------------------------
+
 
 def read_label(row: dict, column: str) -> bool:
     """A row's label: a boolean, ``"true"`` / ``"false"`` in any case, or 0 / 1."""
@@ -61,9 +71,13 @@ def read_label(row: dict, column: str) -> bool:
     raise RowError(f"{BAD_LABEL}: '{column}' is {value!r}, not true or false")
 
 
-def unpaired_example(row: dict, to_messages: Callable[[dict], list[Message]], label_column: str) -> list[Example]:
+def unpaired_example(
+    row: dict, to_messages: Callable[[dict], list[Message]], label_column: str
+) -> list[Example]:
     """One labelled row: its last assistant turn is the completion, the turns before it the prompt."""
-    label = read_label(row, label_column)  # first: a bad label stops the run whatever else the row holds
+    label = read_label(
+        row, label_column
+    )  # first: a bad label stops the run whatever else the row holds
     messages = to_messages(row)
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
@@ -71,7 +85,9 @@ def unpaired_example(row: dict, to_messages: Callable[[dict], list[Message]], la
     return [("", messages[:last], messages[last]["content"], label)]
 
 
-def pair_examples(row: dict, to_pair: Callable[[dict], tuple[list[Message], str, str]]) -> list[Example]:
+def pair_examples(
+    row: dict, to_pair: Callable[[dict], tuple[list[Message], str, str]]
+) -> list[Example]:
     """A preference pair as two unpaired rows: the chosen reply desirable, the rejected one not."""
     prompt, chosen, rejected = to_pair(row)
     return [(" (chosen)", prompt, chosen, True), (" (rejected)", prompt, rejected, False)]
@@ -79,18 +95,35 @@ def pair_examples(row: dict, to_pair: Callable[[dict], tuple[list[Message], str,
 
 # ---- (prompt, completion) -> token ids ------------------------------------------------------
 
-def tokenize_completion(prompt: list[Message], completion: str, tokenizer, fmt: ChatFormat, max_seq_length: int,
-                        max_prompt_length: int, use_chat_template: bool) -> dict:
+
+def tokenize_completion(
+    prompt: list[Message],
+    completion: str,
+    tokenizer,
+    fmt: ChatFormat,
+    max_seq_length: int,
+    max_prompt_length: int,
+    use_chat_template: bool,
+) -> dict:
     """``prompt_ids`` / ``completion_ids`` and what was cut, per the preference pairs' policy."""
     if not completion.strip():
         raise RowError("empty response")
     prompt_ids, completion_ids, prompt_cut, response_cut = cut_to_fit(
-        *prompt_and_response(prompt, completion, tokenizer, fmt, use_chat_template), max_seq_length, max_prompt_length)
-    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "prompt_truncated": prompt_cut,
-            "response_truncated": response_cut}
+        *prompt_and_response(prompt, completion, tokenizer, fmt, use_chat_template),
+        max_seq_length,
+        max_prompt_length,
+    )
+    return {
+        "prompt_ids": prompt_ids,
+        "completion_ids": completion_ids,
+        "prompt_truncated": prompt_cut,
+        "response_truncated": response_cut,
+    }
 
 
-def _encode_rows(batch: dict[str, list], to_examples: Callable[[dict], list[Example]], **tokenize) -> dict[str, list]:
+def _encode_rows(
+    batch: dict[str, list], to_examples: Callable[[dict], list[Example]], **tokenize
+) -> dict[str, list]:
     """Raw rows (columns) -> one tokenized row per example, each with its origin (module-level, for caching)."""
     out = defaultdict(list)
 
@@ -107,31 +140,56 @@ def _encode_rows(batch: dict[str, list], to_examples: Callable[[dict], list[Exam
             continue
         for tag, prompt, completion, label in examples:
             try:
-                add(row[ORIGIN] + tag, {**tokenize_completion(prompt, completion, **tokenize), "label": label,
-                                        "drop_reason": ""})
+                add(
+                    row[ORIGIN] + tag,
+                    {
+                        **tokenize_completion(prompt, completion, **tokenize),
+                        "label": label,
+                        "drop_reason": "",
+                    },
+                )
             except RowError as err:
                 add(row[ORIGIN] + tag, _dropped(str(err)))
     return dict(out)
 
 
 def _dropped(reason: str) -> dict:
-    return {"prompt_ids": [], "completion_ids": [], "prompt_truncated": False, "response_truncated": False,
-            "label": False, "drop_reason": reason}
+    return {
+        "prompt_ids": [],
+        "completion_ids": [],
+        "prompt_truncated": False,
+        "response_truncated": False,
+        "label": False,
+        "drop_reason": reason,
+    }
 
 
 # ---- batches ---------------------------------------------------------------------------
 
-def pad_unpaired(rows: list[dict], pad_id: int, max_seq_length: int, multiple: Optional[int] = None) -> dict:
+
+def pad_unpaired(
+    rows: list[dict], pad_id: int, max_seq_length: int, multiple: Optional[int] = None
+) -> dict:
     """B rows -> the (B, T) sequences, the (B,) labels and the (B, T') mismatched KL sequences (module docstring).
 
     A batch of one row pairs it with itself: its KL estimate is then its own log-ratio (hence
     ``KTOModule`` wants batches of two rows or more).
     """
     before = rows[-1:] + rows[:-1]  # TRL's rotation: completions move one row down
-    batch = pad_batch([prompt_and_reply_example(r["prompt_ids"], r["completion_ids"]) for r in rows], pad_id, multiple)
-    mismatched = [prompt_and_reply_example(r["prompt_ids"], o["completion_ids"][:max_seq_length - len(r["prompt_ids"])])
-                  for r, o in zip(rows, before)]
-    batch.update({f"kl_{name}": value for name, value in pad_batch(mismatched, pad_id, multiple).items()})
+    batch = pad_batch(
+        [prompt_and_reply_example(r["prompt_ids"], r["completion_ids"]) for r in rows],
+        pad_id,
+        multiple,
+    )
+    mismatched = [
+        prompt_and_reply_example(
+            r["prompt_ids"], o["completion_ids"][: max_seq_length - len(r["prompt_ids"])]
+        )
+        for r, o in zip(rows, before)
+    ]
+    batch.update(
+        {f"kl_{name}": value for name, value in pad_batch(mismatched, pad_id, multiple).items()}
+    )
     batch["label"] = torch.tensor([r["label"] for r in rows], dtype=torch.bool)
     return batch
 
@@ -147,14 +205,18 @@ class KTODataModule(SFTDataModule):
 
     default_path = "trl-lib/kto-mix-14k"
     # Unpaired rows in every SFT layout but named columns; pairs in every preference layout but named columns.
-    formats = tuple(name for name in dict.fromkeys(SFT_FORMATS + PREFERENCE_FORMATS) if name != "columns")
+    formats = tuple(
+        name for name in dict.fromkeys(SFT_FORMATS + PREFERENCE_FORMATS) if name != "columns"
+    )
     encodes_batches = True  # a pair becomes two rows
 
     def __init__(self, label_column: str = "label", from_pairs: Optional[bool] = None, **kwargs):
         if kwargs.get("packing", "off") != "off" or kwargs.get("group_by_length"):
             raise UserError("data.packing and data.group_by_length do not apply to KTO rows")
         if kwargs.get("train_on", "all_assistant") != "all_assistant":
-            raise UserError("data.train_on does not apply to KTO rows (only the completion is scored)")
+            raise UserError(
+                "data.train_on does not apply to KTO rows (only the completion is scored)"
+            )
         super().__init__(**kwargs)
         self.label_column, self.from_pairs = label_column, from_pairs
 
@@ -174,19 +236,35 @@ class KTODataModule(SFTDataModule):
 
     def encoder(self) -> tuple[Callable[..., dict], dict]:
         if self.from_pairs:
-            to_examples = functools.partial(pair_examples, to_pair=preference_reader(self.row_format, self.roles))
+            to_examples = functools.partial(
+                pair_examples, to_pair=preference_reader(self.row_format, self.roles)
+            )
         else:
-            to_examples = functools.partial(unpaired_example, to_messages=sft_reader(self.row_format, self.roles),
-                                            label_column=self.label_column)
-        return _encode_rows, {"to_examples": to_examples, "tokenizer": self.tokenizer, "fmt": self.chat_format,
-                              "max_seq_length": self.max_seq_length, "max_prompt_length": self.max_prompt_length,
-                              "use_chat_template": self.use_chat_template}
+            to_examples = functools.partial(
+                unpaired_example,
+                to_messages=sft_reader(self.row_format, self.roles),
+                label_column=self.label_column,
+            )
+        return _encode_rows, {
+            "to_examples": to_examples,
+            "tokenizer": self.tokenizer,
+            "fmt": self.chat_format,
+            "max_seq_length": self.max_seq_length,
+            "max_prompt_length": self.max_prompt_length,
+            "use_chat_template": self.use_chat_template,
+        }
 
     def describe(self) -> dict:
         train = self.splits.get("train")
-        return {**super().describe(), "max_prompt_length": self.max_prompt_length, "from_pairs": self.from_pairs,
-                "desirable_train_rows": sum(train["label"]) if train is not None else None}
+        return {
+            **super().describe(),
+            "max_prompt_length": self.max_prompt_length,
+            "from_pairs": self.from_pairs,
+            "desirable_train_rows": sum(train["label"]) if train is not None else None,
+        }
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """B rows -> one batch with its mismatched KL sequences (see ``pad_unpaired``)."""
-        return pad_unpaired(rows, self.tokenizer.pad_token_id, self.max_seq_length, self.pad_to_multiple_of)
+        return pad_unpaired(
+            rows, self.tokenizer.pad_token_id, self.max_seq_length, self.pad_to_multiple_of
+        )

@@ -38,8 +38,15 @@ if TYPE_CHECKING:
 PackingMode = Literal["off", "padded", "padding_free"]
 
 # Batch keys that are model inputs (the rest, e.g. labels and counts, are for the loss and logs).
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids",
-                    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+MODEL_INPUT_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+)
 
 
 def pack_examples(ds: datasets.Dataset, max_seq_length: int) -> datasets.Dataset:
@@ -56,12 +63,17 @@ def pack_examples(ds: datasets.Dataset, max_seq_length: int) -> datasets.Dataset
     from trl import pack_dataset
 
     # One map batch packs all rows together: packing in chunks would leave a half-empty pack per chunk.
-    return pack_dataset(ds.select_columns(["input_ids", "labels"]), max_seq_length, strategy="bfd",
-                        map_kwargs={"batch_size": max(len(ds), 1), "desc": "packing"})
+    return pack_dataset(
+        ds.select_columns(["input_ids", "labels"]),
+        max_seq_length,
+        strategy="bfd",
+        map_kwargs={"batch_size": max(len(ds), 1), "desc": "packing"},
+    )
 
 
-def collate_packs(packs: list[dict], pad_id: int, padding_free: bool,
-                  pad_to_multiple_of: int | None = None) -> dict[str, Any]:
+def collate_packs(
+    packs: list[dict], pad_id: int, padding_free: bool, pad_to_multiple_of: int | None = None
+) -> dict[str, Any]:
     """Packs -> one batch: (B, T) right-padded rows, or with ``padding_free`` one (1, sum of lengths) row.
 
     Right padding (padded mode, or up to ``pad_to_multiple_of``) gets position id 0 on every pad
@@ -80,8 +92,12 @@ def collate_packs(packs: list[dict], pad_id: int, padding_free: bool,
     """
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    collator = DataCollatorForLanguageModeling(pad_token_id=pad_id, padding_free=padding_free,
-                                               return_position_ids=True, pad_to_multiple_of=pad_to_multiple_of)
+    collator = DataCollatorForLanguageModeling(
+        pad_token_id=pad_id,
+        padding_free=padding_free,
+        return_position_ids=True,
+        pad_to_multiple_of=pad_to_multiple_of,
+    )
     batch = collator(packs)
     batch.pop("seq_idx", None)  # for the short convolutions of linear-attention layers; none here
     if not padding_free:
@@ -113,8 +129,10 @@ def check_packing_backend(packing: str, attn_implementation: str | None) -> None
         UserError: for ``padded`` packing under flash attention.
     """
     if packing == "padded" and "flash" in (attn_implementation or ""):
-        raise UserError(f"data.packing 'padded' does not keep examples apart under {attn_implementation} "
-                        "(its varlen path needs one row): use data.packing 'padding_free'")
+        raise UserError(
+            f"data.packing 'padded' does not keep examples apart under {attn_implementation} "
+            "(its varlen path needs one row): use data.packing 'padding_free'"
+        )
 
 
 def real_tokens_and_examples(batch: dict[str, Any]) -> tuple[int | torch.Tensor, int]:
@@ -127,4 +145,3 @@ def real_tokens_and_examples(batch: dict[str, Any]) -> tuple[int | torch.Tensor,
         return int(batch["num_real_tokens"]), int(batch["num_examples"])
     mask = batch["attention_mask"]
     return mask.sum(), mask.shape[0]
-

@@ -7,7 +7,13 @@ from typing import Optional
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from qlora_lightning.data.base import ORIGIN, SFTDataModule, load_raw_dataset, resolve_tokenizer, without_origin
+from qlora_lightning.data.base import (
+    ORIGIN,
+    SFTDataModule,
+    load_raw_dataset,
+    resolve_tokenizer,
+    without_origin,
+)
 from qlora_lightning.data.tokenize import RowError, required_str, tokenize_prompt
 from qlora_lightning.errors import UserError
 
@@ -29,8 +35,14 @@ class PromptsDataModule(SFTDataModule):
         split: Split to read (a local file has only ``train``).
     """
 
-    def __init__(self, path: str, prompt_column: str = "prompt", adapter_column: str = "adapter",
-                 split: str = "train", **kwargs):
+    def __init__(
+        self,
+        path: str,
+        prompt_column: str = "prompt",
+        adapter_column: str = "adapter",
+        split: str = "train",
+        **kwargs,
+    ):
         super().__init__(path=path, **kwargs)
         self.prompt_column, self.adapter_column, self.split = prompt_column, adapter_column, split
         self.prompts: list[dict] = []  # {"prompt_ids": [...], "record": row}
@@ -42,7 +54,9 @@ class PromptsDataModule(SFTDataModule):
         self.tokenizer = resolve_tokenizer(self.tokenizer)
         raw = load_raw_dataset(self.path, self.hub_config)
         if self.split not in raw:
-            raise UserError(f"data '{self.path}' has no split '{self.split}' (it has: {', '.join(raw)})")
+            raise UserError(
+                f"data '{self.path}' has no split '{self.split}' (it has: {', '.join(raw)})"
+            )
         rows = raw[self.split]
         if self.num_samples is not None:
             rows = rows.select(range(min(self.num_samples, len(rows))))  # the first rows, in order
@@ -52,27 +66,44 @@ class PromptsDataModule(SFTDataModule):
                 messages = [{"role": "user", "content": required_str(row, self.prompt_column)}]
             except RowError as err:
                 raise UserError(f"prompt at {origin} of '{self.path}': {err}") from None
-            ids = tokenize_prompt(messages, self.tokenizer, self.chat_format, self.max_seq_length,
-                                  self.use_chat_template)
+            ids = tokenize_prompt(
+                messages,
+                self.tokenizer,
+                self.chat_format,
+                self.max_seq_length,
+                self.use_chat_template,
+            )
             self.prompts.append({"prompt_ids": ids, "record": row})
         if not self.prompts:
             raise UserError(f"no prompts in '{self.path}'")
 
     @override
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.prompts, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=self.collate)
+        return DataLoader(
+            self.prompts,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+        )
 
     @override
     def train_dataloader(self) -> DataLoader:
-        raise UserError("PromptsDataModule serves `predict` only; train with a dataset's DataModule")
+        raise UserError(
+            "PromptsDataModule serves `predict` only; train with a dataset's DataModule"
+        )
 
     val_dataloader = test_dataloader = train_dataloader
 
     def collate(self, rows: list[dict]) -> dict:
         """Prompt ids stay lists (generation left-pads them); ``adapter_names`` only when a row names one."""
-        batch = {"prompt_ids": [r["prompt_ids"] for r in rows], "records": [r["record"] for r in rows]}
+        batch = {
+            "prompt_ids": [r["prompt_ids"] for r in rows],
+            "records": [r["record"] for r in rows],
+        }
         named = [r["record"].get(self.adapter_column) for r in rows]
         if any(named):
-            batch["adapter_names"] = named  # None entries: filled with the active adapter by the module
+            batch["adapter_names"] = (
+                named  # None entries: filled with the active adapter by the module
+            )
         return batch

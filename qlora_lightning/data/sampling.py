@@ -41,7 +41,9 @@ class EpochSeededSampler(DistributedSampler):
         self._resume_at = 0  # where the next iterator starts (set by load_state_dict)
 
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:  # a new epoch starts at its beginning; a restored position was another's
+        if (
+            epoch != self.epoch
+        ):  # a new epoch starts at its beginning; a restored position was another's
             self._yielded = self._resume_at = 0
         self.epoch = epoch
 
@@ -55,7 +57,7 @@ class EpochSeededSampler(DistributedSampler):
         order = (order * math.ceil(self.total_size / len(order)))[: self.total_size]  # equal shares
         start, self._resume_at = self._resume_at, 0
         self._yielded = start
-        for index in order[self.rank::self.num_replicas][start:]:
+        for index in order[self.rank :: self.num_replicas][start:]:
             self._yielded += 1
             yield index
 
@@ -86,10 +88,19 @@ class LengthGroupedSampler(EpochSeededSampler):
         rank: This rank.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        lengths: list[int],
+        batch_size: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
         super().__init__(lengths, seed, num_replicas, rank)
         self.batch_size = batch_size
 
     def order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return get_length_grouped_indices(self.dataset, self.batch_size * self.num_replicas, generator=generator)
+        return get_length_grouped_indices(
+            self.dataset, self.batch_size * self.num_replicas, generator=generator
+        )

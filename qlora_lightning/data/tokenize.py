@@ -23,7 +23,9 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora_lightning.losses import IGNORE_INDEX
 
-Message = dict  # {"role": "system" | "user" | "assistant" | "tool", "content": str[, "train": bool]}
+Message = (
+    dict  # {"role": "system" | "user" | "assistant" | "tool", "content": str[, "train": bool]}
+)
 TrainOn = Literal["all_assistant", "last_assistant"]
 PROMPT_TOO_LONG = "prompt_too_long_even_truncated"
 
@@ -60,8 +62,13 @@ def trained_flags(messages: list[Message], train_on: TrainOn) -> list[bool]:
     return flags
 
 
-def render_segments(messages: list[Message], tokenizer: PreTrainedTokenizerBase, fmt: ChatFormat,
-                    use_chat_template: bool, train_on: TrainOn = "all_assistant") -> list[tuple[str, str]]:
+def render_segments(
+    messages: list[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: ChatFormat,
+    use_chat_template: bool,
+    train_on: TrainOn = "all_assistant",
+) -> list[tuple[str, str]]:
     """(text, kind) pieces whose concatenation is the whole conversation; kinds as above."""
     flags = trained_flags(messages, train_on)
     if use_chat_template:
@@ -69,7 +76,9 @@ def render_segments(messages: list[Message], tokenizer: PreTrainedTokenizerBase,
     segments = []
     for i, (m, trained) in enumerate(zip(messages, flags)):
         if m["role"] == "system":
-            segments.append((fmt.system_template.format(content=m["content"]), HEAD if i == 0 else PROMPT))
+            segments.append(
+                (fmt.system_template.format(content=m["content"]), HEAD if i == 0 else PROMPT)
+            )
         elif m["role"] == "assistant":
             segments.append((m["content"], TRAINED if trained else SHOWN))
         else:
@@ -77,48 +86,66 @@ def render_segments(messages: list[Message], tokenizer: PreTrainedTokenizerBase,
     return segments
 
 
-def _chat_template_segments(messages: list[Message], flags: list[bool], tokenizer) -> list[tuple[str, str]]:
+def _chat_template_segments(
+    messages: list[Message], flags: list[bool], tokenizer
+) -> list[tuple[str, str]]:
     # Render growing prefixes: each assistant turn is the text the template adds after
     # the generation prompt, so masks follow the template exactly, whatever its markup.
     segments, done = [], ""
     if messages and messages[0]["role"] == "system":
         head = _template(tokenizer, messages[:1], add_generation_prompt=False, default="")
-        if head and _template(tokenizer, messages, add_generation_prompt=False, default="").startswith(head):
+        if head and _template(
+            tokenizer, messages, add_generation_prompt=False, default=""
+        ).startswith(head):
             segments, done = [(head, HEAD)], head
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            messages[:i], tokenize=False, add_generation_prompt=True
+        )
         full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise RowError("the chat template does not render turns as growing prefixes")
-        segments += [(prompt[len(done):], PROMPT), (full[len(prompt):], TRAINED if flags[i] else SHOWN)]
+        segments += [
+            (prompt[len(done) :], PROMPT),
+            (full[len(prompt) :], TRAINED if flags[i] else SHOWN),
+        ]
         done = full
     return segments
 
 
 def _template(tokenizer, messages: list[Message], add_generation_prompt: bool, default: str) -> str:
     try:  # some templates refuse a conversation of a system message alone
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception:  # noqa: BLE001 - templates raise whatever their Jinja code raises
         return default
 
 
-def encode_segments(segments: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase,
-                    use_chat_template: bool) -> tuple[list[int], list[str]]:
+def encode_segments(
+    segments: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, use_chat_template: bool
+) -> tuple[list[int], list[str]]:
     """Token ids and, per token, its segment's kind; BOS (when added) counts as head, EOS follows each reply."""
     ids = _bos(tokenizer, use_chat_template)
     kinds = [HEAD] * len(ids)
     for text, kind in segments:
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if kind in (TRAINED, SHOWN) and not use_chat_template and tokenizer.eos_token_id is not None:
+        if (
+            kind in (TRAINED, SHOWN)
+            and not use_chat_template
+            and tokenizer.eos_token_id is not None
+        ):
             piece = piece + [tokenizer.eos_token_id]  # teach the model to stop
         ids += piece
         kinds += [kind] * len(piece)
     return ids, kinds
 
 
-def plan_cut(n_head: int, n_prompt: int, n_response: int, limit: int, max_prompt_length: int) -> tuple[int, int]:
+def plan_cut(
+    n_head: int, n_prompt: int, n_response: int, limit: int, max_prompt_length: int
+) -> tuple[int, int]:
     """Tokens to cut from the prompt (just after its head) and from the response's end, per the policy above.
 
     Args:
@@ -141,9 +168,15 @@ def plan_cut(n_head: int, n_prompt: int, n_response: int, limit: int, max_prompt
     return prompt_cut, max(n_response - room, 0)
 
 
-def tokenize_messages(messages: list[Message], tokenizer: PreTrainedTokenizerBase, fmt: ChatFormat,
-                      max_seq_length: int, max_prompt_length: int = 0, use_chat_template: bool = False,
-                      train_on: TrainOn = "all_assistant") -> dict:
+def tokenize_messages(
+    messages: list[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: ChatFormat,
+    max_seq_length: int,
+    max_prompt_length: int = 0,
+    use_chat_template: bool = False,
+    train_on: TrainOn = "all_assistant",
+) -> dict:
     """input_ids / labels for one conversation, truncated per the module's policy, and what was cut.
 
     Turns after the last assistant turn add nothing to train on and are left out.
@@ -158,23 +191,37 @@ def tokenize_messages(messages: list[Message], tokenizer: PreTrainedTokenizerBas
         raise RowError("no assistant turn to train on")
     if not any(m["content"].strip() for m in trained):
         raise RowError("empty response")
-    ids, kinds = encode_segments(render_segments(messages, tokenizer, fmt, use_chat_template, train_on), tokenizer,
-                                 use_chat_template)
+    ids, kinds = encode_segments(
+        render_segments(messages, tokenizer, fmt, use_chat_template, train_on),
+        tokenizer,
+        use_chat_template,
+    )
     if TRAINED not in kinds:
         raise RowError("empty response")
     n_head = next((i for i, kind in enumerate(kinds) if kind != HEAD), len(kinds))
     n_prompt = max(i for i, kind in enumerate(kinds) if kind == TRAINED)
     while n_prompt > 0 and kinds[n_prompt - 1] == TRAINED:
         n_prompt -= 1  # the start of the last trained run
-    prompt_cut, response_cut = plan_cut(n_head, n_prompt, len(ids) - n_prompt, max_seq_length, max_prompt_length)
+    prompt_cut, response_cut = plan_cut(
+        n_head, n_prompt, len(ids) - n_prompt, max_seq_length, max_prompt_length
+    )
     keep = list(range(n_head)) + list(range(n_head + prompt_cut, len(ids) - response_cut))
     labels = [ids[i] if kinds[i] == TRAINED else IGNORE_INDEX for i in keep]
-    return {"input_ids": [ids[i] for i in keep], "labels": labels, "prompt_truncated": prompt_cut > 0,
-            "response_truncated": response_cut > 0}
+    return {
+        "input_ids": [ids[i] for i in keep],
+        "labels": labels,
+        "prompt_truncated": prompt_cut > 0,
+        "response_truncated": response_cut > 0,
+    }
 
 
-def tokenize_prompt(messages: list[Message], tokenizer: PreTrainedTokenizerBase, fmt: ChatFormat,
-                    max_seq_length: int, use_chat_template: bool = False) -> list[int]:
+def tokenize_prompt(
+    messages: list[Message],
+    tokenizer: PreTrainedTokenizerBase,
+    fmt: ChatFormat,
+    max_seq_length: int,
+    use_chat_template: bool = False,
+) -> list[int]:
     """Token ids a model continues from: the conversation so far plus the cue for its reply.
 
     The same tokens as the prompt part of ``tokenize_messages`` (segments tokenized one by one),
@@ -184,11 +231,14 @@ def tokenize_prompt(messages: list[Message], tokenizer: PreTrainedTokenizerBase,
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         ids, kinds = encode_segments([(text, PROMPT)], tokenizer, use_chat_template=True)
     else:
-        ids, kinds = encode_segments(render_segments(messages, tokenizer, fmt, use_chat_template=False), tokenizer,
-                                     use_chat_template=False)
+        ids, kinds = encode_segments(
+            render_segments(messages, tokenizer, fmt, use_chat_template=False),
+            tokenizer,
+            use_chat_template=False,
+        )
     n_head = next((i for i, kind in enumerate(kinds) if kind != HEAD), len(kinds))
     excess = max(len(ids) - max_seq_length, 0)
-    return ids[:n_head] + ids[n_head + excess:]
+    return ids[:n_head] + ids[n_head + excess :]
 
 
 def _bos(tokenizer, use_chat_template: bool) -> list[int]:

@@ -54,7 +54,9 @@ def is_correct(generation: str, reference: str) -> bool:
     return gold is not None and extract_answer(generation) == gold
 
 
-def split_prompt_response(input_ids: Sequence[int], labels: Sequence[int]) -> tuple[list[int], list[int]]:
+def split_prompt_response(
+    input_ids: Sequence[int], labels: Sequence[int]
+) -> tuple[list[int], list[int]]:
     """A tokenized training row -> (prompt ids, response ids) around its last labelled run.
 
     The prompt is every token before the last response (so a multi-turn row is scored on

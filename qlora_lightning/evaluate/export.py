@@ -44,8 +44,11 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install -e '.[real]'"
 
 # --dtype -> (GGML type of the 2-D weights, general.file_type, file name label)
-DTYPES = {"bf16": ("BF16", "MOSTLY_BF16", "BF16"), "f16": ("F16", "MOSTLY_F16", "F16"),
-          "q8_0": ("Q8_0", "MOSTLY_Q8_0", "Q8_0")}
+DTYPES = {
+    "bf16": ("BF16", "MOSTLY_BF16", "BF16"),
+    "f16": ("F16", "MOSTLY_F16", "F16"),
+    "q8_0": ("Q8_0", "MOSTLY_Q8_0", "Q8_0"),
+}
 # transformers model_type -> GGUF architecture
 SUPPORTED = {"llama": "llama", "mistral": "llama"}
 F16_MAX = float(np.finfo(np.float16).max)
@@ -72,17 +75,25 @@ def check_architecture(config) -> str:
     model_type = getattr(config, "model_type", None)
     names = ", ".join(getattr(config, "architectures", None) or []) or model_type
     if model_type not in SUPPORTED:
-        raise UserError(f"GGUF export: architecture '{model_type}' ({names}) is not supported; "
-                        f"supported: {', '.join(SUPPORTED)} (written as GGUF architecture 'llama')")
+        raise UserError(
+            f"GGUF export: architecture '{model_type}' ({names}) is not supported; "
+            f"supported: {', '.join(SUPPORTED)} (written as GGUF architecture 'llama')"
+        )
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise UserError(f"GGUF export: hidden_act '{config.hidden_act}' is not supported (llama.cpp's llama uses silu)")
+        raise UserError(
+            f"GGUF export: hidden_act '{config.hidden_act}' is not supported (llama.cpp's llama uses silu)"
+        )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-        raise UserError(f"GGUF export: rope scaling '{rope_type}' is not supported yet (only unscaled rope): "
-                        f"the file would compute other positions than the model")
+        raise UserError(
+            f"GGUF export: rope scaling '{rope_type}' is not supported yet (only unscaled rope): "
+            f"the file would compute other positions than the model"
+        )
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise UserError("GGUF export: attention or MLP biases are not supported (Llama and Mistral have none)")
+        raise UserError(
+            "GGUF export: attention or MLP biases are not supported (Llama and Mistral have none)"
+        )
     return SUPPORTED[model_type]
 
 
@@ -103,7 +114,9 @@ def permute_for_llama_cpp(weight: torch.Tensor, heads: int) -> torch.Tensor:
     ``h * d + 2 * i + p``; transformers' GGUF reader (``LlamaTensorProcessor``) moves it back.
     """
     shape = weight.shape
-    return weight.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+    return (
+        weight.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).transpose(1, 2).reshape(shape)
+    )
 
 
 @dataclass
@@ -135,14 +148,24 @@ def plan_tensors(state: dict[str, torch.Tensor], config, dtype: str) -> list[Pla
             continue  # llama.cpp reads a missing output.weight as tied to token_embd
         found = names.get_type_and_name(key, try_suffixes=(".weight", ".bias"))
         if found is None or found[0] not in known:
-            raise UserError(f"GGUF export: tensor '{key}' has no place in llama.cpp's llama architecture")
+            raise UserError(
+                f"GGUF export: tensor '{key}' has no place in llama.cpp's llama architecture"
+            )
         kind, name = found
-        heads = {gguf.MODEL_TENSOR.ATTN_Q: config.num_attention_heads,
-                 gguf.MODEL_TENSOR.ATTN_K: config.num_key_value_heads}.get(kind)
+        heads = {
+            gguf.MODEL_TENSOR.ATTN_Q: config.num_attention_heads,
+            gguf.MODEL_TENSOR.ATTN_K: config.num_key_value_heads,
+        }.get(kind)
         stored = qtype if value.ndim == 2 else gguf.GGMLQuantizationType.F32
-        if stored == gguf.GGMLQuantizationType.Q8_0 and value.shape[-1] % gguf.GGML_QUANT_SIZES[stored][0]:
-            log.warning("%s: rows of %d are no multiple of Q8_0's 32-weight blocks: stored as F16", name,
-                        value.shape[-1])
+        if (
+            stored == gguf.GGMLQuantizationType.Q8_0
+            and value.shape[-1] % gguf.GGML_QUANT_SIZES[stored][0]
+        ):
+            log.warning(
+                "%s: rows of %d are no multiple of Q8_0's 32-weight blocks: stored as F16",
+                name,
+                value.shape[-1],
+            )
             stored = gguf.GGMLQuantizationType.F16
         planned.append(Planned(name, key, heads, stored, tuple(value.shape)))
     return planned
@@ -154,9 +177,15 @@ def encode_tensor(value: torch.Tensor, planned: Planned) -> np.ndarray:
     if planned.heads:
         value = permute_for_llama_cpp(value, planned.heads)
     data = value.detach().to(torch.float32).cpu().numpy()
-    if planned.qtype == gguf.GGMLQuantizationType.F16 and data.size and np.abs(data).max() > F16_MAX:
-        raise UserError(f"GGUF export: {planned.source} holds values beyond float16's range ({F16_MAX:g}): "
-                        f"use --dtype bf16")
+    if (
+        planned.qtype == gguf.GGMLQuantizationType.F16
+        and data.size
+        and np.abs(data).max() > F16_MAX
+    ):
+        raise UserError(
+            f"GGUF export: {planned.source} holds values beyond float16's range ({F16_MAX:g}): "
+            f"use --dtype bf16"
+        )
     return gguf.quants.quantize(data, planned.qtype)
 
 
@@ -184,15 +213,27 @@ def _pre_tokenizer_name(pre: Optional[dict]) -> Optional[str]:
         from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
     except ImportError:
         GGUF_PRE_TOKENIZER_SPLITS = {}
-    steps = pre.get("pretokenizers", [pre]) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    steps = (
+        pre.get("pretokenizers", [pre])
+        if pre and pre.get("type") == "Sequence"
+        else [pre]
+        if pre
+        else []
+    )
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and steps[1].get("use_regex", True)
+    ):
         return "smollm"  # SmolLM's own tokenizer: each digit alone, then GPT-2's split
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         regex = (steps[0].get("pattern") or {}).get("Regex")
-        return next((name for name, split in GGUF_PRE_TOKENIZER_SPLITS.items() if split == regex), None)
+        return next(
+            (name for name, split in GGUF_PRE_TOKENIZER_SPLITS.items() if split == regex), None
+        )
     return None
 
 
@@ -218,15 +259,25 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     gguf = _gguf()
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise UserError(f"GGUF export: tokenizer {type(tokenizer).__name__} has no tokenizers backend "
-                        f"(tokenizer.json) to read the vocabulary from")
+        raise UserError(
+            f"GGUF export: tokenizer {type(tokenizer).__name__} has no tokenizers backend "
+            f"(tokenizer.json) to read the vocabulary from"
+        )
     spec = json.loads(backend.to_str())
     model = spec["model"]
     if model.get("type") != "BPE":
-        raise UserError(f"GGUF export: tokenizer model '{model.get('type')}' is not supported (only BPE: "
-                        f"byte-level like GPT-2 and Llama 3, or sentencepiece-style like Llama 2 and Mistral)")
+        raise UserError(
+            f"GGUF export: tokenizer model '{model.get('type')}' is not supported (only BPE: "
+            f"byte-level like GPT-2 and Llama 3, or sentencepiece-style like Llama 2 and Mistral)"
+        )
     pre = spec.get("pre_tokenizer")
-    steps = pre.get("pretokenizers", [pre]) if pre and pre.get("type") == "Sequence" else [pre] if pre else []
+    steps = (
+        pre.get("pretokenizers", [pre])
+        if pre and pre.get("type") == "Sequence"
+        else [pre]
+        if pre
+        else []
+    )
     byte_level = any(step.get("type") == "ByteLevel" for step in steps)
     metaspace = next((s for s in steps if s.get("type") == "Metaspace"), None)
     # Older sentencepiece-style files (Llama 2's own tokenizer.json): no pre-tokenizer, the "▁" comes from
@@ -238,22 +289,30 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     if byte_level:
         kind, pre_name = "gpt2", _pre_tokenizer_name(pre)
         if pre_name is None:
-            raise UserError(f"GGUF export: byte-level pre-tokenizer ({_describe(pre)}) has no llama.cpp name "
-                            f"this exporter knows; llama.cpp would split the text differently")
-        add_space_prefix = any(s.get("add_prefix_space") for s in steps if s.get("type") == "ByteLevel")
+            raise UserError(
+                f"GGUF export: byte-level pre-tokenizer ({_describe(pre)}) has no llama.cpp name "
+                f"this exporter knows; llama.cpp would split the text differently"
+            )
+        add_space_prefix = any(
+            s.get("add_prefix_space") for s in steps if s.get("type") == "ByteLevel"
+        )
     elif metaspace is not None and model.get("byte_fallback"):
         kind, pre_name = "llama", "default"
         add_space_prefix = metaspace.get("prepend_scheme", "always") != "never"
     elif not steps and replaces and model.get("byte_fallback"):
         kind, pre_name, add_space_prefix = "llama", "default", prepends
     else:
-        raise UserError(f"GGUF export: tokenizer with pre-tokenizer {_describe(pre)} is not supported (only "
-                        f"byte-level BPE, or sentencepiece-style BPE with byte fallback)")
+        raise UserError(
+            f"GGUF export: tokenizer with pre-tokenizer {_describe(pre)} is not supported (only "
+            f"byte-level BPE, or sentencepiece-style BPE with byte fallback)"
+        )
 
     vocab = tokenizer.get_vocab()
     size = max(vocab.values()) + 1
     if size > vocab_size:
-        raise UserError(f"GGUF export: the tokenizer has {size} tokens, more than the model's {vocab_size} embeddings")
+        raise UserError(
+            f"GGUF export: the tokenizer has {size} tokens, more than the model's {vocab_size} embeddings"
+        )
     tokens: list[Optional[str]] = [None] * vocab_size
     for token, index in vocab.items():
         tokens[index] = token
@@ -261,7 +320,9 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     for index, token in enumerate(tokens):
         if token is None:
             tokens[index], types[index] = f"[PAD{index}]", gguf.TokenType.UNUSED
-        elif kind == "llama" and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+        elif (
+            kind == "llama" and len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+        ):
             types[index] = gguf.TokenType.BYTE
     for index, added in tokenizer.added_tokens_decoder.items():
         types[index] = gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED
@@ -270,7 +331,9 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
 
     merges = [" ".join(m) if isinstance(m, (list, tuple)) else m for m in model.get("merges", [])]
     scores = None
-    if kind == "llama":  # llama.cpp merges sentencepiece-style by the score of the token a merge makes
+    if (
+        kind == "llama"
+    ):  # llama.cpp merges sentencepiece-style by the score of the token a merge makes
         rank = {}
         for r, merge in enumerate(merges):
             rank.setdefault(merge.replace(" ", ""), r)
@@ -279,13 +342,24 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     full = tokenizer("a", add_special_tokens=True)["input_ids"]
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
-    return {"model": kind, "pre": pre_name, "tokens": tokens, "token_types": [int(t) for t in types],
-            "scores": scores, "merges": merges,
-            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-            "unk_token_id": tokenizer.unk_token_id, "pad_token_id": tokenizer.pad_token_id,
-            "add_bos": tokenizer.bos_token_id is not None and full[:1] == [tokenizer.bos_token_id] != plain[:1],
-            "add_eos": tokenizer.eos_token_id is not None and full[-1:] == [tokenizer.eos_token_id] != plain[-1:],
-            "add_space_prefix": add_space_prefix, "chat_template": template}
+    return {
+        "model": kind,
+        "pre": pre_name,
+        "tokens": tokens,
+        "token_types": [int(t) for t in types],
+        "scores": scores,
+        "merges": merges,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "unk_token_id": tokenizer.unk_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "add_bos": tokenizer.bos_token_id is not None
+        and full[:1] == [tokenizer.bos_token_id] != plain[:1],
+        "add_eos": tokenizer.eos_token_id is not None
+        and full[-1:] == [tokenizer.eos_token_id] != plain[-1:],
+        "add_space_prefix": add_space_prefix,
+        "chat_template": template,
+    }
 
 
 def add_tokenizer(writer, meta: dict) -> None:
@@ -297,8 +371,12 @@ def add_tokenizer(writer, meta: dict) -> None:
         writer.add_token_scores(meta["scores"])
     if meta["merges"]:
         writer.add_token_merges(meta["merges"])
-    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                     ("unk_token_id", writer.add_unk_token_id), ("pad_token_id", writer.add_pad_token_id)):
+    for key, add in (
+        ("bos_token_id", writer.add_bos_token_id),
+        ("eos_token_id", writer.add_eos_token_id),
+        ("unk_token_id", writer.add_unk_token_id),
+        ("pad_token_id", writer.add_pad_token_id),
+    ):
         if meta[key] is not None:
             add(meta[key])
     writer.add_add_bos_token(meta["add_bos"])
@@ -311,8 +389,13 @@ def add_tokenizer(writer, meta: dict) -> None:
 # ---- the file --------------------------------------------------------------------------------------
 
 
-def write_gguf(model: torch.nn.Module, tokenizer, path: Union[str, Path], dtype: str = "bf16",
-               name: Optional[str] = None) -> Path:
+def write_gguf(
+    model: torch.nn.Module,
+    tokenizer,
+    path: Union[str, Path],
+    dtype: str = "bf16",
+    name: Optional[str] = None,
+) -> Path:
     """Write ``model`` (a transformers Llama or Mistral) and ``tokenizer`` as one GGUF file at ``path``.
 
     Args:
@@ -359,8 +442,13 @@ def write_gguf(model: torch.nn.Module, tokenizer, path: Union[str, Path], dtype:
         add_tokenizer(writer, meta)
         for item in planned:
             shape, np_dtype, nbytes = stored_nbytes(item)
-            writer.add_tensor_info(item.name, shape, np_dtype, nbytes,
-                                   raw_dtype=None if np_dtype != np.uint8 else item.qtype)
+            writer.add_tensor_info(
+                item.name,
+                shape,
+                np_dtype,
+                nbytes,
+                raw_dtype=None if np_dtype != np.uint8 else item.qtype,
+            )
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -388,8 +476,11 @@ def load_merged(folder: Union[str, Path]):
     if not folder.is_dir():
         raise UserError(f"model folder '{folder}' does not exist")
     if not (folder / "config.json").is_file():
-        hint = ": it is an adapter, use --adapter" if (folder / "adapter_config.json").is_file() else \
-            " (a merged model folder, as merge --output writes)"
+        hint = (
+            ": it is an adapter, use --adapter"
+            if (folder / "adapter_config.json").is_file()
+            else " (a merged model folder, as merge --output writes)"
+        )
         raise UserError(f"'{folder}' holds no config.json{hint}")
     try:
         check_architecture(AutoConfig.from_pretrained(folder))
@@ -402,9 +493,14 @@ def load_merged(folder: Union[str, Path]):
     return model, tokenizer
 
 
-def export_gguf(model_dir: Union[str, Path], output: Union[str, Path], dtype: str = "bf16",
-                name: Optional[str] = None, repo_id: Optional[str] = None,
-                source: Optional[Union[str, Path]] = None) -> Path:
+def export_gguf(
+    model_dir: Union[str, Path],
+    output: Union[str, Path],
+    dtype: str = "bf16",
+    name: Optional[str] = None,
+    repo_id: Optional[str] = None,
+    source: Optional[Union[str, Path]] = None,
+) -> Path:
     """Export a merged model folder to ``<output>/<name>-<DTYPE>.gguf`` and write the folder's model card.
 
     Args:
@@ -442,30 +538,66 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m qlora_lightning export",
-                     description="A merged model (or an adapter, merged first as merge does) as one GGUF file for "
-                                 "llama.cpp, Ollama and LM Studio, with its tokenizer and a README.md model card.")
+    parser = _Parser(
+        prog="python -m qlora_lightning export",
+        description="A merged model (or an adapter, merged first as merge does) as one GGUF file for "
+        "llama.cpp, Ollama and LM Studio, with its tokenizer and a README.md model card.",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="a merged model folder (merge --output), or any Llama/Mistral checkpoint folder")
-    source.add_argument("--adapter", help="a saved adapter: merged first (as merge does, checked against "
-                                          "adapter-on-4-bit, in float32), then exported")
-    parser.add_argument("--format", choices=["gguf"], default="gguf", help="file format (default: gguf)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16",
-                        help="storage of the weight matrices: bf16 (exact for a bf16 merge), f16, or q8_0 "
-                             "(8.5 bits a weight); norms stay f32 (default: bf16)")
-    parser.add_argument("--output", help="folder for the .gguf file and its README.md (default: exported/NAME)")
-    parser.add_argument("--name", help="model name in the file and its file name (default: the source folder's name)")
-    parser.add_argument("--push_to_hub", "--push-to-hub", dest="push_to_hub", metavar="ORG/NAME",
-                        help="upload the output folder to this Hugging Face model repository (created if absent)")
+    source.add_argument(
+        "--model",
+        help="a merged model folder (merge --output), or any Llama/Mistral checkpoint folder",
+    )
+    source.add_argument(
+        "--adapter",
+        help="a saved adapter: merged first (as merge does, checked against "
+        "adapter-on-4-bit, in float32), then exported",
+    )
+    parser.add_argument(
+        "--format", choices=["gguf"], default="gguf", help="file format (default: gguf)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="bf16",
+        help="storage of the weight matrices: bf16 (exact for a bf16 merge), f16, or q8_0 "
+        "(8.5 bits a weight); norms stay f32 (default: bf16)",
+    )
+    parser.add_argument(
+        "--output", help="folder for the .gguf file and its README.md (default: exported/NAME)"
+    )
+    parser.add_argument(
+        "--name",
+        help="model name in the file and its file name (default: the source folder's name)",
+    )
+    parser.add_argument(
+        "--push_to_hub",
+        "--push-to-hub",
+        dest="push_to_hub",
+        metavar="ORG/NAME",
+        help="upload the output folder to this Hugging Face model repository (created if absent)",
+    )
     merging = parser.add_argument_group("with --adapter (as merge takes them)")
-    merging.add_argument("--into", choices=["dequantized", "original"], default="dequantized",
-                         help="merge into the dequantized 4-bit weights the adapter was trained against, or into "
-                              "the original 16-bit ones (default: dequantized)")
-    merging.add_argument("--base", help="base model id or directory (default: the one the adapter records)")
-    merging.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                         help="where to load and merge (default: cuda when available)")
-    merging.add_argument("--allow-divergence", action="store_true",
-                         help="export even when merge's check against adapter-on-4-bit fails")
+    merging.add_argument(
+        "--into",
+        choices=["dequantized", "original"],
+        default="dequantized",
+        help="merge into the dequantized 4-bit weights the adapter was trained against, or into "
+        "the original 16-bit ones (default: dequantized)",
+    )
+    merging.add_argument(
+        "--base", help="base model id or directory (default: the one the adapter records)"
+    )
+    merging.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to load and merge (default: cuda when available)",
+    )
+    merging.add_argument(
+        "--allow-divergence",
+        action="store_true",
+        help="export even when merge's check against adapter-on-4-bit fails",
+    )
     return parser.parse_args(args)
 
 
@@ -497,17 +629,31 @@ def _export_adapter(opts: argparse.Namespace, output: Path, name: str) -> Path:
 
     adapter = Path(opts.adapter)
     if not (adapter / "adapter_config.json").is_file():
-        what = "does not exist" if not adapter.exists() else "is not a PEFT adapter folder (no adapter_config.json)"
+        what = (
+            "does not exist"
+            if not adapter.exists()
+            else "is not a PEFT adapter folder (no adapter_config.json)"
+        )
         raise UserError(f"adapter '{adapter}' {what}")
     spec = base_spec_for(adapter, opts.base)
     output.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=".merge-", dir=output))
     try:
         merged = scratch / name
-        report = merge_and_check(adapter, merged, spec, opts.into, torch.float32, opts.device, opts.allow_divergence)
-        check = {None: "none (16-bit base)", True: "passed", False: "failed, written anyway (--allow-divergence)"}
-        log.info("merged %s into its base (%s weights, float32); check against adapter-on-4-bit: %s", adapter,
-                 opts.into, check[report.get("passed")])
+        report = merge_and_check(
+            adapter, merged, spec, opts.into, torch.float32, opts.device, opts.allow_divergence
+        )
+        check = {
+            None: "none (16-bit base)",
+            True: "passed",
+            False: "failed, written anyway (--allow-divergence)",
+        }
+        log.info(
+            "merged %s into its base (%s weights, float32); check against adapter-on-4-bit: %s",
+            adapter,
+            opts.into,
+            check[report.get("passed")],
+        )
         return export_gguf(merged, output, opts.dtype, name, opts.push_to_hub, source=adapter)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -30,8 +30,9 @@ def inference_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
-             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) input ids and attention mask, padded on the left.
 
     Every prompt then ends in the last column, where generation appends its tokens; the
@@ -42,8 +43,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
     mask = torch.zeros((len(prompts), length), dtype=torch.long)
     for i, p in enumerate(prompts):
         if len(p):
-            ids[i, length - len(p):] = torch.as_tensor(p, dtype=torch.long)
-            mask[i, length - len(p):] = 1
+            ids[i, length - len(p) :] = torch.as_tensor(p, dtype=torch.long)
+            mask[i, length - len(p) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -66,9 +67,15 @@ def cut_at_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     return list(tokens)
 
 
-def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], pad_id: int,
-                    stop_ids: Sequence[int], max_new_tokens: int, batch_size: int = 8,
-                    adapter_names: Optional[Sequence[str]] = None) -> list[list[int]]:
+def greedy_generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    pad_id: int,
+    stop_ids: Sequence[int],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    adapter_names: Optional[Sequence[str]] = None,
+) -> list[list[int]]:
     """The greedy continuation of each prompt, without the prompt and cut before the first stop token.
 
     Prompts are generated in batches of similar length (less padding), and the results come
@@ -85,19 +92,33 @@ def greedy_generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], pa
             no adapter); None uses the active adapter for all.
     """
     if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+        raise ValueError(
+            f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}"
+        )
     device = next(model.parameters()).device
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, use_cache=True,
-                              pad_token_id=pad_id, eos_token_id=list(stop_ids) or None)
+    config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        use_cache=True,
+        pad_token_id=pad_id,
+        eos_token_id=list(stop_ids) or None,
+    )
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     # Decoding with a growing KV cache would recompile parts compiled for training (compile_layers).
     with inference_mode(model), torch.compiler.set_stance("force_eager"):
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             ids, mask = left_pad([prompts[i] for i in rows], pad_id, device)
-            extra = {"adapter_names": [adapter_names[i] for i in rows]} if adapter_names is not None else {}
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, **extra)
-            for i, row in zip(rows, out[:, ids.shape[1]:].tolist()):  # (B, new) continuation only
+            extra = (
+                {"adapter_names": [adapter_names[i] for i in rows]}
+                if adapter_names is not None
+                else {}
+            )
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config, **extra
+            )
+            for i, row in zip(rows, out[:, ids.shape[1] :].tolist()):  # (B, new) continuation only
                 outputs[i] = cut_at_stop(row, stop_ids)
     return outputs

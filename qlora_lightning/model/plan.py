@@ -23,7 +23,7 @@ import torch
 
 from qlora_lightning.errors import UserError, first_line
 from qlora_lightning.model.distributed import fsdp_checkpoints_activations, is_fsdp
-from qlora_lightning.speed.checkpointing import HALVES, CheckpointMode, Checkpointing
+from qlora_lightning.speed.checkpointing import HALVES, Checkpointing, CheckpointMode
 from qlora_lightning.speed.estimate import GIB, choose_checkpointing, estimate_peak_memory
 
 if TYPE_CHECKING:
@@ -56,8 +56,9 @@ class MicroBatch:
         return f"{self.sequences} x {self.tokens}"
 
 
-def declared_micro_batch(datamodule: Any, sequences_per_example: int = 1,
-                         name: Optional[str] = None) -> MicroBatch:
+def declared_micro_batch(
+    datamodule: Any, sequences_per_example: int = 1, name: Optional[str] = None
+) -> MicroBatch:
     """What ``datamodule`` declares: ``batch_size`` examples of up to ``max_seq_length`` tokens,
     each ``sequences_per_example`` sequences in the forward (a DPO pair: its chosen and rejected).
 
@@ -68,15 +69,22 @@ def declared_micro_batch(datamodule: Any, sequences_per_example: int = 1,
         UserError: One line naming the DataModule, where it declares no shape or there is none.
     """
     if datamodule is None:
-        raise UserError("gradient_checkpointing auto plans memory for the data's micro-batches, and "
-                        "there is no DataModule: fit with one that declares batch_size and "
-                        "max_seq_length, or set gradient_checkpointing to a mode")
-    missing = [key for key in ("batch_size", "max_seq_length")
-               if not isinstance(getattr(datamodule, key, None), int)]
+        raise UserError(
+            "gradient_checkpointing auto plans memory for the data's micro-batches, and "
+            "there is no DataModule: fit with one that declares batch_size and "
+            "max_seq_length, or set gradient_checkpointing to a mode"
+        )
+    missing = [
+        key
+        for key in ("batch_size", "max_seq_length")
+        if not isinstance(getattr(datamodule, key, None), int)
+    ]
     if missing:
-        raise UserError(f"{name or type(datamodule).__name__} declares no {' or '.join(missing)}: "
-                        "the memory plan needs the micro-batch shape; give the DataModule that "
-                        "attribute, or set gradient_checkpointing to a mode")
+        raise UserError(
+            f"{name or type(datamodule).__name__} declares no {' or '.join(missing)}: "
+            "the memory plan needs the micro-batch shape; give the DataModule that "
+            "attribute, or set gradient_checkpointing to a mode"
+        )
     return MicroBatch(datamodule.batch_size * sequences_per_example, datamodule.max_seq_length)
 
 
@@ -110,11 +118,18 @@ def should_compile(setting: Union[bool, Literal["auto"]], device: Union[str, tor
     if torch.device(device).type != "cuda":
         return False
     compilers = [os.environ.get("CC"), "cc", "gcc", "clang"]
-    missing = [what for what, ok in (("triton", importlib.util.find_spec("triton") is not None),
-                                     ("a C compiler (cc, gcc or clang)",
-                                      any(c and shutil.which(c) for c in compilers))) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("triton", importlib.util.find_spec("triton") is not None),
+            ("a C compiler (cc, gcc or clang)", any(c and shutil.which(c) for c in compilers)),
+        )
+        if not ok
+    ]
     if missing:
-        log.warning("base.compile_layers auto: running eagerly, %s not found", " and ".join(missing))
+        log.warning(
+            "base.compile_layers auto: running eagerly, %s not found", " and ".join(missing)
+        )
     return not missing
 
 
@@ -185,18 +200,30 @@ class TrainingPlan:
         if self.micro_batch is None:
             raise ValueError("a plan without a micro-batch shape has no memory estimate")
         return estimate_peak_memory(
-            config, self.micro_batch.sequences, self.micro_batch.tokens, lora.r, self.checkpointing,
-            loss_chunk_size=self.loss_chunk_size, quantization=base.quantization,
-            double_quant=base.double_quant, lora_dropout=lora.dropout, optimizer=self.optimizer,
-            upcast_frozen=base.upcast_frozen, liger_kernel=base.liger_kernel,
-            attn_implementation=base.attn_implementation, cpu_embeddings=self.cpu_embeddings,
-            lean_forward=lora.lean_forward)
+            config,
+            self.micro_batch.sequences,
+            self.micro_batch.tokens,
+            lora.r,
+            self.checkpointing,
+            loss_chunk_size=self.loss_chunk_size,
+            quantization=base.quantization,
+            double_quant=base.double_quant,
+            lora_dropout=lora.dropout,
+            optimizer=self.optimizer,
+            upcast_frozen=base.upcast_frozen,
+            liger_kernel=base.liger_kernel,
+            attn_implementation=base.attn_implementation,
+            cpu_embeddings=self.cpu_embeddings,
+            lean_forward=lora.lean_forward,
+        )
 
     def items(self) -> list[tuple[str, str]]:
         """Every field, and what follows from them, as the ``estimate`` command prints them."""
         compiled = "off"
         if self.compile:
-            compiled = self.compile_scope + (" (Llama-style layers per part)" if self.compile_split else "")
+            compiled = self.compile_scope + (
+                " (Llama-style layers per part)" if self.compile_split else ""
+            )
         return [
             ("checkpointing", f"{_as_written(self.checkpointing)} = {self.checkpointing.name}"),
             ("offloaded to CPU memory", self.offload),
@@ -206,15 +233,23 @@ class TrainingPlan:
             ("input embeddings on", self.embeddings),
             ("optimizer", self.optimizer),
             ("micro-batch", f"{self.micro_batch} tokens" if self.micro_batch else "not needed"),
-            ("memory budget", f"{self.budget_gib:.2f} GiB" if self.budget_gib is not None else "none"),
-            ("estimated peak", f"{self.peak_gib:.2f} GiB" if self.peak_gib is not None else "not estimated"),
+            (
+                "memory budget",
+                f"{self.budget_gib:.2f} GiB" if self.budget_gib is not None else "none",
+            ),
+            (
+                "estimated peak",
+                f"{self.peak_gib:.2f} GiB" if self.peak_gib is not None else "not estimated",
+            ),
             ("reason", self.reason),
         ]
 
     def line(self) -> str:
         """The plan in one line for the log: the mode and why, then the levers that are on."""
-        levers = [f"gradient_checkpointing {_as_written(self.checkpointing)} ({self.reason})",
-                  f"compiled {self.compile_scope}" if self.compile else "eager"]
+        levers = [
+            f"gradient_checkpointing {_as_written(self.checkpointing)} ({self.reason})",
+            f"compiled {self.compile_scope}" if self.compile else "eager",
+        ]
         if self.base_last != "nowhere":
             levers.append(f"base matmul last in {self.base_last}")
         if self.loss_chunk_size:
@@ -225,12 +260,21 @@ class TrainingPlan:
 
     def as_dict(self) -> dict:
         """Plain values, for run summaries."""
-        return {"checkpointing": self.checkpointing.value, "mode": self.checkpointing.name,
-                "offload": self.offload, "compile": self.compile, "compile_scope": self.compile_scope,
-                "base_last": self.base_last, "loss_chunk_size": self.loss_chunk_size,
-                "embeddings": self.embeddings, "optimizer": self.optimizer,
-                "micro_batch": str(self.micro_batch) if self.micro_batch else None,
-                "budget_gib": self.budget_gib, "peak_gib": self.peak_gib, "reason": self.reason}
+        return {
+            "checkpointing": self.checkpointing.value,
+            "mode": self.checkpointing.name,
+            "offload": self.offload,
+            "compile": self.compile,
+            "compile_scope": self.compile_scope,
+            "base_last": self.base_last,
+            "loss_chunk_size": self.loss_chunk_size,
+            "embeddings": self.embeddings,
+            "optimizer": self.optimizer,
+            "micro_batch": str(self.micro_batch) if self.micro_batch else None,
+            "budget_gib": self.budget_gib,
+            "peak_gib": self.peak_gib,
+            "reason": self.reason,
+        }
 
 
 def _as_written(mode: CheckpointMode) -> str:
@@ -241,13 +285,20 @@ def _as_written(mode: CheckpointMode) -> str:
 ShapeSource = Union[MicroBatch, Callable[[], MicroBatch], None]
 
 
-def resolve_plan(base: BaseModelSpec, lora: LoraSpec,
-                 gradient_checkpointing: Union[Checkpointing, CheckpointMode, Literal["auto"]] = True, *,
-                 memory_budget_gib: Optional[float] = None, loss_chunk_size: Optional[int] = None,
-                 optimizer: str = FALLBACK_OPTIMIZER,
-                 device: Union[str, torch.device, None] = "cpu", strategy: Optional[Strategy] = None,
-                 micro_batch: ShapeSource = None, estimate: bool = False,
-                 model_config=None) -> TrainingPlan:
+def resolve_plan(
+    base: BaseModelSpec,
+    lora: LoraSpec,
+    gradient_checkpointing: Union[Checkpointing, CheckpointMode, Literal["auto"]] = True,
+    *,
+    memory_budget_gib: Optional[float] = None,
+    loss_chunk_size: Optional[int] = None,
+    optimizer: str = FALLBACK_OPTIMIZER,
+    device: Union[str, torch.device, None] = "cpu",
+    strategy: Optional[Strategy] = None,
+    micro_batch: ShapeSource = None,
+    estimate: bool = False,
+    model_config=None,
+) -> TrainingPlan:
     """The plan of a run: its settings, the data's micro-batch shape, the device and the strategy.
 
     FSDP's own activation checkpointing (an ``activation_checkpointing_policy``) turns transformers'
@@ -269,21 +320,31 @@ def resolve_plan(base: BaseModelSpec, lora: LoraSpec,
     """
     fsdp = is_fsdp(strategy)
     if fsdp and base.cpu_embeddings:
-        raise UserError("model.base.cpu_embeddings does not work under FSDP (it would shard a table that "
-                        "is not on the device): set it to false, or use ddp")
+        raise UserError(
+            "model.base.cpu_embeddings does not work under FSDP (it would shard a table that "
+            "is not on the device): set it to false, or use ddp"
+        )
     if fsdp and base.compile_layers is True:
         # Untested: FSDP swaps the layers' weights for views of its flat parameters, and compiling
         # FSDP (1) models needs use_orig_params, which these configs leave off. ``auto`` leaves it out.
-        raise UserError("model.base.compile_layers does not work under FSDP: set it to false, or use ddp")
+        raise UserError(
+            "model.base.compile_layers does not work under FSDP: set it to false, or use ddp"
+        )
     if fsdp:
         compiled = False
     elif device is None:
         compiled = bool(base.compile_layers)
     else:
         compiled = should_compile(base.compile_layers, device)
-    plan = TrainingPlan(CheckpointMode.KEEP_ACTIVATIONS, compile=compiled, compile_scope=base.compile_scope,
-                        skip_last_recompute=lora.skip_last_recompute, loss_chunk_size=loss_chunk_size,
-                        cpu_embeddings=base.cpu_embeddings, optimizer=optimizer)
+    plan = TrainingPlan(
+        CheckpointMode.KEEP_ACTIVATIONS,
+        compile=compiled,
+        compile_scope=base.compile_scope,
+        skip_last_recompute=lora.skip_last_recompute,
+        loss_chunk_size=loss_chunk_size,
+        cpu_embeddings=base.cpu_embeddings,
+        optimizer=optimizer,
+    )
     if fsdp_checkpoints_activations(strategy):
         plan = replace(plan, reason="FSDP's activation_checkpointing_policy recomputes each layer")
     elif isinstance(gradient_checkpointing, str) and gradient_checkpointing == "auto":
@@ -307,12 +368,21 @@ def _shape(micro_batch: ShapeSource) -> MicroBatch:
     return shape
 
 
-def _auto(plan: TrainingPlan, base: BaseModelSpec, lora: LoraSpec, budget: Optional[float],
-          device: Union[str, torch.device, None], micro_batch: ShapeSource, model_config) -> TrainingPlan:
+def _auto(
+    plan: TrainingPlan,
+    base: BaseModelSpec,
+    lora: LoraSpec,
+    budget: Optional[float],
+    device: Union[str, torch.device, None],
+    micro_batch: ShapeSource,
+    model_config,
+) -> TrainingPlan:
     """``gradient_checkpointing: auto``: the fastest mode whose estimated peak fits the budget."""
     if budget is None and device is None:
-        raise UserError("gradient_checkpointing auto plans for the GPU's memory, which this machine does not "
-                        "know: add --model.init_args.memory_budget_gib GIB")
+        raise UserError(
+            "gradient_checkpointing auto plans for the GPU's memory, which this machine does not "
+            "know: add --model.init_args.memory_budget_gib GIB"
+        )
     if budget is None and torch.device(device).type != "cuda":
         return replace(plan, reason="auto: no memory budget on a CPU, activations kept")
     source = ""
@@ -323,20 +393,39 @@ def _auto(plan: TrainingPlan, base: BaseModelSpec, lora: LoraSpec, budget: Optio
     plan = replace(plan, micro_batch=shape, budget_gib=budget)
     try:
         config = load_model_config(base) if model_config is None else model_config
+
         def peak(mode: CheckpointMode) -> float:
             return replace(plan, checkpointing=mode).estimate(config, base, lora)["total_gib"]
 
         mode, gib = choose_checkpointing(budget, shape.total, peak)
-    except (OSError, ValueError, AttributeError) as err:  # an architecture the estimator cannot read
-        log.warning("gradient_checkpointing auto: no memory estimate for '%s' (%s); checkpointing with "
-                    "offloaded layer inputs", base.name_or_path, first_line(err))
-        return replace(plan, checkpointing=CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS,
-                       reason="auto: no estimate for this architecture, layer inputs offloaded")
+    except (
+        OSError,
+        ValueError,
+        AttributeError,
+    ) as err:  # an architecture the estimator cannot read
+        log.warning(
+            "gradient_checkpointing auto: no memory estimate for '%s' (%s); checkpointing with "
+            "offloaded layer inputs",
+            base.name_or_path,
+            first_line(err),
+        )
+        return replace(
+            plan,
+            checkpointing=CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS,
+            reason="auto: no estimate for this architecture, layer inputs offloaded",
+        )
     if gib <= budget:
         reason = f"auto: the fastest that fits, {gib:.2f} of {budget:.2f} GiB{source} at {shape}"
     else:
-        log.warning("gradient_checkpointing auto: no mode fits %.2f GiB at %s tokens; %s, the leanest, is "
-                    "estimated at %.2f GiB (lower data.batch_size or data.max_seq_length)",
-                    budget, shape, mode.value, gib)
-        reason = f"auto: no mode fits {budget:.2f} GiB{source} at {shape}, the leanest needs {gib:.2f}"
+        log.warning(
+            "gradient_checkpointing auto: no mode fits %.2f GiB at %s tokens; %s, the leanest, is "
+            "estimated at %.2f GiB (lower data.batch_size or data.max_seq_length)",
+            budget,
+            shape,
+            mode.value,
+            gib,
+        )
+        reason = (
+            f"auto: no mode fits {budget:.2f} GiB{source} at {shape}, the leanest needs {gib:.2f}"
+        )
     return replace(plan, checkpointing=mode, peak_gib=gib, reason=reason)

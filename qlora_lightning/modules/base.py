@@ -20,7 +20,14 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from qlora_lightning.errors import UserError
 from qlora_lightning.model.adapters import AdapterSet
-from qlora_lightning.model.build import BaseModelSpec, Fraction, LoraSpec, load_tokenizer, spec_dict, tokenizer_source
+from qlora_lightning.model.build import (
+    BaseModelSpec,
+    Fraction,
+    LoraSpec,
+    load_tokenizer,
+    spec_dict,
+    tokenizer_source,
+)
 from qlora_lightning.model.plan import TrainingPlan
 from qlora_lightning.modules.building import Building, paged_adamw_8bit
 from qlora_lightning.modules.checkpoint_state import CheckpointState
@@ -82,16 +89,27 @@ class QLoRAModule(Building, Inputs, Stepping, CheckpointState, Predicting):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.base, self.lora = base, lora
-        self.gradient_checkpointing, self.memory_budget_gib = gradient_checkpointing, memory_budget_gib
+        self.gradient_checkpointing, self.memory_budget_gib = (
+            gradient_checkpointing,
+            memory_budget_gib,
+        )
         self.plan: Optional[TrainingPlan] = None  # every lever, resolved in ``configure_model``
         if loss_chunk_size is not None and loss_chunk_size <= 0:
-            raise UserError(f"model.loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}")
+            raise UserError(
+                f"model.loss_chunk_size must be a positive number of tokens, got {loss_chunk_size}"
+            )
         self.loss_chunk_size = loss_chunk_size
-        self.optimizer_factory, self.lr_scheduler, self.warmup_ratio = optimizer, lr_scheduler, warmup_ratio
+        self.optimizer_factory, self.lr_scheduler, self.warmup_ratio = (
+            optimizer,
+            lr_scheduler,
+            warmup_ratio,
+        )
         self.adapter_dir = adapter_dir
         self.nonfinite = nonfinite
         self.adapters, self.max_new_tokens = adapters, max_new_tokens
-        self._skipped_steps = torch.zeros(())  # on the GPU once training runs: counted without waiting for it
+        self._skipped_steps = torch.zeros(
+            ()
+        )  # on the GPU once training runs: counted without waiting for it
         self._skip_flags = HostReadings()  # (step, skipped?) on their way to the host
         self._bar_values = HostReadings()  # progress-bar values on their way to the host
         self._skips_warned = 0
@@ -118,6 +136,10 @@ class QLoRAModule(Building, Inputs, Stepping, CheckpointState, Predicting):
 
     def describe(self) -> dict:
         """What is being trained, for run summaries."""
-        return {"base": spec_dict(self.base), "lora": spec_dict(self.lora),
-                "gradient_checkpointing": self.gradient_checkpointing,
-                "plan": self.plan.as_dict() if self.plan else None, "loss_chunk_size": self.loss_chunk_size}
+        return {
+            "base": spec_dict(self.base),
+            "lora": spec_dict(self.lora),
+            "gradient_checkpointing": self.gradient_checkpointing,
+            "plan": self.plan.as_dict() if self.plan else None,
+            "loss_chunk_size": self.loss_chunk_size,
+        }

@@ -16,10 +16,20 @@ from typing_extensions import override
 from qlora_lightning.errors import UserError
 from qlora_lightning.model.adapters import attach_adapters
 from qlora_lightning.model.build import build_model
-from qlora_lightning.model.distributed import (cast_frozen_for_fsdp, check_fsdp_precision, is_fsdp,
-                                               replicates_adapters)
-from qlora_lightning.model.plan import (MicroBatch, TrainingPlan, declared_micro_batch, load_model_config,
-                                        optimizer_kind, resolve_plan)
+from qlora_lightning.model.distributed import (
+    cast_frozen_for_fsdp,
+    check_fsdp_precision,
+    is_fsdp,
+    replicates_adapters,
+)
+from qlora_lightning.model.plan import (
+    MicroBatch,
+    TrainingPlan,
+    declared_micro_batch,
+    load_model_config,
+    optimizer_kind,
+    resolve_plan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +55,9 @@ class Building(LightningModule):
     plan: Optional[TrainingPlan]
     model: Optional[torch.nn.Module]
 
-    def plan_training(self, estimate: bool = False, gradient_checkpointing: Any = None) -> TrainingPlan:
+    def plan_training(
+        self, estimate: bool = False, gradient_checkpointing: Any = None
+    ) -> TrainingPlan:
         """This module's plan on its trainer's device and strategy, for its DataModule's micro-batches.
 
         Args:
@@ -53,11 +65,23 @@ class Building(LightningModule):
             gradient_checkpointing: A setting to plan instead of the module's own.
         """
         strategy, device = self._placement()
-        setting = self.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
-        return resolve_plan(self.base, self.lora, setting, memory_budget_gib=self.memory_budget_gib,
-                            loss_chunk_size=self.loss_chunk_size, optimizer=optimizer_kind(self.optimizer_factory),
-                            device=device, strategy=strategy, micro_batch=self._declared_micro_batch,
-                            estimate=estimate)
+        setting = (
+            self.gradient_checkpointing
+            if gradient_checkpointing is None
+            else gradient_checkpointing
+        )
+        return resolve_plan(
+            self.base,
+            self.lora,
+            setting,
+            memory_budget_gib=self.memory_budget_gib,
+            loss_chunk_size=self.loss_chunk_size,
+            optimizer=optimizer_kind(self.optimizer_factory),
+            device=device,
+            strategy=strategy,
+            micro_batch=self._declared_micro_batch,
+            estimate=estimate,
+        )
 
     def _placement(self) -> tuple[Optional[Strategy], torch.device]:
         """The trainer's strategy, and this rank's device (the CPU without a trainer)."""
@@ -67,7 +91,9 @@ class Building(LightningModule):
 
     def _declared_micro_batch(self) -> MicroBatch:
         """The micro-batch shape the trainer's DataModule declares (a UserError naming it if none)."""
-        return declared_micro_batch(getattr(self._trainer, "datamodule", None), self.sequences_per_example)
+        return declared_micro_batch(
+            getattr(self._trainer, "datamodule", None), self.sequences_per_example
+        )
 
     @override
     def configure_model(self) -> None:
@@ -75,7 +101,10 @@ class Building(LightningModule):
             return
         strategy, device = self._placement()
         compute_dtype = getattr(torch, self.base.compute_dtype)
-        if is_fsdp(strategy) and self.base.quantization in ("nf4", "fp4"):  # before the minutes-long load
+        if is_fsdp(strategy) and self.base.quantization in (
+            "nf4",
+            "fp4",
+        ):  # before the minutes-long load
             check_fsdp_precision(strategy, str(self.trainer.precision), compute_dtype)
         self.plan = self.plan_training()
         if rank_zero_only.rank == 0:
@@ -88,34 +117,51 @@ class Building(LightningModule):
             attach_adapters(self.model, self.adapters)
         if is_fsdp(strategy):
             cast_frozen_for_fsdp(self.model, compute_dtype)
-        if replicates_adapters(strategy):  # FSDP leaves them alone; reduce_replicated_gradients averages them
+        if replicates_adapters(
+            strategy
+        ):  # FSDP leaves them alone; reduce_replicated_gradients averages them
             strategy.kwargs["ignored_states"] = self._trainable()
 
     def _out_of_memory_message(self, device: torch.device) -> str:
         """What did not fit, what the estimator expected, what the GPU had, and what to lower."""
         free, total = torch.cuda.mem_get_info(device)
         try:
-            plan = replace(self.plan, micro_batch=self.plan.micro_batch or self._declared_micro_batch())
+            plan = replace(
+                self.plan, micro_batch=self.plan.micro_batch or self._declared_micro_batch()
+            )
             gib = plan.peak_gib
             if gib is None:
                 gib = plan.estimate(load_model_config(self.base), self.base, self.lora)["total_gib"]
             estimate = f"about {gib:.1f} GiB estimated for batch {plan.micro_batch} tokens"
-        except Exception:  # the message must not fail on an architecture or data the estimator cannot read
+        except (
+            Exception
+        ):  # the message must not fail on an architecture or data the estimator cannot read
             estimate = "no estimate for this architecture or data"
-        return (f"out of GPU memory loading '{self.base.name_or_path}' ({estimate}; {free / 2**30:.1f} of "
-                f"{total / 2**30:.1f} GiB free on {device}): use base.quantization nf4, lower data.batch_size "
-                "or data.max_seq_length, keep gradient_checkpointing on, or free the GPU")
+        return (
+            f"out of GPU memory loading '{self.base.name_or_path}' ({estimate}; {free / 2**30:.1f} of "
+            f"{total / 2**30:.1f} GiB free on {device}): use base.quantization nf4, lower data.batch_size "
+            "or data.max_seq_length, keep gradient_checkpointing on, or free the GPU"
+        )
 
     @override
     def configure_optimizers(self) -> Any:
-        from transformers import get_scheduler  # its module imports peft: seconds of a config's parse (model/build.py)
+        from transformers import (
+            get_scheduler,
+        )  # its module imports peft: seconds of a config's parse (model/build.py)
 
         params = self._trainable()
         optimizer = self.optimizer_factory(params)
         total = self.trainer.estimated_stepping_batches
-        scheduler = get_scheduler(self.lr_scheduler if self.lr_scheduler != "constant" else "constant_with_warmup",
-                                  optimizer, num_warmup_steps=int(self.warmup_ratio * total), num_training_steps=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = get_scheduler(
+            self.lr_scheduler if self.lr_scheduler != "constant" else "constant_with_warmup",
+            optimizer,
+            num_warmup_steps=int(self.warmup_ratio * total),
+            num_training_steps=total,
+        )
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def _trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -16,7 +16,11 @@ from qlora_lightning.errors import UserError
 from qlora_lightning.evaluate.card import fit_summary, write_adapter_card
 from qlora_lightning.model.adapters import save_base_spec
 from qlora_lightning.model.distributed import clean_name, full_state_dict, is_fsdp, save_adapter
-from qlora_lightning.modules.resume import as_saved_after_last_batch, collect_rng_states, set_rng_states
+from qlora_lightning.modules.resume import (
+    as_saved_after_last_batch,
+    collect_rng_states,
+    set_rng_states,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +39,21 @@ class CheckpointState(LightningModule):
         # Megabytes, not gigabytes: the frozen 4-bit base is rebuilt from the config on load. The
         # adapter is picked from the state dict the strategy gathered (under FSDP: unsharded, on
         # rank 0 only, empty elsewhere), not from the parameters, which FSDP shards and renames.
-        if is_fsdp(self.trainer.strategy) and getattr(self.trainer.strategy, "_state_dict_type", "full") != "full":
-            raise UserError("checkpoints hold the adapter only: use FSDPStrategy state_dict_type: full")
-        trainable = {"model." + clean_name(name) for name, p in self.model.named_parameters() if p.requires_grad}
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        if (
+            is_fsdp(self.trainer.strategy)
+            and getattr(self.trainer.strategy, "_state_dict_type", "full") != "full"
+        ):
+            raise UserError(
+                "checkpoints hold the adapter only: use FSDPStrategy state_dict_type: full"
+            )
+        trainable = {
+            "model." + clean_name(name)
+            for name, p in self.model.named_parameters()
+            if p.requires_grad
+        }
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if k in trainable
+        }
         # Dropout masks come from these generators: restoring them makes a resumed run exact.
         checkpoint["rng_states"] = collect_rng_states()
         checkpoint["skipped_steps"] = self.skipped_steps
@@ -65,11 +80,21 @@ class CheckpointState(LightningModule):
         # Under FSDP the adapter is sharded: every rank takes part in gathering it, rank 0 writes it.
         gathered = full_state_dict(self.trainer.strategy)
         # trainer.log_dir is a broadcast from rank 0 under DDP/FSDP: every rank must ask.
-        path = Path(self.adapter_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter")
+        path = Path(
+            self.adapter_dir
+            or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "adapter"
+        )
         log_dir = self.trainer.log_dir  # the run folder, with data_report.json
         if self.trainer.is_global_zero:
-            state_dict = None if gathered is None else {  # keyed as in self.model
-                key.removeprefix("model."): value for key, value in gathered.items() if key.startswith("model.")}
+            state_dict = (
+                None
+                if gathered is None
+                else {  # keyed as in self.model
+                    key.removeprefix("model."): value
+                    for key, value in gathered.items()
+                    if key.startswith("model.")
+                }
+            )
             # The trained adapter only: a frozen one beside it (e.g. DPO's reference) is an input, not a result.
             save_adapter(self.model, path, state_dict)
             self.tokenizer.save_pretrained(path)

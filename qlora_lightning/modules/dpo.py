@@ -19,11 +19,18 @@ from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_ty
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from qlora_lightning.model.distributed import is_fsdp
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import (
-    REFERENCE_FREE, PreferenceLossType, chunked_sequence_logps, dpo_loss, orpo_loss, sequence_logps, simpo_loss)
+    REFERENCE_FREE,
+    PreferenceLossType,
+    chunked_sequence_logps,
+    dpo_loss,
+    orpo_loss,
+    sequence_logps,
+    simpo_loss,
+)
 from qlora_lightning.model.build import add_frozen_adapter, trainable_state_dict
+from qlora_lightning.model.distributed import is_fsdp
 from qlora_lightning.modules.base import LOSS_POSITIONS, QLoRAModule
 
 # Checked when a config is parsed: at 0.5 the labels carry no preference at all.
@@ -39,7 +46,9 @@ def reference_fingerprint(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         if name not in trainable:
             digest.update(name.encode())
-            digest.update(tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+            digest.update(
+                tensor.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes()
+            )
     return digest.hexdigest()
 
 
@@ -61,16 +70,21 @@ class PreferenceModule(QLoRAModule):
 
     metric_names: tuple[str, ...] = ()
 
-    def __init__(self, *args, beta: PositiveFloat = 0.1, sft_adapter: Optional[str] = None, **kwargs):
+    def __init__(
+        self, *args, beta: PositiveFloat = 0.1, sft_adapter: Optional[str] = None, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.beta, self.sft_adapter = beta, sft_adapter
         if sft_adapter and not self.lora.init_adapter:
             # The policy starts where SFT ended, so that at step 0 it equals the reference.
             self.lora = replace(self.lora, init_adapter=sft_adapter)
         self._step_loss = 0.0  # summed over the micro-batches of the current optimizer step
-        self.eval_metrics = torch.nn.ModuleDict({
-            stage: torch.nn.ModuleDict({name: MeanMetric() for name in self.metric_names})
-            for stage in ("val", "test")})
+        self.eval_metrics = torch.nn.ModuleDict(
+            {
+                stage: torch.nn.ModuleDict({name: MeanMetric() for name in self.metric_names})
+                for stage in ("val", "test")
+            }
+        )
 
     def batch_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
         """The loss and metrics of one batch (see the class docstring)."""
@@ -91,12 +105,17 @@ class PreferenceModule(QLoRAModule):
         Eval mode turns every dropout off, so the reference gives the same log-probs whenever it
         is asked (precomputed or live, in training or validation).
         """
-        from trl.trainer.utils import use_adapter  # trl imports peft: seconds of a config's parse (model/build.py)
+        from trl.trainer.utils import (
+            use_adapter,
+        )  # trl imports peft: seconds of a config's parse (model/build.py)
 
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), use_adapter(self.model, REFERENCE_ADAPTER if self.sft_adapter else None):
+            with (
+                torch.no_grad(),
+                use_adapter(self.model, REFERENCE_ADAPTER if self.sft_adapter else None),
+            ):
                 yield
         finally:
             self.model.train(was_training)
@@ -115,8 +134,13 @@ class PreferenceModule(QLoRAModule):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         if self.loss_chunk_size is None:
             return sequence_logps(self(**inputs), batch["labels"])
-        return chunked_sequence_logps(self.final_hidden(**inputs), self.logits_head(), batch["labels"],
-                                      self.loss_chunk_size, batch.get(LOSS_POSITIONS))
+        return chunked_sequence_logps(
+            self.final_hidden(**inputs),
+            self.logits_head(),
+            batch["labels"],
+            self.loss_chunk_size,
+            batch.get(LOSS_POSITIONS),
+        )
 
     # ---- steps -----------------------------------------------------------------------
 
@@ -126,8 +150,11 @@ class PreferenceModule(QLoRAModule):
         examples = batch["input_ids"].shape[0] // self.sequences_per_example
         for name, value in metrics.items():
             mean = value.detach().mean()
-            self.log("train/loss" if name == "loss" else name, mean,
-                     batch_size=examples if value.ndim == 0 else value.numel())
+            self.log(
+                "train/loss" if name == "loss" else name,
+                mean,
+                batch_size=examples if value.ndim == 0 else value.numel(),
+            )
             if name in ("loss", "rewards/accuracy"):
                 self.show_in_progress_bar(name.removeprefix("rewards/"), mean)
         self._step_loss += metrics["loss"].detach()
@@ -156,7 +183,12 @@ class PreferenceModule(QLoRAModule):
                 metric.update(value, weight=examples)  # a mean over all examples of the split
             else:
                 metric.update(value)
-            self.log(f"{stage}/{name}", metric, batch_size=examples, prog_bar=name in ("loss", "rewards/accuracy"))
+            self.log(
+                f"{stage}/{name}",
+                metric,
+                batch_size=examples,
+                prog_bar=name in ("loss", "rewards/accuracy"),
+            )
 
 
 class DPOModule(PreferenceModule):
@@ -189,27 +221,57 @@ class DPOModule(PreferenceModule):
 
     sequences_per_example = 2  # the chosen and the rejected sequence of each pair, in one forward
     # TRL's names; the loss is logged as train/loss.
-    metric_names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-                    "logps/chosen", "logps/rejected")
+    metric_names = (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margin",
+        "rewards/accuracy",
+        "logps/chosen",
+        "logps/rejected",
+    )
 
-    def __init__(self, *args, beta: PositiveFloat = 0.1, loss_type: PreferenceLossType = "sigmoid",
-                 label_smoothing: LabelSmoothing = 0.0, simpo_gamma: float = 0.5, sft_adapter: Optional[str] = None,
-                 precompute_ref_logps: bool = False, ref_batch_size: PositiveInt = 4, **kwargs):
+    def __init__(
+        self,
+        *args,
+        beta: PositiveFloat = 0.1,
+        loss_type: PreferenceLossType = "sigmoid",
+        label_smoothing: LabelSmoothing = 0.0,
+        simpo_gamma: float = 0.5,
+        sft_adapter: Optional[str] = None,
+        precompute_ref_logps: bool = False,
+        ref_batch_size: PositiveInt = 4,
+        **kwargs,
+    ):
         super().__init__(*args, beta=beta, sft_adapter=sft_adapter, **kwargs)
         if label_smoothing and loss_type not in ("sigmoid", "simpo"):
-            raise UserError(f"model.label_smoothing applies to the sigmoid and simpo losses only, not {loss_type}")
+            raise UserError(
+                f"model.label_smoothing applies to the sigmoid and simpo losses only, not {loss_type}"
+            )
         if loss_type in REFERENCE_FREE and (precompute_ref_logps or sft_adapter):
-            raise UserError(f"loss_type {loss_type} runs no reference: drop model.precompute_ref_logps and "
-                            "model.sft_adapter (start from an SFT adapter with model.lora.init_adapter)")
-        self.loss_type, self.label_smoothing, self.simpo_gamma = loss_type, label_smoothing, simpo_gamma
+            raise UserError(
+                f"loss_type {loss_type} runs no reference: drop model.precompute_ref_logps and "
+                "model.sft_adapter (start from an SFT adapter with model.lora.init_adapter)"
+            )
+        self.loss_type, self.label_smoothing, self.simpo_gamma = (
+            loss_type,
+            label_smoothing,
+            simpo_gamma,
+        )
         self.precompute_ref_logps, self.ref_batch_size = precompute_ref_logps, ref_batch_size
 
     def describe(self) -> dict:
-        return {**super().describe(), "dpo": {"beta": self.beta, "loss_type": self.loss_type,
-                                              "label_smoothing": self.label_smoothing,
-                                              "simpo_gamma": self.simpo_gamma,
-                                              "sft_adapter": self.sft_adapter,
-                                              "precompute_ref_logps": self.precompute_ref_logps}}
+        return {
+            **super().describe(),
+            "dpo": {
+                "beta": self.beta,
+                "loss_type": self.loss_type,
+                "label_smoothing": self.label_smoothing,
+                "simpo_gamma": self.simpo_gamma,
+                "sft_adapter": self.sft_adapter,
+                "precompute_ref_logps": self.precompute_ref_logps,
+            },
+        }
 
     # ---- precomputed reference log-probs ---------------------------------------------
 
@@ -220,13 +282,16 @@ class DPOModule(PreferenceModule):
         if is_fsdp(self.trainer.strategy):
             # Precomputing runs the reference outside a training step, where the FSDP root has not
             # gathered its own (sharded) weights, and fingerprints weights that no rank holds whole.
-            raise UserError("model.precompute_ref_logps does not work under FSDP: turn it off (the reference "
-                            "then runs live, on the same sharded base) or use the ddp strategy")
+            raise UserError(
+                "model.precompute_ref_logps does not work under FSDP: turn it off (the reference "
+                "then runs live, on the same sharded base) or use the ddp strategy"
+            )
         datamodule = self.trainer.datamodule
         if not hasattr(datamodule, "add_reference_logps"):
             raise UserError("model.precompute_ref_logps needs a PreferenceDataModule as data")
-        datamodule.add_reference_logps(self._reference_pair_logps, reference_fingerprint(self.model),
-                                       self.ref_batch_size)
+        datamodule.add_reference_logps(
+            self._reference_pair_logps, reference_fingerprint(self.model), self.ref_batch_size
+        )
 
     def _reference_pair_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -250,33 +315,54 @@ class DPOModule(PreferenceModule):
         chosen, rejected = logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, self.beta, self.loss_type, self.label_smoothing,
-            chosen_tokens, rejected_tokens)
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            self.beta,
+            self.loss_type,
+            self.label_smoothing,
+            chosen_tokens,
+            rejected_tokens,
+        )
         return _metrics(losses.mean(), chosen_rewards, rejected_rewards, chosen, rejected)
 
-    def _reference_free_metrics(self, logps: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _reference_free_metrics(
+        self, logps: torch.Tensor, tokens: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """ORPO and SimPO score each response by its mean per-token log-prob."""
         chosen, rejected = logps.chunk(2)
         chosen_tokens, rejected_tokens = tokens.chunk(2)
-        chosen_avg, rejected_avg = chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
+        chosen_avg, rejected_avg = (
+            chosen / chosen_tokens.clamp(min=1),
+            rejected / rejected_tokens.clamp(min=1),
+        )
         if self.loss_type == "orpo":
             odds, chosen_rewards, rejected_rewards = orpo_loss(chosen_avg, rejected_avg, self.beta)
             # The SFT term: the chosen responses' NLL per token over the batch, as TRL's ORPOTrainer.
             loss = -chosen.sum() / chosen_tokens.sum().clamp(min=1) + odds.mean()
         else:
-            losses, chosen_rewards, rejected_rewards = simpo_loss(chosen_avg, rejected_avg, self.beta,
-                                                                  self.simpo_gamma, self.label_smoothing)
+            losses, chosen_rewards, rejected_rewards = simpo_loss(
+                chosen_avg, rejected_avg, self.beta, self.simpo_gamma, self.label_smoothing
+            )
             loss = losses.mean()
         return _metrics(loss, chosen_rewards, rejected_rewards, chosen, rejected)
 
 
-def _metrics(loss: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen: torch.Tensor,
-             rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+def _metrics(
+    loss: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+) -> dict[str, torch.Tensor]:
     """``DPOModule.metric_names`` of one batch: its loss, and means over its pairs."""
-    return {"loss": loss,
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
-            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-            "logps/chosen": chosen.detach().mean(),
-            "logps/rejected": rejected.detach().mean()}
+    return {
+        "loss": loss,
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+        "logps/chosen": chosen.detach().mean(),
+        "logps/rejected": rejected.detach().mean(),
+    }

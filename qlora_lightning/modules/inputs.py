@@ -27,9 +27,13 @@ class Inputs(LightningModule):
     # The last batch's attention mask on the device, and whether its host copy pads anything.
     _mask_twin: Optional[tuple[torch.Tensor, bool]]
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, **kwargs
+    ) -> torch.Tensor:
         """(B, T) token ids -> (B, T, V) logits."""
-        inputs, known = self._as_known({"input_ids": input_ids, "attention_mask": attention_mask, **kwargs})
+        inputs, known = self._as_known(
+            {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
+        )
         with known:
             return self.model(**inputs, use_cache=False).logits
 
@@ -60,9 +64,14 @@ class Inputs(LightningModule):
         """(N, H) final hidden states -> (N, V) logits, as the model's own forward computes them."""
         causal_lm = self.model.get_base_model()
         config = causal_lm.config
-        for scale in ("logit_scale", "logits_scaling"):  # Cohere, Granite: rescale logits in forward
+        for scale in (
+            "logit_scale",
+            "logits_scaling",
+        ):  # Cohere, Granite: rescale logits in forward
             if getattr(config, scale, None) not in (None, 1, 1.0):
-                raise UserError(f"model.loss_chunk_size does not support {config.model_type} ({scale}); unset it")
+                raise UserError(
+                    f"model.loss_chunk_size does not support {config.model_type} ({scale}); unset it"
+                )
         head = causal_lm.get_output_embeddings()
         cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
         if not cap:
@@ -70,12 +79,21 @@ class Inputs(LightningModule):
         return lambda hidden: torch.tanh(head(hidden) / cap) * cap
 
     @override
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
         labels = batch.get("labels") if isinstance(batch, dict) else None
-        if self.loss_chunk_size is not None and isinstance(labels, torch.Tensor) and labels.device.type == "cpu":
+        if (
+            self.loss_chunk_size is not None
+            and isinstance(labels, torch.Tensor)
+            and labels.device.type == "cpu"
+        ):
             # Found on the host copy, the chunked loss's labelled positions cost the GPU no wait.
             positions = labelled_positions(labels)
-            batch = {**batch, LOSS_POSITIONS: positions.pin_memory() if labels.is_pinned() else positions}
+            batch = {
+                **batch,
+                LOSS_POSITIONS: positions.pin_memory() if labels.is_pinned() else positions,
+            }
         moved = super().transfer_batch_to_device(batch, device, dataloader_idx)
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         if isinstance(mask, torch.Tensor) and mask.device.type == "cpu":

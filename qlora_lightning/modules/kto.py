@@ -43,32 +43,61 @@ class KTOModule(PreferenceModule):
             (see ``PreferenceModule``). Without it the reference is the bare base.
     """
 
-    metric_names = ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-                    "logps/chosen", "logps/rejected")
+    metric_names = (
+        "loss",
+        "kl",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margin",
+        "rewards/accuracy",
+        "logps/chosen",
+        "logps/rejected",
+    )
 
-    def __init__(self, *args, beta: PositiveFloat = 0.1, loss_type: UnpairedLossType = "kto",
-                 desirable_weight: PositiveFloat = 1.0, undesirable_weight: PositiveFloat = 1.0,
-                 sft_adapter: Optional[str] = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        beta: PositiveFloat = 0.1,
+        loss_type: UnpairedLossType = "kto",
+        desirable_weight: PositiveFloat = 1.0,
+        undesirable_weight: PositiveFloat = 1.0,
+        sft_adapter: Optional[str] = None,
+        **kwargs,
+    ):
         super().__init__(*args, beta=beta, sft_adapter=sft_adapter, **kwargs)
-        self.loss_type, self.desirable_weight, self.undesirable_weight = loss_type, desirable_weight, undesirable_weight
+        self.loss_type, self.desirable_weight, self.undesirable_weight = (
+            loss_type,
+            desirable_weight,
+            undesirable_weight,
+        )
 
     def describe(self) -> dict:
-        return {**super().describe(), "kto": {"beta": self.beta, "loss_type": self.loss_type,
-                                              "desirable_weight": self.desirable_weight,
-                                              "undesirable_weight": self.undesirable_weight,
-                                              "sft_adapter": self.sft_adapter}}
+        return {
+            **super().describe(),
+            "kto": {
+                "beta": self.beta,
+                "loss_type": self.loss_type,
+                "desirable_weight": self.desirable_weight,
+                "undesirable_weight": self.undesirable_weight,
+                "sft_adapter": self.sft_adapter,
+            },
+        }
 
     @override
     def on_fit_start(self) -> None:
         batch_size = getattr(self.trainer.datamodule, "batch_size", None)
         if self.loss_type == "kto" and batch_size is not None and batch_size < 2:
             # One row's only mismatched pair is itself: the KL estimate would be its own reward.
-            raise UserError("loss_type kto estimates its KL term from the other rows of a batch: "
-                            f"set data.batch_size to 2 or more (got {batch_size})")
+            raise UserError(
+                "loss_type kto estimates its KL term from the other rows of a batch: "
+                f"set data.batch_size to 2 or more (got {batch_size})"
+            )
 
     def kl_logratio(self, batch: dict) -> torch.Tensor:
         """The mean ``log pi - log pi_ref`` over the batch's mismatched pairs, averaged over ranks as TRL does."""
-        mismatched = {name: batch[f"kl_{name}"] for name in ("input_ids", "attention_mask", "labels")}
+        mismatched = {
+            name: batch[f"kl_{name}"] for name in ("input_ids", "attention_mask", "labels")
+        }
         reference = self.reference_logps(mismatched)
         with torch.no_grad():  # in train mode, as TRL runs it: only the gradient is spared
             policy = self.response_logps(mismatched)[0]
@@ -84,13 +113,26 @@ class KTOModule(PreferenceModule):
         # The reference first, so that its logits are freed before the policy's forward.
         reference = self.reference_logps(batch)
         logps = self.response_logps(batch)[0]
-        losses, rewards, kl = kto_loss(logps, reference, desirable, kl_logratio, self.beta, self.desirable_weight,
-                                       self.undesirable_weight, self.loss_type)
+        losses, rewards, kl = kto_loss(
+            logps,
+            reference,
+            desirable,
+            kl_logratio,
+            self.beta,
+            self.desirable_weight,
+            self.undesirable_weight,
+            self.loss_type,
+        )
         on_their_side = torch.where(desirable, rewards > self.beta * kl, rewards < self.beta * kl)
         metrics = {"loss": losses.mean(), "kl": kl, "rewards/accuracy": on_their_side.float()}
         for name, rows in (("chosen", desirable), ("rejected", ~desirable)):
             if rows.any():
-                metrics[f"rewards/{name}"], metrics[f"logps/{name}"] = rewards[rows], logps[rows].detach()
+                metrics[f"rewards/{name}"], metrics[f"logps/{name}"] = (
+                    rewards[rows],
+                    logps[rows].detach(),
+                )
         if desirable.any() and not desirable.all():
-            metrics["rewards/margin"] = metrics["rewards/chosen"].mean() - metrics["rewards/rejected"].mean()
+            metrics["rewards/margin"] = (
+                metrics["rewards/chosen"].mean() - metrics["rewards/rejected"].mean()
+            )
         return metrics

@@ -40,12 +40,20 @@ class Predicting(LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Greedy generations for a ``PromptsDataModule`` batch: each input row plus ``generation``."""
         if "prompt_ids" not in batch:
-            raise UserError("predict generates from prompts: use data: qlora_lightning.PromptsDataModule")
+            raise UserError(
+                "predict generates from prompts: use data: qlora_lightning.PromptsDataModule"
+            )
         names = batch.get("adapter_names")
         if names is not None:  # rows that name no adapter use the active one
             names = [name or self.model.active_adapter for name in names]
-        tokens = greedy_generate(self.model, batch["prompt_ids"], self.tokenizer.pad_token_id,
-                                 stop_token_ids(self.model, self.tokenizer), self.max_new_tokens,
-                                 batch_size=len(batch["prompt_ids"]), adapter_names=names)
+        tokens = greedy_generate(
+            self.model,
+            batch["prompt_ids"],
+            self.tokenizer.pad_token_id,
+            stop_token_ids(self.model, self.tokenizer),
+            self.max_new_tokens,
+            batch_size=len(batch["prompt_ids"]),
+            adapter_names=names,
+        )
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         return [{**record, "generation": text} for record, text in zip(batch["records"], texts)]

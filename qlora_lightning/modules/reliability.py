@@ -14,8 +14,8 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from typing_extensions import override
 
-from qlora_lightning.model.adapters import AdapterMix, AdapterSet
 from qlora_lightning.errors import UserError
+from qlora_lightning.model.adapters import AdapterMix, AdapterSet
 from qlora_lightning.model.build import BaseModelSpec, LoraSpec
 
 # The only classes a checkpoint may hold besides tensors and plain values: the module's typed
@@ -32,9 +32,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None
+    ) -> None:
         if get_filesystem(path).protocol not in ("file", ("file", "local")):
-            return super().save_checkpoint(checkpoint, path, storage_options)  # remote stores are atomic per object
+            return super().save_checkpoint(
+                checkpoint, path, storage_options
+            )  # remote stores are atomic per object
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -49,23 +53,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
     @override
-    def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None) -> dict:
+    def load_checkpoint(
+        self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None
+    ) -> dict:
         if not Path(path).is_file():
             raise UserError(f"checkpoint '{path}' does not exist")
         try:
             # Tensors, plain values and CHECKPOINT_CLASSES only: loading never runs code a checkpoint names.
             with torch.serialization.safe_globals(CHECKPOINT_CLASSES):
-                checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
+                checkpoint = super().load_checkpoint(
+                    path, map_location=map_location, weights_only=True
+                )
         except pickle.UnpicklingError as err:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
             if found is None:
-                raise UserError(f"checkpoint '{path}' is truncated or corrupt (UnpicklingError); "
-                                "resume from an earlier one") from None
-            raise UserError(f"checkpoint '{path}' holds a {found.group(1)}, not only tensors and plain values "
-                            "(written by an older version, or not by this project): start a new run") from None
+                raise UserError(
+                    f"checkpoint '{path}' is truncated or corrupt (UnpicklingError); "
+                    "resume from an earlier one"
+                ) from None
+            raise UserError(
+                f"checkpoint '{path}' holds a {found.group(1)}, not only tensors and plain values "
+                "(written by an older version, or not by this project): start a new run"
+            ) from None
         except Exception as err:  # torch raises several types for truncated / garbled files
-            raise UserError(f"checkpoint '{path}' is truncated or corrupt ({type(err).__name__}); "
-                            "resume from an earlier one") from None
+            raise UserError(
+                f"checkpoint '{path}' is truncated or corrupt ({type(err).__name__}); "
+                "resume from an earlier one"
+            ) from None
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise UserError(f"checkpoint '{path}' is not a Lightning checkpoint (no state_dict)")
         return checkpoint

@@ -30,11 +30,18 @@ def collect_rng_states() -> dict[str, Any]:
     """The global generators (torch, CUDA, NumPy, Python) as tensors, lists and numbers."""
     version, internal, gauss = random.getstate()
     algorithm, keys, pos, has_gauss, cached = np.random.get_state()
-    states = {"torch": torch.get_rng_state(),
-              "python": {"version": version, "state": list(internal), "gauss": gauss},
-              # uint32 keys, held as int64: weights_only loading knows tensors, not NumPy arrays.
-              "numpy": {"algorithm": algorithm, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    states = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        # uint32 keys, held as int64: weights_only loading knows tensors, not NumPy arrays.
+        "numpy": {
+            "algorithm": algorithm,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
     if torch.cuda.is_available():
         states["torch.cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -48,8 +55,15 @@ def set_rng_states(states: dict[str, Any]) -> None:
     py = states["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     npy = states["numpy"]
-    np.random.set_state((npy["algorithm"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
+    np.random.set_state(
+        (
+            npy["algorithm"],
+            npy["keys"].numpy().astype(np.uint32),
+            npy["pos"],
+            npy["has_gauss"],
+            npy["cached_gaussian"],
+        )
+    )
 
 
 # ---- loop state ------------------------------------------------------------------------
@@ -72,14 +86,19 @@ def as_saved_after_last_batch(checkpoint: dict) -> bool:
         return False
     epochs, batches = loop["epoch_progress"], loop["epoch_loop.batch_progress"]
     e, b = epochs["total"], batches["total"]
-    ended = (e["ready"] == e["started"] == e["processed"] == e["completed"] > 0
-             and b["ready"] == b["started"] == b["processed"] == b["completed"] > 0)
+    ended = (
+        e["ready"] == e["started"] == e["processed"] == e["completed"] > 0
+        and b["ready"] == b["started"] == b["processed"] == b["completed"] > 0
+    )
     if not ended:
         return False
     for progress in (epochs["total"], epochs["current"]):  # the epoch: started, not yet processed
         progress["processed"] -= 1
         progress["completed"] -= 1
-    for progress in (batches["total"], batches["current"]):  # the batch: processed, not yet completed
+    for progress in (
+        batches["total"],
+        batches["current"],
+    ):  # the batch: processed, not yet completed
         progress["completed"] -= 1
     # Lightning adds the stepped batch back when it resumes after a batch that stepped.
     loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
@@ -90,8 +109,14 @@ def as_saved_after_last_batch(checkpoint: dict) -> bool:
 # ---- what produced a checkpoint ----------------------------------------------------------
 
 # The trainer settings that change what a resumed run computes (the rest is how it is shown or run).
-TRAINER_KEYS = ("max_steps", "max_epochs", "accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm",
-                "precision")
+TRAINER_KEYS = (
+    "max_steps",
+    "max_epochs",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+    "gradient_clip_algorithm",
+    "precision",
+)
 
 
 def run_record(config: dict) -> dict:
@@ -99,8 +124,12 @@ def run_record(config: dict) -> dict:
     tokenizer, optimizer, schedule and objective), the data, the seed and the trainer settings
     that change the computation."""
     trainer = config.get("trainer") or {}
-    return {"model": config.get("model"), "data": config.get("data"), "seed_everything": config.get("seed_everything"),
-            "trainer": {key: trainer.get(key) for key in TRAINER_KEYS}}
+    return {
+        "model": config.get("model"),
+        "data": config.get("data"),
+        "seed_everything": config.get("seed_everything"),
+        "trainer": {key: trainer.get(key) for key in TRAINER_KEYS},
+    }
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -117,35 +146,51 @@ def differences(recorded: dict, current: dict) -> list[str]:
     """``key: recorded -> current`` for every leaf where the two records differ, in key order."""
     old, new = flatten(recorded), flatten(current)
     missing = object()
-    return [f"{key}: {old.get(key, 'unset')} -> {new.get(key, 'unset')}"
-            for key in sorted(old.keys() | new.keys()) if old.get(key, missing) != new.get(key, missing)]
+    return [
+        f"{key}: {old.get(key, 'unset')} -> {new.get(key, 'unset')}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, missing) != new.get(key, missing)
+    ]
 
 
 def module_class(record: dict) -> Optional[str]:
     return (record.get("model") or {}).get("class_path")
 
 
-def check_resume(path: str, recorded: Optional[dict], current: dict, allow_changes: bool) -> list[str]:
+def check_resume(
+    path: str, recorded: Optional[dict], current: dict, allow_changes: bool
+) -> list[str]:
     """The differences between the config that wrote checkpoint ``path`` and this one; raises
     ``UserError`` for another module class (another objective: its optimizer state and schedule
     mean nothing here) and, unless ``allow_changes``, for any difference."""
     if recorded is None:
-        raise UserError(f"checkpoint '{path}' records no config (written by an older version): "
-                        "start a new run, with model.init_args.lora.init_adapter to keep its adapter")
+        raise UserError(
+            f"checkpoint '{path}' records no config (written by an older version): "
+            "start a new run, with model.init_args.lora.init_adapter to keep its adapter"
+        )
     if module_class(recorded) != module_class(current):
-        raise UserError(f"checkpoint '{path}' was written by {module_class(recorded)}, not {module_class(current)}: "
-                        "start a new run (model.init_args.lora.init_adapter starts it from a saved adapter)")
+        raise UserError(
+            f"checkpoint '{path}' was written by {module_class(recorded)}, not {module_class(current)}: "
+            "start a new run (model.init_args.lora.init_adapter starts it from a saved adapter)"
+        )
     changes = differences(recorded, current)
     if changes and not allow_changes:
-        raise UserError(f"checkpoint '{path}' was written by another config ({'; '.join(changes)}): "
-                        "resume with the same config, or pass --allow_config_changes true to change it on purpose")
+        raise UserError(
+            f"checkpoint '{path}' was written by another config ({'; '.join(changes)}): "
+            "resume with the same config, or pass --allow_config_changes true to change it on purpose"
+        )
     return changes
 
 
 # ---- where a run's checkpoints are -------------------------------------------------------
 
 # The keys that say which run a checkpoint belongs to: the same objective on the same base and data.
-RUN_KEYS = ("model.class_path", "model.init_args.base.name_or_path", "data.class_path", "data.init_args.path")
+RUN_KEYS = (
+    "model.class_path",
+    "model.init_args.base.name_or_path",
+    "data.class_path",
+    "data.init_args.path",
+)
 
 
 def same_run(recorded: Optional[dict], current: dict) -> bool:
@@ -161,13 +206,17 @@ def find_last(root: Path, current: dict, load) -> str:
         current: This config's ``run_record``.
         load: Reads a checkpoint (``AtomicCheckpointIO.load_checkpoint``).
     """
-    found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    found = sorted(
+        root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
+    )
     for path in found:
         if same_run(load(path).get("run_record"), current):
             return str(path)
     what = ", ".join(f"{key}={flatten(current).get(key)}" for key in RUN_KEYS)
     others = f" ({len(found)} of other runs)" if found else ""
-    raise UserError(f"--ckpt_path last: no last.ckpt of this run ({what}) under {root}/version_*/checkpoints{others}")
+    raise UserError(
+        f"--ckpt_path last: no last.ckpt of this run ({what}) under {root}/version_*/checkpoints{others}"
+    )
 
 
 def run_folder(checkpoint_path: str, root: Path) -> Optional[int]:
@@ -176,7 +225,11 @@ def run_folder(checkpoint_path: str, root: Path) -> Optional[int]:
     if path.parent.name != "checkpoints" or path.parent.parent.parent != root.resolve():
         return None
     name = path.parent.parent.name
-    return int(name[len("version_"):]) if name.startswith("version_") and name[len("version_"):].isdigit() else None
+    return (
+        int(name[len("version_") :])
+        if name.startswith("version_") and name[len("version_") :].isdigit()
+        else None
+    )
 
 
 class RunFolderGuard(Callback):
@@ -197,11 +250,20 @@ class RunFolderGuard(Callback):
     on_fit_start = on_validation_start = on_test_start = on_predict_start = _start
 
     @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
         logger = trainer.logger
-        if self.started or trainer.ckpt_path is not None or logger is None or not trainer.is_global_zero:
+        if (
+            self.started
+            or trainer.ckpt_path is not None
+            or logger is None
+            or not trainer.is_global_zero
+        ):
             return
-        folder = Path(logger.log_dir)  # not trainer.log_dir: a broadcast, which the other ranks would not join
+        folder = Path(
+            logger.log_dir
+        )  # not trainer.log_dir: a broadcast, which the other ranks would not join
         if folder.parent == Path(logger.root_dir) and folder.name.startswith("version_"):
             shutil.rmtree(folder, ignore_errors=True)
 

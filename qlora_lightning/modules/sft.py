@@ -30,8 +30,10 @@ class SFTModule(QLoRAModule):
     @override
     def on_fit_start(self) -> None:
         # The data picks the batch layout and the model the attention kernel: only here are both known.
-        check_packing_backend(getattr(self.trainer.datamodule, "packing", "off"),
-                              self.model.config._attn_implementation)
+        check_packing_backend(
+            getattr(self.trainer.datamodule, "packing", "off"),
+            self.model.config._attn_implementation,
+        )
 
     @override
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -44,10 +46,14 @@ class SFTModule(QLoRAModule):
     @override
     def on_before_optimizer_step(self, optimizer) -> None:
         self.reduce_replicated_gradients()
-        tokens = self.trainer.strategy.reduce(torch.as_tensor(self._step_tokens, device=self.device,
-                                                              dtype=torch.float32), reduce_op="sum")
-        nll = self.trainer.strategy.reduce(torch.as_tensor(self._step_nll, device=self.device,
-                                                           dtype=torch.float32), reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(
+            torch.as_tensor(self._step_tokens, device=self.device, dtype=torch.float32),
+            reduce_op="sum",
+        )
+        nll = self.trainer.strategy.reduce(
+            torch.as_tensor(self._step_nll, device=self.device, dtype=torch.float32),
+            reduce_op="sum",
+        )
         tokens = tokens.clamp(min=1.0)
         self._step_nll, self._step_tokens = 0.0, 0
         proceed = self.guard_nonfinite(nll, optimizer)
@@ -57,7 +63,9 @@ class SFTModule(QLoRAModule):
         # Gradients hold (1 / (accumulation * world size)) * sum over the step; make it a per-token mean.
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
         grads = self.step_gradients(optimizer)
-        if grads:  # one multi-tensor kernel, not one launch per tensor (they add up at small batches)
+        if (
+            grads
+        ):  # one multi-tensor kernel, not one launch per tensor (they add up at small batches)
             torch._foreach_mul_(grads, scale)
         self.log("train/loss", nll / tokens)
         self.show_in_progress_bar("loss", nll / tokens)
@@ -67,8 +75,13 @@ class SFTModule(QLoRAModule):
         """Summed NLL over the batch's labelled tokens, and their count (chunked per ``loss_chunk_size``)."""
         if self.loss_chunk_size is None:
             return lm_loss_sum(self(**model_inputs(batch)), batch["labels"])
-        return chunked_lm_loss_sum(self.final_hidden(**model_inputs(batch)), self.logits_head(), batch["labels"],
-                                   self.loss_chunk_size, batch.get(LOSS_POSITIONS))
+        return chunked_lm_loss_sum(
+            self.final_hidden(**model_inputs(batch)),
+            self.logits_head(),
+            batch["labels"],
+            self.loss_chunk_size,
+            batch.get(LOSS_POSITIONS),
+        )
 
     @override
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -94,4 +107,3 @@ class SFTModule(QLoRAModule):
     def _log_ppl(self, metric: MeanMetric, stage: str) -> None:
         loss = metric.compute()
         self.log(f"{stage}/ppl", torch.exp(loss))
-

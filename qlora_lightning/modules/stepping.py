@@ -27,8 +27,14 @@ class Stepping(LightningModule):
     _skips_warned: int
 
     @override
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and is_fsdp(self.trainer.strategy):
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        if (
+            gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+            and is_fsdp(self.trainer.strategy)
+        ):
             # Lightning's FSDP precision plugin refuses norm clipping (it holds no handle on the FSDP
             # root); the root's clip_grad_norm_ takes the norm over every rank's shard.
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
@@ -43,7 +49,12 @@ class Stepping(LightningModule):
         thousands of modules takes milliseconds of host time, which the GPU waits for at every step.
         """
         optimizer = getattr(optimizer, "optimizer", optimizer)  # under a LightningOptimizer
-        return [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return [
+            p.grad
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
 
     def reduce_replicated_gradients(self) -> None:
         """Before an optimizer step: average the adapter's gradients over the ranks where FSDP
@@ -67,7 +78,9 @@ class Stepping(LightningModule):
         """
         grads = self.step_gradients(optimizer)
         # One multi-tensor kernel for all the adapter's gradients, not one launch per tensor.
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        norm = (
+            torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        )
         bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
         # A bad gradient on any rank spoils the averaged one: every rank skips.
         bad = self.trainer.strategy.reduce(bad.float(), reduce_op="sum") > 0
@@ -81,9 +94,13 @@ class Stepping(LightningModule):
         if not bool(bad):
             return True
         if self.nonfinite == "stop":
-            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
-            raise NonFiniteLossError(f"non-finite loss or gradient at step {self.global_step}; "
-                                     f"stopped before applying it (last checkpoint: {last})")
+            last = (
+                getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+            )
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {self.global_step}; "
+                f"stopped before applying it (last checkpoint: {last})"
+            )
         for group in optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None
@@ -98,7 +115,11 @@ class Stepping(LightningModule):
 
     def _warn_skipped(self, step: int) -> None:
         self._skips_warned += 1
-        log.warning("non-finite loss or gradient at step %d: step skipped (%d so far)", step, self._skips_warned)
+        log.warning(
+            "non-finite loss or gradient at step %d: step skipped (%d so far)",
+            step,
+            self._skips_warned,
+        )
 
     def show_in_progress_bar(self, name: str, value: torch.Tensor) -> None:
         """Show ``value`` in the progress bar once it has reached the host (a step or so late).

@@ -23,23 +23,39 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from qlora_lightning.data.packing import real_tokens_and_examples
 from qlora_lightning.speed.checkpointing import COPY_WAITS
 from qlora_lightning.speed.collector import CollectorClock
-from qlora_lightning.data.packing import real_tokens_and_examples
 from qlora_lightning.speed.lagged import Mark, copy_to_host
 
 log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s (no sparsity).
-_PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                     "L40": 181.0, "L4": 121.0, "A10G": 70.0, "A10": 125.0, "RTX 4090": 165.0,
-                     "RTX 3090": 71.0, "T4": 65.0, "V100": 125.0}
+_PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10G": 70.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "T4": 65.0,
+    "V100": 125.0,
+}
 _GIB = 2**30
 
 
 def peak_bf16_flops(device_name: str) -> Optional[float]:
     """Datasheet bf16 peak FLOP/s for a CUDA device name, or None when unknown."""
-    for key, tflops in _PEAK_BF16_TFLOPS.items():  # longer names first would matter only for "L40" vs "L4"
+    for (
+        key,
+        tflops,
+    ) in _PEAK_BF16_TFLOPS.items():  # longer names first would matter only for "L40" vs "L4"
         if key in device_name:
             return tflops * 1e12
     return None
@@ -99,7 +115,10 @@ def all_ranks(trainer: Trainer, values: list[float]) -> torch.Tensor:
 
 def peak_memory_metrics(alloc_gib: torch.Tensor, reserved_gib: torch.Tensor) -> dict[str, float]:
     """``perf/peak_{alloc,reserved}_gib`` (the largest rank) and, over several ranks, one per rank."""
-    metrics = {"perf/peak_alloc_gib": alloc_gib.max().item(), "perf/peak_reserved_gib": reserved_gib.max().item()}
+    metrics = {
+        "perf/peak_alloc_gib": alloc_gib.max().item(),
+        "perf/peak_reserved_gib": reserved_gib.max().item(),
+    }
     if len(alloc_gib) > 1:
         for rank, (alloc, reserved) in enumerate(zip(alloc_gib.tolist(), reserved_gib.tolist())):
             metrics[f"perf/peak_alloc_gib_rank{rank}"] = alloc
@@ -121,30 +140,56 @@ class PerfMonitor(Callback):
             the pace, that may be a few milliseconds a step (an estimate; not measured yet).
     """
 
-    def __init__(self, warmup_steps: int = 2, peak_tflops: Optional[float] = None,
-                 summary_file: str = "run_summary.json", offload_waits: bool = True):
+    def __init__(
+        self,
+        warmup_steps: int = 2,
+        peak_tflops: Optional[float] = None,
+        summary_file: str = "run_summary.json",
+        offload_waits: bool = True,
+    ):
         super().__init__()
-        self.warmup_steps, self.peak_tflops, self.summary_file = warmup_steps, peak_tflops, summary_file
+        self.warmup_steps, self.peak_tflops, self.summary_file = (
+            warmup_steps,
+            peak_tflops,
+            summary_file,
+        )
         self.offload_waits = offload_waits
         self.steps: list[dict] = []
         self._window = self._new_window()
         self._start: Optional[Mark] = None  # the end of the previous step
-        self._pending: deque[tuple[int, dict, Mark, Mark]] = deque()  # measured steps not yet recorded
+        self._pending: deque[tuple[int, dict, Mark, Mark]] = (
+            deque()
+        )  # measured steps not yet recorded
         self._train_start: Optional[float] = None
         self._train_seconds = 0.0
-        self._earlier_seconds = 0.0  # training time of the run before it was resumed (from the checkpoint)
-        self._first_step = 0  # the step training started from in this process (a resumed run's: the checkpoint's)
+        self._earlier_seconds = (
+            0.0  # training time of the run before it was resumed (from the checkpoint)
+        )
+        self._first_step = (
+            0  # the step training started from in this process (a resumed run's: the checkpoint's)
+        )
         self._trainer: Optional[Trainer] = None  # for state_dict, which Lightning calls without it
         self._stepped = False
-        self._peaks_per_rank: Optional[torch.Tensor] = None  # (world, 3) GiB, gathered at the end of training
-        self._start_alloc_gib: Optional[float] = None  # the model (weights, adapter) once the strategy placed it
+        self._peaks_per_rank: Optional[torch.Tensor] = (
+            None  # (world, 3) GiB, gathered at the end of training
+        )
+        self._start_alloc_gib: Optional[float] = (
+            None  # the model (weights, adapter) once the strategy placed it
+        )
         self._collector = CollectorClock()  # host time in Python's garbage collector (collector.py)
         self._gc_seconds = 0.0  # its reading at the end of the previous step
 
     @staticmethod
     def _new_window() -> dict:
-        return {"tokens": 0, "padded_tokens": 0, "samples": 0, "max_len": 0, "tainted": False, "gc_s": 0.0,
-                "copy_waits": []}
+        return {
+            "tokens": 0,
+            "padded_tokens": 0,
+            "samples": 0,
+            "max_len": 0,
+            "tainted": False,
+            "gc_s": 0.0,
+            "copy_waits": [],
+        }
 
     def _sync(self, trainer: Trainer) -> None:
         if trainer.strategy.root_device.type == "cuda":
@@ -190,12 +235,15 @@ class PerfMonitor(Callback):
         self._start = Mark(trainer.strategy.root_device)
 
     @override
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer
+    ) -> None:
         self._stepped = True
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         w = self._window
         ids = batch["input_ids"]  # (B, T): B rows of examples or packs, padding included
         real, examples = real_tokens_and_examples(batch)
@@ -209,7 +257,10 @@ class PerfMonitor(Callback):
         self._stepped = False
         if isinstance(w["tokens"], torch.Tensor):
             w["tokens"] = copy_to_host(w["tokens"])
-        w["gc_s"], self._gc_seconds = self._collector.seconds - self._gc_seconds, self._collector.seconds
+        w["gc_s"], self._gc_seconds = (
+            self._collector.seconds - self._gc_seconds,
+            self._collector.seconds,
+        )
         w["copy_waits"] = COPY_WAITS.take()
         end = Mark(trainer.strategy.root_device)
         step = trainer.global_step  # already incremented by this optimizer step
@@ -226,7 +277,11 @@ class PerfMonitor(Callback):
         seconds = end.seconds_since(start)
         peaks = self._peak_memory_gib(trainer)
         values = [int(w["tokens"]), w["padded_tokens"], w["samples"], seconds, *peaks]
-        ranks = all_ranks(trainer, values) if trainer.world_size > 1 else torch.tensor([values], dtype=torch.float64)
+        ranks = (
+            all_ranks(trainer, values)
+            if trainer.world_size > 1
+            else torch.tensor([values], dtype=torch.float64)
+        )
         tokens, padded_tokens, samples = ranks[:, :3].sum(dim=0).tolist()
         seconds = ranks[:, 3].max().item()
         metrics = {
@@ -260,7 +315,10 @@ class PerfMonitor(Callback):
         if not self._on_cuda(trainer):
             return []
         device = trainer.strategy.root_device
-        return [torch.cuda.max_memory_allocated(device) / _GIB, torch.cuda.max_memory_reserved(device) / _GIB]
+        return [
+            torch.cuda.max_memory_allocated(device) / _GIB,
+            torch.cuda.max_memory_reserved(device) / _GIB,
+        ]
 
     def _flops_per_token(self, pl_module: LightningModule, seq_len: int) -> Optional[float]:
         model = getattr(pl_module, "model", None)
@@ -271,8 +329,12 @@ class PerfMonitor(Callback):
             self._matmul_params = count_params(model)[0]
         heads = getattr(config, "num_attention_heads", 0)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // max(heads, 1)
-        return train_flops_per_token(self._matmul_params, config.num_hidden_layers, heads * head_dim,
-                                     attended_positions(config, seq_len))
+        return train_flops_per_token(
+            self._matmul_params,
+            config.num_hidden_layers,
+            heads * head_dim,
+            attended_positions(config, seq_len),
+        )
 
     def _peak_flops(self, trainer: Trainer) -> Optional[float]:
         if self.peak_tflops:
@@ -296,23 +358,32 @@ class PerfMonitor(Callback):
         self._sync(trainer)
         self._collector.stop()
         COPY_WAITS.enabled = False
-        self._train_seconds = self._earlier_seconds + time.perf_counter() - (self._train_start or time.perf_counter())
+        self._train_seconds = (
+            self._earlier_seconds + time.perf_counter() - (self._train_start or time.perf_counter())
+        )
         while self._pending:
             self._record(trainer, *self._pending.popleft())
         peaks = self._peak_memory_gib(trainer)
         # Every rank takes part (a collective); rank 0 writes.
-        self._peaks_per_rank = all_ranks(trainer, [*peaks, self._start_alloc_gib or 0.0]) if peaks else None
-        directory = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast under DDP/FSDP: every rank
+        self._peaks_per_rank = (
+            all_ranks(trainer, [*peaks, self._start_alloc_gib or 0.0]) if peaks else None
+        )
+        directory = Path(
+            trainer.log_dir or trainer.default_root_dir
+        )  # a broadcast under DDP/FSDP: every rank
         if trainer.is_global_zero:
             self.write_summary(trainer, pl_module, directory)
 
     @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
         self._collector.stop()
         COPY_WAITS.enabled = False
 
     def summary(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         """The run in one JSON-friendly dict: what ran, how fast, how much memory, final losses."""
+
         def median(key: str) -> Optional[float]:
             values = [s[key] for s in self.steps if key in s]
             return statistics.median(values) if values else None
@@ -327,7 +398,9 @@ class PerfMonitor(Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         datamodule = trainer.datamodule
         return {
-            "model": pl_module.describe() if hasattr(pl_module, "describe") else type(pl_module).__name__,
+            "model": pl_module.describe()
+            if hasattr(pl_module, "describe")
+            else type(pl_module).__name__,
             "data": datamodule.describe() if hasattr(datamodule, "describe") else None,
             "device": torch.cuda.get_device_name(device) if on_cuda else "cpu",
             "world_size": trainer.world_size,
@@ -342,8 +415,10 @@ class PerfMonitor(Callback):
             "step_time_s": median("perf/step_time_s"),
             "mfu": median("perf/mfu"),
             "gc_pause_s_max": max((s["perf/gc_pause_s"] for s in self.steps), default=None),
-            "offload_wait_s_max": max((s["perf/offload_wait_s"] for s in self.steps if "perf/offload_wait_s" in s),
-                                      default=None),
+            "offload_wait_s_max": max(
+                (s["perf/offload_wait_s"] for s in self.steps if "perf/offload_wait_s" in s),
+                default=None,
+            ),
             "peak_alloc_gib": peaks[:, 0].max().item() if on_cuda else not_measured,
             "peak_reserved_gib": peaks[:, 1].max().item() if on_cuda else not_measured,
             "peak_alloc_gib_per_rank": peaks[:, 0].tolist() if on_cuda else not_measured,
@@ -354,7 +429,9 @@ class PerfMonitor(Callback):
             "final_val_loss": metrics.get("val/loss"),
         }
 
-    def write_summary(self, trainer: Trainer, pl_module: LightningModule, directory: Optional[Path] = None) -> Path:
+    def write_summary(
+        self, trainer: Trainer, pl_module: LightningModule, directory: Optional[Path] = None
+    ) -> Path:
         """Write the summary JSON in ``directory`` (default: the log directory) and return its path."""
         directory = Path(directory or trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)

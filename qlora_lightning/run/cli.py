@@ -20,16 +20,22 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
-from qlora_lightning.run import config_check, console, help_cache
 from qlora_lightning.data.base import SFTDataModule
 from qlora_lightning.errors import UserError
-from qlora_lightning.model.build import tokenizer_source
 from qlora_lightning.evaluate.card import check_repo_id, push_folder
+from qlora_lightning.model.build import tokenizer_source
 from qlora_lightning.modules.base import QLoRAModule
-from qlora_lightning.run.progress import count_steps
 from qlora_lightning.modules.reliability import AtomicCheckpointIO
-from qlora_lightning.modules.resume import (RunFolderGuard, StepCheckpoint, check_resume, find_last, run_folder,
-                                            run_record)
+from qlora_lightning.modules.resume import (
+    RunFolderGuard,
+    StepCheckpoint,
+    check_resume,
+    find_last,
+    run_folder,
+    run_record,
+)
+from qlora_lightning.run import config_check, console, help_cache
+from qlora_lightning.run.progress import count_steps
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +46,40 @@ class QLoRACLI(LightningCLI):
     progress bar that counts optimizer steps (``progress.py``)."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.init_args.base", "data.init_args.tokenizer", compute_fn=tokenizer_source)
+        parser.link_arguments(
+            "model.init_args.base", "data.init_args.tokenizer", compute_fn=tokenizer_source
+        )
         parser.add_lightning_class_args(StepCheckpoint, "checkpoint")
-        parser.add_argument("--allow_config_changes", type=bool, default=False,
-                            help="fit --ckpt_path: resume under a config that differs from the one that wrote the "
-                                 "checkpoint (more steps, a new learning rate); the differences are logged")
-        parser.add_argument("--push_to_hub", type=Optional[str], default=None,
-                            help="fit: upload the saved adapter folder (with its README.md model card) to this "
-                                 "Hugging Face model repository, ORG/NAME (created if absent)")
+        parser.add_argument(
+            "--allow_config_changes",
+            type=bool,
+            default=False,
+            help="fit --ckpt_path: resume under a config that differs from the one that wrote the "
+            "checkpoint (more steps, a new learning rate); the differences are logged",
+        )
+        parser.add_argument(
+            "--push_to_hub",
+            type=Optional[str],
+            default=None,
+            help="fit: upload the saved adapter folder (with its README.md model card) to this "
+            "Hugging Face model repository, ORG/NAME (created if absent)",
+        )
         # save_on_train_epoch_end: a step that ends an epoch is saved right then. Otherwise Lightning
         # defers it to a validation it expects next (which val_check_interval may not run) and saves
         # after the next micro-batch instead, in the middle of an accumulation, which no resume can repeat.
         # enable_version_counter false: a resumed run overwrites last.ckpt (and the files of steps it
         # repeats) rather than writing last-v1.ckpt beside a stale last.ckpt that `--ckpt_path last` would take.
-        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 3,
-                             "checkpoint.monitor": "step", "checkpoint.mode": "max",
-                             "checkpoint.every_n_train_steps": 50, "checkpoint.save_on_train_epoch_end": True,
-                             "checkpoint.enable_version_counter": False})
+        parser.set_defaults(
+            {
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 3,
+                "checkpoint.monitor": "step",
+                "checkpoint.mode": "max",
+                "checkpoint.every_n_train_steps": 50,
+                "checkpoint.save_on_train_epoch_end": True,
+                "checkpoint.enable_version_counter": False,
+            }
+        )
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config)
@@ -95,7 +118,9 @@ class QLoRACLI(LightningCLI):
 
     def run_record(self) -> dict:
         """This run's config as plain values (``resume.run_record``), as its checkpoints record it."""
-        dump = self.parser.dump(self.config, skip_link_targets=False, skip_none=False, format="yaml")
+        dump = self.parser.dump(
+            self.config, skip_link_targets=False, skip_none=False, format="yaml"
+        )
         return run_record(yaml.safe_load(dump)[self.subcommand])
 
     def before_fit(self) -> None:
@@ -109,13 +134,25 @@ class QLoRACLI(LightningCLI):
         if ckpt is None:
             return
         io = AtomicCheckpointIO()
-        root = Path(self.trainer.logger.root_dir if self.trainer.logger else self.trainer.default_root_dir)
-        dirpath = self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback else None
+        root = Path(
+            self.trainer.logger.root_dir if self.trainer.logger else self.trainer.default_root_dir
+        )
+        dirpath = (
+            self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback else None
+        )
         if ckpt == "last":
-            ckpt = str(Path(dirpath) / "last.ckpt") if dirpath else find_last(root, record, io.load_checkpoint)
+            ckpt = (
+                str(Path(dirpath) / "last.ckpt")
+                if dirpath
+                else find_last(root, record, io.load_checkpoint)
+            )
         checkpoint = io.load_checkpoint(ckpt)
-        changes = check_resume(ckpt, checkpoint.get("run_record"), record,
-                               self.config[self.subcommand].get("allow_config_changes"))
+        changes = check_resume(
+            ckpt,
+            checkpoint.get("run_record"),
+            record,
+            self.config[self.subcommand].get("allow_config_changes"),
+        )
         if changes:
             log.warning("resuming %s under a changed config: %s", ckpt, "; ".join(changes))
         self.config_init[self.subcommand]["ckpt_path"] = ckpt
@@ -126,7 +163,11 @@ class QLoRACLI(LightningCLI):
     def after_fit(self) -> None:
         repo_id = self.config[self.subcommand].get("push_to_hub")
         if repo_id and self.trainer.is_global_zero and self.model.saved_adapter_dir is not None:
-            push_folder(self.model.saved_adapter_dir, repo_id, f"adapter trained by {type(self.model).__name__}")
+            push_folder(
+                self.model.saved_adapter_dir,
+                repo_id,
+                f"adapter trained by {type(self.model).__name__}",
+            )
 
 
 def continue_run_folder(trainer: Trainer, ckpt: str, root: Path, step: int) -> None:
@@ -155,12 +196,20 @@ def trainer_defaults() -> dict:
 def one_line(message: str) -> str:
     """The actionable line of a jsonargparse error: which key, and what is wrong with it."""
     key = ".".join(re.findall(r'Parser key "([^"]+)"', message))
-    noise = ("Does not validate", "Problem with given class_path", "Expected a <class 'NoneType'>",
-             "Given value", "Errors:", "Subtypes:")
+    noise = (
+        "Does not validate",
+        "Problem with given class_path",
+        "Expected a <class 'NoneType'>",
+        "Given value",
+        "Errors:",
+        "Subtypes:",
+    )
     lines = [re.sub(r'^Parser key "[^"]+":\s*', "", ln.strip(" -")) for ln in message.splitlines()]
     reasons = [ln for ln in lines if ln and not ln.startswith(noise)] or lines[:1]
     # A value that fits none of a Union's types (e.g. `true|false|offload`) names them all.
-    expected = [_type_name(ln[len("Expected a "):]) for ln in reasons if ln.startswith("Expected a ")]
+    expected = [
+        _type_name(ln[len("Expected a ") :]) for ln in reasons if ln.startswith("Expected a ")
+    ]
     reason = "expected " + " or ".join(expected) if len(expected) > 1 else reasons[0]
     return f"{key}: {reason}" if key else reason
 
@@ -172,22 +221,46 @@ def _type_name(text: str) -> str:
 
 def make_cli(args: list[str] | None = None, run: bool = True) -> QLoRACLI:
     """The CLI that ``main`` runs; ``run=False`` parses and instantiates without running (tests)."""
-    return QLoRACLI(QLoRAModule, SFTDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                    trainer_defaults=trainer_defaults(), args=args, run=run, save_config_kwargs={"overwrite": True},
-                    parser_kwargs={"exit_on_error": False, "prog": "qlora-lightning"})
+    return QLoRACLI(
+        QLoRAModule,
+        SFTDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults=trainer_defaults(),
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False, "prog": "qlora-lightning"},
+    )
 
 
 # The Trainer keys the shipped configs set; `--help` names them, `--help-all` lists all ~80.
-_TRAINER_KEYS = ("max_steps", "max_epochs", "accumulate_grad_batches", "precision", "devices", "strategy",
-                 "gradient_clip_val", "val_check_interval", "log_every_n_steps", "callbacks", "default_root_dir")
+_TRAINER_KEYS = (
+    "max_steps",
+    "max_epochs",
+    "accumulate_grad_batches",
+    "precision",
+    "devices",
+    "strategy",
+    "gradient_clip_val",
+    "val_check_interval",
+    "log_every_n_steps",
+    "callbacks",
+    "default_root_dir",
+)
 
 
 def project_help(command: str) -> str:
     """``COMMAND --help``: the model's and the data's own keys first (for the classes in ``--config``, else
     SFTModule and SFTDataModule), then the Trainer keys the configs use; ``--help-all`` has the rest."""
-    parts = [f"usage: qlora-lightning {command} --config FILE [--model.init_args.KEY VALUE] "
-             "[--data.init_args.KEY VALUE] [--trainer.KEY VALUE] [--ckpt_path PATH]"]
-    for group, default in (("model", "qlora_lightning.SFTModule"), ("data", "qlora_lightning.SFTDataModule")):
+    parts = [
+        f"usage: qlora-lightning {command} --config FILE [--model.init_args.KEY VALUE] "
+        "[--data.init_args.KEY VALUE] [--trainer.KEY VALUE] [--ckpt_path PATH]"
+    ]
+    for group, default in (
+        ("model", "qlora_lightning.SFTModule"),
+        ("data", "qlora_lightning.SFTDataModule"),
+    ):
         out, argv = io.StringIO(), sys.argv
         sys.argv = argv[:1]  # LightningCLI warns when given args beside a command line
         try:
@@ -196,17 +269,23 @@ def project_help(command: str) -> str:
         finally:
             sys.argv = argv
         text = out.getvalue()
-        parts.append(text[text.find("Help for"):].strip() if "Help for" in text else text.strip())
-    parts.append("Trainer keys the configs use (--trainer.KEY VALUE): " + ", ".join(_TRAINER_KEYS) +
-                 f".\nAnother class's keys: --model.help qlora_lightning.DPOModule, --data.help "
-                 f"qlora_lightning.PreferenceDataModule. Every option, the Trainer's included: "
-                 f"qlora-lightning {command} --help-all")
+        parts.append(text[text.find("Help for") :].strip() if "Help for" in text else text.strip())
+    parts.append(
+        "Trainer keys the configs use (--trainer.KEY VALUE): "
+        + ", ".join(_TRAINER_KEYS)
+        + f".\nAnother class's keys: --model.help qlora_lightning.DPOModule, --data.help "
+        f"qlora_lightning.PreferenceDataModule. Every option, the Trainer's included: "
+        f"qlora-lightning {command} --help-all"
+    )
     return "\n\n".join(parts)
 
 
 # Subcommands that build no Trainer and load no training data: plain argparse CLIs of their own.
-_TOOLS = {"merge": "qlora_lightning.evaluate.merge", "estimate": "qlora_lightning.run.estimate",
-          "export": "qlora_lightning.evaluate.export"}
+_TOOLS = {
+    "merge": "qlora_lightning.evaluate.merge",
+    "estimate": "qlora_lightning.run.estimate",
+    "export": "qlora_lightning.evaluate.export",
+}
 
 
 def main(args: list[str] | None = None) -> None:
@@ -214,7 +293,9 @@ def main(args: list[str] | None = None) -> None:
     console.configure(verbose="--verbose" in argv)
     argv = [arg for arg in argv if arg != "--verbose"]  # the project's flag, not LightningCLI's
     if args is None:
-        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (and warns when given a copy of it)
+        sys.argv[1:] = (
+            argv  # LightningCLI reads sys.argv itself (and warns when given a copy of it)
+        )
     try:
         command = help_cache.asked_for(argv)
         if command:

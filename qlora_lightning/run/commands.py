@@ -21,10 +21,19 @@ USAGE = "usage: qlora-lightning (or python -m qlora_lightning) COMMAND [--config
 
 def help_text() -> str:
     width = max(map(len, COMMANDS))
-    lines = [USAGE, "", "QLoRA fine-tuning of 2.7B-8B language models with Lightning.", "", "commands:"]
+    lines = [
+        USAGE,
+        "",
+        "QLoRA fine-tuning of 2.7B-8B language models with Lightning.",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<{width}}  {purpose}" for name, purpose in COMMANDS.items()]
-    lines += ["", "COMMAND --help lists a command's options; --verbose shows third-party notices too.",
-              "example: qlora-lightning fit --config configs/quickstart.yaml"]
+    lines += [
+        "",
+        "COMMAND --help lists a command's options; --verbose shows third-party notices too.",
+        "example: qlora-lightning fit --config configs/quickstart.yaml",
+    ]
     return "\n".join(lines)
 
 
@@ -42,9 +51,13 @@ def main(args: Optional[list[str]] = None) -> None:
     if cached:
         print(cached)
         return
-    problem = argv[0] in help_cache.COMMANDS and config_check.check([a for a in argv if a != "--verbose"])
+    problem = argv[0] in help_cache.COMMANDS and config_check.check(
+        [a for a in argv if a != "--verbose"]
+    )
     if problem:
         sys.exit(f"error: {problem} (see --help)")
-    from qlora_lightning.run.cli import main as run  # torch, transformers and Lightning load from here on
+    from qlora_lightning.run.cli import (
+        main as run,
+    )  # torch, transformers and Lightning load from here on
 
     run(args)

@@ -23,8 +23,8 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
-from qlora_lightning.run import help_cache
 from qlora_lightning.paths import cache_dir
+from qlora_lightning.run import help_cache
 
 _NUMBERS = (("int", int), ("float", float))
 _SHORT_PREFIX = "qlora_lightning."  # the configs name the project's classes as qlora_lightning.NAME
@@ -44,6 +44,7 @@ def _load(command: str) -> Optional[dict]:
 
 # ---- recording, after LightningCLI parsed a config --------------------------------------------
 
+
 def record(command: str, config) -> None:
     """Keep the keys of ``config`` (the parsed namespace of ``command``) for ``check``. A cache folder
     that cannot be written costs only the next mistake's speed."""
@@ -53,7 +54,9 @@ def record(command: str, config) -> None:
     for group in ("model", "data"):
         node = config.get(group)
         if node is not None and node.get("class_path") and node.get("init_args") is not None:
-            known["classes"][node.class_path] = _class_keys(node.class_path, sorted(vars(node.init_args)))
+            known["classes"][node.class_path] = _class_keys(
+                node.class_path, sorted(vars(node.init_args))
+            )
     path = _path(command)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +72,9 @@ def _class_keys(class_path: str, keys: list[str]) -> dict[str, Optional[list[str
     integer or float (``PositiveInt`` included), else None."""
     module, _, name = class_path.rpartition(".")
     numbers: dict[str, Optional[list[str]]] = {}
-    for klass in reversed(getattr(importlib.import_module(module), name).__mro__):  # a subclass's annotation wins
+    for klass in reversed(
+        getattr(importlib.import_module(module), name).__mro__
+    ):  # a subclass's annotation wins
         init = klass.__dict__.get("__init__")
         try:
             hints = typing.get_type_hints(init) if init is not None else {}
@@ -89,6 +94,7 @@ def _number_kind(hint) -> Optional[list[str]]:
 
 
 # ---- checking, before anything heavy is imported ---------------------------------------------
+
 
 def check(argv: list[str]) -> Optional[str]:
     """The first mistake in ``COMMAND [--config FILE]... [--KEY VALUE]...`` that the record proves, as
@@ -167,7 +173,9 @@ def _merge(into: dict, other: dict) -> None:
 def _set(config: dict, keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
         if not isinstance(config.get(key), dict):
-            config[key] = {} if key not in config or config[key] is None else {"class_path": config[key]}
+            config[key] = (
+                {} if key not in config or config[key] is None else {"class_path": config[key]}
+            )
         config = config[key]
     config[keys[-1]] = value
 
@@ -205,7 +213,11 @@ def _known_class(class_path: Any, classes: dict) -> Optional[dict]:
     name = class_path.removeprefix(_SHORT_PREFIX)
     if "." in name:
         return None
-    found = [keys for path, keys in classes.items() if path.startswith(_SHORT_PREFIX) and path.rsplit(".", 1)[-1] == name]
+    found = [
+        keys
+        for path, keys in classes.items()
+        if path.startswith(_SHORT_PREFIX) and path.rsplit(".", 1)[-1] == name
+    ]
     return found[0] if len(found) == 1 else None
 
 

@@ -23,7 +23,10 @@ _HARMLESS_WARNINGS = (
 # Log records (logger, message start) of the same kind.
 _HARMLESS_RECORDS = (
     ("lightning.pytorch.utilities.rank_zero", "💡 Tip"),  # an advertisement for a hosted logger
-    ("lightning.pytorch.utilities.rank_zero", "TPU available"),  # TPUs are not a target of this project
+    (
+        "lightning.pytorch.utilities.rank_zero",
+        "TPU available",
+    ),  # TPUs are not a target of this project
     # `datasets` fails to read a JSON file with rows of clashing types as one table and says so at
     # ERROR level; the project then reads it row by row and counts each bad row in data_report.json.
     ("datasets.packaged_modules.json.json", "Failed to load JSON from file"),
@@ -44,7 +47,11 @@ class _ProjectFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+        return (
+            message
+            if record.levelno < logging.WARNING
+            else f"{record.levelname.lower()}: {message}"
+        )
 
 
 def configure(verbose: bool = False) -> None:
@@ -61,7 +68,9 @@ def configure(verbose: bool = False) -> None:
     for message, category in _HARMLESS_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name in {name for name, _ in _HARMLESS_RECORDS}:
-        logging.getLogger(name).addFilter(_DropRecords(tuple(p for n, p in _HARMLESS_RECORDS if n == name)))
+        logging.getLogger(name).addFilter(
+            _DropRecords(tuple(p for n, p in _HARMLESS_RECORDS if n == name))
+        )
     _quiet_progress_bars()
 
 

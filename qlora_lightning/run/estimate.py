@@ -15,8 +15,13 @@ import yaml
 
 from qlora_lightning.errors import UserError, first_line
 from qlora_lightning.model.build import BaseModelSpec, LoraSpec
-from qlora_lightning.model.plan import (TrainingPlan, declared_micro_batch, load_model_config,
-                                        optimizer_kind, resolve_plan)
+from qlora_lightning.model.plan import (
+    TrainingPlan,
+    declared_micro_batch,
+    load_model_config,
+    optimizer_kind,
+    resolve_plan,
+)
 
 MODEL_CLASS, DATA_CLASS = "qlora_lightning.QLoRAModule", "qlora_lightning.SFTDataModule"
 
@@ -61,12 +66,27 @@ def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str
     model, data = tree.get("model") or {}, tree.get("data") or {}
     module_class = _class(model.get("class_path", MODEL_CLASS), "model")
     data_class = _class(data.get("class_path", DATA_CLASS), "data")
-    settings = _settings(module_class, model.get("init_args") or {},
-                         ("base", "lora", "gradient_checkpointing", "memory_budget_gib", "loss_chunk_size",
-                          "optimizer"))
+    settings = _settings(
+        module_class,
+        model.get("init_args") or {},
+        (
+            "base",
+            "lora",
+            "gradient_checkpointing",
+            "memory_budget_gib",
+            "loss_chunk_size",
+            "optimizer",
+        ),
+    )
     try:
-        base = BaseModelSpec(**settings["base"]) if isinstance(settings["base"], dict) else settings["base"]
-        lora = LoraSpec(**settings["lora"]) if isinstance(settings["lora"], dict) else settings["lora"]
+        base = (
+            BaseModelSpec(**settings["base"])
+            if isinstance(settings["base"], dict)
+            else settings["base"]
+        )
+        lora = (
+            LoraSpec(**settings["lora"]) if isinstance(settings["lora"], dict) else settings["lora"]
+        )
     except TypeError as err:
         raise UserError(f"model.init_args: {first_line(err)}") from None
     try:
@@ -74,18 +94,39 @@ def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str
     except OSError as err:
         raise UserError(f"model '{base.name_or_path}': {first_line(err)}") from None
     optimizer = settings["optimizer"]
-    optimizer = optimizer_kind(optimizer.get("class_path") if isinstance(optimizer, dict) else optimizer)
+    optimizer = optimizer_kind(
+        optimizer.get("class_path") if isinstance(optimizer, dict) else optimizer
+    )
     # DPO runs each pair's chosen and rejected sequences in one forward: twice the sequences. KTO's one
     # forward with gradients holds its B rows; its KL and reference forwards keep no activations.
     shape = declared_micro_batch(
-        SimpleNamespace(**_settings(data_class, data.get("init_args") or {}, ("batch_size", "max_seq_length"))),
-        module_class.sequences_per_example, name=data_class.__name__)
-    plan = resolve_plan(base, lora, settings["gradient_checkpointing"],
-                        memory_budget_gib=settings["memory_budget_gib"], loss_chunk_size=settings["loss_chunk_size"],
-                        optimizer=optimizer, device=None, micro_batch=shape, estimate=True, model_config=config)
-    return {"model": base.name_or_path, "plan": plan, "batch_size": shape.sequences, "max_seq_length": shape.tokens,
-            "gradient_checkpointing": plan.checkpointing.value,
-            "chosen_by_auto": settings["gradient_checkpointing"] == "auto", **plan.estimate(config, base, lora)}
+        SimpleNamespace(
+            **_settings(data_class, data.get("init_args") or {}, ("batch_size", "max_seq_length"))
+        ),
+        module_class.sequences_per_example,
+        name=data_class.__name__,
+    )
+    plan = resolve_plan(
+        base,
+        lora,
+        settings["gradient_checkpointing"],
+        memory_budget_gib=settings["memory_budget_gib"],
+        loss_chunk_size=settings["loss_chunk_size"],
+        optimizer=optimizer,
+        device=None,
+        micro_batch=shape,
+        estimate=True,
+        model_config=config,
+    )
+    return {
+        "model": base.name_or_path,
+        "plan": plan,
+        "batch_size": shape.sequences,
+        "max_seq_length": shape.tokens,
+        "gradient_checkpointing": plan.checkpointing.value,
+        "chosen_by_auto": settings["gradient_checkpointing"] == "auto",
+        **plan.estimate(config, base, lora),
+    }
 
 
 def print_plan(plan: TrainingPlan) -> None:
@@ -97,31 +138,45 @@ def print_plan(plan: TrainingPlan) -> None:
 def main(argv: list[str]) -> None:
     """``estimate --config X.yaml [--model.init_args.lora.r 16 ...]``: print the plan and the predicted peak."""
     parser = argparse.ArgumentParser(
-        prog="qlora-lightning estimate", usage="%(prog)s --config FILE [--KEY VALUE ...]",
+        prog="qlora-lightning estimate",
+        usage="%(prog)s --config FILE [--KEY VALUE ...]",
         description="The training plan of a config (what gradient_checkpointing auto picks, and why) and its "
-                    "predicted peak GPU memory, piece by piece (the 4-bit weights, LoRA and its optimizer "
-                    "state, activations, logits), without a GPU or the model's weights.",
+        "predicted peak GPU memory, piece by piece (the 4-bit weights, LoRA and its optimizer "
+        "state, activations, logits), without a GPU or the model's weights.",
         epilog="Any key of the config can be overridden as --KEY VALUE, e.g. --data.init_args.batch_size 8 "
-               "--data.init_args.max_seq_length 1024 --model.init_args.lora.r 64 --model.init_args.loss_chunk_size "
-               "1024. With --model.init_args.gradient_checkpointing auto, add --model.init_args.memory_budget_gib "
-               "GIB: the estimate then says which mode auto picks for that budget.")
-    parser.add_argument("--config", required=True, help="the YAML given to `fit` (its model and data sections)")
+        "--data.init_args.max_seq_length 1024 --model.init_args.lora.r 64 --model.init_args.loss_chunk_size "
+        "1024. With --model.init_args.gradient_checkpointing auto, add --model.init_args.memory_budget_gib "
+        "GIB: the estimate then says which mode auto picks for that budget.",
+    )
+    parser.add_argument(
+        "--config", required=True, help="the YAML given to `fit` (its model and data sections)"
+    )
     args, rest = parser.parse_known_args(argv)
     if len(rest) % 2 or any(not k.startswith("--") for k in rest[::2]):
         parser.error("overrides come as pairs: --model.init_args.lora.r 16")
     try:
-        result = estimate_from_yaml(args.config, [(k[2:], v) for k, v in zip(rest[::2], rest[1::2])])
+        result = estimate_from_yaml(
+            args.config, [(k[2:], v) for k, v in zip(rest[::2], rest[1::2])]
+        )
     except UserError as err:
         sys.exit(f"error: {err}")
     print_plan(result["plan"])
-    print(f"{result['model']}, {result['batch_size']} sequences x {result['max_seq_length']} tokens per micro-batch, "
-          f"gradient_checkpointing {result['gradient_checkpointing']}"
-          f"{' (what auto picks for this budget)' if result['chosen_by_auto'] else ''}:")
+    print(
+        f"{result['model']}, {result['batch_size']} sequences x {result['max_seq_length']} tokens per micro-batch, "
+        f"gradient_checkpointing {result['gradient_checkpointing']}"
+        f"{' (what auto picks for this budget)' if result['chosen_by_auto'] else ''}:"
+    )
     for key, value in result.items():
-        if key.endswith("_gib") and key not in ("total_gib", "paged_optimizer_state_gib", "offloaded_to_cpu_gib"):
+        if key.endswith("_gib") and key not in (
+            "total_gib",
+            "paged_optimizer_state_gib",
+            "offloaded_to_cpu_gib",
+        ):
             print(f"  {key[:-4]:<36} {value:7.2f} GiB")
     print(f"  {'predicted peak (allocated)':<36} {result['total_gib']:7.2f} GiB")
     if result["paged_optimizer_state_gib"]:
-        print(f"  {'optimizer state (paged, not counted)':<36} {result['paged_optimizer_state_gib']:7.2f} GiB")
+        print(
+            f"  {'optimizer state (paged, not counted)':<36} {result['paged_optimizer_state_gib']:7.2f} GiB"
+        )
     if result["offloaded_to_cpu_gib"]:
         print(f"  {'kept in CPU memory':<36} {result['offloaded_to_cpu_gib']:7.2f} GiB")

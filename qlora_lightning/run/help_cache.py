@@ -29,15 +29,21 @@ _RENDERERS = ("jsonargparse", "lightning", "torch", "transformers")
 
 def asked_for(argv: list[str]) -> Optional[str]:
     """The command of ``COMMAND --help``, else None (any other argument gets LightningCLI's own answer)."""
-    return argv[0] if len(argv) == 2 and argv[0] in COMMANDS and argv[1] in ("-h", "--help") else None
+    return (
+        argv[0] if len(argv) == 2 and argv[0] in COMMANDS and argv[1] in ("-h", "--help") else None
+    )
 
 
 def source_key() -> str:
     """What the cached answers were made of: a change to any part discards them."""
-    sources = sorted((str(p.relative_to(PACKAGE_DIR)), p.stat().st_size, p.stat().st_mtime_ns)
-                     for p in PACKAGE_DIR.rglob("*.py"))
+    sources = sorted(
+        (str(p.relative_to(PACKAGE_DIR)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in PACKAGE_DIR.rglob("*.py")
+    )
     versions = [_version(name) for name in _RENDERERS]
-    settings = sorted((k, v) for k, v in os.environ.items() if k.startswith("JSONARGPARSE_"))  # e.g. env names in help
+    settings = sorted(
+        (k, v) for k, v in os.environ.items() if k.startswith("JSONARGPARSE_")
+    )  # e.g. env names in help
     return hashlib.sha256(repr((sys.version, versions, settings, sources)).encode()).hexdigest()
 
 

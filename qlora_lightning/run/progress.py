@@ -69,15 +69,24 @@ class StepRichProgressBar(RichProgressBar):
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self.progress is not None and self.train_progress_bar_id is not None and _ends_by_steps(trainer):
-            self.progress.update(self.train_progress_bar_id,
-                                 description=self._get_train_description(trainer.current_epoch))
+        if (
+            self.progress is not None
+            and self.train_progress_bar_id is not None
+            and _ends_by_steps(trainer)
+        ):
+            self.progress.update(
+                self.train_progress_bar_id,
+                description=self._get_train_description(trainer.current_epoch),
+            )
 
 
 def count_steps(trainer: Trainer) -> None:
     """Give ``trainer``'s own progress bar (Lightning's Rich or tqdm bar, not a user's) the step-aware
     counting above, in place: the subclasses add no state."""
     bar = trainer.progress_bar_callback
-    for lightning_bar, step_bar in ((RichProgressBar, StepRichProgressBar), (TQDMProgressBar, StepTQDMProgressBar)):
+    for lightning_bar, step_bar in (
+        (RichProgressBar, StepRichProgressBar),
+        (TQDMProgressBar, StepTQDMProgressBar),
+    ):
         if type(bar) is lightning_bar:
             bar.__class__ = step_bar

@@ -39,9 +39,16 @@ class JSONLWriter(BasePredictionWriter):
         self.path = path
 
     @override
-    def write_on_batch_end(self, trainer: Trainer, pl_module: LightningModule, prediction: Any,
-                           batch_indices: Optional[Sequence[int]], batch: Any, batch_idx: int,
-                           dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Optional[Sequence[int]],
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         with self.path.open("a", encoding="utf-8") as f:
             for row in prediction:
                 f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")

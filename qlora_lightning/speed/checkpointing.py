@@ -22,6 +22,7 @@ base matmul last (``lora_forward.BaseLastLoraLinear4bit``) it never redoes ``o_p
 as the whole layer's never redoes ``down_proj``'s. Llama-style layers only (``HALVES``); others
 checkpoint whole.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,7 +45,9 @@ MIN_OFFLOAD_BYTES = 2**20
 Checkpointing = Union[bool, Literal["offload", "offload_halves", "offload_all"]]
 
 # Decoder layers whose forward is x + attn(norm1(x)) = h, then h + mlp(norm2(h)), children so named.
-HALVES = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "GemmaDecoderLayer"})
+HALVES = frozenset(
+    {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "GemmaDecoderLayer"}
+)
 
 
 class CheckpointMode(Enum):
@@ -57,8 +60,12 @@ class CheckpointMode(Enum):
     KEEP_ACTIVATIONS = False  # no checkpointing: the most memory, no recomputation
     RECOMPUTE_LAYERS = True  # each layer keeps its input on the GPU and recomputes the rest
     RECOMPUTE_LAYERS_OFFLOAD_INPUTS = "offload"  # the same, with the inputs in CPU memory
-    RECOMPUTE_HALVES_OFFLOAD_INPUTS = "offload_halves"  # the same per attention and MLP (Llama-style)
-    OFFLOAD_SAVED_NO_RECOMPUTE = "offload_all"  # no recomputation: all a layer saves waits in CPU memory
+    RECOMPUTE_HALVES_OFFLOAD_INPUTS = (
+        "offload_halves"  # the same per attention and MLP (Llama-style)
+    )
+    OFFLOAD_SAVED_NO_RECOMPUTE = (
+        "offload_all"  # no recomputation: all a layer saves waits in CPU memory
+    )
 
     @classmethod
     def of(cls, value: Union["CheckpointMode", Checkpointing]) -> "CheckpointMode":
@@ -69,7 +76,9 @@ class CheckpointMode(Enum):
             return cls(value)
         except ValueError:
             names = ", ".join(str(m.value).lower() for m in cls)
-            raise ValueError(f"gradient_checkpointing {value!r} is none of {names} (or auto)") from None
+            raise ValueError(
+                f"gradient_checkpointing {value!r} is none of {names} (or auto)"
+            ) from None
 
     @property
     def checkpoints(self) -> bool:
@@ -79,21 +88,28 @@ class CheckpointMode(Enum):
     @property
     def recomputes(self) -> bool:
         """Whether the backward recomputes (part of) each layer's forward."""
-        return self in (CheckpointMode.RECOMPUTE_LAYERS, CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS,
-                        CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS)
+        return self in (
+            CheckpointMode.RECOMPUTE_LAYERS,
+            CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS,
+            CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS,
+        )
 
     @property
     def offloads(self) -> str:
         """What waits in CPU memory for the backward."""
-        return {CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS: "layer inputs",
-                CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS: "attention and MLP inputs",
-                CheckpointMode.OFFLOAD_SAVED_NO_RECOMPUTE: "all the layers save"}.get(self, "nothing")
+        return {
+            CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS: "layer inputs",
+            CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS: "attention and MLP inputs",
+            CheckpointMode.OFFLOAD_SAVED_NO_RECOMPUTE: "all the layers save",
+        }.get(self, "nothing")
 
     @property
     def offloads_inputs(self) -> bool:
         """Whether it recomputes with the checkpointed inputs waiting in CPU memory."""
-        return self in (CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS,
-                        CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS)
+        return self in (
+            CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS,
+            CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS,
+        )
 
     @property
     def splits_halves(self) -> bool:
@@ -101,7 +117,9 @@ class CheckpointMode(Enum):
         return self is CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS
 
 
-def enable_checkpointing(model: torch.nn.Module, mode: Union[CheckpointMode, Checkpointing]) -> None:
+def enable_checkpointing(
+    model: torch.nn.Module, mode: Union[CheckpointMode, Checkpointing]
+) -> None:
     """Turn on transformers' (non-reentrant) checkpointing of each decoder layer, offloaded per ``mode``.
 
     ``OFFLOAD_SAVED_NO_RECOMPUTE`` takes over the same hook (transformers calls it for each layer in
@@ -111,7 +129,10 @@ def enable_checkpointing(model: torch.nn.Module, mode: Union[CheckpointMode, Che
     if not mode.checkpoints:
         return
     # transformers >= 5.2x renamed it; older 5.x has the old name only.
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable = (
+        getattr(model, "activation_checkpointing_enable", None)
+        or model.gradient_checkpointing_enable
+    )
     enable({"use_reentrant": False})
     whole = set()  # kinds of layer the halves mode cannot split
     for module in model.modules():
@@ -124,12 +145,16 @@ def enable_checkpointing(model: torch.nn.Module, mode: Union[CheckpointMode, Che
                 module._gradient_checkpointing_func = functools.partial(offloaded_halves, module)
             elif mode.splits_halves:
                 module._gradient_checkpointing_func = offloaded_checkpoint
-                if isinstance(module, GradientCheckpointingLayer):  # not the model, which holds the flag too
+                if isinstance(
+                    module, GradientCheckpointingLayer
+                ):  # not the model, which holds the flag too
                     whole.add(type(module).__name__)
     if whole:
-        log.warning("gradient_checkpointing offload_halves: %s not split into attention and MLP (not "
-                    "Llama-style); checkpointed whole with offloaded inputs, as under offload",
-                    ", ".join(sorted(whole)))
+        log.warning(
+            "gradient_checkpointing offload_halves: %s not split into attention and MLP (not "
+            "Llama-style); checkpointed whole with offloaded inputs, as under offload",
+            ", ".join(sorted(whole)),
+        )
 
 
 def offloaded_checkpoint(function, *args, **kwargs):
@@ -147,8 +172,9 @@ def offloaded_halves(layer: torch.nn.Module, function, hidden_states: torch.Tens
     as two checkpoints, attention then MLP, whose inputs (the residual stream) wait in CPU memory."""
     kwargs = function.keywords
     with OffloadToCpu():
-        hidden_states = hidden_states + checkpoint(_attention_half, layer, hidden_states, use_reentrant=False,
-                                                   **kwargs)
+        hidden_states = hidden_states + checkpoint(
+            _attention_half, layer, hidden_states, use_reentrant=False, **kwargs
+        )
         return hidden_states + checkpoint(_mlp_half, layer, hidden_states, use_reentrant=False)
 
 
@@ -227,8 +253,11 @@ class OffloadToCpu(torch.autograd.graph.saved_tensors_hooks):
 
 def _worth_offloading(tensor: torch.Tensor, keep: frozenset[int]) -> bool:
     """A CUDA tensor of at least ``MIN_OFFLOAD_BYTES`` whose storage is not in ``keep``."""
-    return (tensor.device.type == "cuda" and tensor.numel() * tensor.element_size() >= MIN_OFFLOAD_BYTES
-            and tensor.untyped_storage().data_ptr() not in keep)
+    return (
+        tensor.device.type == "cuda"
+        and tensor.numel() * tensor.element_size() >= MIN_OFFLOAD_BYTES
+        and tensor.untyped_storage().data_ptr() not in keep
+    )
 
 
 class _Parked:

@@ -72,8 +72,9 @@ class FreezeHeap(Callback):
         self._freeze(trainer.global_step)
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step  # counts optimizer steps: unchanged between micro-batches of one
         if step != self._frozen_at and step - self._first_step <= self.after_steps:
             self._freeze(step)
@@ -83,7 +84,9 @@ class FreezeHeap(Callback):
         gc.unfreeze()
 
     @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
         gc.unfreeze()
 
     def _freeze(self, step: int) -> None:

@@ -35,7 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Union
 
-from qlora_lightning.speed.checkpointing import CheckpointMode, Checkpointing
+from qlora_lightning.speed.checkpointing import Checkpointing, CheckpointMode
 
 GIB = 2**30
 BLOCK = 64  # bitsandbytes 4-bit block size: one absmax per 64 weights
@@ -74,11 +74,20 @@ def dims_of(config) -> Dims:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", "silu")
-    return Dims(hidden=config.hidden_size, inter=config.intermediate_size, layers=config.num_hidden_layers,
-                vocab=config.vocab_size, heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                head_dim=head_dim, gated_mlp=config.model_type != "phi",
-                tied=bool(getattr(config, "tie_word_embeddings", False)), bias=config.model_type == "phi",
-                act=str(act), sliding_window=getattr(config, "sliding_window", None))
+    return Dims(
+        hidden=config.hidden_size,
+        inter=config.intermediate_size,
+        layers=config.num_hidden_layers,
+        vocab=config.vocab_size,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        gated_mlp=config.model_type != "phi",
+        tied=bool(getattr(config, "tie_word_embeddings", False)),
+        bias=config.model_type == "phi",
+        act=str(act),
+        sliding_window=getattr(config, "sliding_window", None),
+    )
 
 
 def layer_linears(d: Dims) -> list[tuple[int, int]]:
@@ -88,8 +97,9 @@ def layer_linears(d: Dims) -> list[tuple[int, int]]:
     return attn + mlp
 
 
-def weight_bytes(d: Dims, quantization: str = "nf4", double_quant: bool = True,
-                 upcast_frozen: bool = False) -> dict[str, float]:
+def weight_bytes(
+    d: Dims, quantization: str = "nf4", double_quant: bool = True, upcast_frozen: bool = False
+) -> dict[str, float]:
     """Bytes of the frozen base: 4-bit linears (with their constants) and the 16-bit (or fp32) rest."""
     n = d.layers * sum(i * o for i, o in layer_linears(d))
     if quantization in ("nf4", "fp4"):
@@ -99,9 +109,12 @@ def weight_bytes(d: Dims, quantization: str = "nf4", double_quant: bool = True,
         linear = n + n / d.hidden * 4  # one fp32 scale per row, roughly
     else:
         linear = 2 * n  # bf16
-    per_layer_other = 2 * d.hidden + (sum(o for _, o in layer_linears(d)) if d.bias else 0)  # norms, biases
-    other = (4 if upcast_frozen else 2) * (d.vocab * d.hidden * (1 if d.tied else 2) + d.layers * per_layer_other
-                                           + d.hidden)
+    per_layer_other = 2 * d.hidden + (
+        sum(o for _, o in layer_linears(d)) if d.bias else 0
+    )  # norms, biases
+    other = (4 if upcast_frozen else 2) * (
+        d.vocab * d.hidden * (1 if d.tied else 2) + d.layers * per_layer_other + d.hidden
+    )
     return {"linear_weights": linear, "other_weights": other}
 
 
@@ -110,8 +123,9 @@ def lora_params(d: Dims, r: int) -> int:
     return d.layers * sum(r * (i + o) for i, o in layer_linears(d))
 
 
-def layer_activation_bytes(d: Dims, dropout: bool = True, upcast_frozen: bool = False,
-                           liger_kernel: bool = False) -> tuple[float, float]:
+def layer_activation_bytes(
+    d: Dims, dropout: bool = True, upcast_frozen: bool = False, liger_kernel: bool = False
+) -> tuple[float, float]:
     """Bytes per token that one decoder layer saves for its backward pass (bf16 autocast): its
     attention half and its MLP half, each with its norm's input.
 
@@ -125,10 +139,13 @@ def layer_activation_bytes(d: Dims, dropout: bool = True, upcast_frozen: bool = 
     act = 4 if upcast_frozen else 2  # bytes of one saved MLP intermediate
     h, a, kv, i = d.hidden, d.attn, d.kv, d.inter
     norm = 2 * h if liger_kernel else 4 * h
-    attention = (norm
-                 + 3 * lin * h  # q, k, v projections
-                 + 4 * a + 4 * kv  # bf16 q, k, v and the output kept by the attention kernel
-                 + lin * a)  # the output projection
+    attention = (
+        norm
+        + 3 * lin * h  # q, k, v projections
+        + 4 * a
+        + 4 * kv  # bf16 q, k, v and the output kept by the attention kernel
+        + lin * a
+    )  # the output projection
     if d.gated_mlp:  # gate/up inputs, gate/act/up outputs (gate/up with Liger), down input
         mlp = norm + 2 * lin * h + (2 if liger_kernel else 3) * act * i + lin * i
     else:  # Phi: fc1, gelu_new (written as several elementwise ops that each keep a tensor), fc2
@@ -136,8 +153,12 @@ def layer_activation_bytes(d: Dims, dropout: bool = True, upcast_frozen: bool = 
     return attention, mlp
 
 
-def logits_bytes(d: Dims, tokens: int, loss_chunk_size: Optional[int],
-                 loss_impl: Literal["project", "transformers"] = "project") -> float:
+def logits_bytes(
+    d: Dims,
+    tokens: int,
+    loss_chunk_size: Optional[int],
+    loss_impl: Literal["project", "transformers"] = "project",
+) -> float:
     """Peak bytes of the loss: logits, fp32 log-softmax and their gradients in the backward.
 
     The project's plain loss keeps the fp32 log-softmax (4 bytes/logit) and, in the backward, its
@@ -160,14 +181,24 @@ def optimizer_state_bytes(optimizer: str) -> tuple[int, bool]:
     return (2 if "8bit" in name else 8), name.startswith("Paged")
 
 
-def estimate_peak_memory(config, batch: int, seq: int, r: int = 16,
-                         gradient_checkpointing: Union[CheckpointMode, Checkpointing] = True,
-                         loss_chunk_size: Optional[int] = None, quantization: str = "nf4",
-                         double_quant: bool = True, lora_dropout: float = 0.05, optimizer: str = "PagedAdamW8bit",
-                         loss_impl: Literal["project", "transformers"] = "project",
-                         upcast_frozen: bool = False, liger_kernel: bool = False,
-                         attn_implementation: Optional[str] = "sdpa", cpu_embeddings: bool = False,
-                         lean_forward: bool = False) -> dict[str, float]:
+def estimate_peak_memory(
+    config,
+    batch: int,
+    seq: int,
+    r: int = 16,
+    gradient_checkpointing: Union[CheckpointMode, Checkpointing] = True,
+    loss_chunk_size: Optional[int] = None,
+    quantization: str = "nf4",
+    double_quant: bool = True,
+    lora_dropout: float = 0.05,
+    optimizer: str = "PagedAdamW8bit",
+    loss_impl: Literal["project", "transformers"] = "project",
+    upcast_frozen: bool = False,
+    liger_kernel: bool = False,
+    attn_implementation: Optional[str] = "sdpa",
+    cpu_embeddings: bool = False,
+    lean_forward: bool = False,
+) -> dict[str, float]:
     """Predicted peak of the PyTorch allocator for one training step, by component, in GiB.
 
     Args:
@@ -209,18 +240,30 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16,
     state = n_lora * float(state_bytes)
     if not paged:
         parts["optimizer_state"] = state
-    attention, mlp = (tokens * b for b in layer_activation_bytes(d, lora_dropout > 0, upcast_frozen, liger_kernel))
-    if d.sliding_window and seq > d.sliding_window and attn_implementation in ("sdpa", "eager", None):
-        attention += 3 * batch * seq * seq  # a dense sliding-window mask: (B, 1, T, T) bool and its bf16 bias
+    attention, mlp = (
+        tokens * b for b in layer_activation_bytes(d, lora_dropout > 0, upcast_frozen, liger_kernel)
+    )
+    if (
+        d.sliding_window
+        and seq > d.sliding_window
+        and attn_implementation in ("sdpa", "eager", None)
+    ):
+        attention += (
+            3 * batch * seq * seq
+        )  # a dense sliding-window mask: (B, 1, T, T) bool and its bf16 bias
     layer = attention + mlp
     # The halves mode checkpoints a Llama-style layer's attention and MLP apart (others whole): the backward
     # recomputes one at a time, and the residual stream between them waits in CPU memory too.
     halves = mode.splits_halves and d.gated_mlp
     recomputed = max(attention, mlp) if halves else layer
     logits = logits_bytes(d, tokens, loss_chunk_size, loss_impl)
-    parts["dequantized_weights"] = 2 * 2 * max(i * o for i, o in layer_linears(d))  # bf16, forward + backward
+    parts["dequantized_weights"] = (
+        2 * 2 * max(i * o for i, o in layer_linears(d))
+    )  # bf16, forward + backward
     if mode.checkpoints:
-        layer_inputs = d.layers * tokens * d.hidden * (4 if upcast_frozen else 2)  # the residual stream
+        layer_inputs = (
+            d.layers * tokens * d.hidden * (4 if upcast_frozen else 2)
+        )  # the residual stream
         if mode is CheckpointMode.OFFLOAD_SAVED_NO_RECOMPUTE:
             offloaded += d.layers * layer
         elif mode.offloads_inputs:
@@ -252,8 +295,9 @@ def estimate_peak_memory(config, batch: int, seq: int, r: int = 16,
 FEW_TOKENS = 1024
 
 
-def choose_checkpointing(budget_gib: float, tokens: int,
-                         estimate_gib: Callable[[CheckpointMode], float]) -> tuple[CheckpointMode, float]:
+def choose_checkpointing(
+    budget_gib: float, tokens: int, estimate_gib: Callable[[CheckpointMode], float]
+) -> tuple[CheckpointMode, float]:
     """The fastest checkpointing mode whose estimated peak fits ``budget_gib``, and that estimate.
 
     Fastest first: keeping the activations; for micro-batches of at most ``FEW_TOKENS`` tokens,
@@ -268,11 +312,18 @@ def choose_checkpointing(budget_gib: float, tokens: int,
         estimate_gib: Predicted peak of a mode, in GiB (``TrainingPlan.estimate``'s ``total_gib``).
     """
     few = [CheckpointMode.OFFLOAD_SAVED_NO_RECOMPUTE] if tokens <= FEW_TOKENS else []
-    modes = [CheckpointMode.KEEP_ACTIVATIONS, *few, CheckpointMode.RECOMPUTE_LAYERS,
-             CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS, CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS]
+    modes = [
+        CheckpointMode.KEEP_ACTIVATIONS,
+        *few,
+        CheckpointMode.RECOMPUTE_LAYERS,
+        CheckpointMode.RECOMPUTE_LAYERS_OFFLOAD_INPUTS,
+        CheckpointMode.RECOMPUTE_HALVES_OFFLOAD_INPUTS,
+    ]
     estimates = []
     for mode in modes:
         estimates.append((mode, estimate_gib(mode)))
         if estimates[-1][1] <= budget_gib:
             return estimates[-1]
-    return min(estimates[-2:], key=lambda mode_gib: mode_gib[1])  # of equals, the first: whole layers
+    return min(
+        estimates[-2:], key=lambda mode_gib: mode_gib[1]
+    )  # of equals, the first: whole layers

@@ -60,19 +60,33 @@ class LeanLoraLinear4bit(Linear4bit):
         if in_graph and self.out_features >= self.in_features:
             return nf4.linear_4bit_lora(self.base_layer, x, h, lora_B, scaling)
         result = nf4.linear_4bit(self.base_layer, x) if in_graph else self.base_layer(x)
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_B.t(), alpha=scaling)
+        out = torch.addmm(
+            result.reshape(-1, result.shape[-1]),
+            h.reshape(-1, h.shape[-1]),
+            lora_B.t(),
+            alpha=scaling,
+        )
         return out.view(result.shape)
 
     def _lean_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict):
         """The one active adapter when the lean path computes what PEFT would, else None."""
-        if (args or kwargs or not self.training or self.disable_adapters or self.merged
-                or not torch.is_autocast_enabled(x.device.type) or len(self.active_adapters) != 1):
+        if (
+            args
+            or kwargs
+            or not self.training
+            or self.disable_adapters
+            or self.merged
+            or not torch.is_autocast_enabled(x.device.type)
+            or len(self.active_adapters) != 1
+        ):
             return None
         name = self.active_adapters[0]
         if name not in self.lora_A.keys() or name in self.lora_variant:
             return None
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        plain = type(lora_A) is torch.nn.Linear and type(lora_B) is torch.nn.Linear  # not an FSDP unit
+        plain = (
+            type(lora_A) is torch.nn.Linear and type(lora_B) is torch.nn.Linear
+        )  # not an FSDP unit
         return name if plain and lora_B.bias is None else None
 
 
@@ -91,13 +105,18 @@ class BaseLastLoraLinear4bit(LeanLoraLinear4bit):
         return torch.add(_uncompiled_call(self.base_layer, x), update, alpha=self.scaling[name])
 
 
-def _in_graph(base: torch.nn.Module, x: torch.Tensor, compiled_dequant_tokens: Optional[int]) -> bool:
+def _in_graph(
+    base: torch.nn.Module, x: torch.Tensor, compiled_dequant_tokens: Optional[int]
+) -> bool:
     # In a compiled graph, the 4-bit matmul as torch operations (nf4.py): one generated kernel
     # dequantizes the weight, where bitsandbytes' operator takes several host calls and launches
     # (what sets the pace at few tokens), and the adapter's update can ride on the base matmul (what
     # pays at many).
-    return (torch.compiler.is_compiling() and nf4.supports(base)
-            and (compiled_dequant_tokens is None or x.numel() // x.shape[-1] <= compiled_dequant_tokens))
+    return (
+        torch.compiler.is_compiling()
+        and nf4.supports(base)
+        and (compiled_dequant_tokens is None or x.numel() // x.shape[-1] <= compiled_dequant_tokens)
+    )
 
 
 @torch.compiler.disable
@@ -120,9 +139,10 @@ def use_base_last(checkpointed: Iterable[torch.nn.Module]) -> None:
             projections[-1].__class__ = BaseLastLoraLinear4bit
 
 
-def use_lean_lora(model: torch.nn.Module,
-                  compiled_dequant_tokens: Optional[int] = LeanLoraLinear4bit.compiled_dequant_tokens
-                  ) -> None:
+def use_lean_lora(
+    model: torch.nn.Module,
+    compiled_dequant_tokens: Optional[int] = LeanLoraLinear4bit.compiled_dequant_tokens,
+) -> None:
     """Give every PEFT 4-bit LoRA layer of ``model`` the lean forward, in place."""
     for layer in [m for m in model.modules() if type(m) is Linear4bit]:
         layer.__class__ = LeanLoraLinear4bit  # a subclass adding no parameters or buffers: only the forward changes

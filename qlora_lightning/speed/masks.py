@@ -24,7 +24,9 @@ from typing import Iterator
 from transformers import masking_utils
 
 # Set while a forward runs on positions the model builds itself.
-_MODEL_POSITIONS: contextvars.ContextVar[bool] = contextvars.ContextVar("model_positions", default=False)
+_MODEL_POSITIONS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "model_positions", default=False
+)
 # Set while a forward runs on an attention mask known to pad at least one token.
 _PADDED: contextvars.ContextVar[bool] = contextvars.ContextVar("padded", default=False)
 _transformers_packed_check = masking_utils.find_packed_sequence_indices
@@ -62,6 +64,8 @@ def known_to_the_host(model_positions: bool = True, padded: bool = False) -> Ite
         yield
     finally:
         if outermost:
-            masking_utils.find_packed_sequence_indices, masking_utils._ignore_causal_mask_sdpa = saved
+            masking_utils.find_packed_sequence_indices, masking_utils._ignore_causal_mask_sdpa = (
+                saved
+            )
         _PADDED.reset(tokens[1])
         _MODEL_POSITIONS.reset(tokens[0])

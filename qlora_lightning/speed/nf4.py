@@ -33,20 +33,28 @@ def _blockwise(values: torch.Tensor, scales: torch.Tensor, blocksize: int) -> to
     # Each value indexes its block's scale; a padded (blocks x blocksize) view of the values did
     # the same, but compiled (with the concatenated weight below) it lost every block of double
     # quantization's scales past the first, on the CPU.
-    per_value = scales.view(-1, 1).expand(-1, blocksize).reshape(-1)[:values.numel()]
+    per_value = scales.view(-1, 1).expand(-1, blocksize).reshape(-1)[: values.numel()]
     return values * per_value
 
 
-def dequantize_4bit(packed: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...],
-                    blocksize: int, dtype: torch.dtype, nested_code: Optional[torch.Tensor] = None,
-                    nested_absmax: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
-                    nested_blocksize: int = 256) -> torch.Tensor:
+def dequantize_4bit(
+    packed: torch.Tensor,
+    code: torch.Tensor,
+    absmax: torch.Tensor,
+    shape: tuple[int, ...],
+    blocksize: int,
+    dtype: torch.dtype,
+    nested_code: Optional[torch.Tensor] = None,
+    nested_absmax: Optional[torch.Tensor] = None,
+    offset: Optional[torch.Tensor] = None,
+    nested_blocksize: int = 256,
+) -> torch.Tensor:
     """The ``shape`` weight that bitsandbytes' ``dequantize_4bit`` returns, in ``dtype``."""
     packed = packed.view(torch.uint8).view(-1, 1)
     # High nibble first. A broadcast shift, not a stack of the two halves: compiled, the stack
     # becomes a buffer of its own, where the shift fuses into the kernel that writes the weight.
     shifts = torch.tensor([4, 0], dtype=torch.uint8, device=packed.device)
-    codes = ((packed >> shifts) & 0xF).view(-1)[:prod(shape)]
+    codes = ((packed >> shifts) & 0xF).view(-1)[: prod(shape)]
     if nested_code is not None:  # double quantization: the block scales are 8-bit codes themselves
         absmax = _blockwise(nested_code[absmax.long()], nested_absmax, nested_blocksize) + offset
     return _blockwise(code[codes.long()], absmax, blocksize).to(dtype).view(shape)
@@ -57,8 +65,13 @@ def supports(layer: torch.nn.Module) -> bool:
     quant state, a compute dtype and no trainable bias."""
     state = getattr(getattr(layer, "weight", None), "quant_state", None)
     bias = getattr(layer, "bias", None)
-    return (state is not None and state.quant_type == "nf4" and len(state.shape) == 2
-            and getattr(layer, "compute_dtype", None) is not None and (bias is None or not bias.requires_grad))
+    return (
+        state is not None
+        and state.quant_type == "nf4"
+        and len(state.shape) == 2
+        and getattr(layer, "compute_dtype", None) is not None
+        and (bias is None or not bias.requires_grad)
+    )
 
 
 def linear_4bit(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -70,15 +83,29 @@ def linear_4bit(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     the matmul's autograd keeps the 16-bit weight until the backward.
     """
     state = layer.weight.quant_state
-    nested = (state.state2.code, state.state2.absmax, state.offset, state.state2.blocksize) if state.nested else ()
-    weight = checkpoint(dequantize_4bit, layer.weight, state.code, state.absmax, tuple(state.shape),
-                        state.blocksize, layer.compute_dtype, *nested, use_reentrant=False)
+    nested = (
+        (state.state2.code, state.state2.absmax, state.offset, state.state2.blocksize)
+        if state.nested
+        else ()
+    )
+    weight = checkpoint(
+        dequantize_4bit,
+        layer.weight,
+        state.code,
+        state.absmax,
+        tuple(state.shape),
+        state.blocksize,
+        layer.compute_dtype,
+        *nested,
+        use_reentrant=False,
+    )
     bias = None if layer.bias is None else layer.bias.to(layer.compute_dtype)
     return F.linear(x.to(layer.compute_dtype), weight, bias).to(x.dtype)
 
 
-def linear_4bit_lora(layer: torch.nn.Module, x: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor,
-                     scaling: float) -> torch.Tensor:
+def linear_4bit_lora(
+    layer: torch.nn.Module, x: torch.Tensor, h: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
     """``layer(x) + scaling * h @ lora_B^T`` for a ``supports``-ed ``layer``, as one matmul over a
     longer inner dimension: ``[x | scaling * h] @ [W | lora_B]^T``. For compiled graphs.
 
@@ -94,16 +121,31 @@ def linear_4bit_lora(layer: torch.nn.Module, x: torch.Tensor, h: torch.Tensor, l
     quantized = (layer.weight, state.code, state.absmax)
     if state.nested:
         quantized += (state.state2.code, state.state2.absmax, state.offset)
-    layout = (tuple(state.shape), state.blocksize, dtype, state.state2.blocksize if state.nested else 0)
+    layout = (
+        tuple(state.shape),
+        state.blocksize,
+        dtype,
+        state.state2.blocksize if state.nested else 0,
+    )
     bias = None if layer.bias is None else layer.bias.to(dtype)
-    return _ConcatenatedLinear.apply(x.to(dtype), (h * scaling).to(dtype), lora_B, bias, layout, *quantized)
+    return _ConcatenatedLinear.apply(
+        x.to(dtype), (h * scaling).to(dtype), lora_B, bias, layout, *quantized
+    )
 
 
 def _dequantized(layout: tuple, quantized: tuple) -> torch.Tensor:
     shape, blocksize, dtype, nested_blocksize = layout
     packed, code, absmax, *nested = quantized
-    return dequantize_4bit(packed, code, absmax, shape, blocksize, dtype, *nested,
-                           **({"nested_blocksize": nested_blocksize} if nested else {}))
+    return dequantize_4bit(
+        packed,
+        code,
+        absmax,
+        shape,
+        blocksize,
+        dtype,
+        *nested,
+        **({"nested_blocksize": nested_blocksize} if nested else {}),
+    )
 
 
 class _ConcatenatedLinear(torch.autograd.Function):
@@ -114,7 +156,9 @@ class _ConcatenatedLinear(torch.autograd.Function):
     def forward(ctx, x, hs, lora_B, bias, layout, *quantized):
         ctx.layout = layout
         ctx.save_for_backward(hs, lora_B, *quantized)
-        weight_and_adapter = torch.cat([_dequantized(layout, quantized), lora_B.to(hs.dtype)], dim=1)
+        weight_and_adapter = torch.cat(
+            [_dequantized(layout, quantized), lora_B.to(hs.dtype)], dim=1
+        )
         return F.linear(torch.cat([x, hs], dim=-1), weight_and_adapter, bias)
 
     @staticmethod
@@ -126,4 +170,11 @@ class _ConcatenatedLinear(torch.autograd.Function):
         grad_hs = grad @ lora_B.to(grad.dtype)
         # As addmm's backward orients it: (r x tokens) @ (tokens x out_features), then transposed.
         grad_B = (hs.reshape(-1, hs.shape[-1]).t() @ grad.reshape(-1, grad.shape[-1])).t()
-        return (grad @ weight, grad_hs, grad_B.to(lora_B.dtype), None, None, *[None] * len(quantized))
+        return (
+            grad @ weight,
+            grad_hs,
+            grad_B.to(lora_B.dtype),
+            None,
+            None,
+            *[None] * len(quantized),
+        )
