@@ -684,9 +684,8 @@ def main() -> None:
     with open(out / "harness.log", "w") as log:
         for i, job in enumerate(jobs):
             left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
-            guess = (
-                walls[-1] if walls else 0.0
-            )  # the last job (the first of an arch also builds its weights)
+            # The last job (the first of an arch also builds its weights)
+            guess = walls[-1] if walls else 0.0
             if left is not None and left < max(guess, 30.0):
                 rows.append({**asdict(job), "status": "skipped (time budget)"})
                 continue

@@ -89,6 +89,7 @@ def train(args: argparse.Namespace, dm, model: torch.nn.Module | None, root: Pat
     from qlora_lightning import BaseModelSpec, LoraSpec, PerfMonitor, SFTModule
 
     on_gpu = torch.cuda.is_available()
+    # The tokenizer's vocab.
     base = BaseModelSpec(
         name_or_path=args.arch_dir,
         tokenizer=args.tokenizer,
@@ -96,10 +97,9 @@ def train(args: argparse.Namespace, dm, model: torch.nn.Module | None, root: Pat
         compute_dtype="bfloat16" if on_gpu else "float32",
         attn_implementation=args.attn,
         config_overrides={"vocab_size": 32000} if args.tiny else {},
-    )  # the tokenizer's vocab
-    kwargs = (
-        {} if on_gpu else {"optimizer": functools.partial(torch.optim.AdamW, lr=2e-4)}
-    )  # paged Adam needs CUDA
+    )
+    # Paged Adam needs CUDA.
+    kwargs = {} if on_gpu else {"optimizer": functools.partial(torch.optim.AdamW, lr=2e-4)}
     module = SFTModule(
         base=base,
         lora=LoraSpec(r=16, alpha=32, dropout=0.05),

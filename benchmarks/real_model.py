@@ -40,9 +40,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(
-    0, str(REPO)
-)  # the standard recipe lives beside the tests that pin it (tests/trl_recipe.py)
+# The standard recipe lives beside the tests that pin it (tests/trl_recipe.py)
+sys.path.insert(0, str(REPO))
 GSM8K_TEST = REPO.parent / "shared" / "datasets" / "gsm8k" / "test.jsonl"
 MODEL = "smollm2-135m-instruct"
 
@@ -211,9 +210,8 @@ def learn(args) -> dict:
         result["pairs_left_out"] = keep_whole_prompts(
             data, args.steps * args.accumulate * data.batch_size
         )
-    rows = training_rows(
-        data, args.steps * args.accumulate
-    )  # the same rows for TRL, read before fit fails late
+    # The same rows for TRL, read before fit fails late.
+    rows = training_rows(data, args.steps * args.accumulate)
     initial_adapter = root / "initial_adapter"
     model.model.save_pretrained(initial_adapter)
     start = time.perf_counter()

@@ -90,16 +90,14 @@ def _strategy(job: dict):
     if job["run"] == "ddp":
         return DDPStrategy()
     overrides = {}
-    if (
-        job["fsdp_adapters"] == "replicated"
-    ):  # the adapters whole on each rank, outside FSDP's units
+    # The adapters whole on each rank, outside FSDP's units.
+    if job["fsdp_adapters"] == "replicated":
         overrides["auto_wrap_policy"] = {
             "class_path": "qlora_lightning.DecoderLayerPolicy",
             "init_args": {"adapters": False},
         }
-    if job[
-        "cpu"
-    ]:  # Lightning allows FSDP on GPUs only; the test suite's subclass runs it over gloo
+    # Lightning allows FSDP on GPUs only; the test suite's subclass runs it over gloo.
+    if job["cpu"]:
         sys.path.insert(0, str(REPO))
         from tests.distributed_worker import CPUFSDPStrategy
 
@@ -160,9 +158,8 @@ def train(job: dict) -> None:
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
 
     logits = None
-    if (
-        run == "fsdp"
-    ):  # every rank takes part: the root FSDP unit gathers its weights in its forward
+    # Every rank takes part: the root FSDP unit gathers its weights in its forward.
+    if run == "fsdp":
         model, probe = trainer.strategy.model, _probe(vocab).to(trainer.strategy.root_device)
         model.eval()
         with torch.no_grad(), trainer.precision_plugin.forward_context():
@@ -412,9 +409,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         for name, cmd in steps:
             print(f"{name}: {' '.join(cmd)}")
         return
-    env = (
-        {**os.environ, "OMP_NUM_THREADS": "1"} if args.tiny else None
-    )  # tiny ranks share a few cores
+    # Tiny ranks share a few cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.tiny else None
     meta = {
         "arch": args.arch + (" (tiny)" if args.tiny else ""),
         "compute": "fp32" if args.tiny else "bf16",

@@ -68,12 +68,13 @@ class StepStalls:
                 torch.cuda.memory_stats(),
                 getattr(torch.cuda, "host_memory_stats", dict)(),
             )
+            # Microseconds.
             reading.update(
                 device_mallocs=device.get("num_device_alloc", 0),
                 alloc_retries=device.get("num_alloc_retries", 0),
                 host_allocs=host.get("num_host_alloc", 0),
                 host_alloc_s=host.get("host_alloc_time.total", 0) / 1e6,
-            )  # microseconds
+            )
         return reading
 
     def mark(self) -> None:
@@ -105,9 +106,8 @@ def host_reading() -> dict:
     reading = {"host_cpu_s": time.process_time()}
     try:
         with open("/proc/stat") as f:
-            steal = int(
-                f.readline().split()[8]
-            )  # the "cpu" line: user nice system idle iowait irq softirq steal
+            # The "cpu" line: user nice system idle iowait irq softirq steal.
+            steal = int(f.readline().split()[8])
     except (OSError, IndexError, ValueError):  # not Linux
         return reading
     waits = {}

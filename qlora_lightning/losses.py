@@ -27,9 +27,10 @@ def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     whole optimizer step, so the loss does not depend on how tokens fall into micro-batches.
     """
     logits, targets = shift_for_next_token(logits, labels)
+    # Fp32 for a stable log-softmax.
     nll = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )  # fp32 for a stable log-softmax
+    )
     return nll, (targets != IGNORE_INDEX).sum()
 
 
@@ -134,9 +135,8 @@ def chunked_sequence_logps(
     if positions is None:
         positions = labelled_positions(labels)
     nll, keep = chunked_token_nll(hidden, head, labels, chunk_size, positions)
-    rows = positions.div(
-        keep.shape[1], rounding_mode="floor"
-    )  # the sequence of each labelled position
+    # The sequence of each labelled position.
+    rows = positions.div(keep.shape[1], rounding_mode="floor")
     return -nll.new_zeros(keep.shape[0]).index_add(0, rows, nll), keep.sum(-1)
 
 
@@ -156,9 +156,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         (B,) log-probs (fp32, or fp64 for fp64 logits) and (B,) labelled-token counts.
     """
     logits, targets = shift_for_next_token(logits, labels)
-    logits = logits.to(
-        torch.promote_types(logits.dtype, torch.float32)
-    )  # bf16 -> fp32 for a stable log-softmax
+    # Bf16 -> fp32 for a stable log-softmax.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     # (B*(T-1),) NLL, 0 at ignored positions
     nll = F.cross_entropy(
         logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"

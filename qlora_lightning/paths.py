@@ -12,9 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-if (
-    TYPE_CHECKING
-):  # a hint only: the help cache (help_cache.py) reads cache_dir without importing torch
+# A hint only: the help cache (help_cache.py) reads cache_dir without importing torch.
+if TYPE_CHECKING:
     import torch
 
 PACKAGE_DIR = Path(__file__).resolve().parent

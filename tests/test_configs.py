@@ -56,9 +56,8 @@ def test_config_instantiates_offline_and_lazily(path):
     # Nothing was loaded: the model is built in configure_model, the tokenizer on first use.
     assert cli.model.model is None and cli.model._tokenizer is None
     base = cli.model.base
-    assert cli.datamodule.tokenizer == (
-        base.tokenizer or base.name_or_path
-    )  # linked from the model
+    # Linked from the model.
+    assert cli.datamodule.tokenizer == (base.tokenizer or base.name_or_path)
 
     # The typed specs hold what the YAML says.
     raw = yaml.safe_load(path.read_text())["model"]["init_args"]

@@ -52,9 +52,8 @@ def test_it_times_the_wait_for_the_side_stream_and_only_that():
 def test_perf_monitor_logs_the_waits_of_offloaded_training(tmp_path, monkeypatch):
     from lightning.pytorch import Trainer
 
-    monkeypatch.setattr(
-        checkpointing, "MIN_OFFLOAD_BYTES", 0
-    )  # the tiny model's layer inputs are kilobytes
+    # The tiny model's layer inputs are kilobytes.
+    monkeypatch.setattr(checkpointing, "MIN_OFFLOAD_BYTES", 0)
     module = sft_module(
         base=dataclasses.replace(tiny_spec(), compute_dtype="bfloat16", compile_layers=False),
         gradient_checkpointing="offload_halves",

@@ -260,9 +260,8 @@ def test_long_prompt_is_cut_from_the_left_and_the_response_kept(tokenizer):
     runs = _runs(labels)
     assert [labelled for labelled, _, _ in runs] == [False, True]
     kept_prompt = tokenizer.decode(ids[1 : runs[0][2]], skip_special_tokens=True)
-    assert (
-        kept_prompt.endswith("How many?\nAnswer:") and "word0 " not in kept_prompt
-    )  # the oldest text went
+    # The oldest text went.
+    assert kept_prompt.endswith("How many?\nAnswer:") and "word0 " not in kept_prompt
     assert (
         _same_text(tokenizer, tokenizer.decode(ids[runs[1][1] : -1]), response)
         and ids[-1] == tokenizer.eos_token_id

@@ -109,9 +109,10 @@ def _assert_within(
 def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
     assert a.keys() == b.keys()
     for name in a:
+        # Keeps the numbers.
         torch.testing.assert_close(
             a[name], b[name], atol=atol, rtol=0.0, msg=lambda detail, name=name: f"{name}: {detail}"
-        )  # keeps the numbers
+        )
 
 
 # ---- the runs -------------------------------------------------------------------------
@@ -148,10 +149,11 @@ def test_both_ranks_end_with_the_adapter_that_fit_saved_once(runs, run):
 def test_compiled_layers_train_the_adapter_eager_ones_train_under_ddp(runs, task):
     # DPO switches adapters between the policy and the reference forward: the compiled parts follow.
     compiled, eager = _rank(runs, f"ddp_{task}_compiled", 0), _rank(runs, f"ddp_{task}", 0)
+    # Attention, MLP, 2 norms.
     assert (compiled["compiled_modules"], eager["compiled_modules"]) == (
         LAYERS * 4,
         0,
-    )  # attention, MLP, 2 norms
+    )
     # Compiled kernels sum in another order. Adam turns a rounding-sized change of a near-zero
     # gradient into a step of up to lr on that weight, so the bound is a fraction of the largest
     # move training makes (about lr per step): measured 1.2e-4 and 1.37e-4 (0.3% of it) on 2 cores.
@@ -261,9 +263,8 @@ def test_ddp_resumes_exactly_inside_a_later_epoch(runs):
 def test_fsdp_resumes_from_its_checkpoint_exactly(runs):
     # Stopped after step 1 and resumed from last.ckpt: the adapter and AdamW's moments come back.
     resumed, straight = _rank(runs, "fsdp_sft_resume", 0), _rank(runs, "fsdp_sft", 0)
-    assert (
-        resumed["tokens"] == straight["tokens"][1:]
-    )  # the second fit ran steps 2 to 4, on the same data
+    # The second fit ran steps 2 to 4, on the same data.
+    assert resumed["tokens"] == straight["tokens"][1:]
     _assert_same(resumed["adapter"], straight["adapter"], atol=1e-7)
 
 
@@ -288,9 +289,8 @@ def test_decoder_layer_policy_finds_the_layers_and_the_adapters(one_thread):
         for name in set(wrapped) - set(layers)
     )
     assert _walk(DecoderLayerPolicy(adapters=False), model) == layers
-    assert (
-        _walk(DecoderLayerPolicy(), torch.nn.Linear(64, 64).requires_grad_(False)) == []
-    )  # no transformers model
+    # No transformers model.
+    assert _walk(DecoderLayerPolicy(), torch.nn.Linear(64, 64).requires_grad_(False)) == []
 
 
 def test_cast_frozen_for_fsdp_gives_each_layer_one_dtype(one_thread):
@@ -319,9 +319,8 @@ def test_fsdp_precision_that_would_convert_the_packed_weights_is_refused():
         return fsdp
 
     check_fsdp_precision(strategy("bf16-mixed", MixedPrecision()), "bf16-mixed", torch.bfloat16)
-    check_fsdp_precision(
-        strategy("bf16-mixed"), "bf16-mixed", torch.bfloat16
-    )  # casts bf16 to bf16: nothing
+    # Casts bf16 to bf16: nothing.
+    check_fsdp_precision(strategy("bf16-mixed"), "bf16-mixed", torch.bfloat16)
     with pytest.raises(UserError, match="32-true casts every weight"):
         check_fsdp_precision(strategy("32-true", MixedPrecision()), "32-true", torch.bfloat16)
     with pytest.raises(UserError, match="casts parameters to torch.bfloat16"):
@@ -418,10 +417,8 @@ def test_fsdp_config_builds_lightnings_fsdp_strategy():
     assert strategy.kwargs["auto_wrap_policy"].adapters
     checkpointing = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]
     assert isinstance(checkpointing, DecoderLayerPolicy) and not checkpointing.adapters
-    assert strategy.kwargs[
-        "use_orig_params"
-    ]  # adapters train beside frozen weights in one unit's views
-    assert (
-        strategy.mixed_precision == MixedPrecision()
-    )  # autocast only: no parameter or buffer casts
+    # Adapters train beside frozen weights in one unit's views.
+    assert strategy.kwargs["use_orig_params"]
+    # Autocast only: no parameter or buffer casts.
+    assert strategy.mixed_precision == MixedPrecision()
     assert strategy._state_dict_type == "full"

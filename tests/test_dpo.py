@@ -94,9 +94,10 @@ def _trl_pair(
     )
     shifted = torch.zeros_like(per_token_logps)
 
+    # What TRL's fused LM head returns: per-token log-probs, 0 off the completion.
     def model(
         **kwargs,
-    ):  # what TRL's fused LM head returns: per-token log-probs, 0 off the completion
+    ):
         return SimpleNamespace(
             log_probs=per_token_logps, entropy=shifted, mean_logits=shifted, is_top1=shifted.bool()
         )
@@ -261,9 +262,8 @@ def test_row_layouts():
             },
             DEFAULT_ROLES,
         )
-    with pytest.raises(
-        RowError, match="'chosen' is not one assistant reply"
-    ):  # they part before their last turn
+    # They part before their last turn.
+    with pytest.raises(RowError, match="'chosen' is not one assistant reply"):
         trl_pair(
             {**uf, "rejected": conversation[:1] + [{"role": "assistant", "content": "x"}]},
             DEFAULT_ROLES,
@@ -376,9 +376,8 @@ def test_bad_pairs_are_counted_and_skipped_with_one_warning_line(tmp_path, caplo
         for r in caplog.records
         if r.levelno == logging.WARNING and r.name.startswith("qlora_lightning")
     ]
-    assert 1 <= len(warnings) <= 2 and all(
-        "\n" not in w and "dropped" in w for w in warnings
-    )  # one per split
+    # One per split.
+    assert 1 <= len(warnings) <= 2 and all("\n" not in w and "dropped" in w for w in warnings)
     assert len(dm.splits["train"]) + len(dm.splits["val"]) == len(good) + 1
 
     module = dpo_module(loss_type="ipo")
@@ -521,9 +520,8 @@ def test_precomputed_reference_equals_live_and_is_cached(tmp_path):
         dm.splits["train"]["ref_chosen_logps"]
     )
     other = preference_data()
-    other.add_reference_logps(
-        compute, f"another reference {tmp_path}", batch_size=3
-    )  # unique: no stale cache
+    # Unique: no stale cache.
+    other.add_reference_logps(compute, f"another reference {tmp_path}", batch_size=3)
     assert calls and set(other.splits["train"]["ref_chosen_logps"]) == {0.0}
 
 
@@ -561,9 +559,8 @@ def test_dpo_on_stories260k_learns_the_preferences_while_the_reference_stays_fix
         max_seq_length=96,
         batch_size=8,
     )
-    assert (
-        len(dm.splits["train"]) == 40 and dm.report["train"]["prompt_truncated"]
-    )  # long pairs are cut, not dropped
+    # Long pairs are cut, not dropped.
+    assert len(dm.splits["train"]) == 40 and dm.report["train"]["prompt_truncated"]
     module = dpo_module(
         BaseModelSpec(name_or_path=model_dir, compute_dtype="float32", quantization="none"),
         lr=1e-2,

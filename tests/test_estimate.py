@@ -117,9 +117,8 @@ def test_offload_moves_the_layer_inputs_out_of_the_estimate():
     offloaded = estimate_peak_memory(
         _published("mistral-7b"), batch=1, seq=32768, gradient_checkpointing="offload"
     )
-    assert offloaded["offloaded_to_cpu_gib"] == pytest.approx(
-        8.0
-    )  # 32 layers x 32768 x 4096 x 2 bytes
+    # 32 layers x 32768 x 4096 x 2 bytes.
+    assert offloaded["offloaded_to_cpu_gib"] == pytest.approx(8.0)
     assert on_gpu["total_gib"] - offloaded["total_gib"] == pytest.approx(8.0)
 
 
@@ -138,9 +137,8 @@ def test_chunked_loss_saves_the_logits_memory():
     chunked = estimate_peak_memory(
         config, batch=4, seq=2048, gradient_checkpointing=False, loss_chunk_size=1024
     )
-    assert (
-        plain["total_gib"] - chunked["total_gib"] > 15
-    )  # 8192 x 256000 x 12 bytes, less one chunk
+    # 8192 x 256000 x 12 bytes, less one chunk.
+    assert plain["total_gib"] - chunked["total_gib"] > 15
 
 
 def test_estimate_command_reads_a_training_yaml(capsys):
@@ -263,9 +261,8 @@ def test_optimizer_state_counts_where_the_allocator_sees_it(optimizer, counted_b
     config = _published("mistral-7b")
     paged = estimate_peak_memory(config, batch=1, seq=512)
     est = estimate_peak_memory(config, batch=1, seq=512, optimizer=optimizer)
-    adapter_params = (
-        paged["lora_params_and_grads_gib"] / 8
-    )  # fp32 weights and gradients: 8 bytes each
+    # Fp32 weights and gradients: 8 bytes each.
+    adapter_params = paged["lora_params_and_grads_gib"] / 8
     assert est["total_gib"] - paged["total_gib"] == pytest.approx(counted_bytes * adapter_params)
 
 

@@ -241,9 +241,8 @@ def test_callback_scores_at_start_and_every_n_steps_and_writes_tensorboard(tmp_p
     events.Reload()
     assert [e.step for e in events.Scalars("val/gsm8k_acc")] == [0, 2, 4]
     text = events.Tensors("val/gsm8k_samples/text_summary")[-1].tensor_proto.string_val[0].decode()
-    assert (
-        text.count("**generation**") == 2 and "Question:" in text and "####" in text
-    )  # prompt and reference
+    # Prompt and reference.
+    assert text.count("**generation**") == 2 and "Question:" in text and "####" in text
 
 
 def test_callback_scores_the_whole_split_in_validate(tmp_path):
@@ -301,9 +300,8 @@ def test_callback_scores_the_whole_test_split_in_the_test_subcommand(tmp_path, t
     (results,) = cli.trainer.test(cli.model, cli.datamodule)
     (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, GSM8KEval)]
     assert {"test/gsm8k_acc", "test/loss"} <= set(results)
-    assert (
-        callback.history[-1]["stage"] == "test" and callback.history[-1]["total"] == 5
-    )  # 25% of 20 rows
+    # 25% of 20 rows.
+    assert callback.history[-1]["stage"] == "test" and callback.history[-1]["total"] == 5
 
 
 # ---- predict ------------------------------------------------------------------------------

@@ -223,18 +223,15 @@ def test_a_mistral_checkpoint_is_written_as_llama(tokenizer, tmp_path):
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    folder = (
-        tmp_path / "mistral"
-    )  # a name transformers' reader would take for its own Mistral class
+    # A name transformers' reader would take for its own Mistral class.
+    folder = tmp_path / "mistral"
     MistralForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     path = export_gguf(folder, tmp_path / "out", "f16")
-    assert (
-        type(load(path.parent, path.name)).__name__ == "LlamaForCausalLM"
-    )  # llama.cpp's and transformers' reading
-    assert_round_trip(
-        path, load(folder), tokenizer, "f16"
-    )  # sequences within the window: the same computation
+    # Llama.cpp's and transformers' reading.
+    assert type(load(path.parent, path.name)).__name__ == "LlamaForCausalLM"
+    # Sequences within the window: the same computation.
+    assert_round_trip(path, load(folder), tokenizer, "f16")
 
 
 def test_the_query_key_permutation_is_what_transformers_undoes():
@@ -333,9 +330,8 @@ def test_a_regex_split_is_named_as_llama_cpp_names_it_and_an_unknown_one_is_refu
     )
     path = export_gguf(tiny_llama(tmp_path / "merged", split, layers=1), tmp_path / "out", "f16")
     field = gguf.GGUFReader(path).fields["tokenizer.ggml.pre"]
-    assert (
-        bytes(field.parts[field.data[0]]).decode() == "llama3"
-    )  # llama.cpp's first name for that split
+    # Llama.cpp's first name for that split.
+    assert bytes(field.parts[field.data[0]]).decode() == "llama3"
     assert_same_encoding(split, read_back_tokenizer(path))
 
     split.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -405,9 +401,8 @@ def test_an_adapter_is_merged_through_merge_then_exported(tmp_path):
         "run-F16.gguf",
         "training_summary.json",
     ]
-    merged = merge_adapter(
-        adapter, base_spec_for(adapter), dtype=torch.float32
-    )  # what the file must hold
+    # What the file must hold.
+    merged = merge_adapter(adapter, base_spec_for(adapter), dtype=torch.float32)
     assert_round_trip(path, merged, tokenizer, "f16")
 
 

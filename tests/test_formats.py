@@ -154,9 +154,8 @@ def test_each_format_trains_exactly_the_assistant_turns(name, tokenizer, tmp_pat
     encoded = all_rows(dm)
     assert len(encoded) == 8
     for row in encoded:
-        ids, labels = expected[
-            tuple(row["input_ids"])
-        ]  # KeyError: tokens differ from the stated rendering
+        # KeyError: tokens differ from the stated rendering.
+        ids, labels = expected[tuple(row["input_ids"])]
         assert row["labels"] == labels
         prompt = tokenizer.decode(
             row["input_ids"][: labels.index(next(t for t in labels if t != IGNORE_INDEX))]
@@ -164,9 +163,8 @@ def test_each_format_trains_exactly_the_assistant_turns(name, tokenizer, tmp_pat
         assert SYSTEM in prompt and Q1 in prompt
         spans = trained_spans(row["input_ids"], row["labels"], tokenizer)
         assert [s.strip() for s in spans][0] == A1 and len(spans) == 2
-        assert not any(
-            Q1 in s or Q2 in s or SYSTEM in s for s in spans
-        )  # no user turn is ever trained
+        # No user turn is ever trained.
+        assert not any(Q1 in s or Q2 in s or SYSTEM in s for s in spans)
 
 
 def test_last_assistant_only_and_weight_zero_turns_are_shown_not_trained(tokenizer, tmp_path):
@@ -228,9 +226,8 @@ def test_an_unmapped_role_stops_the_run_naming_it_and_its_line(tokenizer, tmp_pa
     entries = [d for split in dropped.report.values() for d in split["dropped_rows"]]
     assert entries == [{"at": "line 3", "reason": "unmapped role 'narrator' in 'conversations'"}]
 
-    mapped = sft_data(
-        path, tokenizer, roles={"narrator": "user"}
-    )  # mapped: read as a user turn, masked
+    # Mapped: read as a user turn, masked.
+    mapped = sft_data(path, tokenizer, roles={"narrator": "user"})
     assert len(all_rows(mapped)) == 6
     for row in all_rows(mapped):
         assert not any(Q2 in s for s in trained_spans(row["input_ids"], row["labels"], tokenizer))
@@ -459,9 +456,8 @@ def test_sharegpt_pairs_at_512_256_with_mistral_keep_every_pair_that_truncation_
     dm.setup("fit")
     assert dm.row_format == "sharegpt"
     assert not any(split["dropped"] for split in dm.report.values()), dm.report
-    assert (
-        sum(split["prompt_truncated"] for split in dm.report.values()) > 0
-    )  # the test does cut prompts
+    # The test does cut prompts.
+    assert sum(split["prompt_truncated"] for split in dm.report.values()) > 0
     read = preference_reader("sharegpt", DEFAULT_ROLES)
     for row in all_rows(dm):
         i = int(
@@ -476,9 +472,8 @@ def test_sharegpt_pairs_at_512_256_with_mistral_keep_every_pair_that_truncation_
             assert len(prompt) >= min(256, len(whole[f"{name}_prompt_ids"]))
             assert reply == whole[f"{name}_ids"] or len(prompt) == 256
             text = tokenizer.decode(prompt)
-            assert (
-                "Be helpful and brief." in text and f"Final question {i}?" in text
-            )  # head and question kept
+            # Head and question kept.
+            assert "Be helpful and brief." in text and f"Final question {i}?" in text
 
 
 def test_a_preference_file_given_to_sft_says_which_module_reads_it(tokenizer, tmp_path):

@@ -79,9 +79,8 @@ def write_tiny_gguf(
         values = rng.normal(0, 0.05, shape).astype(np.float32)
         if quantize and len(shape) == 2:
             kind = gguf.GGMLQuantizationType.Q8_0
-            writer.add_tensor(
-                name, gguf.quants.quantize(values, kind), raw_dtype=kind
-            )  # shape in bytes
+            # Shape in bytes.
+            writer.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)
         else:
             writer.add_tensor(name, values if len(shape) == 2 else np.ones(shape, np.float32))
 
@@ -148,9 +147,8 @@ def test_gguf_loads_4bit_from_a_cache_made_once(tiny_gguf, tmp_path, monkeypatch
     table = next(t for t in reader.tensors if t.name == "token_embd.weight")
     expected = torch.from_numpy(gguf.quants.dequantize(table.data, table.tensor_type).copy())
     embedding = model.get_input_embeddings().weight.detach().float()
-    torch.testing.assert_close(
-        embedding, expected, rtol=2**-8, atol=0
-    )  # bf16 keeps 8 significant bits
+    # Bf16 keeps 8 significant bits.
+    torch.testing.assert_close(embedding, expected, rtol=2**-8, atol=0)
 
     # The same bytes named as folder + file, or copied elsewhere, hit the same cache entry.
     copy = tmp_path / "elsewhere" / "renamed.gguf"

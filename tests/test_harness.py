@@ -68,9 +68,8 @@ def test_unsloth_runs_beside_the_baseline_when_installed_unless_told_not_to(tmp_
         harness.importlib.util, "find_spec", lambda name: located.append(name) or object()
     )
     jobs = _plan(tmp_path)
-    assert located == [
-        "unsloth"
-    ]  # found, not imported: it would patch transformers in this process
+    # Found, not imported: it would patch transformers in this process.
+    assert located == ["unsloth"]
     assert [j.variant for j in jobs[:4]] == ["hf_peft", "unsloth", "default", "eager"]
     assert sum(j.impl == harness.PEER for j in jobs) == 4  # once per arch and shape
     assert harness.PEER in harness.RUNNERS
@@ -107,9 +106,8 @@ def test_rounds_interleave_and_the_report_takes_the_median_round(tmp_path, monke
     assert (
         merged["hf_peft"]["tokens_per_sec"] == 900 and merged["default"]["tokens_per_sec"] == 1200
     )
-    assert (
-        merged["default"]["rounds"] == 3 and merged["default"]["peak_alloc_gib"] == 3.0
-    )  # the median round's own
+    # The median round's own.
+    assert merged["default"]["rounds"] == 3 and merged["default"]["peak_alloc_gib"] == 3.0
     assert report._tokens_cell(merged["default"]) == "1200 (3 rounds, 1100-1300)"
 
 
@@ -142,9 +140,8 @@ def test_profile_breakdown_sorts_kernels_by_kind_and_measures_how_busy_the_gpu_i
         "copy to/from host": 0.025,
     }
     assert result["kernels_per_step"] == 2.5
-    assert (
-        result["gpu_busy"] == 1000.0 / 1200.0
-    )  # a 200 us gap between the dequantize and the fused kernel
+    # A 200 us gap between the dequantize and the fused kernel.
+    assert result["gpu_busy"] == 1000.0 / 1200.0
     row = {"arch": "mistral-7b", "batch": 8, "seq": 1024, "variant": "default", "profile": result}
     assert report.profile_lines([row])[2].startswith(
         "- mistral-7b 8x1024 default: busy 83%, 2 kernels"
@@ -223,6 +220,7 @@ def test_goal_verdicts_check_speed_and_memory_against_the_baseline_in_the_same_c
         goal["gemma-7b", "8x1024"],
     )
     small, long = goal["mistral-7b", "1x512"], goal["mistral-7b", "1x32768"]
+    # Slower than its baseline.
     rows = [
         _row("mistral-7b", "8x1024", harness.BASELINE, 6200, 12.4),
         _row("mistral-7b", "8x1024", mistral.variant, 12500, 5.5),  # met
@@ -235,7 +233,7 @@ def test_goal_verdicts_check_speed_and_memory_against_the_baseline_in_the_same_c
         _row("mistral-7b", "1x512", small.variant, 1500, 4.3),  # no baseline ran
         _row("mistral-7b", "1x32768", long.variant, 10000, 14.2),  # over 14 GiB: not met
         _row("mistral-7b", "8x1024", "eager", 6000, 9.0),
-    ]  # slower than its baseline
+    ]
     verdicts = {v["goal"].split(",")[0]: v["met"] for v in report.goal_verdicts(rows)}
     assert verdicts == {
         "mistral-7b 8x1024": True,
@@ -273,7 +271,6 @@ def test_goal_verdicts_of_a_cpu_dry_run_judge_speed_only():
         _row("mistral-7b", "8x1024", mistral.variant, 90, None),
     ]
     goal, slower = report.goal_verdicts(rows)
-    assert (
-        goal["met"] is None and "n/a GiB" in goal["measured"]
-    )  # no GPU peak: memory cannot be judged
+    # No GPU peak: memory cannot be judged.
+    assert goal["met"] is None and "n/a GiB" in goal["measured"]
     assert slower["met"] is False and slower["measured"] == f"mistral-7b 8x1024 {mistral.variant}"

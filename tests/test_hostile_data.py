@@ -82,15 +82,13 @@ def test_malformed_rows_are_counted_not_fatal(cls, tokenizer, tmp_path):
 
     report, read = dm.report, dm.read_report
     assert read["rows"] == total == sum(r["rows"] for r in report.values()) + read["duplicates"]
-    copies = [
-        d["at"] for d in read["duplicate_rows"] if d["reason"] == "duplicate (line 1)"
-    ]  # of good[0]
+    # Of good[0].
+    copies = [d["at"] for d in read["duplicate_rows"] if d["reason"] == "duplicate (line 1)"]
     assert copies == [f"line {n}" for n in range(21, 26)]
     for split in report.values():
         assert split["kept"] + sum(split["dropped"].values()) == split["rows"]
-        assert len(split["dropped_rows"]) == sum(
-            split["dropped"].values()
-        )  # each named by its line
+        # Each named by its line.
+        assert len(split["dropped_rows"]) == sum(split["dropped"].values())
         assert all(d["at"].startswith("line ") for d in split["dropped_rows"])
     reasons = set().union(*(split["dropped"] for split in report.values()))
     assert "invalid JSON" in reasons

@@ -86,9 +86,10 @@ def _trl_kto(
         "ref_KL_logps": ref_kl,
     }
 
+    # What TRL's fused LM head returns: per-token log-probs, 0 off the completion.
     def model(
         **kwargs,
-    ):  # what TRL's fused LM head returns: per-token log-probs, 0 off the completion
+    ):
         log_probs = kl_per_token if kwargs["input_ids"] is inputs["KL_input_ids"] else per_token
         zeros = torch.zeros_like(log_probs)
         return SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros)
@@ -228,6 +229,7 @@ def test_awkward_unpaired_rows_train_exactly_their_completion(tmp_path, tokenize
             "label": False,
         },
     ]
+    # So that the held-out split keeps a row whichever it draws.
     fillers = [
         {
             "messages": [
@@ -237,15 +239,14 @@ def test_awkward_unpaired_rows_train_exactly_their_completion(tmp_path, tokenize
             "label": i % 2 == 0,
         }
         for i in range(5)
-    ]  # so that the held-out split keeps a row whichever it draws
+    ]
     dm = kto_data(_write(tmp_path, rows + fillers))
     encoded = {}
     for split in ("train", "val"):
         for row in dm.splits[split]:
             encoded[tokenizer.decode(row["completion_ids"])] = row
-    assert len(encoded) == 9 and {"4.</s>", "Soup.</s>", "Yes.</s>", "Paris.</s>"} <= set(
-        encoded
-    )  # not the empty one
+    # Not the empty one.
+    assert len(encoded) == 9 and {"4.</s>", "Soup.</s>", "Yes.</s>", "Paris.</s>"} <= set(encoded)
     assert sum(sum(dm.report[s]["dropped"].values()) for s in ("train", "val")) == 1
     assert [encoded[k]["label"] for k in ("4.</s>", "Soup.</s>", "Yes.</s>", "Paris.</s>")] == [
         True,
@@ -263,9 +264,8 @@ def test_awkward_unpaired_rows_train_exactly_their_completion(tmp_path, tokenize
     assert tokenizer.decode(encoded["Soup.</s>"]["prompt_ids"]) == (
         "<s>### Human: Hi### Assistant:Hello!</s>### Human: Name a color.### Assistant:"
     )
-    long = encoded[
-        "Yes.</s>"
-    ]  # the prompt cut from the left (BOS kept) just enough to fit the completion
+    # The prompt cut from the left (BOS kept) just enough to fit the completion.
+    long = encoded["Yes.</s>"]
     assert long["prompt_ids"][0] == tokenizer.bos_token_id
     assert len(long["prompt_ids"]) + len(long["completion_ids"]) == dm.max_seq_length
     assert tokenizer.decode(long["prompt_ids"]).endswith("word Last?### Assistant:")
@@ -480,9 +480,8 @@ def test_kto_on_stories260k_learns_thumbs_up_from_thumbs_down(tmp_path, one_thre
         )
 
     accuracy, loss = measured()
-    assert accuracy == 0.0 and loss == pytest.approx(
-        0.5
-    )  # policy == reference: every reward on the reference point
+    # Policy == reference: every reward on the reference point.
+    assert accuracy == 0.0 and loss == pytest.approx(0.5)
     cpu_trainer(tmp_path, max_steps=16, limit_val_batches=0).fit(module, datamodule=dm)
     accuracy, loss = measured()
     assert accuracy >= 0.8 and loss < 0.25, (accuracy, loss)  # measured: 0.875 and 0.13

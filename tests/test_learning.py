@@ -54,9 +54,8 @@ def test_lora_learns_to_repeat_numbers_it_never_saw(trained):
     assert all(h["total"] == 18 for h in history)  # the held-out 20% of 90 numbers
     assert history[0]["accuracy"] <= 0.1  # the base tells stories
     assert history[-1]["accuracy"] >= 0.8
-    assert (
-        json.loads(Path(adapter, BASE_SPEC_FILE).read_text())["quantization"] == "none"
-    )  # for `merge`
+    # For `merge`.
+    assert json.loads(Path(adapter, BASE_SPEC_FILE).read_text())["quantization"] == "none"
 
 
 def test_multi_lora_eval_scores_each_adapter_on_its_own_task(trained, tmp_path, monkeypatch):

@@ -67,17 +67,15 @@ def test_lean_forward_is_used_only_where_it_computes_what_peft_does():
     x = torch.randn(2, 3, layer.in_features)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer._lean_adapter(x, (), {}) == "default"
-        assert (
-            layer._lean_adapter(x, (), {"adapter_names": ["default"] * 2}) is None
-        )  # mixed-adapter batches
+        # Mixed-adapter batches.
+        assert layer._lean_adapter(x, (), {"adapter_names": ["default"] * 2}) is None
         with model.disable_adapter():
             assert layer._lean_adapter(x, (), {}) is None
         model.eval()
         assert layer._lean_adapter(x, (), {}) is None  # generation and evaluation: PEFT's forward
         model.train()
-    assert (
-        layer._lean_adapter(x, (), {}) is None
-    )  # no autocast: PEFT casts the input to the adapter's dtype
+    # No autocast: PEFT casts the input to the adapter's dtype.
+    assert layer._lean_adapter(x, (), {}) is None
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -49,9 +49,8 @@ def test_chunked_matches_plain(chunk_size):
 def test_chunked_sequence_logps_match_plain(chunk_size):
     hidden, head, labels = _problem()
     labels[1] = IGNORE_INDEX  # a sequence with no labelled token: log-prob 0 from 0 tokens
-    weights = torch.tensor(
-        [1.0, -2.0, 0.5], dtype=torch.float64
-    )  # a different gradient per sequence
+    # A different gradient per sequence.
+    weights = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
     seen = {}
 
     def weighted(name, logps_fn):
@@ -148,9 +147,8 @@ def test_dpo_module_chunked_logps_match_plain_on_a_4bit_model():
     for chunk, moved in ((None, False), (5, False), (5, True)):
         module.loss_chunk_size = chunk
         module.model.zero_grad()
-        metrics = module.batch_metrics(
-            _moved(module, batch) if moved else batch
-        )  # the live reference, then the policy
+        # The live reference, then the policy.
+        metrics = module.batch_metrics(_moved(module, batch) if moved else batch)
         metrics["loss"].backward()
         grads = [p.grad.clone() for p in module.model.parameters() if p.requires_grad]
         results.append(({k: v.detach() for k, v in metrics.items()}, grads))

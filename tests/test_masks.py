@@ -25,9 +25,8 @@ def test_within_it_the_packed_check_answers_one_sequence_per_row_and_outside_it_
     assert masking_utils.find_packed_sequence_indices(PACKED).tolist() == [[0, 0, 0, 1, 1, 1, 1, 2]]
     with masks.known_to_the_host():
         assert masking_utils.find_packed_sequence_indices(PACKED) is None
-        with masks.known_to_the_host(
-            model_positions=False
-        ):  # a packed batch's own positions, nested
+        # A packed batch's own positions, nested.
+        with masks.known_to_the_host(model_positions=False):
             assert masking_utils.find_packed_sequence_indices(PACKED) is not None
     assert masking_utils.find_packed_sequence_indices(PACKED) is not None
 
@@ -40,9 +39,8 @@ def test_within_it_a_padding_mask_is_kept_unread_and_outside_it_checked(monkeypa
     args = (4, 4, 0, 0)  # q_length, kv_length, q_offset, kv_offset
     with masks.known_to_the_host(padded=True):
         assert masking_utils._ignore_causal_mask_sdpa(PADDED, *args) is False and read == []
-        assert masking_utils._ignore_causal_mask_sdpa(None, *args) is False and read == [
-            None
-        ]  # no mask: as usual
+        # No mask: as usual.
+        assert masking_utils._ignore_causal_mask_sdpa(None, *args) is False and read == [None]
         with masks.known_to_the_host(padded=False):  # nested: the host's answer is the inner one's
             masking_utils._ignore_causal_mask_sdpa(PADDED, *args)
             assert read[-1] is PADDED

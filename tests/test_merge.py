@@ -60,9 +60,8 @@ def adapter_dir(request, tmp_path_factory, one_thread):
     model = build_model(spec, LoraSpec(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False)
     for name, p in model.named_parameters():
         if "lora_B" in name:
-            torch.nn.init.normal_(
-                p, std=0.05
-            )  # an update well above bf16 rounding, so that x2 shows
+            # An update well above bf16 rounding, so that x2 shows.
+            torch.nn.init.normal_(p, std=0.05)
     path = tmp_path_factory.mktemp("adapter")
     model.save_pretrained(path)
     load_tokenizer(tokenizer_source(spec)).save_pretrained(path)
@@ -88,9 +87,8 @@ def test_merged_into_dequantized_weights_computes_adapter_on_4bit_exactly_in_fp3
     original = divergence(
         outputs_on(merge_adapter(adapter_dir, spec, "original", torch.float32), batch), reference
     )
-    assert (
-        dequantized["kl"] < 1e-7 and dequantized["disagreement"] == 0
-    )  # fp32 summation order only
+    # Fp32 summation order only.
+    assert dequantized["kl"] < 1e-7 and dequantized["disagreement"] == 0
     # Merging into the original weights drops the quantization error the adapter was trained with.
     assert original["kl"] > 100 * max(dequantized["kl"], 1e-9)
 
@@ -133,9 +131,8 @@ def test_a_correct_bf16_merge_passes(adapter_dir, tmp_path):
     assert not (tmp_path / "bf16.partial").exists()
 
 
-@pytest.mark.parametrize(
-    "adapter_dir", ["tiny"], indirect=True
-)  # the same code path as on SmolLM2, faster
+# The same code path as on SmolLM2, faster.
+@pytest.mark.parametrize("adapter_dir", ["tiny"], indirect=True)
 def test_a_float32_merge_has_no_error(adapter_dir, tmp_path):
     # float32: as close to the bf16-compute reference as the unmerged model computed in float32 is;
     # against a float32-compute reference, no error at all (summation order).

@@ -83,9 +83,8 @@ def test_saved_adapter_reloads_onto_a_fresh_4bit_base_with_the_same_logits(tmp_p
     torch.manual_seed(0)
     for p in model.parameters():
         if p.requires_grad:
-            torch.nn.init.normal_(
-                p, std=0.1
-            )  # a non-trivial adapter: fresh LoRA is a no-op (B = 0)
+            # A non-trivial adapter: fresh LoRA is a no-op (B = 0)
+            torch.nn.init.normal_(p, std=0.1)
     model.save_pretrained(tmp_path / "adapter")
     tokens = _token_batch()
     model.eval()
@@ -209,9 +208,8 @@ def test_auto_checkpointing_builds_the_fastest_mode_the_memory_budget_allows(
         mode: module.plan_training(estimate=True, gradient_checkpointing=mode).peak_gib
         for mode in (False, "offload_all", True, "offload")
     }
-    assert peak[False] > peak["offload_all"] >= peak["offload"], (
-        peak
-    )  # 2 x 256 tokens: offload_all is a candidate
+    # 2 x 256 tokens: offload_all is a candidate.
+    assert peak[False] > peak["offload_all"] >= peak["offload"], peak
     module.memory_budget_gib, expected = {
         "none": (None, False),  # on a CPU without a budget nothing is checkpointed
         "ample": (100.0, False),
@@ -262,9 +260,8 @@ def test_offloaded_checkpointing_saves_only_each_layers_input_and_keeps_the_grad
     assert not packed
     offloaded = _lora_grads("offload", tokens)
     layers = 2  # the shipped tiny Llama
-    assert [s for s in packed if s != (0,)] == [(2, 24, 64)] * layers, (
-        packed
-    )  # (0,) is checkpoint's marker
+    # (0,) is checkpoint's marker.
+    assert [s for s in packed if s != (0,)] == [(2, 24, 64)] * layers, packed
     assert plain.keys() == offloaded.keys()
     for name in plain:
         torch.testing.assert_close(offloaded[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -358,9 +355,8 @@ def test_cpu_embeddings_look_up_the_host_copy_of_the_batch_ids():
     # Stands in for the batch moved to a GPU: the forward on that tensor reads the host copy given.
     embedding.remember_host_copy(ids, other)
     assert torch.equal(embedding(ids), embedding.table[other])
-    assert torch.equal(
-        embedding(ids.clone()), embedding.table[ids]
-    )  # any other tensor: its own ids
+    # Any other tensor: its own ids.
+    assert torch.equal(embedding(ids.clone()), embedding.table[ids])
 
 
 def test_cpu_embeddings_fit_and_save_the_adapter(tmp_path):
@@ -481,9 +477,8 @@ def test_offloaded_checkpointing_frees_the_layer_inputs_on_the_gpu_with_the_same
             # workspaces, after which the same backward can round differently.)
             torch.cuda.synchronize()
             torch.empty(1, device="cuda")
-            held[mode] = (
-                torch.cuda.memory_allocated() - before
-            )  # what the forward leaves for the backward
+            # What the forward leaves for the backward.
+            held[mode] = torch.cuda.memory_allocated() - before
         loss.backward()
         grads[mode] = {
             n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad
@@ -634,8 +629,7 @@ def test_offload_halves_splits_llama_style_layers_and_says_which_it_checkpoints_
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small))
     assert checkpoint_funcs(llama) == {checkpointing.offloaded_halves}
     assert not caplog.text
-    phi = transformers.PhiForCausalLM(
-        transformers.PhiConfig(**small)
-    )  # attention and MLP side by side
+    # Attention and MLP side by side.
+    phi = transformers.PhiForCausalLM(transformers.PhiConfig(**small))
     assert checkpoint_funcs(phi) == {checkpointing.offloaded_checkpoint}
     assert "PhiDecoderLayer not split" in caplog.text

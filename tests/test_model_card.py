@@ -73,9 +73,8 @@ def fitted(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fit")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(
-            sys, "argv", sys.argv[:1]
-        )  # LightningCLI warns when given args beside pytest's
+        # LightningCLI warns when given args beside pytest's.
+        monkeypatch.setattr(sys, "argv", sys.argv[:1])
         hub = FakeHub().install(monkeypatch)
         make_cli(
             [
@@ -170,9 +169,8 @@ def test_merge_writes_a_card_carrying_the_training_and_pushes(fitted, tmp_path, 
     text = card.text
     assert "## Merge check: passed" in text and "| kl |" in text
     assert f"on {report['positions']} positions" in text
-    assert (
-        "### Data" in text and "| train | 16 | 16 |" in text and "| r | 16 |" in text
-    )  # the adapter's facts
+    # The adapter's facts.
+    assert "### Data" in text and "| train | 16 | 16 |" in text and "| r | 16 |" in text
     assert 'AutoModelForCausalLM.from_pretrained("my-org/merged")' in text
     summary = json.loads((merged / "training_summary.json").read_text())
     assert (

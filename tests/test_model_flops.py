@@ -10,9 +10,8 @@ def test_a_token_attends_to_the_sequence_or_at_most_the_sliding_window():
     mistral = MistralConfig(num_hidden_layers=4, sliding_window=4096)
     assert attended_positions(mistral, 32768) == 4096  # every layer slides
     assert attended_positions(mistral, 1024) == 1024  # the window is wider than the sequence
-    gemma2 = Gemma2Config(
-        num_hidden_layers=4, sliding_window=4096
-    )  # sliding and full layers alternate
+    # Sliding and full layers alternate.
+    gemma2 = Gemma2Config(num_hidden_layers=4, sliding_window=4096)
     assert sorted(set(gemma2.layer_types)) == ["full_attention", "sliding_attention"]
     assert attended_positions(gemma2, 32768) == (4096 + 32768) / 2
 

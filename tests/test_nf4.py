@@ -36,9 +36,8 @@ def _layer(
         quant_type="nf4",
     )
     if bias:
-        layer.bias = torch.nn.Parameter(
-            torch.randn(out_features), requires_grad=False
-        )  # Phi-2 has biases
+        # Phi-2 has biases.
+        layer.bias = torch.nn.Parameter(torch.randn(out_features), requires_grad=False)
     return layer.to(device)  # quantizes
 
 
@@ -131,12 +130,10 @@ def test_compiled_lean_layers_use_it_up_to_max_tokens_with_the_same_loss(
     max_tokens, device, monkeypatch
 ):
     torch._dynamo.reset()  # graphs compiled by earlier tests would run without the hooks below
-    tokens = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).to(
-        device
-    )  # 64 rows
-    concatenated = (
-        set()
-    )  # (out, in) features of the projections whose update rides on the base matmul
+    # 64 rows.
+    tokens = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).to(device)
+    # (out, in) features of the projections whose update rides on the base matmul.
+    concatenated = set()
     linear_4bit_lora = nf4.linear_4bit_lora
     monkeypatch.setattr(
         nf4,

@@ -221,9 +221,8 @@ def _fit_one_step(tmp_path, dm, accumulate: int):
         callbacks=[monitor],
     )
     trainer.fit(module, datamodule=dm)
-    assert (
-        trainer.global_step == 1
-    )  # Lightning steps at the epoch's last batch, however many were accumulated
+    # Lightning steps at the epoch's last batch, however many were accumulated.
+    assert trainer.global_step == 1
     lora = {k: p.detach().clone() for k, p in module.model.named_parameters() if p.requires_grad}
     return float(trainer.callback_metrics["train/loss"]), lora, monitor.steps[0]
 
@@ -283,7 +282,6 @@ def test_padding_free_is_exact_with_gpu_attention(attn):
     )
     nll, tokens, _ = _nll_and_grads(model, [to_cuda(b) for b in free.train_dataloader()])
     assert tokens == ref_tokens
-    tolerance = (
-        2e-2 if "flash" in attn else 1e-4
-    )  # bf16 flash attention rounds differently per layout
+    # Bf16 flash attention rounds differently per layout.
+    tolerance = 2e-2 if "flash" in attn else 1e-4
     assert abs(nll / tokens - ref_nll / ref_tokens) < tolerance

@@ -32,9 +32,8 @@ def test_last_epoch_counts_the_micro_batches_of_the_steps_left(kind):
     # Two steps left, two micro-batches each: four of the epoch's eight, where Lightning said two.
     assert _bar(kind).total_train_batches == 4
     assert _bar(kind, global_step=10).total_train_batches == 8
-    assert (
-        _bar(kind, max_epochs=3, max_steps=-1).total_train_batches == 8
-    )  # epochs end the run: untouched
+    # Epochs end the run: untouched.
+    assert _bar(kind, max_epochs=3, max_steps=-1).total_train_batches == 8
 
 
 def test_rich_bar_names_the_step_when_steps_end_the_run():

@@ -7,12 +7,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+# SimPO lives in TRL 1.x as CPO's loss_type="simpo".
 from trl.experimental.cpo.cpo_trainer import (
     CPOTrainer,
-)  # SimPO lives in TRL 1.x as CPO's loss_type="simpo"
+)
+
+# ORPO's maintained implementation in TRL 1.x.
 from trl.experimental.orpo.orpo_trainer import (
     ORPOTrainer,
-)  # ORPO's maintained implementation in TRL 1.x
+)
 
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import IGNORE_INDEX, orpo_loss, sequence_logps, simpo_loss

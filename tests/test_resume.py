@@ -177,9 +177,8 @@ def test_run_stopped_at_max_steps_resumes_with_last_into_the_same_run(
         fit(kind, tmp_path, "--ckpt_path", "last")
     fit(kind, tmp_path, "--ckpt_path", "last", "--allow_config_changes", "true")
 
-    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == [
-        "version_0"
-    ]  # one run folder
+    # One run folder.
+    assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
     # last.ckpt is the resumed run's own (under a changed checkpoint.every_n_train_steps too), no last-v1.ckpt.
     assert not list((run_dir(tmp_path) / "checkpoints").glob("*-v*.ckpt"))
     assert_same_adapter(run_dir(straight[kind]), run_dir(tmp_path))
@@ -383,9 +382,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bit_for_bit(tmp_path, kin
         assert list(checkpoints.glob(".*.tmp")), "the kill did not land inside a checkpoint write"
         assert not list(checkpoints.glob("*step=6.ckpt"))
     _fit_process(resumed, kind, "--ckpt_path", ckpt if ckpt == "last" else str(resumed / ckpt))
-    assert sorted(p.name for p in (resumed / "lightning_logs").iterdir()) == [
-        "version_0"
-    ]  # the same run folder
+    # The same run folder.
+    assert sorted(p.name for p in (resumed / "lightning_logs").iterdir()) == ["version_0"]
     assert_same_adapter(run_dir(straight), run_dir(resumed))
     # One TensorBoard curve: the losses the killed run logged after its checkpoint are purged, and
     # the resumed run's replace them, value for value.

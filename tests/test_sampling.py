@@ -82,9 +82,8 @@ def test_ranks_share_one_permutation_in_equal_parts(kind):
         )
         sampler.set_epoch(1)
         shards.append(list(sampler))
-    assert (
-        {len(shard) for shard in shards} == {len(sampler)} == {4}
-    )  # ceil(10 / 3), two indices repeated
+    # Ceil(10 / 3), two indices repeated.
+    assert {len(shard) for shard in shards} == {len(sampler)} == {4}
     whole = sampler.order()
     assert [i for step in zip(*shards) for i in step][
         :N

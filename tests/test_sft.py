@@ -113,9 +113,8 @@ def _one_sgd_step(
         accelerator=ACCELERATOR[device],
     )
     lengths = sorted(len(ids) for ids in data.splits["train"]["input_ids"])
-    assert len(set(lengths)) == 4, (
-        lengths
-    )  # different lengths: padding and token weighting both matter
+    # Different lengths: padding and token weighting both matter.
+    assert len(set(lengths)) == 4, lengths
     return _adapter(module), losses[0]
 
 

@@ -34,9 +34,8 @@ def test_a_sample_line_parses_with_or_without_reasons():
         612.35,
         None,
     )
-    assert (
-        step_stalls.parse_sample("2026/11/29 08:40:01.1") is None
-    )  # cut short when the sampler stopped
+    # Cut short when the sampler stopped.
+    assert step_stalls.parse_sample("2026/11/29 08:40:01.1") is None
 
 
 def test_gpu_window_takes_the_samples_inside_the_step():

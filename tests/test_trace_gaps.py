@@ -53,9 +53,8 @@ def test_gaps_are_charged_to_the_host_launch_site_or_to_the_device(tmp_path, cap
     trace_gaps.main([str(path)])
     out = capsys.readouterr().out
     assert "stream 7: 4 kernels and copies, busy 0.1 ms of 0.5 ms" in out
-    assert (
-        "1 x Memcpy DtoD (Device -> Device), 1.0 MiB" in out
-    )  # work on the compute stream, not idle
+    # Work on the compute stream, not idle.
+    assert "1 x Memcpy DtoD (Device -> Device), 1.0 MiB" in out
     # 180 -> 520 us: the second kernel's launch came after the first kernel had ended.
     assert "waiting for the host 0.3 ms (1 gaps), for the device 0.0 ms" in out
     assert "0.34      1  model.py(10): training_step > bnb.py(9): forward > aten::mm" in out

@@ -127,9 +127,8 @@ def _file_origins(path: Path, ds: datasets.Dataset) -> list[str]:
         if head.startswith("[") and path.suffix.lower() == ".json":
             return [f"item {i + 1}" for i in range(len(ds))]
         with path.open(encoding="utf-8", errors="replace") as f:
-            lines = [
-                n + 1 for n, line in enumerate(f) if line.strip()
-            ]  # the loaders skip blank lines
+            # The loaders skip blank lines.
+            lines = [n + 1 for n, line in enumerate(f) if line.strip()]
         if len(lines) == len(ds):
             return [f"line {n}" for n in lines]
     return [f"row {i + 1}" for i in range(len(ds))]
@@ -457,9 +456,8 @@ class SFTDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return
-        log_dir = (
-            trainer.log_dir
-        )  # on every rank: under DDP/FSDP the property is a broadcast from rank 0
+        # On every rank: under DDP/FSDP the property is a broadcast from rank 0.
+        log_dir = trainer.log_dir
         if not trainer.is_global_zero or not log_dir:
             return
         path = Path(log_dir) / "data_report.json"

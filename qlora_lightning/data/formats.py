@@ -315,9 +315,10 @@ def trl_pair(row: dict, roles: Mapping[str, str]) -> Pair:
             _reply(row, "chosen", roles),
             _reply(row, "rejected", roles),
         )
+    # Here, not at the top: importing trl costs seconds (data/packing.py)
     from trl import (
         extract_prompt,
-    )  # here, not at the top: importing trl costs seconds (data/packing.py)
+    )
 
     split = extract_prompt(
         {
@@ -366,9 +367,8 @@ def hh_rlhf_pair(row: dict, roles: Mapping[str, str]) -> Pair:
     rejected_prompt_text, rejected = _split_last_reply(required_str(row, "rejected"))
     if prompt_text != rejected_prompt_text:
         raise RowError("chosen and rejected transcripts do not share a prompt")
-    parts = _HH_TURN.split(
-        prompt_text
-    )  # ["", "Human", " q", "Assistant", " a", ..., "Human", " q"]
+    # ["", "Human", " q", "Assistant", " a", ..., "Human", " q"].
+    parts = _HH_TURN.split(prompt_text)
     if parts[0].strip() or len(parts) < 3:
         raise RowError("transcript is not '\\n\\nHuman: ...\\n\\nAssistant: ...' turns")
     names = {"Human": "user", "Assistant": "assistant"}

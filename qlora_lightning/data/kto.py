@@ -75,9 +75,8 @@ def unpaired_example(
     row: dict, to_messages: Callable[[dict], list[Message]], label_column: str
 ) -> list[Example]:
     """One labelled row: its last assistant turn is the completion, the turns before it the prompt."""
-    label = read_label(
-        row, label_column
-    )  # first: a bad label stops the run whatever else the row holds
+    # First: a bad label stops the run whatever else the row holds.
+    label = read_label(row, label_column)
     messages = to_messages(row)
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:

@@ -276,9 +276,10 @@ class PreferenceDataModule(SFTDataModule):
             reference_fingerprint: Identifies the reference weights.
             batch_size: Pairs per reference forward.
         """
+        # Datasets costs a second of a config's parse (data/base.py)
         from datasets.fingerprint import (
             Hasher,
-        )  # datasets costs a second of a config's parse (data/base.py)
+        )
 
         for name, ds in self.splits.items():
             if REFERENCE_COLUMNS[0] in ds.column_names:

@@ -41,9 +41,8 @@ class EpochSeededSampler(DistributedSampler):
         self._resume_at = 0  # where the next iterator starts (set by load_state_dict)
 
     def set_epoch(self, epoch: int) -> None:
-        if (
-            epoch != self.epoch
-        ):  # a new epoch starts at its beginning; a restored position was another's
+        # A new epoch starts at its beginning; a restored position was another's.
+        if epoch != self.epoch:
             self._yielded = self._resume_at = 0
         self.epoch = epoch
 

@@ -183,9 +183,8 @@ def _fmt(value: Any) -> str:
     """A value for a Markdown table cell: numbers short, text and structures as code on one line."""
     if isinstance(value, float):
         return f"{value:.6g}"
-    if (
-        isinstance(value, dict) and "class_path" in value
-    ):  # an optimizer or other class with its arguments
+    # An optimizer or other class with its arguments.
+    if isinstance(value, dict) and "class_path" in value:
         args = {k: v for k, v in (value.get("init_args") or {}).items() if v not in (None, False)}
         inner = ", ".join(f"{k}={json.dumps(v)}" for k, v in args.items())
         value = f"{str(value['class_path']).rsplit('.', 1)[-1]}({inner})"

@@ -331,9 +331,8 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
 
     merges = [" ".join(m) if isinstance(m, (list, tuple)) else m for m in model.get("merges", [])]
     scores = None
-    if (
-        kind == "llama"
-    ):  # llama.cpp merges sentencepiece-style by the score of the token a merge makes
+    # llama.cpp merges sentencepiece-style by the score of the token a merge makes.
+    if kind == "llama":
         rank = {}
         for r, merge in enumerate(merges):
             rank.setdefault(merge.replace(" ", ""), r)

@@ -128,9 +128,8 @@ class GSM8KEval(Callback):
         # Straight to the loggers: `self.log` in a training hook would wait for `log_every_n_steps`.
         for logger in trainer.loggers:
             logger.log_metrics({key: accuracy}, step=trainer.global_step)
-        pl_module.log(
-            key, accuracy, logger=False, prog_bar=True
-        )  # for checkpoint monitors and the bar
+        # For checkpoint monitors and the bar.
+        pl_module.log(key, accuracy, logger=False, prog_bar=True)
 
     def evaluate(
         self, trainer: Trainer, pl_module: LightningModule, stage: str, limit: Optional[int] = None

@@ -307,9 +307,8 @@ def merge_and_check(
         "margin": MARGIN,
         "slack": SLACK,
     }
-    if (
-        spec.quantization == "none"
-    ):  # a 16-bit base: the merge is exact up to rounding, nothing to compare
+    # A 16-bit base: the merge is exact up to rounding, nothing to compare.
+    if spec.quantization == "none":
         report["passed"] = None
     else:
         check, reference = check_merge(merged_outputs, adapter_dir, spec, dtype, batch, device)

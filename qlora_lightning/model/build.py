@@ -281,9 +281,10 @@ def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
 def apply_liger_kernels(model: PreTrainedModel) -> None:
     """Patch Liger's fused kernels into a loaded model, in place; the logits and loss stay as they are."""
     try:
+        # What HF Trainer calls too.
         from liger_kernel.transformers import (
             _apply_liger_kernel_to_instance,
-        )  # what HF Trainer calls too
+        )
     except ImportError as err:  # also raised when triton (GPU only) is missing
         raise UserError(
             f"base.liger_kernel needs liger-kernel and triton: {first_line(err)}"
@@ -453,9 +454,10 @@ def build_model(
     from qlora_lightning.speed.lora_forward import use_base_last, use_lean_lora  # imports peft
 
     if plan is None:
+        # Plan.py imports this module (through distributed.py)
         from qlora_lightning.model.plan import (
             resolve_plan,
-        )  # plan.py imports this module (through distributed.py)
+        )
 
         plan = resolve_plan(
             spec,
@@ -539,9 +541,8 @@ def random_checkpoint(spec: BaseModelSpec) -> str:
     ).hexdigest()[:16]
 
     def write(folder: Path) -> None:
-        device = (
-            "cuda" if torch.cuda.is_available() else "cpu"
-        )  # initializing 7B on the CPU takes minutes
+        # Initializing 7B on the CPU takes minutes.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         # A private, fixed seed: the weights do not depend on the caller's RNG, and building
         # them (or finding them cached) leaves the caller's RNG stream untouched.
         with torch.random.fork_rng(devices=[0] if device == "cuda" else []), torch.device(device):

@@ -23,6 +23,7 @@ import torch
 
 from qlora_lightning.errors import UserError, first_line
 from qlora_lightning.model.distributed import fsdp_checkpoints_activations, is_fsdp
+from qlora_lightning.model.hub import check_hub_id
 from qlora_lightning.speed.checkpointing import HALVES, Checkpointing, CheckpointMode
 from qlora_lightning.speed.estimate import GIB, choose_checkpointing, estimate_peak_memory
 
@@ -137,6 +138,7 @@ def load_model_config(base: BaseModelSpec):
     """The transformers config of ``base`` (overrides applied), which the estimate reads."""
     from transformers import AutoConfig
 
+    check_hub_id(base.checkpoint)  # offline: one line at once, not a minute of retries
     return AutoConfig.from_pretrained(base.checkpoint, **base.config_overrides)
 
 

@@ -107,9 +107,8 @@ class QLoRAModule(Building, Inputs, Stepping, CheckpointState, Predicting):
         self.adapter_dir = adapter_dir
         self.nonfinite = nonfinite
         self.adapters, self.max_new_tokens = adapters, max_new_tokens
-        self._skipped_steps = torch.zeros(
-            ()
-        )  # on the GPU once training runs: counted without waiting for it
+        # On the GPU once training runs: counted without waiting for it.
+        self._skipped_steps = torch.zeros(())
         self._skip_flags = HostReadings()  # (step, skipped?) on their way to the host
         self._bar_values = HostReadings()  # progress-bar values on their way to the host
         self._skips_warned = 0

@@ -23,7 +23,6 @@ from qlora_lightning.model.distributed import (
     replicates_adapters,
 )
 from qlora_lightning.model.plan import (
-    MicroBatch,
     TrainingPlan,
     declared_micro_batch,
     load_model_config,
@@ -56,13 +55,21 @@ class Building(LightningModule):
     model: Optional[torch.nn.Module]
 
     def plan_training(
-        self, estimate: bool = False, gradient_checkpointing: Any = None
+        self,
+        estimate: bool = False,
+        gradient_checkpointing: Any = None,
+        datamodule: Any = None,
+        on_gpu: bool = False,
+        model_config=None,
     ) -> TrainingPlan:
         """This module's plan on its trainer's device and strategy, for its DataModule's micro-batches.
 
         Args:
             estimate: Also price the plan (``TrainingPlan.peak_gib``); needs the DataModule's shape.
             gradient_checkpointing: A setting to plan instead of the module's own.
+            datamodule: The data to plan for, where no trainer holds it (the ``estimate`` command).
+            on_gpu: Plan for a CUDA device not known here (``estimate``), not this trainer's.
+            model_config: The base's transformers config, where the caller has it already.
         """
         strategy, device = self._placement()
         setting = (
@@ -70,6 +77,7 @@ class Building(LightningModule):
             if gradient_checkpointing is None
             else gradient_checkpointing
         )
+        data = datamodule if datamodule is not None else getattr(self._trainer, "datamodule", None)
         return resolve_plan(
             self.base,
             self.lora,
@@ -77,10 +85,11 @@ class Building(LightningModule):
             memory_budget_gib=self.memory_budget_gib,
             loss_chunk_size=self.loss_chunk_size,
             optimizer=optimizer_kind(self.optimizer_factory),
-            device=device,
+            device=None if on_gpu else device,
             strategy=strategy,
-            micro_batch=self._declared_micro_batch,
+            micro_batch=lambda: declared_micro_batch(data, self.sequences_per_example),
             estimate=estimate,
+            model_config=model_config,
         )
 
     def _placement(self) -> tuple[Optional[Strategy], torch.device]:
@@ -89,22 +98,14 @@ class Building(LightningModule):
         # Each rank loads the 4-bit base onto its own device (DDP keeps that copy; FSDP shards it).
         return strategy, strategy.root_device if strategy else torch.device("cpu")
 
-    def _declared_micro_batch(self) -> MicroBatch:
-        """The micro-batch shape the trainer's DataModule declares (a UserError naming it if none)."""
-        return declared_micro_batch(
-            getattr(self._trainer, "datamodule", None), self.sequences_per_example
-        )
-
     @override
     def configure_model(self) -> None:
         if self.model is not None:
             return
         strategy, device = self._placement()
         compute_dtype = getattr(torch, self.base.compute_dtype)
-        if is_fsdp(strategy) and self.base.quantization in (
-            "nf4",
-            "fp4",
-        ):  # before the minutes-long load
+        if is_fsdp(strategy) and self.base.quantization in ("nf4", "fp4"):
+            # Checked before the minutes-long load.
             check_fsdp_precision(strategy, str(self.trainer.precision), compute_dtype)
         self.plan = self.plan_training()
         if rank_zero_only.rank == 0:
@@ -117,18 +118,17 @@ class Building(LightningModule):
             attach_adapters(self.model, self.adapters)
         if is_fsdp(strategy):
             cast_frozen_for_fsdp(self.model, compute_dtype)
-        if replicates_adapters(
-            strategy
-        ):  # FSDP leaves them alone; reduce_replicated_gradients averages them
+        if replicates_adapters(strategy):
+            # FSDP leaves them alone; reduce_replicated_gradients averages them.
             strategy.kwargs["ignored_states"] = self._trainable()
 
     def _out_of_memory_message(self, device: torch.device) -> str:
         """What did not fit, what the estimator expected, what the GPU had, and what to lower."""
         free, total = torch.cuda.mem_get_info(device)
         try:
-            plan = replace(
-                self.plan, micro_batch=self.plan.micro_batch or self._declared_micro_batch()
-            )
+            data = getattr(self._trainer, "datamodule", None)
+            shape = self.plan.micro_batch or declared_micro_batch(data, self.sequences_per_example)
+            plan = replace(self.plan, micro_batch=shape)
             gib = plan.peak_gib
             if gib is None:
                 gib = plan.estimate(load_model_config(self.base), self.base, self.lora)["total_gib"]
@@ -145,9 +145,10 @@ class Building(LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
+        # Its module imports peft: seconds of a config's parse (model/build.py)
         from transformers import (
             get_scheduler,
-        )  # its module imports peft: seconds of a config's parse (model/build.py)
+        )
 
         params = self._trainable()
         optimizer = self.optimizer_factory(params)

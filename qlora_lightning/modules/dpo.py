@@ -105,9 +105,10 @@ class PreferenceModule(QLoRAModule):
         Eval mode turns every dropout off, so the reference gives the same log-probs whenever it
         is asked (precomputed or live, in training or validation).
         """
+        # Trl imports peft: seconds of a config's parse (model/build.py)
         from trl.trainer.utils import (
             use_adapter,
-        )  # trl imports peft: seconds of a config's parse (model/build.py)
+        )
 
         was_training = self.model.training
         self.model.eval()

@@ -64,10 +64,11 @@ class Inputs(LightningModule):
         """(N, H) final hidden states -> (N, V) logits, as the model's own forward computes them."""
         causal_lm = self.model.get_base_model()
         config = causal_lm.config
+        # Cohere, Granite: rescale logits in forward.
         for scale in (
             "logit_scale",
             "logits_scaling",
-        ):  # Cohere, Granite: rescale logits in forward
+        ):
             if getattr(config, scale, None) not in (None, 1, 1.0):
                 raise UserError(
                     f"model.loss_chunk_size does not support {config.model_type} ({scale}); unset it"

@@ -36,9 +36,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None
     ) -> None:
         if get_filesystem(path).protocol not in ("file", ("file", "local")):
-            return super().save_checkpoint(
-                checkpoint, path, storage_options
-            )  # remote stores are atomic per object
+            # Remote stores are atomic per object.
+            return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -95,10 +95,11 @@ def as_saved_after_last_batch(checkpoint: dict) -> bool:
     for progress in (epochs["total"], epochs["current"]):  # the epoch: started, not yet processed
         progress["processed"] -= 1
         progress["completed"] -= 1
+    # The batch: processed, not yet completed.
     for progress in (
         batches["total"],
         batches["current"],
-    ):  # the batch: processed, not yet completed
+    ):
         progress["completed"] -= 1
     # Lightning adds the stepped batch back when it resumes after a batch that stepped.
     loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
@@ -261,9 +262,8 @@ class RunFolderGuard(Callback):
             or not trainer.is_global_zero
         ):
             return
-        folder = Path(
-            logger.log_dir
-        )  # not trainer.log_dir: a broadcast, which the other ranks would not join
+        # Not trainer.log_dir: a broadcast, which the other ranks would not join.
+        folder = Path(logger.log_dir)
         if folder.parent == Path(logger.root_dir) and folder.name.startswith("version_"):
             shutil.rmtree(folder, ignore_errors=True)
 

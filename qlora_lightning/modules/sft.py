@@ -63,9 +63,8 @@ class SFTModule(QLoRAModule):
         # Gradients hold (1 / (accumulation * world size)) * sum over the step; make it a per-token mean.
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
         grads = self.step_gradients(optimizer)
-        if (
-            grads
-        ):  # one multi-tensor kernel, not one launch per tensor (they add up at small batches)
+        # One multi-tensor kernel, not one launch per tensor (they add up at small batches)
+        if grads:
             torch._foreach_mul_(grads, scale)
         self.log("train/loss", nll / tokens)
         self.show_in_progress_bar("loss", nll / tokens)

@@ -157,9 +157,8 @@ class PerfMonitor(Callback):
         self.steps: list[dict] = []
         self._window = self._new_window()
         self._start: Optional[Mark] = None  # the end of the previous step
-        self._pending: deque[tuple[int, dict, Mark, Mark]] = (
-            deque()
-        )  # measured steps not yet recorded
+        # Measured steps not yet recorded.
+        self._pending: deque[tuple[int, dict, Mark, Mark]] = deque()
         self._train_start: Optional[float] = None
         self._train_seconds = 0.0
         self._earlier_seconds = (
@@ -368,9 +367,8 @@ class PerfMonitor(Callback):
         self._peaks_per_rank = (
             all_ranks(trainer, [*peaks, self._start_alloc_gib or 0.0]) if peaks else None
         )
-        directory = Path(
-            trainer.log_dir or trainer.default_root_dir
-        )  # a broadcast under DDP/FSDP: every rank
+        # A broadcast under DDP/FSDP: every rank.
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
             self.write_summary(trainer, pl_module, directory)
 

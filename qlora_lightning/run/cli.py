@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import yaml
 from jsonargparse import ArgumentError
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -219,9 +219,11 @@ def _type_name(text: str) -> str:
     return re.sub(r"typing\.Literal\[(.*)\]", r"\1", re.sub(r"<class '([\w.]+)'>", r"\1", text))
 
 
-def make_cli(args: list[str] | None = None, run: bool = True) -> QLoRACLI:
+def make_cli(
+    args: list[str] | None = None, run: bool = True, cli_class: type[QLoRACLI] = QLoRACLI
+) -> QLoRACLI:
     """The CLI that ``main`` runs; ``run=False`` parses and instantiates without running (tests)."""
-    return QLoRACLI(
+    return cli_class(
         QLoRAModule,
         SFTDataModule,
         subclass_mode_model=True,
@@ -232,6 +234,25 @@ def make_cli(args: list[str] | None = None, run: bool = True) -> QLoRACLI:
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False, "prog": "qlora-lightning"},
     )
+
+
+class _WithoutTrainer(QLoRACLI):
+    """The parse and the classes of ``fit``, no Trainer: a GPU config builds on a machine without one."""
+
+    def instantiate_trainer(self, **kwargs) -> None:
+        return None
+
+
+def configured_classes(args: list[str]) -> tuple[QLoRAModule, LightningDataModule]:
+    """The model and data a config makes (``args``: ``--config FILE`` and overrides), parsed,
+    checked and linked as ``fit`` does; nothing is loaded (the module builds its model in
+    ``configure_model``, the data loads in ``setup``)."""
+    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when given args beside a command line
+    try:
+        cli = make_cli([*args, "--seed_everything", "false"], run=False, cli_class=_WithoutTrainer)
+    finally:
+        sys.argv = argv
+    return cli.model, cli.datamodule
 
 
 # The Trainer keys the shipped configs set; `--help` names them, `--help-all` lists all ~80.

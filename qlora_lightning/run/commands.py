@@ -56,8 +56,9 @@ def main(args: Optional[list[str]] = None) -> None:
     )
     if problem:
         sys.exit(f"error: {problem} (see --help)")
+    # Torch, transformers and Lightning load from here on.
     from qlora_lightning.run.cli import (
         main as run,
-    )  # torch, transformers and Lightning load from here on
+    )
 
     run(args)

@@ -72,9 +72,8 @@ def _class_keys(class_path: str, keys: list[str]) -> dict[str, Optional[list[str
     integer or float (``PositiveInt`` included), else None."""
     module, _, name = class_path.rpartition(".")
     numbers: dict[str, Optional[list[str]]] = {}
-    for klass in reversed(
-        getattr(importlib.import_module(module), name).__mro__
-    ):  # a subclass's annotation wins
+    # A subclass's annotation wins.
+    for klass in reversed(getattr(importlib.import_module(module), name).__mro__):
         init = klass.__dict__.get("__init__")
         try:
             hints = typing.get_type_hints(init) if init is not None else {}

@@ -5,127 +5,41 @@ memory piece by piece (``speed/estimate.py``), without a GPU or the model's weig
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import sys
-from types import SimpleNamespace
-from typing import Any, Optional
+from typing import Optional
 
-import yaml
+from jsonargparse import ArgumentError
 
 from qlora_lightning.errors import UserError, first_line
-from qlora_lightning.model.build import BaseModelSpec, LoraSpec
-from qlora_lightning.model.plan import (
-    TrainingPlan,
-    declared_micro_batch,
-    load_model_config,
-    optimizer_kind,
-    resolve_plan,
-)
-
-MODEL_CLASS, DATA_CLASS = "qlora_lightning.QLoRAModule", "qlora_lightning.SFTDataModule"
-
-
-def _set_dotted(tree: dict, key: str, value) -> None:
-    node = tree
-    *path, last = key.split(".")
-    for part in path:
-        node = node.setdefault(part, {})
-    node[last] = value
-
-
-def _class(path: str, section: str) -> type:
-    module, _, name = path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise UserError(f"{section}.class_path '{path}': {first_line(err)}") from None
-
-
-def _settings(cls: type, init_args: dict, names: tuple[str, ...]) -> dict[str, Any]:
-    """``names`` as the config sets them, else as ``cls`` (or the first class above it naming
-    them, past ``**kwargs``) defaults them; a name no class defaults is left out."""
-    found = {name: init_args[name] for name in names if name in init_args}
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        for name, param in inspect.signature(init).parameters.items():
-            if name in names and name not in found and param.default is not param.empty:
-                found[name] = param.default
-    return found
+from qlora_lightning.model.plan import TrainingPlan, load_model_config
 
 
 def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str]]] = None) -> dict:
-    """A training YAML's plan (``plan``) and predicted peak (GiB per component), from its model and
-    data sections plus ``key value`` overrides."""
-    with open(config_path) as f:
-        tree = yaml.safe_load(f) or {}
-    for key, value in overrides or []:
-        _set_dotted(tree, key, yaml.safe_load(value))
-    model, data = tree.get("model") or {}, tree.get("data") or {}
-    module_class = _class(model.get("class_path", MODEL_CLASS), "model")
-    data_class = _class(data.get("class_path", DATA_CLASS), "data")
-    settings = _settings(
-        module_class,
-        model.get("init_args") or {},
-        (
-            "base",
-            "lora",
-            "gradient_checkpointing",
-            "memory_budget_gib",
-            "loss_chunk_size",
-            "optimizer",
-        ),
-    )
+    """A training YAML's plan (``plan``) and predicted peak (GiB per component), with ``key value``
+    overrides: the model and data ``fit`` would build from it, planned for a CUDA device."""
+    from qlora_lightning.run.cli import (
+        configured_classes,
+    )  # the parse `fit` runs: torch and Lightning
+
+    args = [
+        "--config",
+        config_path,
+        *(arg for key, value in overrides or [] for arg in (f"--{key}", value)),
+    ]
+    module, data = configured_classes(args)
     try:
-        base = (
-            BaseModelSpec(**settings["base"])
-            if isinstance(settings["base"], dict)
-            else settings["base"]
-        )
-        lora = (
-            LoraSpec(**settings["lora"]) if isinstance(settings["lora"], dict) else settings["lora"]
-        )
-    except TypeError as err:
-        raise UserError(f"model.init_args: {first_line(err)}") from None
-    try:
-        config = load_model_config(base)
+        config = load_model_config(module.base)
     except OSError as err:
-        raise UserError(f"model '{base.name_or_path}': {first_line(err)}") from None
-    optimizer = settings["optimizer"]
-    optimizer = optimizer_kind(
-        optimizer.get("class_path") if isinstance(optimizer, dict) else optimizer
-    )
-    # DPO runs each pair's chosen and rejected sequences in one forward: twice the sequences. KTO's one
-    # forward with gradients holds its B rows; its KL and reference forwards keep no activations.
-    shape = declared_micro_batch(
-        SimpleNamespace(
-            **_settings(data_class, data.get("init_args") or {}, ("batch_size", "max_seq_length"))
-        ),
-        module_class.sequences_per_example,
-        name=data_class.__name__,
-    )
-    plan = resolve_plan(
-        base,
-        lora,
-        settings["gradient_checkpointing"],
-        memory_budget_gib=settings["memory_budget_gib"],
-        loss_chunk_size=settings["loss_chunk_size"],
-        optimizer=optimizer,
-        device=None,
-        micro_batch=shape,
-        estimate=True,
-        model_config=config,
-    )
+        raise UserError(f"model '{module.base.name_or_path}': {first_line(err)}") from None
+    plan = module.plan_training(estimate=True, datamodule=data, on_gpu=True, model_config=config)
     return {
-        "model": base.name_or_path,
+        "model": module.base.name_or_path,
         "plan": plan,
-        "batch_size": shape.sequences,
-        "max_seq_length": shape.tokens,
+        "batch_size": plan.micro_batch.sequences,
+        "max_seq_length": plan.micro_batch.tokens,
         "gradient_checkpointing": plan.checkpointing.value,
-        "chosen_by_auto": settings["gradient_checkpointing"] == "auto",
-        **plan.estimate(config, base, lora),
+        "chosen_by_auto": module.gradient_checkpointing == "auto",
+        **plan.estimate(config, module.base, module.lora),
     }
 
 
@@ -160,6 +74,10 @@ def main(argv: list[str]) -> None:
         )
     except UserError as err:
         sys.exit(f"error: {err}")
+    except ArgumentError as err:  # the config's parse, as fit's
+        from qlora_lightning.run.cli import one_line
+
+        sys.exit(f"error: {one_line(str(err))}")
     print_plan(result["plan"])
     print(
         f"{result['model']}, {result['batch_size']} sequences x {result['max_seq_length']} tokens per micro-batch, "

@@ -41,9 +41,8 @@ def source_key() -> str:
         for p in PACKAGE_DIR.rglob("*.py")
     )
     versions = [_version(name) for name in _RENDERERS]
-    settings = sorted(
-        (k, v) for k, v in os.environ.items() if k.startswith("JSONARGPARSE_")
-    )  # e.g. env names in help
+    # E.g. env names in help.
+    settings = sorted((k, v) for k, v in os.environ.items() if k.startswith("JSONARGPARSE_"))
     return hashlib.sha256(repr((sys.version, versions, settings, sources)).encode()).hexdigest()
 
 

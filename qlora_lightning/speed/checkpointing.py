@@ -145,9 +145,8 @@ def enable_checkpointing(
                 module._gradient_checkpointing_func = functools.partial(offloaded_halves, module)
             elif mode.splits_halves:
                 module._gradient_checkpointing_func = offloaded_checkpoint
-                if isinstance(
-                    module, GradientCheckpointingLayer
-                ):  # not the model, which holds the flag too
+                # Not the model, which holds the flag too.
+                if isinstance(module, GradientCheckpointingLayer):
                     whole.add(type(module).__name__)
     if whole:
         log.warning(

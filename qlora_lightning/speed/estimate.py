@@ -109,9 +109,8 @@ def weight_bytes(
         linear = n + n / d.hidden * 4  # one fp32 scale per row, roughly
     else:
         linear = 2 * n  # bf16
-    per_layer_other = 2 * d.hidden + (
-        sum(o for _, o in layer_linears(d)) if d.bias else 0
-    )  # norms, biases
+    # Norms, biases.
+    per_layer_other = 2 * d.hidden + (sum(o for _, o in layer_linears(d)) if d.bias else 0)
     other = (4 if upcast_frozen else 2) * (
         d.vocab * d.hidden * (1 if d.tied else 2) + d.layers * per_layer_other + d.hidden
     )
@@ -139,13 +138,14 @@ def layer_activation_bytes(
     act = 4 if upcast_frozen else 2  # bytes of one saved MLP intermediate
     h, a, kv, i = d.hidden, d.attn, d.kv, d.inter
     norm = 2 * h if liger_kernel else 4 * h
+    # The output projection.
     attention = (
         norm
         + 3 * lin * h  # q, k, v projections
         + 4 * a
         + 4 * kv  # bf16 q, k, v and the output kept by the attention kernel
         + lin * a
-    )  # the output projection
+    )
     if d.gated_mlp:  # gate/up inputs, gate/act/up outputs (gate/up with Liger), down input
         mlp = norm + 2 * lin * h + (2 if liger_kernel else 3) * act * i + lin * i
     else:  # Phi: fc1, gelu_new (written as several elementwise ops that each keep a tensor), fc2
@@ -248,22 +248,19 @@ def estimate_peak_memory(
         and seq > d.sliding_window
         and attn_implementation in ("sdpa", "eager", None)
     ):
-        attention += (
-            3 * batch * seq * seq
-        )  # a dense sliding-window mask: (B, 1, T, T) bool and its bf16 bias
+        # A dense sliding-window mask: (B, 1, T, T) bool and its bf16 bias.
+        attention += 3 * batch * seq * seq
     layer = attention + mlp
     # The halves mode checkpoints a Llama-style layer's attention and MLP apart (others whole): the backward
     # recomputes one at a time, and the residual stream between them waits in CPU memory too.
     halves = mode.splits_halves and d.gated_mlp
     recomputed = max(attention, mlp) if halves else layer
     logits = logits_bytes(d, tokens, loss_chunk_size, loss_impl)
-    parts["dequantized_weights"] = (
-        2 * 2 * max(i * o for i, o in layer_linears(d))
-    )  # bf16, forward + backward
+    # Bf16, forward + backward.
+    parts["dequantized_weights"] = 2 * 2 * max(i * o for i, o in layer_linears(d))
     if mode.checkpoints:
-        layer_inputs = (
-            d.layers * tokens * d.hidden * (4 if upcast_frozen else 2)
-        )  # the residual stream
+        # The residual stream.
+        layer_inputs = d.layers * tokens * d.hidden * (4 if upcast_frozen else 2)
         if mode is CheckpointMode.OFFLOAD_SAVED_NO_RECOMPUTE:
             offloaded += d.layers * layer
         elif mode.offloads_inputs:
@@ -324,6 +321,5 @@ def choose_checkpointing(
         estimates.append((mode, estimate_gib(mode)))
         if estimates[-1][1] <= budget_gib:
             return estimates[-1]
-    return min(
-        estimates[-2:], key=lambda mode_gib: mode_gib[1]
-    )  # of equals, the first: whole layers
+    # Of equals, the first: whole layers.
+    return min(estimates[-2:], key=lambda mode_gib: mode_gib[1])

@@ -84,9 +84,8 @@ class LeanLoraLinear4bit(Linear4bit):
         if name not in self.lora_A.keys() or name in self.lora_variant:
             return None
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        plain = (
-            type(lora_A) is torch.nn.Linear and type(lora_B) is torch.nn.Linear
-        )  # not an FSDP unit
+        # Not an FSDP unit.
+        plain = type(lora_A) is torch.nn.Linear and type(lora_B) is torch.nn.Linear
         return name if plain and lora_B.bias is None else None
 
 
