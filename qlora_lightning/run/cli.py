@@ -247,7 +247,8 @@ def configured_classes(args: list[str]) -> tuple[QLoRAModule, LightningDataModul
     """The model and data a config makes (``args``: ``--config FILE`` and overrides), parsed,
     checked and linked as ``fit`` does; nothing is loaded (the module builds its model in
     ``configure_model``, the data loads in ``setup``)."""
-    argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when given args beside a command line
+    # LightningCLI warns when given args beside a command line.
+    argv, sys.argv = sys.argv, sys.argv[:1]
     try:
         cli = make_cli([*args, "--seed_everything", "false"], run=False, cli_class=_WithoutTrainer)
     finally:
