@@ -19,7 +19,7 @@ _EXPORTS = {
     "PerfMonitor": "run.callbacks", "FreezeHeap": "speed.collector", "DecoderLayerPolicy": "model.distributed",
     "SFTDataModule": "data", "GuanacoDataModule": "data", "CodeAlpacaDataModule": "data", "GSM8KDataModule": "data",
     "ColumnDataModule": "data", "PreferenceDataModule": "data", "KTODataModule": "data", "PromptsDataModule": "data",
-    "GSM8KEval": "evaluate.gsm8k_eval",
+    "GSM8KEval": "evaluate.gsm8k_eval", "LMEvalCallback": "evaluate.lmeval",
     "BaseModelSpec": "model.build", "LoraSpec": "model.build", "build_model": "model.build",
     "load_tokenizer": "model.build",
     "QLoRAModule": "modules", "SFTModule": "modules", "DPOModule": "modules", "KTOModule": "modules",

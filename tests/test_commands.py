@@ -24,7 +24,7 @@ def test_help_lists_every_command_without_importing_torch():
         assert result.returncode == 0, result.stderr[-2000:]
         assert result.stdout.startswith("usage: qlora-lightning (or python -m qlora_lightning) COMMAND")
         listed = [line.split()[0] for line in result.stdout.split("commands:\n")[1].split("\n\n")[0].splitlines()]
-        assert listed == ["fit", "validate", "test", "predict", "merge", "export", "estimate"] == list(COMMANDS)
+        assert listed == ["fit", "validate", "test", "predict", "eval", "merge", "export", "estimate"] == list(COMMANDS)
         imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
         assert not {"torch", "transformers", "lightning"} & imported, sorted(imported)[:20]
 
@@ -33,7 +33,7 @@ def test_an_unknown_command_is_one_line_naming_the_commands():
     result = _run("frobnicate")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: unknown command 'frobnicate' (one of: fit, validate, test, predict, merge, export, estimate")
+    assert last.startswith("error: unknown command 'frobnicate' (one of: fit, validate, test, predict, eval, merge, export, estimate")
 
 
 def test_a_commands_help_leads_with_the_projects_keys():

@@ -153,30 +153,32 @@ def same_run(recorded: Optional[dict], current: dict) -> bool:
     return recorded is not None and all(old.get(key) == new.get(key) for key in RUN_KEYS)
 
 
-def find_last(root: Path, current: dict, load) -> str:
-    """The newest ``last.ckpt`` under ``root/version_*/checkpoints`` written by this run (``RUN_KEYS``).
+def find_last(root: Optional[Path], current: dict, load) -> str:
+    """The newest ``last.ckpt`` under ``root/*/checkpoints`` written by this run (``RUN_KEYS``).
 
     Args:
-        root: The logger's directory of run folders.
+        root: The logger's directory of run folders (TensorBoard: ``version_N``; W&B, MLflow: run ids);
+            None where the logger has run nothing yet.
         current: This config's ``run_record``.
         load: Reads a checkpoint (``AtomicCheckpointIO.load_checkpoint``).
     """
-    found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    found = sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) \
+        if root is not None else []
     for path in found:
         if same_run(load(path).get("run_record"), current):
             return str(path)
     what = ", ".join(f"{key}={flatten(current).get(key)}" for key in RUN_KEYS)
     others = f" ({len(found)} of other runs)" if found else ""
-    raise UserError(f"--ckpt_path last: no last.ckpt of this run ({what}) under {root}/version_*/checkpoints{others}")
+    raise UserError(f"--ckpt_path last: no last.ckpt of this run ({what}) under {root}/*/checkpoints{others}")
 
 
-def run_folder(checkpoint_path: str, root: Path) -> Optional[int]:
-    """N where ``checkpoint_path`` is in ``root/version_N/checkpoints``; None elsewhere."""
+def run_folder(checkpoint_path: str, root: Optional[Path]) -> Optional[str]:
+    """The run folder's name (``version_N``, a W&B or MLflow run id) where ``checkpoint_path`` is in
+    ``root/<name>/checkpoints``; None elsewhere."""
     path = Path(checkpoint_path).resolve()
-    if path.parent.name != "checkpoints" or path.parent.parent.parent != root.resolve():
+    if root is None or path.parent.name != "checkpoints" or path.parent.parent.parent != root.resolve():
         return None
-    name = path.parent.parent.name
-    return int(name[len("version_"):]) if name.startswith("version_") and name[len("version_"):].isdigit() else None
+    return path.parent.parent.name
 
 
 class RunFolderGuard(Callback):
@@ -200,6 +202,8 @@ class RunFolderGuard(Callback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         logger = trainer.logger
         if self.started or trainer.ckpt_path is not None or logger is None or not trainer.is_global_zero:
+            return
+        if not hasattr(logger, "log_dir") or not hasattr(logger, "root_dir"):  # W&B, MLflow: their run is marked failed
             return
         folder = Path(logger.log_dir)  # not trainer.log_dir: a broadcast, which the other ranks would not join
         if folder.parent == Path(logger.root_dir) and folder.name.startswith("version_"):

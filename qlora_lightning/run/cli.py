@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import io
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -17,7 +18,6 @@ from jsonargparse import ArgumentError
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from qlora_lightning.run import config_check, console, help_cache
@@ -25,11 +25,13 @@ from qlora_lightning.data.base import SFTDataModule
 from qlora_lightning.errors import UserError
 from qlora_lightning.model.build import tokenizer_source
 from qlora_lightning.evaluate.card import check_repo_id, push_folder
+from qlora_lightning.evaluate.tracking import continue_run, run_root
 from qlora_lightning.modules.base import QLoRAModule
 from qlora_lightning.run.progress import count_steps
 from qlora_lightning.modules.reliability import AtomicCheckpointIO
 from qlora_lightning.modules.resume import (RunFolderGuard, StepCheckpoint, check_resume, find_last, run_folder,
                                             run_record)
+from qlora_lightning.run.tracking import RunReport, Trainer as RunTrainer
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ class QLoRACLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super()._instantiate_trainer(config, callbacks + [RunFolderGuard()])
+        return super()._instantiate_trainer(config, callbacks + [RunFolderGuard(), RunReport()])
 
     def _parse_ckpt_path(self) -> None:
         """For ``fit``, nothing. LightningCLI's own replaces the config's model with the hyperparameters
@@ -109,7 +111,7 @@ class QLoRACLI(LightningCLI):
         if ckpt is None:
             return
         io = AtomicCheckpointIO()
-        root = Path(self.trainer.logger.root_dir if self.trainer.logger else self.trainer.default_root_dir)
+        root = run_root(self.trainer.logger, self.trainer.default_root_dir)  # found without starting a W&B/MLflow run
         dirpath = self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback else None
         if ckpt == "last":
             ckpt = str(Path(dirpath) / "last.ckpt") if dirpath else find_last(root, record, io.load_checkpoint)
@@ -129,8 +131,9 @@ class QLoRACLI(LightningCLI):
             push_folder(self.model.saved_adapter_dir, repo_id, f"adapter trained by {type(self.model).__name__}")
 
 
-def continue_run_folder(trainer: Trainer, ckpt: str, root: Path, step: int) -> None:
-    """Resuming from a checkpoint of ``root/version_N``: log to that run folder, not a new one.
+def continue_run_folder(trainer: Trainer, ckpt: str, root: Optional[Path], step: int) -> None:
+    """Resuming from a checkpoint of ``root/<run>`` (``version_N``; a W&B or MLflow run id): log to that
+    run, not a new one (``tracking.continue_run``).
 
     TensorBoard then shows one curve, with the events that the interrupted run logged from index
     ``step`` (the checkpoint's global step) on purged: Lightning logs an optimizer step's train
@@ -138,13 +141,9 @@ def continue_run_folder(trainer: Trainer, ckpt: str, root: Path, step: int) -> N
     own step, logged at its index, goes too (``run_summary.json`` keeps it). Checkpoints and
     ``run_summary.json`` go where the run's are.
     """
-    version = run_folder(ckpt, root)
-    logger = trainer.logger
-    if version is None or not isinstance(logger, (TensorBoardLogger, CSVLogger)):
-        return
-    logger._version = version  # read by log_dir; private, checked by qlora_lightning/compat.py
-    if isinstance(logger, TensorBoardLogger):
-        logger._kwargs["purge_step"] = step  # passed to the SummaryWriter when it is created
+    run = run_folder(ckpt, root)
+    if run is not None:
+        continue_run(trainer.logger, run, step)
 
 
 def trainer_defaults() -> dict:
@@ -173,7 +172,8 @@ def _type_name(text: str) -> str:
 def make_cli(args: list[str] | None = None, run: bool = True) -> QLoRACLI:
     """The CLI that ``main`` runs; ``run=False`` parses and instantiates without running (tests)."""
     return QLoRACLI(QLoRAModule, SFTDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                    trainer_defaults=trainer_defaults(), args=args, run=run, save_config_kwargs={"overwrite": True},
+                    trainer_class=RunTrainer, trainer_defaults=trainer_defaults(), args=args, run=run,
+                    save_config_kwargs={"overwrite": True},
                     parser_kwargs={"exit_on_error": False, "prog": "qlora-lightning"})
 
 
@@ -206,13 +206,16 @@ def project_help(command: str) -> str:
 
 # Subcommands that build no Trainer and load no training data: plain argparse CLIs of their own.
 _TOOLS = {"merge": "qlora_lightning.evaluate.merge", "estimate": "qlora_lightning.speed.estimate",
-          "export": "qlora_lightning.evaluate.export"}
+          "export": "qlora_lightning.evaluate.export", "eval": "qlora_lightning.evaluate.lmeval"}
 
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     console.configure(verbose="--verbose" in argv)
     argv = [arg for arg in argv if arg != "--verbose"]  # the project's flag, not LightningCLI's
+    # MLflow 3.7+ refuses its file store (`--trainer.logger MLFlowLogger`'s default, ./mlruns) unless told it
+    # may: a local store needs no server and no database package. Set to false to be refused.
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     if args is None:
         sys.argv[1:] = argv  # LightningCLI reads sys.argv itself (and warns when given a copy of it)
     try:
