@@ -79,7 +79,9 @@ def continue_run(logger: Optional[Logger], run: str, step: int) -> bool:
     TensorBoard: the events logged from ``step`` on are purged (``cli.continue_run_folder``). W&B
     resumes the run of that id (``resume="allow"``, Lightning's default): offline, a second
     ``offline-run-*`` folder of the same id, which ``wandb sync`` appends to the first. MLflow logs to
-    that run again; it keeps every value, so the steps a resume repeats hold two (the last is the resumed one's).
+    that run again; it keeps every value, so the steps a resume repeats hold two (the last is the resumed one's),
+    and it refuses a param a second value: one that ``--allow_config_changes`` changed is logged as
+    ``resumed_at_step_<N>/<key>``.
     """
     if isinstance(logger, (TensorBoardLogger, CSVLogger)):
         if not run.startswith("version_") or not run[len("version_"):].isdigit():
@@ -93,8 +95,43 @@ def continue_run(logger: Optional[Logger], run: str, step: int) -> bool:
         return True
     if is_mlflow(logger) and not logger._initialized:  # compat.py
         logger._run_id = run
+        _keep_logged_params(logger, step)
         return True
     return False
+
+
+def _keep_logged_params(logger: Logger, step: int) -> None:
+    """MLflow refuses a run's param a second value: a resume under a deliberately changed config
+    (``--allow_config_changes``) logs each changed one as ``resumed_at_step_<N>/<key>`` instead."""
+    from mlflow.exceptions import MlflowException
+
+    log_hyperparams = logger.log_hyperparams  # bound: this instance's own
+
+    def log_keeping_logged(params) -> None:
+        try:
+            log_hyperparams(params)
+        except MlflowException as err:
+            if "Changing param values" not in str(err):
+                raise
+            for key, value in _flat(params).items():
+                try:
+                    log_hyperparams({key: value})
+                except MlflowException:
+                    log_hyperparams({f"resumed_at_step_{step}/{key}": value})
+
+    logger.log_hyperparams = log_keeping_logged
+
+
+def _flat(params: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` (or a Namespace) -> ``{"a/b": 1}``, as Lightning's MLflow logger names nested params."""
+    params = vars(params) if hasattr(params, "__dict__") and not isinstance(params, dict) else params
+    if not isinstance(params, dict):
+        return {prefix: params}
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        flat.update(_flat(value, f"{prefix}/{key}" if prefix else str(key)) if isinstance(value, dict)
+                    else {f"{prefix}/{key}" if prefix else str(key): value})
+    return flat
 
 
 # ---- tables and documents ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
 from qlora_lightning.errors import UserError
@@ -203,7 +204,7 @@ class RunFolderGuard(Callback):
         logger = trainer.logger
         if self.started or trainer.ckpt_path is not None or logger is None or not trainer.is_global_zero:
             return
-        if not hasattr(logger, "log_dir") or not hasattr(logger, "root_dir"):  # W&B, MLflow: their run is marked failed
+        if not isinstance(logger, (TensorBoardLogger, CSVLogger)):  # W&B, MLflow: their run is marked failed
             return
         folder = Path(logger.log_dir)  # not trainer.log_dir: a broadcast, which the other ranks would not join
         if folder.parent == Path(logger.root_dir) and folder.name.startswith("version_"):
