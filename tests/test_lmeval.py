@@ -127,7 +127,8 @@ def test_bad_input_is_one_line(adapter, tmp_path, monkeypatch):
     from lm_eval import tasks as lm_tasks
 
     original = lm_tasks.TaskManager
-    monkeypatch.setattr(lm_tasks, "TaskManager", lambda include_defaults=True, **kw: original(include_defaults=False, **kw))
+    monkeypatch.setattr(lm_tasks, "TaskManager",
+                        lambda include_defaults=True, **kw: original(include_defaults=False, **kw))
     assert _one_line(["--adapter", str(adapter), "--tasks", "gsm8k_locl"]) == \
         "unknown lm-eval task 'gsm8k_locl'; did you mean gsm8k_local?"
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # not installed
@@ -179,7 +180,8 @@ def test_the_callback_refuses_an_unknown_task_before_training(tmp_path, monkeypa
     from lm_eval import tasks as lm_tasks
 
     original = lm_tasks.TaskManager
-    monkeypatch.setattr(lm_tasks, "TaskManager", lambda include_defaults=True, **kw: original(include_defaults=False, **kw))
+    monkeypatch.setattr(lm_tasks, "TaskManager",
+                        lambda include_defaults=True, **kw: original(include_defaults=False, **kw))
     callback = lmeval.LMEvalCallback(tasks=["no_such_task"])
     with pytest.raises(UserError, match="unknown lm-eval task 'no_such_task'"):
         callback.setup(cpu_trainer(tmp_path), None, "fit")

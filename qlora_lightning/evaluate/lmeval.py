@@ -153,8 +153,9 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: Sequence[str], *, n
                   mixed_precision_dtype=mixed_precision_dtype)
         seeds = {"random_seed": seed, "numpy_random_seed": None if seed is None else 1234,
                  "torch_random_seed": None if seed is None else 1234}
+        gen_kwargs = {"max_gen_toks": max_gen_toks} if max_gen_toks else None
         results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=manager, gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
+                                  task_manager=manager, gen_kwargs=gen_kwargs,
                                   apply_chat_template=apply_chat_template, log_samples=True, **seeds)
     return results
 
@@ -199,9 +200,12 @@ def write_results(results: dict, path: Union[str, Path], extra: Optional[dict] =
     with samples.open("w") as out:
         for task, rows in (results.get("samples") or {}).items():
             for row in rows:
-                kept = {k: v for k, v in row.items() if k not in ("arguments", "doc_hash", "prompt_hash", "target_hash")}
+                kept = {k: v for k, v in row.items() if k not in _LEFT_OUT}
                 out.write(json.dumps({"task": task, **kept}, default=str) + "\n")
     return path
+
+
+_LEFT_OUT = ("arguments", "doc_hash", "prompt_hash", "target_hash")  # the few-shot prompt, and hashes
 
 
 def results_table(results: dict) -> str:
@@ -351,8 +355,10 @@ def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "switched off (the score before training)")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
                         help="comma-separated lm-eval task names (default: gsm8k_local, the shipped local GSM8K task)")
-    parser.add_argument("--num_fewshot", type=int, help="few-shot examples per prompt (default: each task's own; gsm8k 5)")
-    parser.add_argument("--limit", type=_limit, help="questions per task: the first N, or a fraction below 1 (default: all)")
+    parser.add_argument("--num_fewshot", type=int,
+                        help="few-shot examples per prompt (default: each task's own; gsm8k 5)")
+    parser.add_argument("--limit", type=_limit,
+                        help="questions per task: the first N, or a fraction below 1 (default: all)")
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per forward or generate (default: 8)")
     parser.add_argument("--max_gen_toks", type=int, help="longest generation in tokens (default: lm-eval's 256)")
     parser.add_argument("--apply_chat_template", action="store_true",
@@ -418,8 +424,8 @@ def load_for_eval(opts: argparse.Namespace):
         folder = Path(opts.model)
         if not (folder / "config.json").is_file():
             hint = ": it is an adapter, use --adapter" if (folder / "adapter_config.json").is_file() else ""
-            raise UserError(f"model folder '{folder}' {'does not exist' if not folder.exists() else 'holds no config.json'}"
-                            f"{hint}")
+            what = "does not exist" if not folder.exists() else "holds no config.json"
+            raise UserError(f"model folder '{folder}' {what}{hint}")
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map={"": opts.device})
             tokenizer = load_tokenizer(str(folder))

@@ -54,7 +54,7 @@ class RunReport(Callback):
         record = getattr(pl_module, "run_record", None)
         remote = _remote(trainer)
         if record and remote:  # the module's own hyperparameters are Lightning's to log
-            extra = {key: value for key, value in flatten({k: v for k, v in record.items() if k != "model"}).items()}
+            extra = flatten({key: value for key, value in record.items() if key != "model"})
             for logger in remote:
                 logger.log_hyperparams(extra)
         report_path = Path(log_dir or "", "data_report.json")
