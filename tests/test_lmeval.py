@@ -185,3 +185,21 @@ def test_the_callback_refuses_an_unknown_task_before_training(tmp_path, monkeypa
     callback = lmeval.LMEvalCallback(tasks=["no_such_task"])
     with pytest.raises(UserError, match="unknown lm-eval task 'no_such_task'"):
         callback.setup(cpu_trainer(tmp_path), None, "fit")
+
+
+def test_a_merged_folder_and_an_extra_adapter_are_scored_too(adapter, tmp_path):
+    from qlora_lightning.evaluate.merge import base_spec_for, merge_adapter
+    from qlora_lightning.model.build import load_tokenizer
+
+    merged = tmp_path / "merged"
+    merge_adapter(adapter, base_spec_for(adapter), dtype=torch.float32).save_pretrained(merged)
+    load_tokenizer(str(adapter)).save_pretrained(merged)
+    quick = ["--limit", "2", "--num_fewshot", "0", "--max_gen_toks", "8"]
+    path = lmeval.main(["--model", str(merged), *quick])
+    assert path.parent == merged / "lm_eval" and len(_samples(path)) == 4
+    # The same adapter loaded again under another name and made active scores as the module's own.
+    own = lmeval.main(["--adapter", str(adapter), *quick, "--output", str(tmp_path / "own.json")])
+    again = lmeval.main(["--adapter", str(adapter), "--extra_adapter", f"again={adapter}", "--active", "again",
+                         *quick, "--output", str(tmp_path / "again.json")])
+    assert [s["resps"] for s in _samples(again)] == [s["resps"] for s in _samples(own)]
+    assert json.loads(again.read_text())["qlora_lightning"]["active"] == "again"
