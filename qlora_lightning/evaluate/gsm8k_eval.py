@@ -41,7 +41,8 @@ class GSM8KEval(Callback):
     In ``fit`` it scores the first ``num_samples`` examples of the validation split before the
     first optimizer step and every ``every_n_steps`` steps, logging ``val/<name>_acc``; in
     ``validate`` and ``test`` it scores the whole split, logging ``val/…`` or ``test/<name>_acc``.
-    A few prompts and generations go to TensorBoard as text (``<stage>/<name>_samples``).
+    A few prompts and generations go to TensorBoard as text and to W&B and MLflow as a table
+    (``<stage>/<name>_samples``).
     With several devices each scores a shard and the counts are summed (DDP; a sharded model,
     FSDP, would need every rank in every forward and is not supported).
 
@@ -225,3 +226,7 @@ class GSM8KEval(Callback):
             add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
             if add_text is not None:  # TensorBoard's SummaryWriter
                 add_text(f"{stage}/{self.name}_samples", text, trainer.global_step)
+        # W&B and MLflow: a table (TensorBoard has the text above).
+        rows = [[s.correct, s.prompt, s.generation, s.reference] for s in scored]
+        log_table([lg for lg in trainer.loggers if is_wandb(lg) or is_mlflow(lg)], f"{stage}/{self.name}_samples",
+                  ["correct", "prompt", "generation", "reference"], rows, trainer.global_step)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
 from qlora_lightning.errors import UserError
@@ -199,11 +200,12 @@ def same_run(recorded: Optional[dict], current: dict) -> bool:
     return recorded is not None and all(old.get(key) == new.get(key) for key in RUN_KEYS)
 
 
-def find_last(root: Path, current: dict, load) -> str:
-    """The newest ``last.ckpt`` under ``root/version_*/checkpoints`` written by this run (``RUN_KEYS``).
+def find_last(root: Optional[Path], current: dict, load) -> str:
+    """The newest ``last.ckpt`` under ``root/*/checkpoints`` written by this run (``RUN_KEYS``).
 
     Args:
-        root: The logger's directory of run folders.
+        root: The logger's directory of run folders (TensorBoard: ``version_N``; W&B, MLflow: run ids);
+            None where the logger has run nothing yet.
         current: This config's ``run_record``.
         load: Reads a checkpoint (``AtomicCheckpointIO.load_checkpoint``).
     """
@@ -220,10 +222,11 @@ def find_last(root: Path, current: dict, load) -> str:
     )
 
 
-def run_folder(checkpoint_path: str, root: Path) -> Optional[int]:
-    """N where ``checkpoint_path`` is in ``root/version_N/checkpoints``; None elsewhere."""
+def run_folder(checkpoint_path: str, root: Optional[Path]) -> Optional[str]:
+    """The run folder's name (``version_N``, a W&B or MLflow run id) where ``checkpoint_path`` is in
+    ``root/<name>/checkpoints``; None elsewhere."""
     path = Path(checkpoint_path).resolve()
-    if path.parent.name != "checkpoints" or path.parent.parent.parent != root.resolve():
+    if root is None or path.parent.name != "checkpoints" or path.parent.parent.parent != root.resolve():
         return None
     name = path.parent.parent.name
     return (

@@ -6,6 +6,7 @@ import contextlib
 import importlib
 import io
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -17,7 +18,6 @@ from jsonargparse import ArgumentError
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from qlora_lightning.data.base import SFTDataModule
@@ -107,7 +107,7 @@ class QLoRACLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super()._instantiate_trainer(config, callbacks + [RunFolderGuard()])
+        return super()._instantiate_trainer(config, callbacks + [RunFolderGuard(), RunReport()])
 
     def _parse_ckpt_path(self) -> None:
         """For ``fit``, nothing. LightningCLI's own replaces the config's model with the hyperparameters
@@ -170,8 +170,9 @@ class QLoRACLI(LightningCLI):
             )
 
 
-def continue_run_folder(trainer: Trainer, ckpt: str, root: Path, step: int) -> None:
-    """Resuming from a checkpoint of ``root/version_N``: log to that run folder, not a new one.
+def continue_run_folder(trainer: Trainer, ckpt: str, root: Optional[Path], step: int) -> None:
+    """Resuming from a checkpoint of ``root/<run>`` (``version_N``; a W&B or MLflow run id): log to that
+    run, not a new one (``tracking.continue_run``).
 
     TensorBoard then shows one curve, with the events that the interrupted run logged from index
     ``step`` (the checkpoint's global step) on purged: Lightning logs an optimizer step's train
@@ -179,13 +180,9 @@ def continue_run_folder(trainer: Trainer, ckpt: str, root: Path, step: int) -> N
     own step, logged at its index, goes too (``run_summary.json`` keeps it). Checkpoints and
     ``run_summary.json`` go where the run's are.
     """
-    version = run_folder(ckpt, root)
-    logger = trainer.logger
-    if version is None or not isinstance(logger, (TensorBoardLogger, CSVLogger)):
-        return
-    logger._version = version  # read by log_dir; private, checked by qlora_lightning/compat.py
-    if isinstance(logger, TensorBoardLogger):
-        logger._kwargs["purge_step"] = step  # passed to the SummaryWriter when it is created
+    run = run_folder(ckpt, root)
+    if run is not None:
+        continue_run(trainer.logger, run, step)
 
 
 def trainer_defaults() -> dict:
@@ -314,6 +311,9 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     console.configure(verbose="--verbose" in argv)
     argv = [arg for arg in argv if arg != "--verbose"]  # the project's flag, not LightningCLI's
+    # MLflow 3.7+ refuses its file store (`--trainer.logger MLFlowLogger`'s default, ./mlruns) unless told it
+    # may: a local store needs no server and no database package. Set to false to be refused.
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     if args is None:
         sys.argv[1:] = (
             argv  # LightningCLI reads sys.argv itself (and warns when given a copy of it)

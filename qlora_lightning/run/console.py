@@ -30,6 +30,9 @@ _HARMLESS_RECORDS = (
     # `datasets` fails to read a JSON file with rows of clashing types as one table and says so at
     # ERROR level; the project then reads it row by row and counts each bad row in data_report.json.
     ("datasets.packaged_modules.json.json", "Failed to load JSON from file"),
+    # lm-eval (`eval`) on a --max_gen_toks the project passes on purpose, and on every task that loads its own data.
+    ("lm_eval.evaluator", "generation_kwargs:"),
+    ("lm_eval.api.task", "gsm8k_local: Custom kwargs"),
 )
 
 
