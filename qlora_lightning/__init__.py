@@ -29,6 +29,7 @@ _EXPORTS = {
     "KTODataModule": "data",
     "PromptsDataModule": "data",
     "GSM8KEval": "evaluate.gsm8k_eval",
+    "LMEvalCallback": "evaluate.lmeval",
     "BaseModelSpec": "model.build",
     "LoraSpec": "model.build",
     "build_model": "model.build",

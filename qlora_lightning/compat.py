@@ -138,9 +138,28 @@ PRIVATE = [
         "lightning",
         "lightning.pytorch.loggers.TensorBoardLogger",
         "_version",
-        "run/cli.py continue_run_folder sets it (and _kwargs' purge_step) to log a resume to its run folder",
+        "evaluate/tracking.py continue_run sets it (and _kwargs' purge_step) to log a resume to its run folder",
         "on the run's own logger",
         checked_by="test_lightning_state_that_resume_and_cli_rely_on",
+    ),
+    Private(
+        "lightning",
+        "lightning.pytorch.loggers.WandbLogger",
+        "_id",
+        "evaluate/tracking.py continue_run sets it and _wandb_init['id'] (before the run starts: "
+        "_experiment is None) to resume a W&B run",
+        "on the run's own logger",
+        checked_by="test_logger_state_tracking_py_sets",
+    ),
+    Private(
+        "lightning",
+        "lightning.pytorch.loggers.MLFlowLogger",
+        "_run_id",
+        "evaluate/tracking.py continue_run sets it (before the run starts: _initialized is False) to resume "
+        "an MLflow run; run_root reads _mlflow_client and _experiment_name to find the experiment without "
+        "starting a run",
+        "on the run's own logger",
+        checked_by="test_logger_state_tracking_py_sets",
     ),
     Private(
         "lightning",

@@ -112,10 +112,10 @@ def test_lightning_state_that_resume_and_cli_rely_on(tmp_path):
     assert hasattr(StepCheckpoint(), "_last_global_step_saved"), "resume.StepCheckpoint sets it"
     for logger in (TensorBoardLogger(tmp_path), CSVLogger(tmp_path)):
         assert hasattr(logger, "_version"), (
-            f"{type(logger).__name__}._version: cli.continue_run_folder sets it"
+            f"{type(logger).__name__}._version: tracking.continue_run sets it"
         )
     assert isinstance(TensorBoardLogger(tmp_path)._kwargs, dict), (
-        "cli.continue_run_folder sets purge_step in it"
+        "tracking.continue_run sets purge_step in it"
     )
     fsdp = FSDPStrategy()
     for name in ("_state_dict_type", "_activation_checkpointing_kwargs"):
@@ -139,4 +139,24 @@ def test_fused_adam_says_it_skips_steps_on_the_device():
     assert optimizer._step_supports_amp_scaling, (
         "torch's fused AdamW no longer sets _step_supports_amp_scaling: modules/stepping.py guard_nonfinite reads it "
         "(with a default of False, so it would silently wait for the GPU at every step)"
+    )
+
+
+def test_logger_state_tracking_py_sets(tmp_path, monkeypatch):
+    """W&B's and MLflow's loggers (the loggers extra), built without starting a run."""
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    pytest.importorskip("wandb")
+    pytest.importorskip("mlflow")
+    wandb = WandbLogger(save_dir=str(tmp_path), offline=True)
+    assert wandb._experiment is None and wandb._id is None and wandb._wandb_init["id"] is None, (
+        "tracking.continue_run sets WandbLogger._id and _wandb_init['id'] while _experiment is None"
+    )
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    mlflow = MLFlowLogger(save_dir=str(tmp_path / "mlruns"))
+    assert mlflow._initialized is False and mlflow._run_id is None, (
+        "tracking.continue_run sets _run_id"
+    )
+    assert mlflow._mlflow_client.get_experiment_by_name(mlflow._experiment_name) is None, (
+        "tracking.run_root reads them"
     )

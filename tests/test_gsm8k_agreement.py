@@ -41,7 +41,14 @@ INVALID = "[invalid]"  # what lm-eval's regex filter answers when it finds nothi
 # generation, reference's final number, then the verdicts: project, strict-match, flexible-extract,
 # and why the project differs from lm-eval's verdict (strict where it matched, else flexible) if it does.
 CASES = [
-    ("He has 7 * 8 = 56 marbles.\nHe has 56 - 15 = 41 marbles left.\n#### 41", "41", True, True, True, None),
+    (
+        "He has 7 * 8 = 56 marbles.\nHe has 56 - 15 = 41 marbles left.\n#### 41",
+        "41",
+        True,
+        True,
+        True,
+        None,
+    ),
     ("56 - 15 = 41 left.\n#### 41.", "41", True, True, True, None),
     ("It costs 1,200 dollars.\n#### 1,200", "1200", True, True, True, None),
     ("#### -3", "-3", True, True, True, None),
@@ -50,8 +57,22 @@ CASES = [
     ("It costs $41.", "41", True, False, True, None),
     ("7 bags of 8 marbles make 56.", "41", False, False, False, None),
     ("####41", "41", True, False, True, None),  # strict wants "#### " (a space); flexible finds it
-    ("#### $41", "41", True, False, True, None),  # strict wants digits after the space; flexible drops "$"
-    ("#### 41\nThat is 3 more than 38.", "41", True, True, False, None),  # flexible takes the last number
+    (
+        "#### $41",
+        "41",
+        True,
+        False,
+        True,
+        None,
+    ),  # strict wants digits after the space; flexible drops "$"
+    (
+        "#### 41\nThat is 3 more than 38.",
+        "41",
+        True,
+        True,
+        False,
+        None,
+    ),  # flexible takes the last number
     ("#### 40\n#### 41", "41", False, False, True, None),  # both take the first marked number
     ("#### 41.0", "41", True, False, False, "number spelling"),
     ("Each costs 5.00 dollars.\n#### 5.00", "5", True, False, False, "number spelling"),
@@ -69,7 +90,10 @@ class CannedLM(LM):
         self.generations = generations
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        return [self.generations[re.match(r"Question: (.*)\nAnswer:$", r.args[0], re.S).group(1)] for r in requests]
+        return [
+            self.generations[re.match(r"Question: (.*)\nAnswer:$", r.args[0], re.S).group(1)]
+            for r in requests
+        ]
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         raise NotImplementedError
@@ -82,14 +106,29 @@ def lm_eval_verdicts(generations: list[str], references: list[str], tmp_path: Pa
     """lm-eval's gsm8k (the shipped gsm8k_local) scoring of each generation: {filter: (taken, correct)}."""
     test = tmp_path / "test.jsonl"
     questions = [f"Question number {i}?" for i in range(len(generations))]
-    test.write_text("".join(json.dumps({"question": q, "answer": f"Some steps.\n#### {a}"}) + "\n"
-                            for q, a in zip(questions, references)))
-    manager = lmeval.task_manager(["gsm8k_local"], metadata={"gsm8k_test": str(test), "gsm8k_train": str(test)})
-    results = lm_eval.simple_evaluate(model=CannedLM(dict(zip(questions, generations))), tasks=["gsm8k_local"],
-                                      num_fewshot=0, task_manager=manager, log_samples=True, bootstrap_iters=0)
+    test.write_text(
+        "".join(
+            json.dumps({"question": q, "answer": f"Some steps.\n#### {a}"}) + "\n"
+            for q, a in zip(questions, references)
+        )
+    )
+    manager = lmeval.task_manager(
+        ["gsm8k_local"], metadata={"gsm8k_test": str(test), "gsm8k_train": str(test)}
+    )
+    results = lm_eval.simple_evaluate(
+        model=CannedLM(dict(zip(questions, generations))),
+        tasks=["gsm8k_local"],
+        num_fewshot=0,
+        task_manager=manager,
+        log_samples=True,
+        bootstrap_iters=0,
+    )
     verdicts = [{} for _ in generations]
     for sample in results["samples"]["gsm8k_local"]:
-        verdicts[sample["doc_id"]][sample["filter"]] = (sample["filtered_resps"][0], sample["exact_match"] == 1.0)
+        verdicts[sample["doc_id"]][sample["filter"]] = (
+            sample["filtered_resps"][0],
+            sample["exact_match"] == 1.0,
+        )
     return verdicts
 
 
@@ -102,7 +141,11 @@ def lm_eval_verdict(verdict: dict) -> bool:
 def test_the_two_scorers_agree_question_by_question(tmp_path):
     verdicts = lm_eval_verdicts([c[0] for c in CASES], [c[1] for c in CASES], tmp_path)
     for (generation, reference, project, strict, flexible, why), verdict in zip(CASES, verdicts):
-        got = (is_correct(generation, f"#### {reference}"), verdict["strict-match"][1], verdict["flexible-extract"][1])
+        got = (
+            is_correct(generation, f"#### {reference}"),
+            verdict["strict-match"][1],
+            verdict["flexible-extract"][1],
+        )
         assert got == (project, strict, flexible), (generation, verdict)
         assert (project == lm_eval_verdict(verdict)) == (why is None), (generation, why, verdict)
 
@@ -115,9 +158,13 @@ def _clean(taken: str) -> str:
 def designed_difference(generation: str, verdict: dict) -> bool:
     """Whether the project and lm-eval differ only by design: the number lm-eval took is the project's
     number, spelled otherwise (``41.0``) or followed by more punctuation (``41..``)."""
-    taken = verdict["strict-match" if verdict["strict-match"][0] != INVALID else "flexible-extract"][0]
+    taken = verdict[
+        "strict-match" if verdict["strict-match"][0] != INVALID else "flexible-extract"
+    ][0]
     number = re.match(r"-?[0-9][0-9.]*", _clean(taken))
-    return number is not None and normalize_number(number.group(0).rstrip(".")) == extract_answer(generation)
+    return number is not None and normalize_number(number.group(0).rstrip(".")) == extract_answer(
+        generation
+    )
 
 
 RESULTS = sorted(REPO.glob("benchmarks/results/*_lmeval/*.samples.jsonl"))
@@ -129,7 +176,9 @@ def test_the_two_scorers_agree_on_a_real_models_generations(path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     by_doc: dict[int, dict] = {}
     for row in rows:
-        entry = by_doc.setdefault(row["doc_id"], {"generation": row["resps"][0][0], "target": row["target"]})
+        entry = by_doc.setdefault(
+            row["doc_id"], {"generation": row["resps"][0][0], "target": row["target"]}
+        )
         entry[row["filter"]] = (row["filtered_resps"][0], row["exact_match"] == 1.0)
     assert by_doc
     differ = []
@@ -138,4 +187,5 @@ def test_the_two_scorers_agree_on_a_real_models_generations(path):
         if project != lm_eval_verdict(entry):
             assert designed_difference(entry["generation"], entry), (doc_id, entry)
             differ.append(doc_id)
-    assert len(differ) <= len(by_doc) // 10, differ  # rare: a real model writes "#### 41", not "#### 41.0"
+    # Rare: a real model writes "#### 41", not "#### 41.0".
+    assert len(differ) <= len(by_doc) // 10, differ

@@ -38,8 +38,9 @@ def test_the_local_task_is_lm_evals_gsm8k_on_local_files():
     upstream = _yaml(Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml")
     local = _yaml(lmeval.TASKS_DIR / "gsm8k_local.yaml")
     assert local["task"] == "gsm8k_local"
-    assert {k: v for k, v in local.items() if k not in DATA_KEYS} == \
-        {k: v for k, v in upstream.items() if k not in DATA_KEYS}
+    assert {k: v for k, v in local.items() if k not in DATA_KEYS} == {
+        k: v for k, v in upstream.items() if k not in DATA_KEYS
+    }
     assert local["custom_dataset"].endswith("qlora_lightning.evaluate.lmeval.load_gsm8k_local")
     splits = lmeval.load_gsm8k_local()  # the shipped examples by default
     assert (len(splits["test"]), len(splits["train"])) == (8, 20)
@@ -66,7 +67,10 @@ def adapter(tmp_path_factory) -> Path:
 
 
 def _samples(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.with_name(path.stem + ".samples.jsonl").read_text().splitlines()]
+    return [
+        json.loads(line)
+        for line in path.with_name(path.stem + ".samples.jsonl").read_text().splitlines()
+    ]
 
 
 def test_eval_scores_the_adapter_on_its_4bit_base_as_trained(adapter, capsys):
@@ -74,17 +78,34 @@ def test_eval_scores_the_adapter_on_its_4bit_base_as_trained(adapter, capsys):
     from qlora_lightning.evaluate.merge import adapter_on_base, base_spec_for
     from qlora_lightning.model.build import load_tokenizer
 
-    path = lmeval.main(["--adapter", str(adapter), "--limit", "3", "--num_fewshot", "0", "--max_gen_toks", "12",
-                        "--batch_size", "2"])
-    assert path.parent == adapter.parent / "lm_eval" and path.name.startswith("gsm8k_local-")  # beside the run
+    path = lmeval.main(
+        [
+            "--adapter",
+            str(adapter),
+            "--limit",
+            "3",
+            "--num_fewshot",
+            "0",
+            "--max_gen_toks",
+            "12",
+            "--batch_size",
+            "2",
+        ]
+    )
+    # Beside the run.
+    assert path.parent == adapter.parent / "lm_eval" and path.name.startswith("gsm8k_local-")
     results = json.loads(path.read_text())
-    assert set(results["results"]["gsm8k_local"]) >= {"exact_match,strict-match", "exact_match,flexible-extract"}
+    assert set(results["results"]["gsm8k_local"]) >= {
+        "exact_match,strict-match",
+        "exact_match,flexible-extract",
+    }
     assert results["n-samples"]["gsm8k_local"]["effective"] == 3
     assert results["qlora_lightning"]["adapter"] == str(adapter)
     assert "strict-match" in capsys.readouterr().out  # lm-eval's table
     samples = _samples(path)
-    assert sorted((s["doc_id"], s["filter"]) for s in samples) == \
-        sorted((i, f) for i in range(3) for f in ("strict-match", "flexible-extract"))
+    assert sorted((s["doc_id"], s["filter"]) for s in samples) == sorted(
+        (i, f) for i in range(3) for f in ("strict-match", "flexible-extract")
+    )
 
     # What lm-eval generated is what the project's own greedy generation makes from the adapter on its
     # 4-bit base for the same prompt (0-shot: "Question: ...\nAnswer:"), cut at gsm8k's stop sequence.
@@ -92,12 +113,27 @@ def test_eval_scores_the_adapter_on_its_4bit_base_as_trained(adapter, capsys):
     model = adapter_on_base(adapter, base_spec_for(adapter))
     for sample in (s for s in samples if s["filter"] == "strict-match"):
         prompt = tokenizer.encode(f"Question: {sample['doc']['question']}\nAnswer:")
-        tokens = greedy_generate(model, [prompt], tokenizer.pad_token_id, stop_token_ids(model, tokenizer), 12)[0]
+        tokens = greedy_generate(
+            model, [prompt], tokenizer.pad_token_id, stop_token_ids(model, tokenizer), 12
+        )[0]
         expected = tokenizer.decode(tokens, skip_special_tokens=True).split("Question:")[0]
         assert sample["resps"] == [[expected]]
     # The adapter is used: switched off, the generations differ.
-    off = lmeval.main(["--adapter", str(adapter), "--without_adapter", "--limit", "3", "--num_fewshot", "0",
-                       "--max_gen_toks", "12", "--output", str(adapter.parent / "base.json")])
+    off = lmeval.main(
+        [
+            "--adapter",
+            str(adapter),
+            "--without_adapter",
+            "--limit",
+            "3",
+            "--num_fewshot",
+            "0",
+            "--max_gen_toks",
+            "12",
+            "--output",
+            str(adapter.parent / "base.json"),
+        ]
+    )
     assert [s["resps"] for s in _samples(off)] != [s["resps"] for s in samples]
 
 
@@ -110,37 +146,64 @@ def _one_line(args: list[str]) -> str:
 
 
 def test_bad_input_is_one_line(adapter, tmp_path, monkeypatch):
-    assert _one_line(["--adapter", str(tmp_path / "nope")]) == f"adapter '{tmp_path / 'nope'}' does not exist"
+    assert (
+        _one_line(["--adapter", str(tmp_path / "nope")])
+        == f"adapter '{tmp_path / 'nope'}' does not exist"
+    )
     assert "is not a PEFT adapter folder" in _one_line(["--adapter", str(tmp_path)])
-    assert "holds no config.json: it is an adapter, use --adapter" in _one_line(["--model", str(adapter)])
-    assert _one_line(["--adapter", str(adapter), "--gsm8k_test", "missing.jsonl"]) == \
-        "--gsm8k_test 'missing.jsonl' does not exist"
-    assert _one_line(["--adapter", str(adapter), "--metadata", "{oops"]).startswith("--metadata is not JSON")
-    assert _one_line(["--adapter", str(adapter), "--include_path", str(tmp_path / "x")]) == \
-        f"--include_path '{tmp_path / 'x'}' does not exist"
+    assert "holds no config.json: it is an adapter, use --adapter" in _one_line(
+        ["--model", str(adapter)]
+    )
+    assert (
+        _one_line(["--adapter", str(adapter), "--gsm8k_test", "missing.jsonl"])
+        == "--gsm8k_test 'missing.jsonl' does not exist"
+    )
+    assert _one_line(["--adapter", str(adapter), "--metadata", "{oops"]).startswith(
+        "--metadata is not JSON"
+    )
+    assert (
+        _one_line(["--adapter", str(adapter), "--include_path", str(tmp_path / "x")])
+        == f"--include_path '{tmp_path / 'x'}' does not exist"
+    )
     assert "NAME=PATH" in _one_line(["--adapter", str(adapter), "--extra_adapter", str(adapter)])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q"}\n')
-    with pytest.raises(UserError, match=r"gsm8k_local: line 1 of .* is not a \{question, answer\} JSON row"):
+    with pytest.raises(
+        UserError, match=r"gsm8k_local: line 1 of .* is not a \{question, answer\} JSON row"
+    ):
         lmeval.load_gsm8k_local(str(bad))
     # A task name nobody knows: lm-eval's own tasks are indexed too (~30 s), so here they are left out.
     from lm_eval import tasks as lm_tasks
 
     original = lm_tasks.TaskManager
-    monkeypatch.setattr(lm_tasks, "TaskManager",
-                        lambda include_defaults=True, **kw: original(include_defaults=False, **kw))
-    assert _one_line(["--adapter", str(adapter), "--tasks", "gsm8k_locl"]) == \
-        "unknown lm-eval task 'gsm8k_locl'; did you mean gsm8k_local?"
+    monkeypatch.setattr(
+        lm_tasks,
+        "TaskManager",
+        lambda include_defaults=True, **kw: original(include_defaults=False, **kw),
+    )
+    assert (
+        _one_line(["--adapter", str(adapter), "--tasks", "gsm8k_locl"])
+        == "unknown lm-eval task 'gsm8k_locl'; did you mean gsm8k_local?"
+    )
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # not installed
-    assert _one_line(["--adapter", str(adapter)]) == "eval needs lm-evaluation-harness: pip install -e '.[eval]'"
+    assert (
+        _one_line(["--adapter", str(adapter)])
+        == "eval needs lm-evaluation-harness: pip install -e '.[eval]'"
+    )
 
 
 def test_the_command_line_says_what_is_wrong_in_one_line(adapter):
     from tests.test_cli import run_cli
 
-    result = run_cli("eval", "--adapter", str(adapter), "--without_adapter", "--model", str(adapter))
+    result = run_cli(
+        "eval", "--adapter", str(adapter), "--without_adapter", "--model", str(adapter)
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: argument --model: not allowed with argument")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("error: argument --model: not allowed with argument")
+    )
 
 
 def test_the_callback_scores_during_fit_and_leaves_training_as_it_was(tmp_path):
@@ -152,36 +215,56 @@ def test_the_callback_scores_during_fit_and_leaves_training_as_it_was(tmp_path):
     def fit(root: Path, callbacks: list) -> torch.nn.Module:
         torch.manual_seed(0)
         module = sft_module(base=tiny_spec(initializer_range=0.3), lr=1e-2)
-        data = GSM8KDataModule(path=str(EXAMPLES / "gsm8k_train.jsonl"), tokenizer=load_tokenizer(
-            tokenizer_source(module.base)), max_seq_length=128, batch_size=4, val_fraction=0.2)
-        trainer = cpu_trainer(root, max_steps=3, logger=CSVLogger(root), callbacks=callbacks, limit_val_batches=0)
+        data = GSM8KDataModule(
+            path=str(EXAMPLES / "gsm8k_train.jsonl"),
+            tokenizer=load_tokenizer(tokenizer_source(module.base)),
+            max_seq_length=128,
+            batch_size=4,
+            val_fraction=0.2,
+        )
+        trainer = cpu_trainer(
+            root, max_steps=3, logger=CSVLogger(root), callbacks=callbacks, limit_val_batches=0
+        )
         trainer.fit(module, data)
         return module
 
-    callback = lmeval.LMEvalCallback(every_n_steps=2, limit=2, num_fewshot=1, max_gen_toks=6, batch_size=2)
+    callback = lmeval.LMEvalCallback(
+        every_n_steps=2, limit=2, num_fewshot=1, max_gen_toks=6, batch_size=2
+    )
     with_eval = fit(tmp_path / "with", [callback])
     without = fit(tmp_path / "without", [])
     # Train mode, the RNG streams and the adapter after training are those of the run without it.
     assert with_eval.model.training
-    for (name, a), (_, b) in zip(with_eval.model.named_parameters(), without.model.named_parameters()):
+    for (name, a), (_, b) in zip(
+        with_eval.model.named_parameters(), without.model.named_parameters()
+    ):
         if a.requires_grad:
             assert torch.equal(a, b), name
     # Evaluated at step 2 (every_n_steps) and step 3 (the end), logged and written beside the run.
     assert [h["step"] for h in callback.history] == [2, 3]
     run = tmp_path / "with" / "lightning_logs" / "version_0"
-    assert sorted(p.name for p in (run / "lm_eval").iterdir()) == \
-        ["step_2.json", "step_2.samples.jsonl", "step_3.json", "step_3.samples.jsonl"]
+    assert sorted(p.name for p in (run / "lm_eval").iterdir()) == [
+        "step_2.json",
+        "step_2.samples.jsonl",
+        "step_3.json",
+        "step_3.samples.jsonl",
+    ]
     logged = (run / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"lmeval/gsm8k_local/exact_match/strict-match", "lmeval/gsm8k_local/exact_match/flexible-extract"} <= \
-        set(logged)
+    assert {
+        "lmeval/gsm8k_local/exact_match/strict-match",
+        "lmeval/gsm8k_local/exact_match/flexible-extract",
+    } <= set(logged)
 
 
 def test_the_callback_refuses_an_unknown_task_before_training(tmp_path, monkeypatch):
     from lm_eval import tasks as lm_tasks
 
     original = lm_tasks.TaskManager
-    monkeypatch.setattr(lm_tasks, "TaskManager",
-                        lambda include_defaults=True, **kw: original(include_defaults=False, **kw))
+    monkeypatch.setattr(
+        lm_tasks,
+        "TaskManager",
+        lambda include_defaults=True, **kw: original(include_defaults=False, **kw),
+    )
     callback = lmeval.LMEvalCallback(tasks=["no_such_task"])
     with pytest.raises(UserError, match="unknown lm-eval task 'no_such_task'"):
         callback.setup(cpu_trainer(tmp_path), None, "fit")
@@ -199,7 +282,18 @@ def test_a_merged_folder_and_an_extra_adapter_are_scored_too(adapter, tmp_path):
     assert path.parent == merged / "lm_eval" and len(_samples(path)) == 4
     # The same adapter loaded again under another name and made active scores as the module's own.
     own = lmeval.main(["--adapter", str(adapter), *quick, "--output", str(tmp_path / "own.json")])
-    again = lmeval.main(["--adapter", str(adapter), "--extra_adapter", f"again={adapter}", "--active", "again",
-                         *quick, "--output", str(tmp_path / "again.json")])
+    again = lmeval.main(
+        [
+            "--adapter",
+            str(adapter),
+            "--extra_adapter",
+            f"again={adapter}",
+            "--active",
+            "again",
+            *quick,
+            "--output",
+            str(tmp_path / "again.json"),
+        ]
+    )
     assert [s["resps"] for s in _samples(again)] == [s["resps"] for s in _samples(own)]
     assert json.loads(again.read_text())["qlora_lightning"]["active"] == "again"

@@ -26,13 +26,32 @@ from tests.test_resume import assert_same_adapter
 # exact match (2 questions) after steps 3 and 6; a checkpoint every 3 steps.
 # A constant learning rate (its value does not depend on max_steps): a run stopped after step 3 and resumed to
 # step 6 is the run of 6 steps, to the bit.
-RUN = ["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", "6", "--trainer.val_check_interval", "6",
-       "--model.init_args.lr_scheduler", "constant",
-       "--trainer.log_every_n_steps", "1", "--checkpoint.every_n_train_steps", "3",
-       "--trainer.enable_progress_bar", "false",
-       "--trainer.callbacks+=qlora_lightning.GSM8KEval", "--trainer.callbacks.every_n_steps", "3",
-       "--trainer.callbacks.num_samples", "2", "--trainer.callbacks.max_new_tokens", "4",
-       "--trainer.callbacks.eval_at_start", "false"]
+RUN = [
+    "fit",
+    "--config",
+    "configs/quickstart.yaml",
+    "--trainer.max_steps",
+    "6",
+    "--trainer.val_check_interval",
+    "6",
+    "--model.init_args.lr_scheduler",
+    "constant",
+    "--trainer.log_every_n_steps",
+    "1",
+    "--checkpoint.every_n_train_steps",
+    "3",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.callbacks+=qlora_lightning.GSM8KEval",
+    "--trainer.callbacks.every_n_steps",
+    "3",
+    "--trainer.callbacks.num_samples",
+    "2",
+    "--trainer.callbacks.max_new_tokens",
+    "4",
+    "--trainer.callbacks.eval_at_start",
+    "false",
+]
 # Timings: their values differ from run to run; only their steps are checked. TensorBoard's placeholder for
 # a hyperparameter metric is its own.
 TIMED = "perf/"
@@ -40,12 +59,34 @@ TENSORBOARD_ONLY = {"hp_metric"}
 
 
 def _fit(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_SILENT": "true",
-           # W&B's own folders (settings, cache, artifacts) in the test's, not the home directory
-           **{f"WANDB_{name}_DIR": str(root / "wandb_home" / name.lower()) for name in ("CONFIG", "CACHE", "DATA")},
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-m", "qlora_lightning", *RUN, "--trainer.default_root_dir", str(root),
-                             *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_SILENT": "true",
+        # W&B's own folders (settings, cache, artifacts) in the test's, not the home directory
+        **{
+            f"WANDB_{name}_DIR": str(root / "wandb_home" / name.lower())
+            for name in ("CONFIG", "CACHE", "DATA")
+        },
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qlora_lightning",
+            *RUN,
+            "--trainer.default_root_dir",
+            str(root),
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -81,8 +122,8 @@ def wandb_records(path: Path) -> list:
         if left < 7:  # a block's tail too short for a chunk header is padding
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
-        data, pos = raw[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        data, pos = raw[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0 or len(data) < length:
             break
         pending = data if kind in (1, 2) else pending + data
@@ -104,15 +145,24 @@ def wandb_run(root: Path) -> tuple[dict[str, dict[int, float]], dict, list[Path]
         for record in wandb_records(next(folder.glob("run-*.wandb"))):
             kind = record.WhichOneof("record_type")
             if kind == "config":
-                config.update({item.key: json.loads(item.value_json) for item in record.config.update})
+                config.update(
+                    {item.key: json.loads(item.value_json) for item in record.config.update}
+                )
             if kind != "history":
                 continue
             # A table's entry is a nested key (name, size, path, ...), a scalar's a key of one part.
-            row = {item.key or item.nested_key[0]: json.loads(item.value_json) for item in record.history.item
-                   if item.key or len(item.nested_key) == 1}
+            row = {
+                item.key or item.nested_key[0]: json.loads(item.value_json)
+                for item in record.history.item
+                if item.key or len(item.nested_key) == 1
+            }
             step = row["trainer/global_step"]
             for key, value in row.items():
-                if not key.startswith("_") and key != "trainer/global_step" and isinstance(value, (int, float)):
+                if (
+                    not key.startswith("_")
+                    and key != "trainer/global_step"
+                    and isinstance(value, (int, float))
+                ):
                     series.setdefault(key, {})[int(step)] = float(value)
     return series, config, folders
 
@@ -125,23 +175,33 @@ def mlflow_run(root: Path) -> tuple[dict[str, dict[int, float]], dict, Path]:
     run = runs[0]
     series = {}
     for path in (p for p in (run / "metrics").rglob("*") if p.is_file()):
-        for line in path.read_text().splitlines():  # "<timestamp ms> <value> <step>", in the order logged
+        for (
+            line
+        ) in path.read_text().splitlines():  # "<timestamp ms> <value> <step>", in the order logged
             _, value, step = line.split()
             series.setdefault(str(path.relative_to(run / "metrics")), {})[int(step)] = float(value)
-    params = {str(p.relative_to(run / "params")): p.read_text() for p in (run / "params").rglob("*") if p.is_file()}
+    params = {
+        str(p.relative_to(run / "params")): p.read_text()
+        for p in (run / "params").rglob("*")
+        if p.is_file()
+    }
     return series, params, run
 
 
-def assert_same_series(got: dict[str, dict[int, float]], expected: dict[str, dict[int, float]]) -> None:
+def assert_same_series(
+    got: dict[str, dict[int, float]], expected: dict[str, dict[int, float]]
+) -> None:
     expected = {key: values for key, values in expected.items() if key not in TENSORBOARD_ONLY}
     assert sorted(got) == sorted(expected)
     for key in expected:
-        if key.startswith(TIMED):  # a resumed run warms up again (PerfMonitor's warmup_steps): fewer steps timed
+        # A resumed run warms up again (PerfMonitor's warmup_steps): fewer steps timed.
+        if key.startswith(TIMED):
             assert got[key] and set(got[key]) <= set(expected[key]), key
             continue
         # The same steps and values; TensorBoard stores float32: the same number, rounded as it rounds.
-        assert {s: np.float32(v) for s, v in got[key].items()} == \
-            {s: np.float32(v) for s, v in expected[key].items()}, key
+        assert {s: np.float32(v) for s, v in got[key].items()} == {
+            s: np.float32(v) for s, v in expected[key].items()
+        }, key
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +210,9 @@ def tensorboard(tmp_path_factory) -> tuple[Path, dict]:
     _fit(root)
     run = root / "lightning_logs" / "version_0"
     series = tensorboard_series(run)
-    assert {"train/loss", "val/loss", "val/gsm8k_acc", "perf/tokens_per_sec", "epoch"} <= set(series)
+    assert {"train/loss", "val/loss", "val/gsm8k_acc", "perf/tokens_per_sec", "epoch"} <= set(
+        series
+    )
     assert sorted(series["val/gsm8k_acc"]) == [3, 6]
     return run, series
 
@@ -159,11 +221,20 @@ def _run_folder_files(run: Path) -> set[str]:
     return {p.name for p in run.iterdir()}
 
 
-def test_wandb_offline_run_holds_what_tensorboard_shows_and_resumes_the_same_run(tensorboard, tmp_path):
+def test_wandb_offline_run_holds_what_tensorboard_shows_and_resumes_the_same_run(
+    tensorboard, tmp_path
+):
     pytest.importorskip("wandb", reason="needs the loggers extra: pip install -e '.[loggers]'")
     tb_run, tb_series = tensorboard
-    _fit_stopped_then_resumed(tmp_path, "--trainer.logger", "lightning.pytorch.loggers.WandbLogger",
-                             "--trainer.logger.offline", "true", "--trainer.logger.save_dir", str(tmp_path))
+    _fit_stopped_then_resumed(
+        tmp_path,
+        "--trainer.logger",
+        "lightning.pytorch.loggers.WandbLogger",
+        "--trainer.logger.offline",
+        "true",
+        "--trainer.logger.save_dir",
+        str(tmp_path),
+    )
     series, config, folders = wandb_run(tmp_path)
     assert len(folders) == 2  # the first run and its resume, one run id
     assert_same_series(series, tb_series)
@@ -171,7 +242,13 @@ def test_wandb_offline_run_holds_what_tensorboard_shows_and_resumes_the_same_run
     run_id = folders[0].name.rsplit("-", 1)[1]
     run = tmp_path / "lightning_logs" / run_id
     assert [p.name for p in (tmp_path / "lightning_logs").iterdir()] == [run_id]
-    assert {"adapter", "checkpoints", "config.yaml", "data_report.json", "run_summary.json"} <= _run_folder_files(run)
+    assert {
+        "adapter",
+        "checkpoints",
+        "config.yaml",
+        "data_report.json",
+        "run_summary.json",
+    } <= _run_folder_files(run)
     assert not (tmp_path / "data_report.json").exists()
     assert_same_adapter(tb_run, run)
     # Hyperparameters: the module's and the rest of the config.
@@ -180,30 +257,68 @@ def test_wandb_offline_run_holds_what_tensorboard_shows_and_resumes_the_same_run
     # Tables: the data report and the GSM8K samples; the data report and run summary as run files.
     tables = {p.name.split("_")[0] for p in folders[-1].glob("files/media/table/**/*.table.json")}
     assert {"report", "gsm8k"} <= tables, tables
-    report = json.loads(next(folders[0].glob("files/media/table/data/report_*.table.json")).read_text())
-    assert report["columns"][:3] == ["split", "rows", "kept"] and [r[0] for r in report["data"]] == ["train", "val"]
-    samples = json.loads(sorted(folders[-1].glob("files/media/table/val/gsm8k_samples_*.table.json"))[-1].read_text())
-    assert samples["columns"] == ["correct", "prompt", "generation", "reference"] and len(samples["data"]) == 2
-    assert json.loads((folders[-1] / "files" / "run_summary.json").read_text())["optimizer_steps"] == 6
+    report = json.loads(
+        next(folders[0].glob("files/media/table/data/report_*.table.json")).read_text()
+    )
+    assert report["columns"][:3] == ["split", "rows", "kept"] and [
+        r[0] for r in report["data"]
+    ] == ["train", "val"]
+    samples = json.loads(
+        sorted(folders[-1].glob("files/media/table/val/gsm8k_samples_*.table.json"))[-1].read_text()
+    )
+    assert (
+        samples["columns"] == ["correct", "prompt", "generation", "reference"]
+        and len(samples["data"]) == 2
+    )
+    assert (
+        json.loads((folders[-1] / "files" / "run_summary.json").read_text())["optimizer_steps"] == 6
+    )
 
 
-def test_mlflow_file_store_holds_what_tensorboard_shows_and_resumes_the_same_run(tensorboard, tmp_path):
+def test_mlflow_file_store_holds_what_tensorboard_shows_and_resumes_the_same_run(
+    tensorboard, tmp_path
+):
     pytest.importorskip("mlflow", reason="needs the loggers extra: pip install -e '.[loggers]'")
     tb_run, tb_series = tensorboard
-    _fit_stopped_then_resumed(tmp_path, "--trainer.logger", "lightning.pytorch.loggers.MLFlowLogger",
-                             "--trainer.logger.save_dir", str(tmp_path / "mlruns"))
+    _fit_stopped_then_resumed(
+        tmp_path,
+        "--trainer.logger",
+        "lightning.pytorch.loggers.MLFlowLogger",
+        "--trainer.logger.save_dir",
+        str(tmp_path / "mlruns"),
+    )
     series, params, run = mlflow_run(tmp_path)
     assert_same_series(series, tb_series)
     # The run's files in the store's own folder of the run.
-    assert {"adapter", "checkpoints", "config.yaml", "data_report.json", "run_summary.json"} <= _run_folder_files(run)
+    assert {
+        "adapter",
+        "checkpoints",
+        "config.yaml",
+        "data_report.json",
+        "run_summary.json",
+    } <= _run_folder_files(run)
     assert_same_adapter(tb_run, run)
-    assert params["lora/r"] == "16" and params["base/quantization"] == "nf4"  # nested: flattened with '/'
+    # Nested: flattened with '/'.
+    assert params["lora/r"] == "16" and params["base/quantization"] == "nf4"
     assert params["data.init_args.path"].endswith("gsm8k_train.jsonl")
     # A param holds one value: the one the resume changed is logged under its own key.
-    assert (params["trainer.max_steps"], params["resumed_at_step_3/trainer.max_steps"]) == ("3", "6")
-    artifacts = {str(p.relative_to(run / "artifacts")) for p in (run / "artifacts").rglob("*") if p.is_file()}
-    assert {"data_report.json", "run_summary.json", "data/report_step0.json", "val/gsm8k_samples_step3.json",
-            "val/gsm8k_samples_step6.json"} <= artifacts, artifacts
+    assert (params["trainer.max_steps"], params["resumed_at_step_3/trainer.max_steps"]) == (
+        "3",
+        "6",
+    )
+    artifacts = {
+        str(p.relative_to(run / "artifacts")) for p in (run / "artifacts").rglob("*") if p.is_file()
+    }
+    assert {
+        "data_report.json",
+        "run_summary.json",
+        "data/report_step0.json",
+        "val/gsm8k_samples_step3.json",
+        "val/gsm8k_samples_step6.json",
+    } <= artifacts, artifacts
     table = json.loads((run / "artifacts" / "val" / "gsm8k_samples_step6.json").read_text())
-    assert table["columns"] == ["correct", "prompt", "generation", "reference"] and len(table["data"]) == 2
+    assert (
+        table["columns"] == ["correct", "prompt", "generation", "reference"]
+        and len(table["data"]) == 2
+    )
     assert json.loads((run / "artifacts" / "run_summary.json").read_text())["optimizer_steps"] == 6

@@ -20,6 +20,7 @@ from typing_extensions import override
 from qlora_lightning.errors import UserError
 from qlora_lightning.evaluate.evaluation import examples_in_batch, is_correct, split_prompt_response
 from qlora_lightning.evaluate.generation import greedy_generate, stop_token_ids
+from qlora_lightning.evaluate.tracking import is_mlflow, is_wandb, log_table
 from qlora_lightning.model.adapters import using_adapter
 
 log = logging.getLogger(__name__)
@@ -228,5 +229,10 @@ class GSM8KEval(Callback):
                 add_text(f"{stage}/{self.name}_samples", text, trainer.global_step)
         # W&B and MLflow: a table (TensorBoard has the text above).
         rows = [[s.correct, s.prompt, s.generation, s.reference] for s in scored]
-        log_table([lg for lg in trainer.loggers if is_wandb(lg) or is_mlflow(lg)], f"{stage}/{self.name}_samples",
-                  ["correct", "prompt", "generation", "reference"], rows, trainer.global_step)
+        log_table(
+            [lg for lg in trainer.loggers if is_wandb(lg) or is_mlflow(lg)],
+            f"{stage}/{self.name}_samples",
+            ["correct", "prompt", "generation", "reference"],
+            rows,
+            trainer.global_step,
+        )

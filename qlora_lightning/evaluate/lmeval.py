@@ -75,28 +75,41 @@ def _read_gsm8k(path: Union[str, Path], role: str) -> list[dict]:
             row = json.loads(line)
             rows.append({"question": str(row["question"]), "answer": str(row["answer"])})
         except (ValueError, KeyError, TypeError) as err:
-            raise UserError(f"gsm8k_local: line {number} of '{path}' is not a {{question, answer}} JSON row "
-                            f"({first_line(err)})") from None
+            raise UserError(
+                f"gsm8k_local: line {number} of '{path}' is not a {{question, answer}} JSON row "
+                f"({first_line(err)})"
+            ) from None
     if not rows:
         raise UserError(f"gsm8k_local: the {role} file '{path}' has no rows")
     return rows
 
 
-def load_gsm8k_local(gsm8k_test: Optional[str] = None, gsm8k_train: Optional[str] = None, **_metadata):
+def load_gsm8k_local(
+    gsm8k_test: Optional[str] = None, gsm8k_train: Optional[str] = None, **_metadata
+):
     """The ``test`` (scored) and ``train`` (few-shot) splits of ``gsm8k_local`` from JSONL files of
     GSM8K rows; lm-eval calls it with the task's metadata (``--gsm8k_test``, ``--gsm8k_train``, or
     lm_eval's ``--metadata``). Default: the GSM8K-format examples shipped in the package."""
     import datasets
 
-    return datasets.DatasetDict({
-        "test": datasets.Dataset.from_list(_read_gsm8k(gsm8k_test or GSM8K_TEST, "test")),
-        "train": datasets.Dataset.from_list(_read_gsm8k(gsm8k_train or GSM8K_TRAIN, "few-shot (train)"))})
+    return datasets.DatasetDict(
+        {
+            "test": datasets.Dataset.from_list(_read_gsm8k(gsm8k_test or GSM8K_TEST, "test")),
+            "train": datasets.Dataset.from_list(
+                _read_gsm8k(gsm8k_train or GSM8K_TRAIN, "few-shot (train)")
+            ),
+        }
+    )
 
 
 # ---- running lm-eval ----------------------------------------------------------------------------------
 
 
-def task_manager(tasks: Sequence[str], include_path: Sequence[Union[str, Path]] = (), metadata: Optional[dict] = None):
+def task_manager(
+    tasks: Sequence[str],
+    include_path: Sequence[Union[str, Path]] = (),
+    metadata: Optional[dict] = None,
+):
     """lm-eval's ``TaskManager`` over the shipped task YAMLs, ``include_path`` and, only when a task is
     not found there, lm-eval's own ~15,000 (indexing them takes ~30 s on 2 busy cores).
 
@@ -115,17 +128,32 @@ def task_manager(tasks: Sequence[str], include_path: Sequence[Union[str, Path]] 
         manager = TaskManager(include_path=paths, include_defaults=True, metadata=metadata)
     unknown = [task for task in tasks if task not in manager.all_tasks]
     if unknown:
-        close = sorted({m for task in unknown for m in get_close_matches(task, manager.all_tasks, n=3)})
+        close = sorted(
+            {m for task in unknown for m in get_close_matches(task, manager.all_tasks, n=3)}
+        )
         hint = f"; did you mean {', '.join(close)}?" if close else " (lm_eval ls tasks lists them)"
-        raise UserError(f"unknown lm-eval task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{hint}")
+        raise UserError(
+            f"unknown lm-eval task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{hint}"
+        )
     return manager
 
 
-def evaluate_model(model: torch.nn.Module, tokenizer, tasks: Sequence[str], *, num_fewshot: Optional[int] = None,
-                   limit: Optional[float] = None, batch_size: int = 8, max_gen_toks: Optional[int] = None,
-                   manager=None, include_path: Sequence[Union[str, Path]] = (), metadata: Optional[dict] = None,
-                   apply_chat_template: bool = False, seed: Optional[int] = 0,
-                   mixed_precision_dtype: Optional[torch.dtype] = None) -> dict:
+def evaluate_model(
+    model: torch.nn.Module,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    num_fewshot: Optional[int] = None,
+    limit: Optional[float] = None,
+    batch_size: int = 8,
+    max_gen_toks: Optional[int] = None,
+    manager=None,
+    include_path: Sequence[Union[str, Path]] = (),
+    metadata: Optional[dict] = None,
+    apply_chat_template: bool = False,
+    seed: Optional[int] = 0,
+    mixed_precision_dtype: Optional[torch.dtype] = None,
+) -> dict:
     """lm-eval's ``simple_evaluate`` of ``tasks`` on ``model`` as it is in memory (its active adapter),
     through lm-eval's ``HFLM`` wrapper; returns lm-eval's results, per-question ``samples`` included.
 
@@ -149,14 +177,29 @@ def evaluate_model(model: torch.nn.Module, tokenizer, tasks: Sequence[str], *, n
     manager = manager or task_manager(tasks, include_path, metadata)
     # HFLM puts the model in eval mode (and logs that the model is no name); `inference_mode` restores train mode.
     with inference_mode(model), _quiet("lm_eval.models.huggingface", logging.ERROR):
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size,
-                  mixed_precision_dtype=mixed_precision_dtype)
-        seeds = {"random_seed": seed, "numpy_random_seed": None if seed is None else 1234,
-                 "torch_random_seed": None if seed is None else 1234}
+        lm = HFLM(
+            pretrained=model,
+            tokenizer=tokenizer,
+            batch_size=batch_size,
+            mixed_precision_dtype=mixed_precision_dtype,
+        )
+        seeds = {
+            "random_seed": seed,
+            "numpy_random_seed": None if seed is None else 1234,
+            "torch_random_seed": None if seed is None else 1234,
+        }
         gen_kwargs = {"max_gen_toks": max_gen_toks} if max_gen_toks else None
-        results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                  task_manager=manager, gen_kwargs=gen_kwargs,
-                                  apply_chat_template=apply_chat_template, log_samples=True, **seeds)
+        results = simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            gen_kwargs=gen_kwargs,
+            apply_chat_template=apply_chat_template,
+            log_samples=True,
+            **seeds,
+        )
     return results
 
 
@@ -205,7 +248,13 @@ def write_results(results: dict, path: Union[str, Path], extra: Optional[dict] =
     return path
 
 
-_LEFT_OUT = ("arguments", "doc_hash", "prompt_hash", "target_hash")  # the few-shot prompt, and hashes
+# The few-shot prompt, and hashes.
+_LEFT_OUT = (
+    "arguments",
+    "doc_hash",
+    "prompt_hash",
+    "target_hash",
+)
 
 
 def results_table(results: dict) -> str:
@@ -242,11 +291,21 @@ class LMEvalCallback(Callback):
         eval_at_end: Also evaluate after the last step when it is no multiple of ``every_n_steps``.
     """
 
-    def __init__(self, tasks: list[str] = list(DEFAULT_TASKS), every_n_steps: PositiveInt = 200,
-                 num_fewshot: Optional[int] = None, limit: Optional[float] = 32, batch_size: PositiveInt = 8,
-                 max_gen_toks: Optional[PositiveInt] = None, include_path: Optional[list[str]] = None,
-                 metadata: Optional[dict[str, Any]] = None, apply_chat_template: bool = False,
-                 adapter: Optional[str] = None, eval_at_start: bool = False, eval_at_end: bool = True):
+    def __init__(
+        self,
+        tasks: list[str] = list(DEFAULT_TASKS),
+        every_n_steps: PositiveInt = 200,
+        num_fewshot: Optional[int] = None,
+        limit: Optional[float] = 32,
+        batch_size: PositiveInt = 8,
+        max_gen_toks: Optional[PositiveInt] = None,
+        include_path: Optional[list[str]] = None,
+        metadata: Optional[dict[str, Any]] = None,
+        apply_chat_template: bool = False,
+        adapter: Optional[str] = None,
+        eval_at_start: bool = False,
+        eval_at_end: bool = True,
+    ):
         super().__init__()
         if not tasks:
             raise UserError("LMEvalCallback: give at least one task")
@@ -254,9 +313,22 @@ class LMEvalCallback(Callback):
             raise UserError("LMEvalCallback: every_n_steps and batch_size must be >= 1")
         if num_fewshot is not None and num_fewshot < 0:
             raise UserError(f"LMEvalCallback: num_fewshot must be >= 0, got {num_fewshot}")
-        self.tasks, self.every_n_steps, self.num_fewshot, self.limit = list(tasks), every_n_steps, num_fewshot, limit
-        self.batch_size, self.max_gen_toks, self.include_path = batch_size, max_gen_toks, list(include_path or [])
-        self.metadata, self.apply_chat_template, self.adapter = metadata, apply_chat_template, adapter
+        self.tasks, self.every_n_steps, self.num_fewshot, self.limit = (
+            list(tasks),
+            every_n_steps,
+            num_fewshot,
+            limit,
+        )
+        self.batch_size, self.max_gen_toks, self.include_path = (
+            batch_size,
+            max_gen_toks,
+            list(include_path or []),
+        )
+        self.metadata, self.apply_chat_template, self.adapter = (
+            metadata,
+            apply_chat_template,
+            adapter,
+        )
         self.eval_at_start, self.eval_at_end = eval_at_start, eval_at_end
         self.history: list[dict] = []  # {"step", **metrics} per evaluation
         self._manager = None
@@ -264,17 +336,21 @@ class LMEvalCallback(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and trainer.is_global_zero:  # unknown tasks and a missing lm-eval stop the run now
+        # Unknown tasks and a missing lm-eval stop the run now.
+        if stage == "fit" and trainer.is_global_zero:
             self._manager = task_manager(self.tasks, self.include_path, self.metadata)
 
     @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int
+    ) -> None:
         if self.eval_at_start and trainer.global_step == 0:
             self.evaluate(trainer, pl_module)
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         if trainer.global_step > 0 and trainer.global_step % self.every_n_steps == 0:
             self.evaluate(trainer, pl_module)
 
@@ -296,15 +372,30 @@ class LMEvalCallback(Callback):
         trainer.strategy.barrier("lmeval")
         return metrics
 
-    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, step: int, log_dir: Optional[str]) -> dict:
+    def _evaluate(
+        self, trainer: Trainer, pl_module: LightningModule, step: int, log_dir: Optional[str]
+    ) -> dict:
         started = time.perf_counter()
         states = (torch.get_rng_state(), random.getstate(), np.random.get_state())
         try:
-            with trainer.precision_plugin.forward_context(), using_adapter(pl_module.model, self.adapter):
-                results = evaluate_model(pl_module.model, pl_module.tokenizer, self.tasks, num_fewshot=self.num_fewshot,
-                                         limit=self.limit, batch_size=self.batch_size, max_gen_toks=self.max_gen_toks,
-                                         manager=self._manager, include_path=self.include_path, metadata=self.metadata,
-                                         apply_chat_template=self.apply_chat_template, seed=None)
+            with (
+                trainer.precision_plugin.forward_context(),
+                using_adapter(pl_module.model, self.adapter),
+            ):
+                results = evaluate_model(
+                    pl_module.model,
+                    pl_module.tokenizer,
+                    self.tasks,
+                    num_fewshot=self.num_fewshot,
+                    limit=self.limit,
+                    batch_size=self.batch_size,
+                    max_gen_toks=self.max_gen_toks,
+                    manager=self._manager,
+                    include_path=self.include_path,
+                    metadata=self.metadata,
+                    apply_chat_template=self.apply_chat_template,
+                    seed=None,
+                )
         finally:  # lm-eval draws from the global generators (few-shot sampling, its seeds): training must not see it
             torch.set_rng_state(states[0])
             random.setstate(states[1])
@@ -315,8 +406,12 @@ class LMEvalCallback(Callback):
         self.history.append({"step": step, **metrics})
         if log_dir:
             write_results(results, Path(log_dir) / "lm_eval" / f"step_{step}.json", {"step": step})
-        log.info("lm-eval at step %d (%.0f s): %s", step, time.perf_counter() - started,
-                 ", ".join(f"{k.removeprefix(METRIC_PREFIX + '/')} {v:.4f}" for k, v in metrics.items()))
+        log.info(
+            "lm-eval at step %d (%.0f s): %s",
+            step,
+            time.perf_counter() - started,
+            ", ".join(f"{k.removeprefix(METRIC_PREFIX + '/')} {v:.4f}" for k, v in metrics.items()),
+        )
         return metrics
 
 
@@ -338,41 +433,95 @@ def _limit(text: str) -> float:
 
 
 def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m qlora_lightning eval",
-                     description="lm-evaluation-harness tasks on a trained adapter on its 4-bit base, as trained "
-                                 "(or on a merged model folder), in memory through lm-eval's HF wrapper.")
+    parser = _Parser(
+        prog="python -m qlora_lightning eval",
+        description="lm-evaluation-harness tasks on a trained adapter on its 4-bit base, as trained "
+        "(or on a merged model folder), in memory through lm-eval's HF wrapper.",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--adapter", help="a saved adapter (fit's <run>/adapter): evaluated on its base, loaded and "
-                                          "quantized as in training")
-    source.add_argument("--model", help="a merged model folder (merge --output), or any transformers checkpoint folder")
-    parser.add_argument("--extra_adapter", action="append", default=[], metavar="NAME=PATH",
-                        help="another adapter loaded beside --adapter under NAME (repeatable); --active picks one")
-    parser.add_argument("--active", help="the adapter evaluated: 'default' (--adapter's, the default) or an "
-                                         "--extra_adapter NAME")
-    parser.add_argument("--base", help="with --adapter: base model id or directory (default: the one it records)")
-    parser.add_argument("--without_adapter", action="store_true",
-                        help="with --adapter: score its base alone, loaded and quantized as in training, the adapter "
-                             "switched off (the score before training)")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
-                        help="comma-separated lm-eval task names (default: gsm8k_local, the shipped local GSM8K task)")
-    parser.add_argument("--num_fewshot", type=int,
-                        help="few-shot examples per prompt (default: each task's own; gsm8k 5)")
-    parser.add_argument("--limit", type=_limit,
-                        help="questions per task: the first N, or a fraction below 1 (default: all)")
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts per forward or generate (default: 8)")
-    parser.add_argument("--max_gen_toks", type=int, help="longest generation in tokens (default: lm-eval's 256)")
-    parser.add_argument("--apply_chat_template", action="store_true",
-                        help="render prompts (few-shot examples as turns) with the tokenizer's chat template")
-    parser.add_argument("--include_path", action="append", default=[], help="a folder of more task YAMLs (repeatable)")
+    source.add_argument(
+        "--adapter",
+        help="a saved adapter (fit's <run>/adapter): evaluated on its base, loaded and "
+        "quantized as in training",
+    )
+    source.add_argument(
+        "--model",
+        help="a merged model folder (merge --output), or any transformers checkpoint folder",
+    )
+    parser.add_argument(
+        "--extra_adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="another adapter loaded beside --adapter under NAME (repeatable); --active picks one",
+    )
+    parser.add_argument(
+        "--active",
+        help="the adapter evaluated: 'default' (--adapter's, the default) or an "
+        "--extra_adapter NAME",
+    )
+    parser.add_argument(
+        "--base", help="with --adapter: base model id or directory (default: the one it records)"
+    )
+    parser.add_argument(
+        "--without_adapter",
+        action="store_true",
+        help="with --adapter: score its base alone, loaded and quantized as in training, the adapter "
+        "switched off (the score before training)",
+    )
+    parser.add_argument(
+        "--tasks",
+        default=",".join(DEFAULT_TASKS),
+        help="comma-separated lm-eval task names (default: gsm8k_local, the shipped local GSM8K task)",
+    )
+    parser.add_argument(
+        "--num_fewshot",
+        type=int,
+        help="few-shot examples per prompt (default: each task's own; gsm8k 5)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=_limit,
+        help="questions per task: the first N, or a fraction below 1 (default: all)",
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=8, help="prompts per forward or generate (default: 8)"
+    )
+    parser.add_argument(
+        "--max_gen_toks", type=int, help="longest generation in tokens (default: lm-eval's 256)"
+    )
+    parser.add_argument(
+        "--apply_chat_template",
+        action="store_true",
+        help="render prompts (few-shot examples as turns) with the tokenizer's chat template",
+    )
+    parser.add_argument(
+        "--include_path",
+        action="append",
+        default=[],
+        help="a folder of more task YAMLs (repeatable)",
+    )
     parser.add_argument("--metadata", help="task metadata as a JSON object (lm_eval's --metadata)")
-    parser.add_argument("--gsm8k_test", help="gsm8k_local: JSONL of the scored {question, answer} rows "
-                                             "(default: the shipped examples)")
-    parser.add_argument("--gsm8k_train", help="gsm8k_local: JSONL of the few-shot rows (default: the shipped examples)")
-    parser.add_argument("--output", help="results JSON (default: <run folder>/lm_eval/<tasks>-<time>.json; the "
-                                         "adapter's run folder, or the model folder)")
+    parser.add_argument(
+        "--gsm8k_test",
+        help="gsm8k_local: JSONL of the scored {question, answer} rows "
+        "(default: the shipped examples)",
+    )
+    parser.add_argument(
+        "--gsm8k_train",
+        help="gsm8k_local: JSONL of the few-shot rows (default: the shipped examples)",
+    )
+    parser.add_argument(
+        "--output",
+        help="results JSON (default: <run folder>/lm_eval/<tasks>-<time>.json; the "
+        "adapter's run folder, or the model folder)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="lm-eval's random seed (default: 0)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where to load the model (default: cuda when available)")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where to load the model (default: cuda when available)",
+    )
     opts = parser.parse_args(args)
     opts.tasks = [task.strip() for task in opts.tasks.split(",") if task.strip()]
     if not opts.tasks:
@@ -408,7 +557,11 @@ def task_metadata(opts: argparse.Namespace) -> dict:
 def _adapter_dir(path: str, what: str) -> Path:
     folder = Path(path)
     if not (folder / "adapter_config.json").is_file():
-        why = "does not exist" if not folder.exists() else "is not a PEFT adapter folder (no adapter_config.json)"
+        why = (
+            "does not exist"
+            if not folder.exists()
+            else "is not a PEFT adapter folder (no adapter_config.json)"
+        )
         raise UserError(f"{what} '{path}' {why}")
     return folder
 
@@ -423,11 +576,17 @@ def load_for_eval(opts: argparse.Namespace):
 
         folder = Path(opts.model)
         if not (folder / "config.json").is_file():
-            hint = ": it is an adapter, use --adapter" if (folder / "adapter_config.json").is_file() else ""
+            hint = (
+                ": it is an adapter, use --adapter"
+                if (folder / "adapter_config.json").is_file()
+                else ""
+            )
             what = "does not exist" if not folder.exists() else "holds no config.json"
             raise UserError(f"model folder '{folder}' {what}{hint}")
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map={"": opts.device})
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype="auto", device_map={"": opts.device}
+            )
             tokenizer = load_tokenizer(str(folder))
         except (OSError, ValueError) as err:
             raise UserError(f"model folder '{folder}': {first_line(err)}") from None
@@ -442,7 +601,9 @@ def load_for_eval(opts: argparse.Namespace):
     spec = base_spec_for(adapter, opts.base)
     model = adapter_on_base(adapter, spec, opts.device)
     attach_adapters(model, AdapterSet(paths=extra, active=opts.active))
-    saved = (adapter / "tokenizer_config.json").is_file()  # fit saves the tokenizer with the adapter
+    saved = (
+        adapter / "tokenizer_config.json"
+    ).is_file()  # fit saves the tokenizer with the adapter
     tokenizer = load_tokenizer(str(adapter) if saved else tokenizer_source(spec))
     return model, tokenizer, getattr(torch, spec.compute_dtype)
 
@@ -460,26 +621,48 @@ def main(args: Optional[Sequence[str]] = None) -> Path:
     """Run the eval CLI; return the results file (bad input raises ``UserError``: exit 1)."""
     opts = parse_args(args)
     metadata = task_metadata(opts)
-    manager = task_manager(opts.tasks, opts.include_path, metadata)  # before minutes of loading a model
+    # Before minutes of loading a model.
+    manager = task_manager(opts.tasks, opts.include_path, metadata)
     started = time.perf_counter()
     model, tokenizer, compute_dtype = load_for_eval(opts)
     on_gpu = str(opts.device).startswith("cuda")
     # On a GPU, training ran under bf16-mixed autocast: the forwards do here too.
-    autocast = compute_dtype if on_gpu and compute_dtype in (torch.bfloat16, torch.float16) else None
-    what = "merged model" if not opts.adapter else \
-        f"{'its base, adapter off' if opts.without_adapter else 'adapter ' + repr(model.active_adapter)} on " \
+    autocast = (
+        compute_dtype if on_gpu and compute_dtype in (torch.bfloat16, torch.float16) else None
+    )
+    what = (
+        "merged model"
+        if not opts.adapter
+        else f"{'its base, adapter off' if opts.without_adapter else 'adapter ' + repr(model.active_adapter)} on "
         f"{model.peft_config[model.active_adapter].base_model_name_or_path}"
+    )
     log.info("evaluating %s (%s) on %s", opts.adapter or opts.model, what, ", ".join(opts.tasks))
     with model.disable_adapter() if opts.without_adapter else contextlib.nullcontext():
-        results = evaluate_model(model, tokenizer, opts.tasks, num_fewshot=opts.num_fewshot, limit=opts.limit,
-                                 batch_size=opts.batch_size, max_gen_toks=opts.max_gen_toks, manager=manager,
-                                 apply_chat_template=opts.apply_chat_template, seed=opts.seed,
-                                 mixed_precision_dtype=autocast)
+        results = evaluate_model(
+            model,
+            tokenizer,
+            opts.tasks,
+            num_fewshot=opts.num_fewshot,
+            limit=opts.limit,
+            batch_size=opts.batch_size,
+            max_gen_toks=opts.max_gen_toks,
+            manager=manager,
+            apply_chat_template=opts.apply_chat_template,
+            seed=opts.seed,
+            mixed_precision_dtype=autocast,
+        )
     output = Path(opts.output) if opts.output else default_output(opts)
-    source = {"adapter": str(opts.adapter) if opts.adapter else None, "model": opts.model, "what": what,
-              "extra_adapters": opts.extra_adapter, "active": opts.active, "base": opts.base,
-              "metadata": metadata, "command": "python -m qlora_lightning eval " + " ".join(args or sys.argv[2:]),
-              "seconds": round(time.perf_counter() - started, 1)}
+    source = {
+        "adapter": str(opts.adapter) if opts.adapter else None,
+        "model": opts.model,
+        "what": what,
+        "extra_adapters": opts.extra_adapter,
+        "active": opts.active,
+        "base": opts.base,
+        "metadata": metadata,
+        "command": "python -m qlora_lightning eval " + " ".join(args or sys.argv[2:]),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     write_results(results, output, {"qlora_lightning": source})
     print(results_table(results))
     print(output)

@@ -27,9 +27,11 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 def _is(logger: Any, name: str) -> bool:
     """Whether ``logger`` is Lightning's logger class ``name``, without importing its library."""
-    return any(cls.__name__ == name and cls.__module__.startswith(("lightning.pytorch.loggers",
-                                                                   "pytorch_lightning.loggers"))
-               for cls in type(logger).__mro__)
+    return any(
+        cls.__name__ == name
+        and cls.__module__.startswith(("lightning.pytorch.loggers", "pytorch_lightning.loggers"))
+        for cls in type(logger).__mro__
+    )
 
 
 def is_wandb(logger: Any) -> bool:
@@ -67,7 +69,8 @@ def run_root(logger: Optional[Logger], default_root_dir: str) -> Optional[Path]:
     save_dir = Path(logger.save_dir or default_root_dir)
     if is_mlflow(logger):
         # Its `name` is the experiment id, which creates the experiment and a run: looked up instead.
-        experiment = logger._mlflow_client.get_experiment_by_name(logger._experiment_name)  # compat.py
+        # Compat.py.
+        experiment = logger._mlflow_client.get_experiment_by_name(logger._experiment_name)
         return save_dir / experiment.experiment_id if experiment is not None else None
     return save_dir / str(logger.name)  # W&B: the project
 
@@ -84,9 +87,10 @@ def continue_run(logger: Optional[Logger], run: str, step: int) -> bool:
     ``resumed_at_step_<N>/<key>``.
     """
     if isinstance(logger, (TensorBoardLogger, CSVLogger)):
-        if not run.startswith("version_") or not run[len("version_"):].isdigit():
+        if not run.startswith("version_") or not run[len("version_") :].isdigit():
             return False
-        logger._version = int(run[len("version_"):])  # read by log_dir; private, checked by compat.py
+        # Read by log_dir; private, checked by compat.py.
+        logger._version = int(run[len("version_") :])
         if isinstance(logger, TensorBoardLogger):
             logger._kwargs["purge_step"] = step  # passed to the SummaryWriter when it is created
         return True
@@ -124,13 +128,18 @@ def _keep_logged_params(logger: Logger, step: int) -> None:
 
 def _flat(params: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` (or a Namespace) -> ``{"a/b": 1}``, as Lightning's MLflow logger names nested params."""
-    params = vars(params) if hasattr(params, "__dict__") and not isinstance(params, dict) else params
+    params = (
+        vars(params) if hasattr(params, "__dict__") and not isinstance(params, dict) else params
+    )
     if not isinstance(params, dict):
         return {prefix: params}
     flat: dict[str, Any] = {}
     for key, value in params.items():
-        flat.update(_flat(value, f"{prefix}/{key}" if prefix else str(key)) if isinstance(value, dict)
-                    else {f"{prefix}/{key}" if prefix else str(key): value})
+        flat.update(
+            _flat(value, f"{prefix}/{key}" if prefix else str(key))
+            if isinstance(value, dict)
+            else {f"{prefix}/{key}" if prefix else str(key): value}
+        )
     return flat
 
 
@@ -139,10 +148,14 @@ def _flat(params: Any, prefix: str = "") -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     """A table cell as text or a number (W&B and MLflow tables hold no dicts or lists)."""
-    return value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value)
+    return (
+        value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value)
+    )
 
 
-def log_table(loggers: Sequence[Logger], key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+def log_table(
+    loggers: Sequence[Logger], key: str, columns: list[str], rows: list[list[Any]], step: int
+) -> None:
     """Rows of ``columns`` to every logger that shows tables (W&B: a table under ``key``; MLflow: a table
     artifact ``<key>_step<N>.json``); TensorBoard as markdown text. Others (CSV) skip it. Rank 0 only."""
     rows = [[_plain(cell) for cell in row] for row in rows]
@@ -151,11 +164,25 @@ def log_table(loggers: Sequence[Logger], key: str, columns: list[str], rows: lis
             logger.log_table(key=key, columns=columns, data=rows, step=step)
         elif is_mlflow(logger):
             data = {column: [row[i] for row in rows] for i, column in enumerate(columns)}
-            logger.experiment.log_table(logger.run_id, data=data, artifact_file=f"{key}_step{step}.json")
+            logger.experiment.log_table(
+                logger.run_id, data=data, artifact_file=f"{key}_step{step}.json"
+            )
         elif isinstance(logger, TensorBoardLogger):
-            text = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n" + "\n".join(
-                "| " + " | ".join(str(cell).replace("|", "\\|").replace("\n", "<br>") for cell in row) + " |"
-                for row in rows)
+            text = (
+                "| "
+                + " | ".join(columns)
+                + " |\n|"
+                + "---|" * len(columns)
+                + "\n"
+                + "\n".join(
+                    "| "
+                    + " | ".join(
+                        str(cell).replace("|", "\\|").replace("\n", "<br>") for cell in row
+                    )
+                    + " |"
+                    for row in rows
+                )
+            )
             logger.experiment.add_text(key, text, step)
 
 

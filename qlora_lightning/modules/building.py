@@ -133,9 +133,7 @@ class Building(LightningModule):
             if gib is None:
                 gib = plan.estimate(load_model_config(self.base), self.base, self.lora)["total_gib"]
             estimate = f"about {gib:.1f} GiB estimated for batch {plan.micro_batch} tokens"
-        except (
-            Exception
-        ):  # the message must not fail on an architecture or data the estimator cannot read
+        except Exception:  # no estimate for an architecture or data the estimator cannot read
             estimate = "no estimate for this architecture or data"
         return (
             f"out of GPU memory loading '{self.base.name_or_path}' ({estimate}; {free / 2**30:.1f} of "

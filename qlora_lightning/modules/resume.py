@@ -209,8 +209,10 @@ def find_last(root: Optional[Path], current: dict, load) -> str:
         current: This config's ``run_record``.
         load: Reads a checkpoint (``AtomicCheckpointIO.load_checkpoint``).
     """
-    found = sorted(
-        root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True
+    found = (
+        sorted(root.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if root is not None
+        else []
     )
     for path in found:
         if same_run(load(path).get("run_record"), current):
@@ -218,7 +220,7 @@ def find_last(root: Optional[Path], current: dict, load) -> str:
     what = ", ".join(f"{key}={flatten(current).get(key)}" for key in RUN_KEYS)
     others = f" ({len(found)} of other runs)" if found else ""
     raise UserError(
-        f"--ckpt_path last: no last.ckpt of this run ({what}) under {root}/version_*/checkpoints{others}"
+        f"--ckpt_path last: no last.ckpt of this run ({what}) under {root}/*/checkpoints{others}"
     )
 
 
@@ -226,14 +228,13 @@ def run_folder(checkpoint_path: str, root: Optional[Path]) -> Optional[str]:
     """The run folder's name (``version_N``, a W&B or MLflow run id) where ``checkpoint_path`` is in
     ``root/<name>/checkpoints``; None elsewhere."""
     path = Path(checkpoint_path).resolve()
-    if root is None or path.parent.name != "checkpoints" or path.parent.parent.parent != root.resolve():
+    if (
+        root is None
+        or path.parent.name != "checkpoints"
+        or path.parent.parent.parent != root.resolve()
+    ):
         return None
-    name = path.parent.parent.name
-    return (
-        int(name[len("version_") :])
-        if name.startswith("version_") and name[len("version_") :].isdigit()
-        else None
-    )
+    return path.parent.parent.name
 
 
 class RunFolderGuard(Callback):
@@ -264,6 +265,9 @@ class RunFolderGuard(Callback):
             or logger is None
             or not trainer.is_global_zero
         ):
+            return
+        # W&B, MLflow: their run is marked failed.
+        if not isinstance(logger, (TensorBoardLogger, CSVLogger)):
             return
         # Not trainer.log_dir: a broadcast, which the other ranks would not join.
         folder = Path(logger.log_dir)

@@ -23,6 +23,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from qlora_lightning.data.base import SFTDataModule
 from qlora_lightning.errors import UserError
 from qlora_lightning.evaluate.card import check_repo_id, push_folder
+from qlora_lightning.evaluate.tracking import continue_run, run_root
 from qlora_lightning.model.build import tokenizer_source
 from qlora_lightning.modules.base import QLoRAModule
 from qlora_lightning.modules.reliability import AtomicCheckpointIO
@@ -36,6 +37,8 @@ from qlora_lightning.modules.resume import (
 )
 from qlora_lightning.run import config_check, console, help_cache
 from qlora_lightning.run.progress import count_steps
+from qlora_lightning.run.tracking import RunReport
+from qlora_lightning.run.tracking import Trainer as RunTrainer
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +137,8 @@ class QLoRACLI(LightningCLI):
         if ckpt is None:
             return
         io = AtomicCheckpointIO()
-        root = Path(
-            self.trainer.logger.root_dir if self.trainer.logger else self.trainer.default_root_dir
-        )
+        # Found without starting a W&B or MLflow run.
+        root = run_root(self.trainer.logger, self.trainer.default_root_dir)
         dirpath = (
             self.trainer.checkpoint_callback.dirpath if self.trainer.checkpoint_callback else None
         )
@@ -228,6 +230,7 @@ def make_cli(
         trainer_defaults=trainer_defaults(),
         args=args,
         run=run,
+        trainer_class=RunTrainer,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False, "prog": "qlora-lightning"},
     )
@@ -304,6 +307,7 @@ _TOOLS = {
     "merge": "qlora_lightning.evaluate.merge",
     "estimate": "qlora_lightning.run.estimate",
     "export": "qlora_lightning.evaluate.export",
+    "eval": "qlora_lightning.evaluate.lmeval",
 }
 
 

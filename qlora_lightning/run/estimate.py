@@ -17,9 +17,8 @@ from qlora_lightning.model.plan import TrainingPlan, load_model_config
 def estimate_from_yaml(config_path: str, overrides: Optional[list[tuple[str, str]]] = None) -> dict:
     """A training YAML's plan (``plan``) and predicted peak (GiB per component), with ``key value``
     overrides: the model and data ``fit`` would build from it, planned for a CUDA device."""
-    from qlora_lightning.run.cli import (
-        configured_classes,
-    )  # the parse `fit` runs: torch and Lightning
+    # The parse `fit` runs: torch and Lightning.
+    from qlora_lightning.run.cli import configured_classes
 
     args = [
         "--config",

@@ -67,18 +67,33 @@ class RunReport(Callback):
 
     @override
     def on_fit_end(self, trainer: LightningTrainer, pl_module: LightningModule) -> None:
-        summary = Path(trainer.log_dir or "", "run_summary.json")  # written by PerfMonitor at the end of training
+        # Written by PerfMonitor at the end of training.
+        summary = Path(trainer.log_dir or "", "run_summary.json")
         if trainer.is_global_zero and summary.is_file():
             log_document(_remote(trainer), "run_summary.json", json.loads(summary.read_text()))
 
 
 def data_report_table(report: dict) -> tuple[list[str], list[list]]:
     """One row per split of ``data_report.json``: its counts, and the drop reasons with their counts."""
-    columns = ["split", "rows", "kept", "prompt_truncated", "response_truncated", "final_line_lost", "dropped",
-               "dropped_why"]
+    columns = [
+        "split",
+        "rows",
+        "kept",
+        "prompt_truncated",
+        "response_truncated",
+        "final_line_lost",
+        "dropped",
+        "dropped_why",
+    ]
     rows = []
     for split, counts in (report.get("splits") or {}).items():
         dropped = counts.get("dropped") or {}
-        rows.append([split, *(counts.get(key, 0) for key in columns[1:6]), sum(dropped.values()),
-                     "; ".join(f"{why}: {n}" for why, n in dropped.items())])
+        rows.append(
+            [
+                split,
+                *(counts.get(key, 0) for key in columns[1:6]),
+                sum(dropped.values()),
+                "; ".join(f"{why}: {n}" for why, n in dropped.items()),
+            ]
+        )
     return columns, rows
