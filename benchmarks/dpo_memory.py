@@ -1,4 +1,5 @@
-"""Peak GPU memory and step time of QLoRA SFT, DPO (live or precomputed reference), ORPO, SimPO and KTO, Mistral-7B.
+"""Peak GPU memory and step time of QLoRA SFT, DPO (live or precomputed reference), ORPO, SimPO and
+KTO, Mistral-7B.
 
 The Mistral-7B-v0.1 architecture (published dims: vocab 32000, hidden 4096, MLP 14336, 32
 layers, 32 heads, 8 KV heads; ``make_arch.py``) with random weights, NF4 + double quant, bf16
@@ -52,7 +53,8 @@ VARIANTS = ("sft", "dpo", "dpo_precomputed", "orpo", "simpo", "kto")
 
 
 def _rows(args: argparse.Namespace, vocab: int) -> list[dict]:
-    """Random-token pairs: ``prompt_len`` prompt tokens, then chosen / rejected responses filling ``seq``."""
+    """Random-token pairs: ``prompt_len`` prompt tokens, then chosen / rejected responses filling
+    ``seq``."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -72,7 +74,8 @@ def _rows(args: argparse.Namespace, vocab: int) -> list[dict]:
 
 def _unpaired(rows: list[dict]) -> list[list[dict]]:
     """KTO's rows, two per step: pair i's chosen response (desirable) after its prompt, its rejected
-    response (undesirable) after the next pair's prompt, so that the KL pairs are real mismatches."""
+    response (undesirable) after the next pair's prompt, so that the KL pairs are real
+    mismatches."""
     nexts = rows[1:] + rows[:1]
     return [
         [
@@ -122,7 +125,8 @@ def run_variant(args: argparse.Namespace) -> dict:
     on_cuda = torch.cuda.is_available()
 
     class SetupMemory(Callback):
-        """Memory held once the model is built, and the peak of loading (+ precomputing), before training."""
+        """Memory held once the model is built, and the peak of loading (+ precomputing), before
+        training."""
 
         def on_train_start(self, trainer, pl_module):  # runs before PerfMonitor resets the peak
             self.loaded = torch.cuda.memory_allocated() / GIB if on_cuda else None

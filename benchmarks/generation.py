@@ -47,12 +47,14 @@ def sync(device: torch.device) -> None:
 def time_generate(
     model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, repeats: int
 ) -> float:
-    """Median wall seconds of ``repeats`` greedy generations of exactly ``new_tokens`` tokens, after a warm-up."""
+    """Median wall seconds of ``repeats`` greedy generations of exactly ``new_tokens`` tokens, after
+    a warm-up."""
     from transformers import GenerationConfig
 
     from qlora_lightning.evaluate.generation import inference_mode
 
-    # eos_token_id None: nothing stops a row early, so every run generates the same number of tokens.
+    # eos_token_id None: nothing stops a row early, so every run generates the same number of
+    # tokens.
     config = GenerationConfig(
         do_sample=False,
         num_beams=1,
@@ -108,7 +110,8 @@ def measure(
 
 
 def make_adapter(spec, path: Path, device: torch.device) -> None:
-    """Save a LoRA adapter (r=16, all linear layers) with a non-zero B, so merging really changes weights."""
+    """Save a LoRA adapter (r=16, all linear layers) with a non-zero B, so merging really changes
+    weights."""
     from qlora_lightning.model.build import LoraSpec, build_model
 
     torch.manual_seed(0)

@@ -8,7 +8,8 @@ from typing import Optional
 
 @dataclass(frozen=True)
 class Goal:
-    """A target of the speed and memory issue for one arch and shape, on the path the README gives for it."""
+    """A target of the speed and memory issue for one arch and shape, on the path the README gives
+    for it."""
 
     arch: str
     shape: str
@@ -31,8 +32,8 @@ class Goal:
         )
 
     def met(self, row: dict, base: Optional[dict]) -> Optional[bool]:
-        """Whether ``row`` reaches the targets, against ``base`` (its baseline row); None without the
-        baseline it needs or a GPU memory peak (CPU dry runs)."""
+        """Whether ``row`` reaches the targets, against ``base`` (its baseline row); None without
+        the baseline it needs or a GPU memory peak (CPU dry runs)."""
         if (self.needs_baseline and not base) or row.get("peak_alloc_gib") is None:
             return None
         checks = [
@@ -57,8 +58,9 @@ class Goal:
         return f"{speed}, {memory}"
 
 
-# Llama-style layers checkpoint attention and MLP apart at large batches; Gemma's table is tied to its
-# head (no CPU embeddings); 1x32768 against Unsloth's 2974 tok/s in the issue (the baseline: 2433).
+# Llama-style layers checkpoint attention and MLP apart at large batches; Gemma's table is tied to
+# its head (no CPU embeddings); 1x32768 against Unsloth's 2974 tok/s in the issue (the baseline:
+# 2433).
 GOALS = [
     Goal(
         "mistral-7b",

@@ -1,4 +1,5 @@
-"""Speed and memory of QLoRA training: the project's Lightning path against plain transformers + PEFT.
+"""Speed and memory of QLoRA training: the project's Lightning path against plain transformers +
+PEFT.
 
 For each architecture (published dims, random weights, NF4-quantized through the normal
 loading path) and each batch shape, in one command:
@@ -58,8 +59,9 @@ from step_stalls import StepStalls  # noqa: E402
 GIB = 2**30
 
 QUICK = {"archs": ["mistral-7b", "llama-2-7b"], "shapes": ["1x512", "8x1024"]}
-# Levers measured in --quick mode, at one shape of the first arch (a whole grid does not fit 10 minutes):
-# the README's path for batches of thousands of tokens (nine jobs of 45-75 s each on an H200; Unsloth adds four).
+# Levers measured in --quick mode, at one shape of the first arch (a whole grid does not fit 10
+# minutes): the README's path for batches of thousands of tokens (nine jobs of 45-75 s each on an
+# H200; Unsloth adds four).
 QUICK_LEVERS = {
     "arch": "mistral-7b",
     "shape": "8x1024",
@@ -253,7 +255,8 @@ def run_project(job: Job) -> dict:
 
 
 def run_baseline(job: Job) -> dict:
-    """Plain transformers + PEFT + bitsandbytes in a hand-written loop, on the same random weights."""
+    """Plain transformers + PEFT + bitsandbytes in a hand-written loop, on the same random
+    weights."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -290,7 +293,8 @@ def run_baseline(job: Job) -> dict:
 
 
 def run_peer(job: Job) -> dict:
-    """Unsloth's own path (``FastLanguageModel``: its kernels, offloaded checkpointing), same loop and data.
+    """Unsloth's own path (``FastLanguageModel``: its kernels, offloaded checkpointing), same loop
+    and data.
 
     Unsloth patches transformers when imported, so this runs only in a worker process of its own.
     LoRA dropout is 0, the setting its fused LoRA kernels need (with dropout it falls back to
@@ -340,7 +344,8 @@ def _checkpoint(job: Job) -> str:
 
 
 def plain_loop(model, job: Job, device) -> dict:
-    """Train ``model`` (a PEFT model) in a plain PyTorch loop: bf16 autocast, PagedAdamW8bit, the model's own loss."""
+    """Train ``model`` (a PEFT model) in a plain PyTorch loop: bf16 autocast, PagedAdamW8bit, the
+    model's own loss."""
     import bitsandbytes as bnb
     import torch
 
@@ -670,7 +675,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # Random checkpoints are cached per config *path* too: pass the folder another run used to share them.
+    # Random checkpoints are cached per config *path* too: pass the folder another run used to share
+    # them.
     arch_root = Path(args.arch_root) if args.arch_root else Path(tempfile.mkdtemp(prefix="archs-"))
     jobs = plan(args, arch_root)
     meta = {

@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 
 
 PROFILED_STEPS = 2
-# Kernel name fragments -> what the time went to, first match wins (cuBLAS/CUTLASS GEMMs have many names).
+# Kernel name fragments -> what the time went to, first match wins (cuBLAS/CUTLASS GEMMs have many
+# names).
 KERNEL_KINDS = [
     ("copy to/from host", ("memcpy htod", "memcpy dtoh", "memcpy htoh")),
     ("4-bit dequantize", ("dequantize",)),
@@ -32,7 +33,8 @@ def kernel_kind(name: str) -> str:
 
 
 def kernel_breakdown(kernels: list[tuple[str, float, float]], steps: int) -> dict:
-    """GPU time per step by kind of kernel, from (name, start_us, duration_us) of the profiled steps.
+    """GPU time per step by kind of kernel, from (name, start_us, duration_us) of the profiled
+    steps.
 
     ``gpu_busy`` is the kernels' summed time over the span from the first start to the last end:
     well under 1 means the GPU waits for the host to launch work.
@@ -51,7 +53,8 @@ def kernel_breakdown(kernels: list[tuple[str, float, float]], steps: int) -> dic
 
 
 class StepProfiler:
-    """Records the GPU kernels of the last ``PROFILED_STEPS`` optimizer steps of a job (``--profile``).
+    """Records the GPU kernels of the last ``PROFILED_STEPS`` optimizer steps of a job
+    (``--profile``).
 
     ``step()`` is called after every optimizer step; ``result()`` is the breakdown, and the
     slowest kernels are printed to the job's log.

@@ -43,9 +43,11 @@ VARIANTS: dict[str, dict] = {
     "offload+chunked_ce": {**LEVERS, **OFFLOAD_CHUNKED},
     "offload+chunked_ce+cpu_embed": {**LEVERS, **OFFLOAD_CHUNKED, "cpu_embeddings": True},
     "lean_lora": {**LEVERS, "lean_forward": True},
-    # LoRA dropout 0, as Unsloth runs (the baseline keeps 0.05): no dropped copy of each adapter's input.
+    # LoRA dropout 0, as Unsloth runs (the baseline keeps 0.05): no dropped copy of each adapter's
+    # input.
     "nodrop": {**LEVERS, "lora_dropout": 0.0},
-    # The leanest measured path (benchmarks/results/2026-11-28_session4), lean LoRA forward included.
+    # The leanest measured path (benchmarks/results/2026-11-28_session4), lean LoRA forward
+    # included.
     "offload+chunked_ce+cpu_embed+nodrop": LEANEST,
     # Optimizers that spare the step its waits for the GPU (qlora_lightning.speed.optim):
     # bitsandbytes' 8-bit AdamW without its synchronize per tensor (the step's non-finite check
@@ -55,22 +57,23 @@ VARIANTS: dict[str, dict] = {
     "fused_adamw": {**LEVERS, "optimizer": "fused_adamw"},
     "offload+chunked_ce+cpu_embed+nodrop+adamw8bit": {**LEANEST, "optimizer": "adamw_8bit"},
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw": {**LEANEST, "optimizer": "fused_adamw"},
-    # The same with the embedding table on the GPU: no host lookup and copy per step (Mistral-7B at 8x1024:
-    # 0.30 GiB more, no faster; benchmarks/results/2026-11-29_session7).
+    # The same with the embedding table on the GPU: no host lookup and copy per step (Mistral-7B at
+    # 8x1024: 0.30 GiB more, no faster; benchmarks/results/2026-11-29_session7).
     "offload+chunked_ce+nodrop+fused_adamw": {
         **LEANEST,
         "optimizer": "fused_adamw",
         "cpu_embeddings": False,
     },
-    # One compiled graph per decoder layer instead of one per part (on the fastest path at 8x1024: +0.2%, noise).
+    # One compiled graph per decoder layer instead of one per part (on the fastest path at 8x1024:
+    # +0.2%, noise).
     "layer_compile": {**LEVERS, "compile_scope": "layer"},
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+layer_compile": {
         **LEANEST,
         "optimizer": "fused_adamw",
         "compile_scope": "layer",
     },
-    # Each layer's last projection recomputed too (lora.skip_last_recompute off; on by default since the
-    # 8x1024 measurements of 2026-11-29), and the fastest path with PEFT's own LoRA forward.
+    # Each layer's last projection recomputed too (lora.skip_last_recompute off; on by default since
+    # the 8x1024 measurements of 2026-11-29), and the fastest path with PEFT's own LoRA forward.
     "recompute_last": {**LEVERS, "skip_last_recompute": False},
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+recompute_last": {
         **LEANEST,
@@ -89,24 +92,27 @@ VARIANTS: dict[str, dict] = {
         "optimizer": "fused_adamw",
         "gradient_checkpointing": "offload_halves",
     },
-    # The same with the embedding table on the GPU (0.24 GiB more for Mistral-7B and Llama-2-7B): no lookup on
-    # the host, whose speed is the likeliest cause of Llama-2's slow rounds (2026-11-29_session13).
+    # The same with the embedding table on the GPU (0.24 GiB more for Mistral-7B and Llama-2-7B): no
+    # lookup on the host, whose speed is the likeliest cause of Llama-2's slow rounds
+    # (2026-11-29_session13).
     "offload_halves+chunked_ce+nodrop+fused_adamw": {
         **LEANEST,
         "optimizer": "fused_adamw",
         "gradient_checkpointing": "offload_halves",
         "cpu_embeddings": False,
     },
-    # The fastest 8x1024 path without the qlora_lightning.FreezeHeap callback every config lists: a full
-    # garbage collection that lands in a step walks every object of the run (0.35-0.52 s on Mistral-7B).
+    # The fastest 8x1024 path without the qlora_lightning.FreezeHeap callback every config lists: a
+    # full garbage collection that lands in a step walks every object of the run (0.35-0.52 s on
+    # Mistral-7B).
     "offload_halves+chunked_ce+cpu_embed+nodrop+fused_adamw+thawed_heap": {
         **LEANEST,
         "optimizer": "fused_adamw",
         "gradient_checkpointing": "offload_halves",
         "freeze_heap": False,
     },
-    # The 4-bit matmuls through bitsandbytes' operator and addmm throughout (lora.compiled_dequant_tokens: 0),
-    # or in the compiled graph up to 512 tokens per matmul only (the default until 2026-11-29; now any number).
+    # The 4-bit matmuls through bitsandbytes' operator and addmm throughout
+    # (lora.compiled_dequant_tokens: 0), or in the compiled graph up to 512 tokens per matmul only
+    # (the default until 2026-11-29; now any number).
     "offload+chunked_ce+cpu_embed+nodrop+fused_adamw+bnb_dequant": {
         **LEANEST,
         "optimizer": "fused_adamw",

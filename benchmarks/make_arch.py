@@ -94,7 +94,8 @@ ARCHS: dict[str, dict] = {
     },
 }
 
-# A CPU-sized stand-in for dry runs: same model types, dims multiples of 64 (bitsandbytes' block size).
+# A CPU-sized stand-in for dry runs: same model types, dims multiples of 64 (bitsandbytes' block
+# size).
 TINY = {
     "hidden_size": 128,
     "intermediate_size": 256,
@@ -109,7 +110,8 @@ TINY = {
 
 
 def write_arch(name: str, out: Path, tiny: bool = False) -> Path:
-    """Write ``out/<name>/config.json`` (``tiny`` shrinks the dims for CPU dry runs) and return the folder."""
+    """Write ``out/<name>/config.json`` (``tiny`` shrinks the dims for CPU dry runs) and return the
+    folder."""
     config = dict(ARCHS[name])
     if tiny:
         config.update(TINY)

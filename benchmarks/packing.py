@@ -3,7 +3,8 @@
 GSM8K train rows (``../shared/datasets/gsm8k/train.jsonl``) with the Mistral tokenizer, at
 ``max_seq_length`` 1024, on the Mistral-7B architecture (published dims from ``make_arch.py``,
 random weights, NF4 through the normal loading path), trained through the project's real path:
-``GSM8KDataModule`` -> ``SFTModule`` -> Lightning ``Trainer`` (bf16-mixed on a GPU) -> ``PerfMonitor``.
+``GSM8KDataModule`` -> ``SFTModule`` -> Lightning ``Trainer`` (bf16-mixed on a GPU) ->
+``PerfMonitor``.
 
 Every layout trains one epoch over the *same* examples (``num_samples`` drawn with one seed):
 
@@ -45,7 +46,8 @@ LAYOUTS = ("off", "padded", "padding_free")
 
 
 def datamodule(args: argparse.Namespace, layout: str):
-    """GSM8K rows tokenized with the Mistral tokenizer, in ``layout``; the same examples for every layout."""
+    """GSM8K rows tokenized with the Mistral tokenizer, in ``layout``; the same examples for every
+    layout."""
     from qlora_lightning import GSM8KDataModule
 
     dm = GSM8KDataModule(
@@ -83,7 +85,8 @@ def padding_of(dm) -> dict:
 
 
 def train(args: argparse.Namespace, dm, model: torch.nn.Module | None, root: Path):
-    """One epoch of SFT over ``dm`` through the Trainer; the module (holding the model) and the monitor."""
+    """One epoch of SFT over ``dm`` through the Trainer; the module (holding the model) and the
+    monitor."""
     from lightning.pytorch import Trainer
 
     from qlora_lightning import BaseModelSpec, LoraSpec, PerfMonitor, SFTModule

@@ -127,7 +127,8 @@ def throughput(args) -> dict:
 
 
 def gsm8k_examples(tokenizer, n: int) -> list[tuple[list[int], str]]:
-    """(prompt ids, reference answer) of the first ``n`` GSM8K test questions, chat-templated as in training."""
+    """(prompt ids, reference answer) of the first ``n`` GSM8K test questions, chat-templated as in
+    training."""
     from qlora_lightning.data.tokenize import ChatFormat, tokenize_prompt
 
     rows = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines()[:n]]
@@ -232,9 +233,10 @@ def run_name(args) -> str:
 
 
 def keep_whole_prompts(data, n: int) -> int:
-    """Keep the first ``n`` train pairs whose two sequences hold the same prompt tokens: TRL holds one
-    prompt per pair, so a pair cut to fit with a different share of its prompt in each sequence has
-    no TRL equivalent. Both runs then train on the same pairs. Returns how many were left out."""
+    """Keep the first ``n`` train pairs whose two sequences hold the same prompt tokens: TRL holds
+    one prompt per pair, so a pair cut to fit with a different share of its prompt in each sequence
+    has no TRL equivalent. Both runs then train on the same pairs. Returns how many were left
+    out."""
     train = data.splits["train"]
     whole = [i for i, r in enumerate(train) if r["chosen_prompt_ids"] == r["rejected_prompt_ids"]]
     if len(whole) < n:
@@ -258,7 +260,8 @@ def training_rows(data, micro_batches: int) -> list[dict]:
 
 
 def train_with_trl(trainer, model, rows: list[dict], initial_adapter: str, out: Path) -> dict:
-    """Train ``initial_adapter`` through TRL on ``rows`` in order; load the result into ``model``."""
+    """Train ``initial_adapter`` through TRL on ``rows`` in order; load the result into
+    ``model``."""
     from datasets import Dataset
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -279,7 +282,8 @@ def train_with_trl(trainer, model, rows: list[dict], initial_adapter: str, out: 
         from trl import DPOConfig, DPOTrainer
 
         class PretokenizedDPOTrainer(DPOTrainer):
-            """Reads ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` as given (TRL would tokenize text)."""
+            """Reads ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids`` as given (TRL would tokenize
+            text)."""
 
             def _prepare_dataset(self, dataset, *args, **kwargs):
                 return dataset
@@ -335,8 +339,9 @@ def train_with_trl(trainer, model, rows: list[dict], initial_adapter: str, out: 
 
 
 def report(out: Path) -> str:
-    """Markdown tables of every ``learn`` result in ``out``: the project's runs beside TRL's (those run
-    with a reference), then every preference method's held-out rewards (DPO's beside the others')."""
+    """Markdown tables of every ``learn`` result in ``out``: the project's runs beside TRL's (those
+    run with a reference), then every preference method's held-out rewards (DPO's beside the
+    others')."""
     results = {
         path.stem: json.loads(path.read_text()) for path in sorted(out.glob("smollm2_*.json"))
     }

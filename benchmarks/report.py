@@ -15,7 +15,8 @@ from step_stalls import SLOW, slow_steps, stall_lines
 
 def merge_rounds(rows: list[dict]) -> list[dict]:
     """One row per configuration: the median round by tokens/s (its own step time, MFU, memory),
-    with ``rounds`` and every round's tokens/s; configurations that never ran keep their first row."""
+    with ``rounds`` and every round's tokens/s; configurations that never ran keep their first
+    row."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         key = (row["arch"], row["batch"], row["seq"], row["variant"], row.get("experiment"))
@@ -44,7 +45,8 @@ def fmt(value, spec: str = ".2f") -> str:
 
 
 def with_estimates(rows: list[dict]) -> list[dict]:
-    """Add the memory estimator's prediction of each row's peak, and its error against the measurement."""
+    """Add the memory estimator's prediction of each row's peak, and its error against the
+    measurement."""
     from transformers import AutoConfig
 
     from qlora_lightning.speed.estimate import estimate_peak_memory
@@ -58,7 +60,8 @@ def with_estimates(rows: list[dict]) -> list[dict]:
             and Path(row["arch_dir"], "config.json").is_file()
         ):
             config = AutoConfig.from_pretrained(row["arch_dir"])
-            # `effective_options`: what really ran, where a saved row records that it differed from the request.
+            # `effective_options`: what really ran, where a saved row records that it differed from
+            # the request.
             opts = row.get("effective_options") or row["options"] or VARIANTS["default"]
             baseline = row["impl"] == BASELINE
             est = estimate_peak_memory(
@@ -282,7 +285,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 
 def profile_lines(rows: list[dict]) -> list[str]:
-    """``--profile``: GPU milliseconds per optimizer step by kind of kernel, one line per configuration."""
+    """``--profile``: GPU milliseconds per optimizer step by kind of kernel, one line per
+    configuration."""
     profiled = [r for r in rows if r.get("profile")]
     if not profiled:
         return []
@@ -329,7 +333,8 @@ def chart(rows: list[dict], path: Path) -> Optional[str]:
 
 
 def write_reports(out: Path, meta: dict, rows: list[dict]) -> None:
-    """harness.json (raw rows of every round), harness.md (tables) and harness.png (chart) under ``out``."""
+    """harness.json (raw rows of every round), harness.md (tables) and harness.png (chart) under
+    ``out``."""
     (out / "harness.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     rows = with_estimates(merge_rounds(rows))
     why = chart(rows, out / "harness.png")

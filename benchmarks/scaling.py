@@ -2,7 +2,8 @@
 
 Random weights with the published dims (``make_arch.py``), NF4 + double quant, bf16 compute, LoRA
 r=8 on all linear layers, the same per-GPU micro-batch and accumulation everywhere (weak scaling: N
-GPUs process N times the tokens of one per step), ``SFTModule`` under a Lightning ``Trainer`` with ``PerfMonitor``:
+GPUs process N times the tokens of one per step), ``SFTModule`` under a Lightning ``Trainer`` with
+``PerfMonitor``:
 
 * ``single``: one GPU, transformers' gradient checkpointing;
 * ``ddp``: ``strategy: ddp`` on ``--gpus`` GPUs, each with the whole 4-bit base;
@@ -47,7 +48,8 @@ from make_arch import ARCHS, write_arch  # noqa: E402
 
 RUNS = ("single", "ddp", "fsdp", "reload")
 FSDP_CONFIG = REPO / "configs" / "mistral_fsdp.yaml"
-# The logits on this (2, 64) batch of token ids must agree within this fraction of their largest magnitude.
+# The logits on this (2, 64) batch of token ids must agree within this fraction of their largest
+# magnitude.
 PROBE_SHAPE, LOGITS_TOLERANCE = (2, 64), 0.01
 
 
@@ -187,7 +189,8 @@ def train(job: dict) -> None:
 
 
 def reload(job: dict) -> None:
-    """The FSDP run's adapter on one device: its logits on the probe batch against the sharded model's."""
+    """The FSDP run's adapter on one device: its logits on the probe batch against the sharded
+    model's."""
     import torch
     from transformers import AutoConfig
 
@@ -255,7 +258,8 @@ def plan(args: argparse.Namespace, arch_dir: str) -> list[tuple[str, list[str]]]
         "cpu": args.tiny,
         "fsdp_adapters": args.fsdp_adapters,
     }
-    # Tiny weights build in a blink in each process (random_checkpoint tolerates the race); 7B ones once.
+    # Tiny weights build in a blink in each process (random_checkpoint tolerates the race); 7B ones
+    # once.
     steps = [] if args.tiny else [("prepare", command({**common, "run": "prepare"}, "prepare"))]
     for run in args.runs:
         if run == "reload":
@@ -335,7 +339,8 @@ def markdown(meta: dict, rows: list[dict], reload_result: Optional[dict]) -> str
 
 
 def write_report(out: Path, meta: dict) -> str:
-    """Merge the runs' JSON files under ``out`` into scaling.json and scaling.md; return the markdown."""
+    """Merge the runs' JSON files under ``out`` into scaling.json and scaling.md; return the
+    markdown."""
     results = {
         run: json.loads((out / f"{run}.json").read_text())
         for run in RUNS

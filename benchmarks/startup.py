@@ -1,12 +1,13 @@
-"""Wall time of the commands a new user types first: the command list, a command's help, parse errors.
+"""Wall time of the commands a new user types first: the command list, a command's help, parse
+errors.
 
     python benchmarks/startup.py [--tree DIR] [--baseline REV] [--repeat 3]
 
-Each command runs ``--repeat`` times in a fresh Python (``python -m qlora_lightning ...`` from ``--tree``,
-a checkout of this project, this one by default); the median is printed. ``--baseline REV`` times that
-commit too (extracted with ``git archive`` into a temporary folder), each run beside the same run of
-``--tree``, so that both see the same load of the machine: the times depend on the machine and on what
-else it runs.
+Each command runs ``--repeat`` times in a fresh Python (``python -m qlora_lightning ...`` from
+``--tree``, a checkout of this project, this one by default); the median is printed.
+``--baseline REV`` times that commit too (extracted with ``git archive`` into a temporary folder),
+each run beside the same run of ``--tree``, so that both see the same load of the machine: the times
+depend on the machine and on what else it runs.
 
 ``fit --help`` is answered from a cache folder (``help_cache.py``) after its first time: it is timed
 with a cache filled beforehand, and ``fit --help, first`` with an empty one each run. Likewise the

@@ -2,10 +2,11 @@
 than its neighbours (at 8x1024 one step in four or so runs 0.1-0.55 s over the median).
 
 Per step: host seconds in Python's garbage collector; on the project's path, GPU seconds spent
-waiting for offloaded activations to come back (``perf/offload_wait_s``); calls of the CUDA caching allocator to
-cudaMalloc, and its retries; pinned host blocks the host allocator had to create (cudaHostAlloc)
-and the seconds they took; and from ``nvidia-smi``, sampled every 50 ms beside the job, the
-lowest SM clock, the highest power draw and the clock event reasons seen (power cap, thermal).
+waiting for offloaded activations to come back (``perf/offload_wait_s``); calls of the CUDA caching
+allocator to cudaMalloc, and its retries; pinned host blocks the host allocator had to create
+(cudaHostAlloc) and the seconds they took; and from ``nvidia-smi``, sampled every 50 ms beside the
+job, the lowest SM clock, the highest power draw and the clock event reasons seen (power cap,
+thermal).
 And the host's side, from Linux's counters: the CPU seconds of the job's threads, their seconds
 ready to run but waiting for a CPU (``/proc/self/task/*/schedstat``), and the seconds the
 hypervisor took from the machine's CPUs (steal, ``/proc/stat``): a host that runs slow leaves the
@@ -45,8 +46,8 @@ REASONS = {
 
 
 class StepStalls:
-    """``mark()`` at the end of every optimizer step (as the host sees it: the GPU runs at most a step
-    behind); ``finish(n)`` stops measuring and gives the last n steps' records."""
+    """``mark()`` at the end of every optimizer step (as the host sees it: the GPU runs at most a
+    step behind); ``finish(n)`` stops measuring and gives the last n steps' records."""
 
     def __init__(self, on_cuda: bool):
         # in the job's process: the report's needs no Lightning
@@ -81,7 +82,8 @@ class StepStalls:
         self.marks.append(self._reading())
 
     def finish(self, n: int) -> list[dict]:
-        """The last ``n`` steps: each reading's difference from the one before, with the GPU samples between."""
+        """The last ``n`` steps: each reading's difference from the one before, with the GPU samples
+        between."""
         self.clock.stop()
         samples = self.sampler.stop() if self.sampler else []
         records = []
@@ -101,8 +103,8 @@ class StepStalls:
 
 
 def host_reading() -> dict:
-    """Running totals: the process's CPU seconds and, where Linux tells, the machine's stolen seconds
-    and each thread's nanoseconds waiting for a CPU (``RUNQUEUE``, by thread id)."""
+    """Running totals: the process's CPU seconds and, where Linux tells, the machine's stolen
+    seconds and each thread's nanoseconds waiting for a CPU (``RUNQUEUE``, by thread id)."""
     reading = {"host_cpu_s": time.process_time()}
     try:
         with open("/proc/stat") as f:
@@ -126,7 +128,8 @@ def runqueue_seconds(before: dict, after: dict) -> float:
 
 
 def gpu_window(samples: list[tuple], start: float, end: float) -> dict:
-    """The lowest SM clock, highest power and the slowing clock event reasons of the samples in [start, end)."""
+    """The lowest SM clock, highest power and the slowing clock event reasons of the samples in
+    [start, end)."""
     inside = [s for s in samples if start <= s[0] < end]
     if not inside:
         return {}
@@ -148,7 +151,8 @@ class GpuSampler:
     """``nvidia-smi`` in a loop beside the job, its CSV lines in a temporary file."""
 
     def __init__(self):
-        # The job's GPU, cuda:0: the first of CUDA_VISIBLE_DEVICES (an index or a UUID) where it is set.
+        # The job's GPU, cuda:0: the first of CUDA_VISIBLE_DEVICES (an index or a UUID) where it is
+        # set.
         self.gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0].strip() or "0"
         self.fields = next((f for f in SMI_FIELDS if _smi_accepts(f, self.gpu)), None)
         self.file = tempfile.TemporaryFile(mode="w+")
@@ -193,7 +197,8 @@ def _smi_accepts(fields: str, gpu: str) -> bool:
 
 
 def parse_sample(line: str) -> Optional[tuple]:
-    """``2026/11/29 08:40:01.123, 1980, 612.35, 0x0000000000000004`` -> (unix time, 1980, 612.35, 4);
+    """``2026/11/29 08:40:01.123, 1980, 612.35, 0x0000000000000004`` -> (unix time, 1980, 612.35,
+    4);
     a field the driver does not report (``[N/A]``) is None."""
     parts = [p.strip() for p in line.split(",")]
     try:
@@ -220,7 +225,8 @@ def slow_steps(times: list[float]) -> list[int]:
 
 
 def stall_lines(rows: list[dict]) -> list[str]:
-    """The report's lines on steps slower than 1.05x their job's median, beside that job's median step."""
+    """The report's lines on steps slower than 1.05x their job's median, beside that job's median
+    step."""
     lines = []
     for r in rows:
         times, stalls = r.get("step_times_s") or [], r.get("step_stalls") or []

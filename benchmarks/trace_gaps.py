@@ -1,4 +1,5 @@
-"""Where the GPU waits, from a Chrome trace of the harness (``harness.py --trace DIR --profile-host``).
+"""Where the GPU waits, from a Chrome trace of the harness
+(``harness.py --trace DIR --profile-host``).
 
     python benchmarks/trace_gaps.py DIR/mistral-7b_8x1024_..._r0.json.gz [--min-gap-us 10]
 
@@ -42,8 +43,8 @@ def load(path: str) -> list[dict]:
 def enclosing_frames(
     events: list[dict], queries: list[tuple[int, float]]
 ) -> dict[tuple[int, float], list[tuple[str, str]]]:
-    """For each (tid, time): the Python frames and operators open at that time on that thread, outermost
-    first (the backward's thread runs operators with no Python frames)."""
+    """For each (tid, time): the Python frames and operators open at that time on that thread,
+    outermost first (the backward's thread runs operators with no Python frames)."""
     by_tid: dict[int, list[dict]] = defaultdict(list)
     for e in events:
         if e.get("cat") in ("python_function", "cpu_op"):
@@ -155,8 +156,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for key, (dur, n) in sorted(copies.items(), key=lambda kv: -kv[1][0])[:5]:
         print(f"  on it: {n} x {key}: {dur / 1e3:.1f} ms")
 
-    # Copies on other streams (the offloading's side stream), by end time: a kernel that starts right
-    # after one ended most likely waited for it.
+    # Copies on other streams (the offloading's side stream), by end time: a kernel that starts
+    # right after one ended most likely waited for it.
     copy_ends = sorted(
         e["ts"] + e["dur"]
         for e in events

@@ -31,8 +31,8 @@ RANGES = {
 
 @dataclass(frozen=True)
 class Private:
-    """One private symbol of ``library``: ``owner`` (an object path) and its attribute ``name`` (None:
-    ``owner`` itself), what the package does with it and where, and how a patch is scoped."""
+    """One private symbol of ``library``: ``owner`` (an object path) and its attribute ``name``
+    (None: ``owner`` itself), what the package does with it and where, and how a patch is scoped."""
 
     library: str
     owner: str

@@ -6,6 +6,7 @@ class UserError(ValueError):
 
 
 def first_line(err: BaseException) -> str:
-    """The first line of an exception's message (its type's name if it has none), for a ``UserError``."""
+    """The first line of an exception's message (its type's name if it has none), for a
+    ``UserError``."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

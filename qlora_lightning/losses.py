@@ -79,7 +79,8 @@ def chunked_token_nll(
         labels: (B, T) token ids, ``IGNORE_INDEX`` where there is no loss.
         chunk_size: Tokens per chunk; peak logits memory is chunk_size x V x (2 + 4 + 4) bytes
             (bf16 logits, fp32 copy, fp32 log-softmax).
-        positions: ``labelled_positions(labels)``, on ``hidden``'s device; found there when not given.
+        positions: ``labelled_positions(labels)``, on ``hidden``'s device; found there when not
+            given.
 
     Returns:
         (N,) NLL of the N labelled positions in row-major order, and the (B, T-1) mask of those
@@ -119,7 +120,8 @@ def chunked_lm_loss_sum(
     chunk_size: int,
     positions: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lm_loss_sum(head(hidden), labels)`` through ``chunked_token_nll``: the same up to summation order."""
+    """``lm_loss_sum(head(hidden), labels)`` through ``chunked_token_nll``: the same up to summation
+    order."""
     nll, keep = chunked_token_nll(hidden, head, labels, chunk_size, positions)
     return nll.sum(), keep.sum()
 
@@ -131,7 +133,8 @@ def chunked_sequence_logps(
     chunk_size: int,
     positions: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sequence_logps(head(hidden), labels)`` through ``chunked_token_nll``: (B,) log-probs, (B,) counts."""
+    """``sequence_logps(head(hidden), labels)`` through ``chunked_token_nll``: (B,) log-probs, (B,)
+    counts."""
     if positions is None:
         positions = labelled_positions(labels)
     nll, keep = chunked_token_nll(hidden, head, labels, chunk_size, positions)
@@ -226,15 +229,18 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 def orpo_loss(
     chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, beta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ORPO's odds-ratio term per pair (add it to the NLL of the chosen responses), as TRL's ``ORPOTrainer``.
+    """ORPO's odds-ratio term per pair (add it to the NLL of the chosen responses), as TRL's
+    ``ORPOTrainer``.
 
     Args:
-        chosen_avg: (B,) mean per-token log-probs of the chosen responses (ORPO's likelihoods are per token).
+        chosen_avg: (B,) mean per-token log-probs of the chosen responses (ORPO's likelihoods are
+            per token).
         rejected_avg: (B,) the same for the rejected responses.
         beta: Weight of the odds-ratio term (the paper's lambda).
 
     Returns:
-        (B,) ``-beta * log sigmoid(log odds(chosen) - log odds(rejected))``, and the detached rewards
+        (B,) ``-beta * log sigmoid(log odds(chosen) - log odds(rejected))``, and the detached
+        rewards
         ``beta * chosen_avg`` and ``beta * rejected_avg``.
     """
     chosen_avg, rejected_avg = chosen_avg.float(), rejected_avg.float()
@@ -249,7 +255,8 @@ def simpo_loss(
     gamma: float,
     label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SimPO per pair (length-normalised, no reference), as TRL's ``CPOTrainer`` with ``loss_type="simpo"``.
+    """SimPO per pair (length-normalised, no reference), as TRL's ``CPOTrainer`` with
+    ``loss_type="simpo"``.
 
     Args:
         chosen_avg: (B,) mean per-token log-probs of the chosen responses.
@@ -291,7 +298,8 @@ def kto_loss(
         beta: Inverse temperature of the implicit reward.
         desirable_weight: Weight of the desirable rows' losses (to balance unequal counts).
         undesirable_weight: Weight of the undesirable rows' losses.
-        loss_type: ``kto`` (the KTO paper's eq. 7) or ``apo_zero_unpaired`` (APO-zero's unpaired variant).
+        loss_type: ``kto`` (the KTO paper's eq. 7) or ``apo_zero_unpaired`` (APO-zero's unpaired
+            variant).
 
     Returns:
         (B,) weighted losses (the loss is their mean), the (B,) detached rewards

@@ -86,7 +86,8 @@ def tokenizer():
 
 
 def tiny_spec(quantization: str = "nf4", **config_overrides):
-    """The shipped tiny Llama (hidden 64, MLP 128, 2 layers, k/v 32 wide) with random weights, fp32 compute.
+    """The shipped tiny Llama (hidden 64, MLP 128, 2 layers, k/v 32 wide) with random weights, fp32
+    compute.
 
     ``config_overrides`` change the architecture (each distinct config is saved once per session).
     At the shipped ``initializer_range`` of 0.02 the frozen random ``lm_head`` bounds every logit
@@ -125,7 +126,8 @@ def sft_module(
     gradient_checkpointing: bool = False,
     **kwargs,
 ):
-    """An SFTModule over ``base`` (the tiny Llama by default) with dropout off, so runs are deterministic."""
+    """An SFTModule over ``base`` (the tiny Llama by default) with dropout off, so runs are
+    deterministic."""
     from qlora_lightning.model.build import LoraSpec
     from qlora_lightning.modules import SFTModule
 

@@ -1,9 +1,10 @@
 """One rank of ``tests/test_distributed.py``: fit a tiny 4-bit model under DDP or FSDP on the CPU.
 
 Started by ``torchrun --nproc-per-node 2`` (gloo), as a multi-node job would start it: Lightning
-reads the ranks from torchrun's environment. FSDP is set up as ``configs/mistral_fsdp.yaml`` sets it.
-Each ``--runs`` entry, ``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_replicated][_resume|_resumelate]``,
-fits 4 steps into ``<out>/<run>/``;
+reads the ranks from torchrun's environment. FSDP is set up as ``configs/mistral_fsdp.yaml`` sets
+it. Each ``--runs`` entry,
+``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_replicated][_resume|_resumelate]``, fits 4 steps
+into ``<out>/<run>/``;
 ``fit`` saves the adapter (``adapter/``) and the last checkpoint (``last.ckpt``), every rank writes
 ``rank<r>.pt`` (the adapter as this rank holds it, unsharded under FSDP; the real tokens of each of
 its optimizer steps; the logits of a fixed batch; the wrappers around the model) and rank 0 writes
@@ -185,7 +186,8 @@ def module_and_data(
 
 
 def unsharded_adapter(trainer: Trainer) -> dict[str, torch.Tensor]:
-    """The trainable parameters as this rank sees them, whole, keyed as in the saved adapter's model."""
+    """The trainable parameters as this rank sees them, whole, keyed as in the saved adapter's
+    model."""
     module = trainer.lightning_module
     if isinstance(trainer.strategy, FSDPStrategy):
         with FSDP.summon_full_params(trainer.strategy.model, writeback=False):
@@ -206,7 +208,8 @@ def fit(
     sft_adapter: Optional[str] = None,
     ckpt_path: Optional[str] = None,
 ) -> tuple[Trainer, TokenTally, PerfMonitor]:
-    """One ``fit`` of ``max_steps`` optimizer steps, checkpointing its last step to ``out/last.ckpt``."""
+    """One ``fit`` of ``max_steps`` optimizer steps, checkpointing its last step to
+    ``out/last.ckpt``."""
     seed_everything(0)
     module, data = module_and_data(
         task,
@@ -246,11 +249,13 @@ def fit(
 def run(name: str, out: Path, sft_adapter: str) -> None:
     """``<ddp|fsdp>_<sft|dpo>[_bf16][_compiled][_chunked][_replicated][_resume]``: ``compiled`` sets
     ``base.compile_layers``, ``chunked`` ``loss_chunk_size``, ``replicated`` (FSDP) keeps the
-    adapters out of FSDP; ``resume`` (``resumelate``) stops after step 1 (3) and resumes from its checkpoint."""
+    adapters out of FSDP; ``resume`` (``resumelate``) stops after step 1 (3) and resumes from its
+    checkpoint."""
     strategy, task, *options = name.split("_")
     options = set(options)
     ckpt_path = None
-    # 2 optimizer steps per epoch: ``resume`` stops inside the first epoch, ``resumelate`` inside the second.
+    # 2 optimizer steps per epoch: ``resume`` stops inside the first epoch, ``resumelate`` inside
+    # the second.
     stop = next((RESUME_AFTER[option] for option in options if option in RESUME_AFTER), None)
     if stop is not None:
         fit(strategy, task, out / "first", stop, options, sft_adapter)

@@ -1,5 +1,5 @@
-"""Several named LoRA adapters on one 4-bit base: each gives its own outputs, per batch or per request,
-switching leaves training state alone, and combinations are what PEFT says they are."""
+"""Several named LoRA adapters on one 4-bit base: each gives its own outputs, per batch or per
+request, switching leaves training state alone, and combinations are what PEFT says they are."""
 
 from __future__ import annotations
 

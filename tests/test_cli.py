@@ -16,7 +16,8 @@ from tests.conftest import REPO
 
 
 def run_cli(*args: str, timeout: int = 300, cwd=REPO) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, from the repo root unless told, offline (the environment conftest set up)."""
+    """The CLI as a user runs it, from the repo root unless told, offline (the environment conftest
+    set up)."""
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -71,7 +72,8 @@ def test_quickstart_runs_end_to_end(tmp_path):
 
 
 def test_quickstart_runs_from_another_directory(tmp_path):
-    """Its model, tokenizer and data are named ``qlora_lightning/assets/...``: found in the package."""
+    """Its model, tokenizer and data are named ``qlora_lightning/assets/...``: found in the
+    package."""
     result = run_cli(
         "fit",
         "--config",

@@ -1,4 +1,5 @@
-"""The entry point: every command listed with its purpose, answered without torch; unknown ones refused."""
+"""The entry point: every command listed with its purpose, answered without torch; unknown ones
+refused."""
 
 from __future__ import annotations
 

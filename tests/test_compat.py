@@ -1,8 +1,10 @@
 """Every private symbol of another library that the package reads, overrides or patches
-(``qlora_lightning/compat.py``) still exists, and the installed releases are those it was written for.
+(``qlora_lightning/compat.py``) still exists, and the installed releases are those it was written
+for.
 
-After an upgrade, a renamed or removed internal fails here, in one test that names the code depending
-on it, instead of deep inside training or, for the ones read with a ``getattr`` default, not at all.
+After an upgrade, a renamed or removed internal fails here, in one test that names the code
+depending on it, instead of deep inside training or, for the ones read with a ``getattr`` default,
+not at all.
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ class _Parsed(Exception):
 
 
 def parse_only(argv: list[str], monkeypatch) -> None:
-    """LightningCLI's parse of ``argv``, which records its keys, stopping before anything is built."""
+    """LightningCLI's parse of ``argv``, which records its keys, stopping before anything is
+    built."""
 
     def stop(self):
         raise _Parsed

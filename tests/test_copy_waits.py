@@ -1,4 +1,5 @@
-"""``perf/offload_wait_s``: how long the compute stream waited for offloaded activations to come back."""
+"""``perf/offload_wait_s``: how long the compute stream waited for offloaded activations to come
+back."""
 
 from __future__ import annotations
 

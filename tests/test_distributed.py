@@ -1,4 +1,5 @@
-"""DDP and FSDP through Lightning's strategies, on the CPU: two processes over gloo, a tiny 4-bit Llama.
+"""DDP and FSDP through Lightning's strategies, on the CPU: two processes over gloo, a tiny 4-bit
+Llama.
 
 One ``torchrun --nproc-per-node 2 tests/distributed_worker.py`` launch fits every run (SFT and
 DPO under both strategies, bf16 storage under both, an FSDP resume) and the tests read what the
@@ -97,7 +98,8 @@ def _peft_key(name: str) -> str:
 def _assert_within(
     a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], bound: float, scale: str
 ) -> None:
-    """Every tensor of ``a`` within ``bound`` of ``b``'s; the message names the worst one and its distance."""
+    """Every tensor of ``a`` within ``bound`` of ``b``'s; the message names the worst one and its
+    distance."""
     assert a.keys() == b.keys()
     worst = max(a, key=lambda name: (a[name] - b[name]).abs().max().item())
     distance = (a[worst] - b[worst]).abs().max().item()
@@ -182,7 +184,8 @@ def test_chunked_loss_under_fsdp_trains_the_adapter_the_plain_loss_trains(runs, 
 @pytest.mark.parametrize("run", ["sft", "dpo", "sft_bf16"])
 def test_fsdp_trains_the_adapter_ddp_trains(runs, run):
     fsdp, ddp = _rank(runs, f"fsdp_{run}", 0), _rank(runs, f"ddp_{run}", 0)
-    # Gradient clipping (fp32 runs) takes the norm over the shards in another order: equal to rounding.
+    # Gradient clipping (fp32 runs) takes the norm over the shards in another order: equal to
+    # rounding.
     _assert_same(fsdp["adapter"], ddp["adapter"], atol=1e-5)
     torch.testing.assert_close(fsdp["logits"], ddp["logits"], atol=1e-4, rtol=0.0)
     # Different tokens on the two ranks: the test below can tell a sum from a multiple.
@@ -272,7 +275,8 @@ def test_fsdp_resumes_from_its_checkpoint_exactly(runs):
 
 
 def _walk(policy: DecoderLayerPolicy, model: torch.nn.Module) -> list[str]:
-    """The modules ``policy`` selects, asked in the order FSDP asks (a module before its children)."""
+    """The modules ``policy`` selects, asked in the order FSDP asks (a module before its
+    children)."""
     modules = list(model.named_modules())
     for _, module in modules:
         policy(module, recurse=True, nonwrapped_numel=0)
@@ -407,7 +411,8 @@ def test_compiled_layers_are_refused_or_left_out_under_fsdp(setting, monkeypatch
 
 
 def test_fsdp_config_builds_lightnings_fsdp_strategy():
-    # What the CLI builds from the YAML (tests/test_configs.py cannot: Lightning wants a GPU for it).
+    # What the CLI builds from the YAML (tests/test_configs.py cannot: Lightning wants a GPU for
+    # it).
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--strategy", type=Strategy)
     section = yaml.safe_load(FSDP_CONFIG.read_text())["trainer"]["strategy"]

@@ -70,7 +70,8 @@ def _trl_pair(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
 ):
-    """TRL 1.16's DPOTrainer._compute_loss on given per-token policy log-probs and reference log-probs."""
+    """TRL 1.16's DPOTrainer._compute_loss on given per-token policy log-probs and reference
+    log-probs."""
     from trl import DPOTrainer
 
     metrics = defaultdict(lambda: defaultdict(list))
@@ -218,7 +219,8 @@ def test_row_layouts():
         "4",
         "5",
     )
-    # HuggingFaceH4/ultrafeedback_binarized: whole conversations; the prompt column only repeats them.
+    # HuggingFaceH4/ultrafeedback_binarized: whole conversations; the prompt column only repeats
+    # them.
     conversation = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
@@ -334,7 +336,8 @@ def test_truncation_cuts_the_prompt_first():
     # 1 head token (BOS) + 9 prompt tokens, 6 response tokens: 16 > 12, 4 prompt tokens go
     # (oldest first, head kept); the response stays whole.
     assert plan_cut(n_head=1, n_prompt=10, n_response=6, limit=12, max_prompt_length=4) == (4, 0)
-    # 16 > 11: the prompt goes down to max_prompt_length (8) only; then the response is cut on the right.
+    # 16 > 11: the prompt goes down to max_prompt_length (8) only; then the response is cut on the
+    # right.
     assert plan_cut(n_head=1, n_prompt=10, n_response=6, limit=11, max_prompt_length=8) == (2, 3)
     assert plan_cut(n_head=1, n_prompt=10, n_response=6, limit=20, max_prompt_length=4) == (0, 0)
     # A head (BOS + system message) that leaves no room for a response token: the only drop.

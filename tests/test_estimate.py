@@ -162,7 +162,8 @@ def test_dpo_config_counts_chosen_and_rejected_sequences(capsys):
 
 
 def test_dpo_estimate_matches_its_measured_peak():
-    # benchmarks/results/2026-11-28_dpo_memory: one pair of 512-token sequences, r=16, PEFT's fp32 upcast.
+    # benchmarks/results/2026-11-28_dpo_memory: one pair of 512-token sequences, r=16, PEFT's fp32
+    # upcast.
     est = estimate_peak_memory(_published("mistral-7b"), batch=2, seq=512, r=16, upcast_frozen=True)
     assert est["total_gib"] == pytest.approx(5.75, rel=0.05)
 
@@ -183,7 +184,8 @@ LEANEST = {**OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0, "lean
         ("mistral-7b", 8, 1024, LEANEST, 5.64),
         ("llama-2-7b", 8, 1024, LEANEST, 5.23),
         ("mistral-7b", 1, 512, LEANEST, 4.21),
-        # 2026-11-29_session6 (g1, g2b, g3a) and _session7 (c2): fused AdamW's fp32 moments, offload_all.
+        # 2026-11-29_session6 (g1, g2b, g3a) and _session7 (c2): fused AdamW's fp32 moments,
+        # offload_all.
         ("mistral-7b", 8, 1024, {**LEANEST, "optimizer": "AdamW"}, 5.82),
         ("mistral-7b", 8, 1024, {**LEANEST, "optimizer": "AdamW", "cpu_embeddings": False}, 6.12),
         ("llama-2-7b", 8, 1024, {**LEANEST, "optimizer": "AdamW"}, 5.44),
@@ -194,7 +196,8 @@ LEANEST = {**OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0, "lean
             {**LEANEST, "optimizer": "AdamW8bit", "gradient_checkpointing": "offload_all"},
             4.32,
         ),
-        # 2026-11-29_session11 (d1): attention and MLP checkpointed apart, the MLP alone recomputed at the peak.
+        # 2026-11-29_session11 (d1): attention and MLP checkpointed apart, the MLP alone recomputed
+        # at the peak.
         (
             "mistral-7b",
             8,
@@ -207,8 +210,9 @@ LEANEST = {**OFFLOAD_CHUNKED, "cpu_embeddings": True, "lora_dropout": 0.0, "lean
 def test_estimate_within_eight_percent_of_the_leanest_paths_measured_peaks(
     arch, batch, seq, kwargs, measured
 ):
-    # Side-stream offload and the lean LoRA forward (2026-11-28_session4 onwards). The lean forward's
-    # saving was fitted on one of these rows (Mistral with fused AdamW, against PEFT's forward).
+    # Side-stream offload and the lean LoRA forward (2026-11-28_session4 onwards). The lean
+    # forward's saving was fitted on one of these rows (Mistral with fused AdamW, against PEFT's
+    # forward).
     est = estimate_peak_memory(_published(arch), batch=batch, seq=seq, **kwargs)
     assert est["total_gib"] == pytest.approx(measured, rel=0.08)
 
@@ -223,7 +227,8 @@ def test_offload_halves_holds_one_half_of_a_llama_style_layer_and_a_whole_phi_la
         peak("mistral-7b", "offload_halves")["total_gib"]
         < peak("mistral-7b", "offload")["total_gib"]
     )
-    # The residual stream in the middle of each layer waits in CPU memory too: 32 x 8192 x 4096 x 2 bytes.
+    # The residual stream in the middle of each layer waits in CPU memory too: 32 x 8192 x 4096 x 2
+    # bytes.
     more_offloaded = (
         peak("mistral-7b", "offload_halves")["offloaded_to_cpu_gib"]
         - peak("mistral-7b", "offload")["offloaded_to_cpu_gib"]
@@ -294,7 +299,8 @@ def test_estimate_within_the_goal_for_every_architecture_and_shape_of_the_baseli
 
 
 def _modes_costing(**gib):
-    """An estimate function over checkpointing modes, from GiB per mode name (``no`` for False, ``yes`` for True)."""
+    """An estimate function over checkpointing modes, from GiB per mode name (``no`` for False,
+    ``yes`` for True)."""
     names = {
         False: "no",
         True: "yes",
@@ -365,7 +371,8 @@ def test_cli_names_the_mode_auto_picks_for_a_budget_and_asks_for_one(capsys):
         "gradient_checkpointing False (what auto picks for this budget):" in capsys.readouterr().out
     )
     main(["--config", config, *auto, "--model.init_args.memory_budget_gib", "0.0001"])
-    # Nothing fits: the leanest. Here the loss, not a layer, sets the peak: halves would save nothing.
+    # Nothing fits: the leanest. Here the loss, not a layer, sets the peak: halves would save
+    # nothing.
     assert (
         "gradient_checkpointing offload (what auto picks for this budget):"
         in capsys.readouterr().out

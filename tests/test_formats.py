@@ -384,7 +384,8 @@ def test_each_preference_format_gives_the_same_pair_tokens(name, tokenizer, tmp_
         assert {k: row[k] for k in want if k.endswith("_ids")} == {
             k: v for k, v in want.items() if k.endswith("_ids")
         }
-        # The prompt is the whole conversation before the reply (earlier answers included, untrained).
+        # The prompt is the whole conversation before the reply (earlier answers included,
+        # untrained).
         prompt = tokenizer.decode(row["chosen_prompt_ids"])
         assert (
             SYSTEM in prompt
@@ -466,8 +467,8 @@ def test_sharegpt_pairs_at_512_256_with_mistral_keep_every_pair_that_truncation_
         whole = tokenize_pair(*read(rows[i]), tokenizer, dm.chat_format, 10**6, 256, False)
         for name in ("chosen", "rejected"):
             prompt, reply = row[f"{name}_prompt_ids"], row[f"{name}_ids"]
-            # Within the context, the prompt cut no shorter than 256 tokens (or left whole), the reply
-            # cut only when the prompt is down to 256.
+            # Within the context, the prompt cut no shorter than 256 tokens (or left whole), the
+            # reply cut only when the prompt is down to 256.
             assert len(prompt) + len(reply) <= 512
             assert len(prompt) >= min(256, len(whole[f"{name}_prompt_ids"]))
             assert reply == whole[f"{name}_ids"] or len(prompt) == 256

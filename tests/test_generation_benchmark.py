@@ -1,4 +1,5 @@
-"""The generation benchmark runs end to end (tiny dims, CPU): both servings at batch 1 and 16, one JSON report."""
+"""The generation benchmark runs end to end (tiny dims, CPU): both servings at batch 1 and 16, one
+JSON report."""
 
 from __future__ import annotations
 

@@ -142,7 +142,8 @@ def test_gguf_loads_4bit_from_a_cache_made_once(tiny_gguf, tmp_path, monkeypatch
     cached = list((tmp_path / "cache").iterdir())
     assert [p.name for p in cached] == [f"gguf-tiny.Q8_0-{gguf_module.file_digest(tiny_gguf)[:16]}"]
 
-    # The embedding (not quantized) holds the file's dequantized values, up to the cache's bf16 rounding.
+    # The embedding (not quantized) holds the file's dequantized values, up to the cache's bf16
+    # rounding.
     reader = gguf.GGUFReader(tiny_gguf)
     table = next(t for t in reader.tensors if t.name == "token_embd.weight")
     expected = torch.from_numpy(gguf.quants.dequantize(table.data, table.tensor_type).copy())

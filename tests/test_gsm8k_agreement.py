@@ -1,22 +1,23 @@
-"""The project's GSM8K scorer (``evaluation.is_correct``, the fast in-loop signal of ``GSM8KEval``) against
-lm-eval's ``gsm8k`` scoring, question by question, on the same generations.
+"""The project's GSM8K scorer (``evaluation.is_correct``, the fast in-loop signal of ``GSM8KEval``)
+against lm-eval's ``gsm8k`` scoring, question by question, on the same generations.
 
 lm-eval scores each generation twice: ``strict-match`` takes the number after the first ``#### `` (a
 space, then digits, dots and commas), ``flexible-extract`` the last number-like run; either is then
-compared as a string with the reference's final answer, after dropping commas, dollar signs, all before
-``#### `` and one trailing period. The project takes the number after the first ``####`` (spaces and a
-dollar sign allowed), else the last number, and compares numbers. So the project's verdict is lm-eval's
-``strict-match`` where that finds a ``#### N`` and ``flexible-extract`` where it finds none, except
-where they differ by design (README, "Evaluate with lm-evaluation-harness"):
+compared as a string with the reference's final answer, after dropping commas, dollar signs, all
+before ``#### `` and one trailing period. The project takes the number after the first ``####``
+(spaces and a dollar sign allowed), else the last number, and compares numbers. So the project's
+verdict is lm-eval's ``strict-match`` where that finds a ``#### N`` and ``flexible-extract`` where
+it finds none, except where they differ by design (README, "Evaluate with lm-evaluation-harness"):
 
-- the same number spelled differently: ``#### 41.0`` or ``5.00`` is the reference's ``41`` or ``5`` to the
-  project, a different string to lm-eval (both filters);
+- the same number spelled differently: ``#### 41.0`` or ``5.00`` is the reference's ``41`` or ``5``
+  to the project, a different string to lm-eval (both filters);
 - punctuation after the last number: ``... is 41...`` is ``41.`` to lm-eval's flexible filter (it
   drops one period), 41 to the project.
 
 Both sides run their real code: lm-eval's whole pipeline (task, filters, metric) through
 ``simple_evaluate`` with a language model that answers with canned generations; and, where a
-committed ``eval`` result has them, the generations of SmolLM2-135M-Instruct on real GSM8K questions.
+committed ``eval`` result has them, the generations of SmolLM2-135M-Instruct on real GSM8K
+questions.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from qlora_lightning.evaluate import lmeval  # noqa: E402
 INVALID = "[invalid]"  # what lm-eval's regex filter answers when it finds nothing
 
 # generation, reference's final number, then the verdicts: project, strict-match, flexible-extract,
-# and why the project differs from lm-eval's verdict (strict where it matched, else flexible) if it does.
+# and why the project differs from lm-eval's verdict (strict where it matched, else flexible) if it
+# does.
 CASES = [
     (
         "He has 7 * 8 = 56 marbles.\nHe has 56 - 15 = 41 marbles left.\n#### 41",
@@ -103,7 +105,8 @@ class CannedLM(LM):
 
 
 def lm_eval_verdicts(generations: list[str], references: list[str], tmp_path: Path) -> list[dict]:
-    """lm-eval's gsm8k (the shipped gsm8k_local) scoring of each generation: {filter: (taken, correct)}."""
+    """lm-eval's gsm8k (the shipped gsm8k_local) scoring of each generation: {filter: (taken,
+    correct)}."""
     test = tmp_path / "test.jsonl"
     questions = [f"Question number {i}?" for i in range(len(generations))]
     test.write_text(
@@ -133,7 +136,8 @@ def lm_eval_verdicts(generations: list[str], references: list[str], tmp_path: Pa
 
 
 def lm_eval_verdict(verdict: dict) -> bool:
-    """lm-eval's verdict the project's rule matches: strict-match's where it found a ``#### N``, else flexible's."""
+    """lm-eval's verdict the project's rule matches: strict-match's where it found a ``#### N``,
+    else flexible's."""
     taken, correct = verdict["strict-match"]
     return correct if taken != INVALID else verdict["flexible-extract"][1]
 
@@ -151,13 +155,14 @@ def test_the_two_scorers_agree_question_by_question(tmp_path):
 
 
 def _clean(taken: str) -> str:
-    """lm-eval's gsm8k ``regexes_to_ignore`` on an extracted answer: commas, dollar signs, a trailing period."""
+    """lm-eval's gsm8k ``regexes_to_ignore`` on an extracted answer: commas, dollar signs, a
+    trailing period."""
     return re.sub(r"\.$", "", re.sub(r"[,$]", "", taken))
 
 
 def designed_difference(generation: str, verdict: dict) -> bool:
-    """Whether the project and lm-eval differ only by design: the number lm-eval took is the project's
-    number, spelled otherwise (``41.0``) or followed by more punctuation (``41..``)."""
+    """Whether the project and lm-eval differ only by design: the number lm-eval took is the
+    project's number, spelled otherwise (``41.0``) or followed by more punctuation (``41..``)."""
     taken = verdict[
         "strict-match" if verdict["strict-match"][0] != INVALID else "flexible-extract"
     ][0]

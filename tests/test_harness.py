@@ -115,7 +115,8 @@ def test_quick_mode_keeps_to_one_ten_minute_command_unless_told_otherwise(tmp_pa
     assert harness.parse_args(["--quick"]).budget_s == harness.QUICK_BUDGET_S < 600
     assert harness.parse_args(["--quick", "--budget-s", "900"]).budget_s == 900
     assert harness.parse_args([]).budget_s is None
-    # Its jobs fit the budget at the 45-75 s a 7B job took on an H200 (2026-11-29_session12), without Unsloth.
+    # Its jobs fit the budget at the 45-75 s a 7B job took on an H200 (2026-11-29_session12),
+    # without Unsloth.
     monkeypatch.setattr(harness.importlib.util, "find_spec", lambda name: None)
     assert (
         len(harness.plan(harness.parse_args(["--quick", "--tiny"]), tmp_path)) * 60

@@ -1,4 +1,5 @@
-"""KTO: the loss against TRL's KTOTrainer, unpaired data (and pairs split into it), and a module that learns."""
+"""KTO: the loss against TRL's KTOTrainer, unpaired data (and pairs split into it), and a module
+that learns."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ PAIRS = str(EXAMPLES / "preference.jsonl")
 
 
 def _policy(rows: int, seed: int, length: int = 14, vocab: int = 11):
-    """Random fp64 logits and completion labels -> our (B,) log-probs and TRL's per-token log-probs."""
+    """Random fp64 logits and completion labels -> our (B,) log-probs and TRL's per-token
+    log-probs."""
     torch.manual_seed(seed)
     logits = torch.randn(rows, length, vocab, dtype=torch.float64)
     ids = torch.randint(0, vocab, (rows, length))
@@ -52,8 +54,9 @@ def _trl_kto(
     ref,
     ref_kl,
 ):
-    """TRL 1.16's ``KTOTrainer._compute_loss`` (the loss's least-private entry point: it sits inside the
-    trainer's loss method) on given per-token policy log-probs and precomputed reference log-probs."""
+    """TRL 1.16's ``KTOTrainer._compute_loss`` (the loss's least-private entry point: it sits inside
+    the trainer's loss method) on given per-token policy log-probs and precomputed reference
+    log-probs."""
     from trl import KTOTrainer
 
     metrics = defaultdict(lambda: defaultdict(list))

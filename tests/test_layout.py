@@ -3,8 +3,8 @@ layer and lower ones only. Layers, lowest first:
 
     foundation (errors, paths, losses, compat) < speed < model < data < evaluate < modules < run
 
-``qlora_lightning/__init__.py`` (the names exported on first use) and ``__main__.py`` sit above them all.
-Every import counts: at the top of a file, inside a function, under ``TYPE_CHECKING``.
+``qlora_lightning/__init__.py`` (the names exported on first use) and ``__main__.py`` sit above them
+all. Every import counts: at the top of a file, inside a function, under ``TYPE_CHECKING``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Learning checks on a real pretrained model (stories260K, a TinyStories Llama from ../shared), through
-the shipped configs: the eval callback's accuracy goes from about 0 to high on held-out numbers, and a
-multi-LoRA `test` run scores each adapter high on its own task and low on the other's."""
+"""Learning checks on a real pretrained model (stories260K, a TinyStories Llama from ../shared),
+through the shipped configs: the eval callback's accuracy goes from about 0 to high on held-out
+numbers, and a multi-LoRA `test` run scores each adapter high on its own task and low on the
+other's."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ pytestmark = [needs_shared, pytest.mark.usefixtures("one_thread")]
 
 
 def _fit(root, task: str) -> tuple[list[dict], str]:
-    """Train configs/digits_stories260k.yaml on ``task``; the GSM8KEval history and the adapter directory."""
+    """Train configs/digits_stories260k.yaml on ``task``; the GSM8KEval history and the adapter
+    directory."""
     adapter = str(root / f"{task}-adapter")
     cli = make_cli(
         [

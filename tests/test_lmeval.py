@@ -1,5 +1,5 @@
-"""``eval`` and ``LMEvalCallback``: lm-evaluation-harness on the model in memory, the shipped local GSM8K task,
-results beside the run and in the loggers, bad input in one line.
+"""``eval`` and ``LMEvalCallback``: lm-evaluation-harness on the model in memory, the shipped local
+GSM8K task, results beside the run and in the loggers, bad input in one line.
 
 CPU, a tiny random 4-bit Llama and the shipped GSM8K-format examples: the scores are 0 and mean
 nothing; what is checked is what lm-eval is given (the model as trained, lm-eval's own gsm8k task
@@ -107,8 +107,9 @@ def test_eval_scores_the_adapter_on_its_4bit_base_as_trained(adapter, capsys):
         (i, f) for i in range(3) for f in ("strict-match", "flexible-extract")
     )
 
-    # What lm-eval generated is what the project's own greedy generation makes from the adapter on its
-    # 4-bit base for the same prompt (0-shot: "Question: ...\nAnswer:"), cut at gsm8k's stop sequence.
+    # What lm-eval generated is what the project's own greedy generation makes from the adapter on
+    # its 4-bit base for the same prompt (0-shot: "Question: ...\nAnswer:"), cut at gsm8k's stop
+    # sequence.
     tokenizer = load_tokenizer(str(adapter))
     model = adapter_on_base(adapter, base_spec_for(adapter))
     for sample in (s for s in samples if s["filter"] == "strict-match"):
@@ -172,7 +173,8 @@ def test_bad_input_is_one_line(adapter, tmp_path, monkeypatch):
         UserError, match=r"gsm8k_local: line 1 of .* is not a \{question, answer\} JSON row"
     ):
         lmeval.load_gsm8k_local(str(bad))
-    # A task name nobody knows: lm-eval's own tasks are indexed too (~30 s), so here they are left out.
+    # A task name nobody knows: lm-eval's own tasks are indexed too (~30 s), so here they are left
+    # out.
     from lm_eval import tasks as lm_tasks
 
     original = lm_tasks.TaskManager

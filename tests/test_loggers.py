@@ -1,6 +1,6 @@
-"""The quickstart under W&B (offline) and MLflow (a local file store) as under TensorBoard: the same scalar
-series, the hyperparameters, the data report and GSM8K samples as tables, the run's files in its own
-folder, and ``--ckpt_path last`` continuing the same run.
+"""The quickstart under W&B (offline) and MLflow (a local file store) as under TensorBoard: the same
+scalar series, the hyperparameters, the data report and GSM8K samples as tables, the run's files in
+its own folder, and ``--ckpt_path last`` continuing the same run.
 
 Each logger's own files are read back: the W&B run's ``.wandb`` transaction log (its records are
 protocol buffers in LevelDB's log format), the MLflow store's metric, param and artifact files.
@@ -22,10 +22,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tests.conftest import REPO
 from tests.test_resume import assert_same_adapter
 
-# 16 rows in batches of 4, accumulation 2: 2 optimizer steps an epoch, 6 in all; validation and GSM8K
-# exact match (2 questions) after steps 3 and 6; a checkpoint every 3 steps.
-# A constant learning rate (its value does not depend on max_steps): a run stopped after step 3 and resumed to
-# step 6 is the run of 6 steps, to the bit.
+# 16 rows in batches of 4, accumulation 2: 2 optimizer steps an epoch, 6 in all; validation and
+# GSM8K exact match (2 questions) after steps 3 and 6; a checkpoint every 3 steps.
+# A constant learning rate (its value does not depend on max_steps): a run stopped after step 3 and
+# resumed to step 6 is the run of 6 steps, to the bit.
 RUN = [
     "fit",
     "--config",
@@ -52,8 +52,8 @@ RUN = [
     "--trainer.callbacks.eval_at_start",
     "false",
 ]
-# Timings: their values differ from run to run; only their steps are checked. TensorBoard's placeholder for
-# a hyperparameter metric is its own.
+# Timings: their values differ from run to run; only their steps are checked. TensorBoard's
+# placeholder for a hyperparameter metric is its own.
 TIMED = "perf/"
 TENSORBOARD_ONLY = {"hp_metric"}
 
@@ -93,8 +93,9 @@ def _fit(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def _fit_stopped_then_resumed(root: Path, *logger: str) -> None:
-    """Stopped after step 3 (its last.ckpt), then ``--ckpt_path last`` to step 6: the same run continues.
-    (Killed instead, a W&B offline run loses what its service process had not yet written.)"""
+    """Stopped after step 3 (its last.ckpt), then ``--ckpt_path last`` to step 6: the same run
+    continues. (Killed instead, a W&B offline run loses what its service process had not yet
+    written.)"""
     _fit(root, *logger, "--trainer.max_steps", "3")
     _fit(root, *logger, "--ckpt_path", "last", "--allow_config_changes", "true")
 
@@ -109,9 +110,9 @@ def tensorboard_series(run: Path) -> dict[str, dict[int, float]]:
 
 
 def wandb_records(path: Path) -> list:
-    """The records of a W&B ``.wandb`` file: a 7-byte header (``:W&B``, magic, version), then 32 KiB blocks of
-    chunks (CRC32, length, type: whole, first, middle, last), each record a ``wandb_internal_pb2.Record``;
-    a tail cut short (a killed run) is dropped."""
+    """The records of a W&B ``.wandb`` file: a 7-byte header (``:W&B``, magic, version), then 32 KiB
+    blocks of chunks (CRC32, length, type: whole, first, middle, last), each record a
+    ``wandb_internal_pb2.Record``; a tail cut short (a killed run) is dropped."""
     from wandb.proto import wandb_internal_pb2
 
     raw = path.read_bytes()
@@ -135,8 +136,9 @@ def wandb_records(path: Path) -> list:
 
 
 def wandb_run(root: Path) -> tuple[dict[str, dict[int, float]], dict, list[Path]]:
-    """(scalar series by trainer/global_step, config, the offline run folders) of the one W&B run under
-    ``root``; a resumed run's folders are read in order, so a step logged again holds its last value."""
+    """(scalar series by trainer/global_step, config, the offline run folders) of the one W&B run
+    under ``root``; a resumed run's folders are read in order, so a step logged again holds its last
+    value."""
     folders = sorted((root / "wandb").glob("offline-run-*"))
     assert len({f.name.rsplit("-", 1)[1] for f in folders}) == 1, folders  # one run id
     series: dict[str, dict[int, float]] = {}
@@ -168,8 +170,8 @@ def wandb_run(root: Path) -> tuple[dict[str, dict[int, float]], dict, list[Path]
 
 
 def mlflow_run(root: Path) -> tuple[dict[str, dict[int, float]], dict, Path]:
-    """(scalar series by step, params, the run's folder) of the one MLflow run in the file store under ``root``;
-    a value logged again for a step (by a resumed run) replaces the earlier one."""
+    """(scalar series by step, params, the run's folder) of the one MLflow run in the file store
+    under ``root``; a value logged again for a step (by a resumed run) replaces the earlier one."""
     runs = [p.parent for p in (root / "mlruns").glob("*/*/meta.yaml")]
     assert len(runs) == 1, runs
     run = runs[0]
@@ -198,7 +200,8 @@ def assert_same_series(
         if key.startswith(TIMED):
             assert got[key] and set(got[key]) <= set(expected[key]), key
             continue
-        # The same steps and values; TensorBoard stores float32: the same number, rounded as it rounds.
+        # The same steps and values; TensorBoard stores float32: the same number, rounded as it
+        # rounds.
         assert {s: np.float32(v) for s, v in got[key].items()} == {
             s: np.float32(v) for s, v in expected[key].items()
         }, key

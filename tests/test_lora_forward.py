@@ -1,4 +1,5 @@
-"""The lean LoRA forward (``lora_forward.py``) against PEFT's own, on real 4-bit layers on the CPU."""
+"""The lean LoRA forward (``lora_forward.py``) against PEFT's own, on real 4-bit layers on the
+CPU."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def test_lean_forward_gives_peft_s_loss_and_gradients(dropout):
     assert len(layers) == 7 * lean_model.config.num_hidden_layers
     assert all(type(m) is LeanLoraLinear4bit for m in layers)
     assert not any(type(m) is LeanLoraLinear4bit for m in peft_model.modules())
-    # The same dropout masks (both draw them in the same order); bf16 rounds the fused sum once, not twice.
+    # The same dropout masks (both draw them in the same order); bf16 rounds the fused sum once, not
+    # twice.
     torch.testing.assert_close(lean_loss, peft_loss, rtol=2e-3, atol=0)
     assert lean.keys() == peft.keys()
     for name in lean:
@@ -108,7 +110,8 @@ def test_skip_last_recompute_leaves_the_last_base_matmul_out_of_the_recomputatio
 
 
 def _count_base_calls(layer: torch.nn.Module, calls: dict) -> None:
-    """Count the calls of a LoRA layer's frozen base in ``calls``, by whether a backward is running."""
+    """Count the calls of a LoRA layer's frozen base in ``calls``, by whether a backward is
+    running."""
 
     def hook(*_):
         phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward"
@@ -123,7 +126,8 @@ def test_offload_halves_never_recompute_the_base_matmul_last_in_either_half(comp
     torch._dynamo.reset()  # graphs compiled by earlier tests would run without the hooks below
     spec = dataclasses.replace(SPEC, compile_layers=compiled)
     tokens = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).to(device)
-    # Eager, q_proj's base layer shows the recomputation; compiled, it runs inside the graph, unhooked.
+    # Eager, q_proj's base layer shows the recomputation; compiled, it runs inside the graph,
+    # unhooked.
     counted = ("o_proj", "down_proj") if compiled else ("q_proj", "o_proj", "down_proj")
     results = {}
     for checkpointing in ("offload_halves", False):

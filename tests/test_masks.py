@@ -63,7 +63,8 @@ def test_outside_it_transformers_has_its_own_checks(tmp_path):
 
 def test_importing_the_package_changes_nothing_in_the_libraries_it_builds_on():
     """Every attribute of every transformers, PEFT, bitsandbytes and torch module loaded before the
-    package's modules are imported (with the other libraries it imports) is the same object after."""
+    package's modules are imported (with the other libraries it imports) is the same object
+    after."""
     script = textwrap.dedent("""
         import importlib, pkgutil, sys, types
         import bitsandbytes, peft, torch, transformers
@@ -135,12 +136,14 @@ def test_the_module_answers_both_checks_from_the_host_copy(monkeypatch):
     logits, checks = _forward_checks(module, monkeypatch, **model_inputs(unpadded))
     assert checks == {"packed": 0, "padding": 0} and logits.shape == (2, 8, vocab)
     positions = torch.arange(8).expand(2, 8)
-    # Beside explicit positions the mask stays (else positions restarting in a row would read as packed).
+    # Beside explicit positions the mask stays (else positions restarting in a row would read as
+    # packed).
     _, checks = _forward_checks(
         module, monkeypatch, **model_inputs(unpadded), position_ids=positions
     )
     assert checks == {"packed": 0, "padding": 1}
-    # What it skips changes nothing: transformers' own checks, of the mask and of explicit positions.
+    # What it skips changes nothing: transformers' own checks, of the mask and of explicit
+    # positions.
     module._mask_twin = None
     for inputs, asked in (
         ({**model_inputs(unpadded)}, "padding"),

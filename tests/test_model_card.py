@@ -1,6 +1,6 @@
 """Model cards: ``fit`` writes README.md into the adapter folder, ``merge`` into the merged folder,
-``export`` into the GGUF folder; ``--push_to_hub`` uploads the real folder through ``HfApi`` (its two
-network calls replaced here: no request leaves the machine)."""
+``export`` into the GGUF folder; ``--push_to_hub`` uploads the real folder through ``HfApi`` (its
+two network calls replaced here: no request leaves the machine)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeHub:
-    """Stands in for the hub: records each ``create_repo`` and, for each ``upload_folder``, the folder's
-    files (name -> sha256) as they were when handed over."""
+    """Stands in for the hub: records each ``create_repo`` and, for each ``upload_folder``, the
+    folder's files (name -> sha256) as they were when handed over."""
 
     def __init__(self):
         self.repos: list[dict] = []
@@ -68,7 +68,8 @@ def _card(folder: Path):
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """The quickstart for 4 optimizer steps through the CLI, pushed to a fake hub; (run folder, hub)."""
+    """The quickstart for 4 optimizer steps through the CLI, pushed to a fake hub; (run folder,
+    hub)."""
     from qlora_lightning.run.cli import make_cli
 
     root = tmp_path_factory.mktemp("fit")

@@ -17,7 +17,8 @@ def test_a_token_attends_to_the_sequence_or_at_most_the_sliding_window():
 
 
 def test_flops_per_token_are_four_per_weight_plus_attention_over_its_span():
-    # 4N (forward 2N, backward 2N: frozen weights get no weight gradient) + 12 x layers x span x width.
+    # 4N (forward 2N, backward 2N: frozen weights get no weight gradient) + 12 x layers x span x
+    # width.
     assert train_flops_per_token(1000, n_layers=2, attn_dim=8, span=16) == 4000 + 12 * 2 * 16 * 8
     mistral = MistralConfig(num_hidden_layers=2, sliding_window=4096)
     long, window = (

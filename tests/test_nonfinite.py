@@ -1,4 +1,5 @@
-"""A NaN loss at step k is skipped (weights and optimizer untouched) or stops the run, per policy."""
+"""A NaN loss at step k is skipped (weights and optimizer untouched) or stops the run, per
+policy."""
 
 import functools
 
@@ -65,7 +66,8 @@ def rows(tokenizer):
     return [{"input_ids": ids, "labels": [-100] * 8 + ids[8:]}] * 4
 
 
-# Fused AdamW skips on the device (found_inf), without the host's decision; the other drops the gradients.
+# Fused AdamW skips on the device (found_inf), without the host's decision; the other drops the
+# gradients.
 @pytest.mark.parametrize(
     "fused", [False, True], ids=["host decides", "optimizer skips on the device"]
 )

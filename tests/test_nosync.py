@@ -6,10 +6,10 @@ counted with torch's sync debug mode over steady-state optimizer steps of the re
 batches, unpadded or padded on the right, carrying their host-side counts (as the DataModules make
 them), SFTModule on a 4-bit base with compiled layers, PerfMonitor, TensorBoard logging.
 
-Neither transformers' mask building (its checks for packed sequences and for padding, answered
-on the host: ``qlora_lightning.speed.masks``) nor the chunked loss (its labelled positions, found on the
-batch's host copy) waits. An optimizer that cannot skip a step on the GPU needs the
-host's decision: one wait per optimizer step.
+Neither transformers' mask building (its checks for packed sequences and for padding, answered on
+the host: ``qlora_lightning.speed.masks``) nor the chunked loss (its labelled positions, found on
+the batch's host copy) waits. An optimizer that cannot skip a step on the GPU needs the host's
+decision: one wait per optimizer step.
 """
 
 import collections
@@ -35,7 +35,8 @@ WATCHED = LAST - FIRST + 1
 
 
 class SyncCounter(Callback):
-    """Where the synchronizing CUDA calls from the start of step FIRST to the end of step LAST came from."""
+    """Where the synchronizing CUDA calls from the start of step FIRST to the end of step LAST came
+    from."""
 
     def __init__(self):
         self.calls: list[str] = []

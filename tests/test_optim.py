@@ -1,4 +1,5 @@
-"""The project's 8-bit AdamW makes bitsandbytes' updates exactly, without its per-tensor synchronize."""
+"""The project's 8-bit AdamW makes bitsandbytes' updates exactly, without its per-tensor
+synchronize."""
 
 import bitsandbytes as bnb
 import pytest
@@ -9,7 +10,8 @@ from qlora_lightning.speed.optim import AdamW8bit
 
 def _train(optimizer_class, device: str) -> list[torch.Tensor]:
     torch.manual_seed(0)
-    # Sizes above bitsandbytes' min_8bit_size (4096), so the 8-bit blockwise path runs, and one below.
+    # Sizes above bitsandbytes' min_8bit_size (4096), so the 8-bit blockwise path runs, and one
+    # below.
     params = [
         torch.nn.Parameter(torch.randn(shape, device=device))
         for shape in [(64, 128), (128, 64), (32,)]

@@ -1,4 +1,5 @@
-"""Running out of GPU memory while loading says how much was expected, how much was free, what to lower."""
+"""Running out of GPU memory while loading says how much was expected, how much was free, what to
+lower."""
 
 from types import SimpleNamespace
 

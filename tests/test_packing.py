@@ -1,4 +1,5 @@
-"""Packed and padding-free batches: no example sees another, and the loss does not depend on the layout."""
+"""Packed and padding-free batches: no example sees another, and the loss does not depend on the
+layout."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ MAX_LEN = 256  # the shipped GSM8K examples are 70-180 tokens with the tiny toke
 
 
 def gsm8k(packing: str = "off", batch_size: int = 2, **kwargs) -> GSM8KDataModule:
-    """The 20 shipped GSM8K examples (16 train, 4 val), tokenized with the tiny Llama's tokenizer."""
+    """The 20 shipped GSM8K examples (16 train, 4 val), tokenized with the tiny Llama's
+    tokenizer."""
     dm = GSM8KDataModule(
         path=str(EXAMPLES / "gsm8k_train.jsonl"),
         tokenizer=tokenizer_at(TINY_LLAMA),
@@ -137,7 +139,8 @@ def test_incompatible_options_are_refused():
 
 @functools.lru_cache(maxsize=None)
 def _lora_model(attn: str = "sdpa"):
-    """The tiny NF4 Llama with an adapter whose B matrices are non-zero (so A gets gradients too)."""
+    """The tiny NF4 Llama with an adapter whose B matrices are non-zero (so A gets gradients
+    too)."""
     torch.manual_seed(0)
     spec = tiny_spec()
     spec.attn_implementation = attn
@@ -162,7 +165,8 @@ def _nll_and_grads(model, batches) -> tuple[float, int, dict[str, torch.Tensor]]
 
 
 def _examples(labelled: str) -> datasets.Dataset:
-    """The training examples with loss on the response only, or on every token (pretraining-style)."""
+    """The training examples with loss on the response only, or on every token
+    (pretraining-style)."""
     ds = gsm8k("off").splits["train"]
     return ds if labelled == "response" else ds.map(lambda r: {"labels": r["input_ids"]})
 
@@ -209,7 +213,8 @@ def test_the_exactness_check_catches_attention_across_examples():
 
 
 def _fit_one_step(tmp_path, dm, accumulate: int):
-    """One SGD step over the whole training split; the step's loss, the adapter after it, and the perf record."""
+    """One SGD step over the whole training split; the step's loss, the adapter after it, and the
+    perf record."""
     seed_everything(0)  # the same LoRA init in every run
     module = sft_module(optimizer=functools.partial(torch.optim.SGD, lr=0.5))
     monitor = PerfMonitor(warmup_steps=0)

@@ -212,7 +212,8 @@ def test_sft_matches_trl_sfttrainer_step_for_step(base, tokenizer, initial_adapt
         )
         for r in rows
     ]
-    # The same token streams and loss masks as TRL's (a tokenization gap would show here, not as a loss gap).
+    # The same token streams and loss masks as TRL's (a tokenization gap would show here, not as a
+    # loss gap).
     for ours, theirs in zip(examples, trainer.train_dataset):
         assert ours["input_ids"] == theirs["input_ids"] and ours["labels"] == theirs["labels"]
     lengths = [len(e["input_ids"]) for e in examples]

@@ -109,7 +109,8 @@ def test_the_optimizer_kind_is_read_without_building_one():
 
 
 def _attached(module, datamodule, strategy=None):
-    """``module`` as a Trainer would hold it: on ``strategy`` (None: the CPU), fitting ``datamodule``."""
+    """``module`` as a Trainer would hold it: on ``strategy`` (None: the CPU), fitting
+    ``datamodule``."""
     module._trainer = SimpleNamespace(
         strategy=strategy, datamodule=datamodule, precision="bf16-mixed"
     )
@@ -233,7 +234,8 @@ def test_estimate_prints_the_plan_before_the_memory_table(capsys):
 
 
 def test_estimate_reads_the_classes_fit_would_build():
-    # The estimate parses the config as `fit` does: a data class fit would refuse is refused, in one line.
+    # The estimate parses the config as `fit` does: a data class fit would refuse is refused, in one
+    # line.
     with pytest.raises(
         SystemExit, match=r"^error: data: .*NoShapeDataModule does not correspond to a subclass"
     ):

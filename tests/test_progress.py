@@ -1,4 +1,5 @@
-"""The CLI's progress bar counts micro-batches with accumulation and names the step (``progress.py``)."""
+"""The CLI's progress bar counts micro-batches with accumulation and names the step
+(``progress.py``)."""
 
 from __future__ import annotations
 

@@ -69,7 +69,8 @@ COMMON = [
     "--trainer.enable_progress_bar",
     "false",
 ]
-# Per module: (a step inside an epoch, the step that ends the first epoch, a step validation follows).
+# Per module: (a step inside an epoch, the step that ends the first epoch, a step validation
+# follows).
 STEPS = {
     "sft": {"mid-epoch": 2, "epoch end": 4, "after validation": 3},
     "dpo": {"mid-epoch": 1, "epoch end": 3, "after validation": 2},
@@ -145,7 +146,8 @@ def test_resume_from_an_explicit_path_is_bit_identical(tmp_path, straight, kind,
     shutil.copy(source, ckpt)
     fit(kind, tmp_path, "--ckpt_path", str(ckpt))
     assert_same_adapter(run_dir(straight[kind]), run_dir(tmp_path))
-    # Named by their true epoch and step, as the uninterrupted run's; the restored step is not saved again.
+    # Named by their true epoch and step, as the uninterrupted run's; the restored step is not saved
+    # again.
     assert checkpoint_names(run_dir(tmp_path)) == checkpoint_names(run_dir(straight[kind]), step)
 
 
@@ -179,7 +181,8 @@ def test_run_stopped_at_max_steps_resumes_with_last_into_the_same_run(
 
     # One run folder.
     assert sorted(p.name for p in (tmp_path / "lightning_logs").iterdir()) == ["version_0"]
-    # last.ckpt is the resumed run's own (under a changed checkpoint.every_n_train_steps too), no last-v1.ckpt.
+    # last.ckpt is the resumed run's own (under a changed checkpoint.every_n_train_steps too), no
+    # last-v1.ckpt.
     assert not list((run_dir(tmp_path) / "checkpoints").glob("*-v*.ckpt"))
     assert_same_adapter(run_dir(straight[kind]), run_dir(tmp_path))
     assert checkpoint_names(run_dir(tmp_path)) == checkpoint_names(run_dir(straight[kind]), stop)
@@ -354,8 +357,8 @@ def _fit_process(
 @pytest.mark.parametrize(
     "kind, killer, ckpt",
     [
-        # After step 5, two steps past the checkpoint of step 3 (inside the second epoch); resumed the
-        # way most users do, by the explicit path of the run's last.ckpt.
+        # After step 5, two steps past the checkpoint of step 3 (inside the second epoch); resumed
+        # the way most users do, by the explicit path of the run's last.ckpt.
         ("sft", "KillAtStep", "lightning_logs/version_0/checkpoints/last.ckpt"),
         (
             "dpo",

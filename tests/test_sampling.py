@@ -1,5 +1,6 @@
 """The epoch-seeded samplers under torchdata's StatefulDataLoader: a saved loader resumes on the
-batch it would have given next, in any epoch, and one saved at the end of an epoch starts the next."""
+batch it would have given next, in any epoch, and one saved at the end of an epoch starts the
+next."""
 
 from __future__ import annotations
 

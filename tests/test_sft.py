@@ -30,7 +30,8 @@ from tests.conftest import (
 
 
 def _fit_logging_losses(module, data, root, **trainer_kwargs) -> list[float]:
-    """Fit under a CSV logger and return ``train/loss`` of every optimizer step, as the module logged it."""
+    """Fit under a CSV logger and return ``train/loss`` of every optimizer step, as the module
+    logged it."""
     logger = CSVLogger(root, name="csv")
     cpu_trainer(
         root, logger=logger, log_every_n_steps=1, limit_val_batches=0, **trainer_kwargs
@@ -78,7 +79,8 @@ def test_thirty_steps_on_a_fixed_batch_halve_the_loss(device, tmp_path):
 
 
 def _module_with_nonzero_lora_b(**kwargs):
-    """A tiny SFTModule, built now (the Trainer will not rebuild it), with seeded non-zero ``lora_B``.
+    """A tiny SFTModule, built now (the Trainer will not rebuild it), with seeded non-zero
+    ``lora_B``.
 
     PEFT starts B at zero, which would leave A without a gradient on the first step.
     """

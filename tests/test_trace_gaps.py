@@ -1,4 +1,5 @@
-"""benchmarks/trace_gaps.py: the GPU's idle time split into waits for the host and for the device."""
+"""benchmarks/trace_gaps.py: the GPU's idle time split into waits for the host and for the
+device."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ from qlora_lightning.model.build import BaseModelSpec, _keep_cpu_4bit_layout
 
 
 def trl_peft_model(base: BaseModelSpec, adapter: str):
-    """The standard recipe's model: transformers' 4-bit load, PEFT's k-bit preparation, the adapter."""
+    """The standard recipe's model: transformers' 4-bit load, PEFT's k-bit preparation, the
+    adapter."""
     from peft import PeftModel, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -30,7 +31,8 @@ def trl_peft_model(base: BaseModelSpec, adapter: str):
         **base.config_overrides,
     )
     # A bitsandbytes bug, not a recipe choice: on CPUs with AVX512-BF16 an eval-mode forward repacks
-    # the weights for a kernel without autograd (see model._keep_cpu_4bit_layout); both sides avoid it.
+    # the weights for a kernel without autograd (see model._keep_cpu_4bit_layout); both sides avoid
+    # it.
     _keep_cpu_4bit_layout(model)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return PeftModel.from_pretrained(model, adapter, is_trainable=True)
@@ -65,7 +67,8 @@ def trl_args(
     **kwargs,
 ):
     """TRL's arguments for the project's AdamW (no weight decay) and warm-up + cosine schedule, in
-    fp32 on the CPU, reading its rows in order. ``clip`` None: no gradient clipping, as in Lightning."""
+    fp32 on the CPU, reading its rows in order. ``clip`` None: no gradient clipping, as in
+    Lightning."""
     return config_class(
         output_dir=str(output_dir),
         per_device_train_batch_size=batch,

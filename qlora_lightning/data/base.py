@@ -49,10 +49,10 @@ from qlora_lightning.losses import IGNORE_INDEX
 from qlora_lightning.model.build import load_tokenizer
 from qlora_lightning.paths import shipped
 
-# `datasets` (with pandas and pyarrow) is imported where data is loaded: a config's parse, which imports
-# this module, then stays a second shorter (benchmarks/startup.py). The annotations name its types
-# without importing it (they are never evaluated); a TYPE_CHECKING import would not do, as jsonargparse
-# runs those of the modules whose classes a config names.
+# `datasets` (with pandas and pyarrow) is imported where data is loaded: a config's parse, which
+# imports this module, then stays a second shorter (benchmarks/startup.py). The annotations name its
+# types without importing it (they are never evaluated); a TYPE_CHECKING import would not do, as
+# jsonargparse runs those of the modules whose classes a config names.
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,8 @@ ORIGIN = "__origin__"
 
 
 def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> datasets.DatasetDict:
-    """A local file or directory, or else a hub dataset id, as a DatasetDict of splits with an ``ORIGIN`` column."""
+    """A local file or directory, or else a hub dataset id, as a DatasetDict of splits with an
+    ``ORIGIN`` column."""
     import datasets
 
     local = Path(path).expanduser()
@@ -120,7 +121,8 @@ def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> datasets.Da
 
 
 def _file_origins(path: Path, ds: datasets.Dataset) -> list[str]:
-    """Each row's place in its file: the line of a JSON Lines or text file, the item of a JSON array, else the row."""
+    """Each row's place in its file: the line of a JSON Lines or text file, the item of a JSON
+    array, else the row."""
     if path.suffix.lower() in (".jsonl", ".json", ".txt"):
         with path.open(encoding="utf-8", errors="replace") as f:
             head = f.read(4096).lstrip()
@@ -207,7 +209,8 @@ def _encode_row(
 def _final_line_lost(
     messages: list[Message], encoded: dict, tokenizer: PreTrainedTokenizerBase
 ) -> bool:
-    """Whether a response cut on the right lost its last line (GSM8K's ``#### N``, the end of a code block)."""
+    """Whether a response cut on the right lost its last line (GSM8K's ``#### N``, the end of a code
+    block)."""
     final = messages[-1]["content"].strip().splitlines()[-1]
     labels = encoded["labels"]
     start = len(labels)
@@ -227,7 +230,8 @@ def _row_key(row: dict) -> str:
 def drop_duplicates(
     ds: datasets.Dataset, seen: dict[str, str]
 ) -> tuple[datasets.Dataset, list[dict]]:
-    """The rows whose content no earlier row had (``seen``: content -> origin, updated), and the others' entries."""
+    """The rows whose content no earlier row had (``seen``: content -> origin, updated), and the
+    others' entries."""
     keep, dropped = [], []
     for i, row in enumerate(ds):
         key = _row_key(row)
@@ -253,29 +257,34 @@ class SFTDataModule(LightningDataModule):
         num_samples: Train on this many rows drawn at random (all when None).
         num_val_samples: Validate on this many rows (all when None).
         seed: Seed of the sampling, the held-out split and the shuffling.
-        max_seq_length: Longest example in tokens (see the truncation policy in ``data/tokenize.py``).
+        max_seq_length: Longest example in tokens (see the truncation policy in
+            ``data/tokenize.py``).
         batch_size: Examples per micro-batch; with packing, packs (of up to ``max_seq_length``
             tokens each) per micro-batch.
         num_workers: DataLoader worker processes.
-        use_chat_template: Format turns with the tokenizer's chat template instead of ``user_template``.
-        user_template: Text of a user turn with ``{content}``; ends with the cue before the response.
+        use_chat_template: Format turns with the tokenizer's chat template instead of
+            ``user_template``.
+        user_template: Text of a user turn with ``{content}``; ends with the cue before the
+            response.
         system_template: Text of a system message with ``{content}``.
         pad_to_multiple_of: Pad each batch's length up to a multiple of this (tensor-core friendly).
-        packing: ``off``: one example per row, padded. ``padded``: examples packed by best fit
-            into rows of up to ``max_seq_length`` tokens, ``batch_size`` rows padded to the longest,
+        packing: ``off``: one example per row, padded. ``padded``: examples packed by best fit into
+            rows of up to ``max_seq_length`` tokens, ``batch_size`` rows padded to the longest,
             position ids restarting at each example so attention never crosses one (for ``sdpa``,
             ``eager``, ``flex_attention``). ``padding_free``: the same packs flattened into one row
-            with no padding at all (for ``flash_attention_2``/``_3``; exact but slower with ``sdpa``,
-            whose T x T mask then spans the whole micro-batch). See ``data/packing.py``.
+            with no padding at all (for ``flash_attention_2``/``_3``; exact but slower with
+            ``sdpa``, whose T x T mask then spans the whole micro-batch). See ``data/packing.py``.
         group_by_length: Without packing, batch examples of similar length (less padding); the
             order is still random from batch to batch of length groups.
-        strict: Fail on the first bad row (saying which and why) instead of dropping and counting it.
+        strict: Fail on the first bad row (saying which and why) instead of dropping and counting
+            it.
         format: How a row holds its turns (see ``data/formats.py``): ``auto`` detects it from the
             first rows and logs what it found.
         roles: Role names of the data -> ``system`` / ``user`` / ``assistant`` / ``tool``, on top of
-            ``formats.DEFAULT_ROLES`` (``human`` -> user, ``gpt`` -> assistant, ``developer`` -> system, ...).
-        unmapped_roles: A row with a role no entry maps stops the run (``error``, naming the role and
-            the row's line), or is dropped and counted (``drop``). It is never trained by guess.
+            ``formats.DEFAULT_ROLES`` (``human`` -> user, ``gpt`` -> assistant, ``developer`` ->
+            system, ...).
+        unmapped_roles: A row with a role no entry maps stops the run (``error``, naming the role
+            and the row's line), or is dropped and counted (``drop``). It is never trained by guess.
         train_on: ``all_assistant``: loss on every assistant turn; ``last_assistant``: on the last
             one only. System, user and tool turns are never trained.
         max_prompt_length: When a row is too long, its prompt is cut from the left down to no
@@ -350,7 +359,8 @@ class SFTDataModule(LightningDataModule):
                 f"data.max_prompt_length must be below max_seq_length ({self.max_seq_length}), "
                 f"got {self.max_prompt_length}"
             )
-        # The format read: data.format, or what `auto` finds when the data is read (until then, the dataset's own).
+        # The format read: data.format, or what `auto` finds when the data is read (until then, the
+        # dataset's own).
         self.row_format: Optional[str] = self.native_format if format == "auto" else format
         self.pad_to_multiple_of = pad_to_multiple_of
         if group_by_length and packing != "off":
@@ -452,7 +462,8 @@ class SFTDataModule(LightningDataModule):
         self._write_report()
 
     def _write_report(self) -> None:
-        """``data_report.json`` next to the run's logs: rows read, kept, truncated, dropped and why."""
+        """``data_report.json`` next to the run's logs: rows read, kept, truncated, dropped and
+        why."""
         trainer = self.trainer
         if trainer is None:
             return
@@ -498,7 +509,8 @@ class SFTDataModule(LightningDataModule):
         return first
 
     def _read_format(self, ds: datasets.Dataset) -> str:
-        """``data.format``, or the format its first rows show (logged), after a warning for fields no key reads."""
+        """``data.format``, or the format its first rows show (logged), after a warning for fields
+        no key reads."""
         fmt = self.format
         if fmt == "auto":
             first = self.first_rows(ds)
@@ -621,7 +633,8 @@ class SFTDataModule(LightningDataModule):
         return kept.remove_columns(["drop_reason", ORIGIN, *flags])
 
     def _refuse(self, drops: list[dict], name: str) -> None:
-        """Stop on the first bad row under ``strict``, and on the first row a ``refusal_hint`` answers for."""
+        """Stop on the first bad row under ``strict``, and on the first row a ``refusal_hint``
+        answers for."""
         if drops and self.strict:
             first, hint = drops[0], "data.strict is on"
         else:
@@ -636,7 +649,8 @@ class SFTDataModule(LightningDataModule):
 
     def refusal_hint(self, reason: str) -> Optional[str]:
         """What to do about a row dropped for ``reason`` when it must stop the run (a mistake in the
-        data's layout, not one bad row), else None. An unmapped role stops it unless told to drop them."""
+        data's layout, not one bad row), else None. An unmapped role stops it unless told to drop
+        them."""
         if reason.startswith(UNMAPPED) and self.unmapped_roles == "error":
             return "map it with data.roles, or drop such rows with data.unmapped_roles: drop"
         return None

@@ -6,8 +6,8 @@ from qlora_lightning.data.base import SFTDataModule
 
 
 class CodeAlpacaDataModule(SFTDataModule):
-    """CodeAlpaca-20k (``sahil2801/CodeAlpaca-20k``) or a local file of instruction/input/output rows
-    (any SFT format)."""
+    """CodeAlpaca-20k (``sahil2801/CodeAlpaca-20k``) or a local file of instruction/input/output
+    rows (any SFT format)."""
 
     default_path = "sahil2801/CodeAlpaca-20k"
     native_format = "alpaca"

@@ -19,7 +19,8 @@ Formats (``data.format``; ``auto`` detects one from the first rows' columns):
 - ``trl``: TRL's rows: ``messages``, or ``prompt`` + ``completion`` (strings or messages) for SFT;
   ``prompt`` + ``chosen`` + ``rejected`` for preferences, or ``chosen`` / ``rejected`` as whole
   conversations sharing their prompt (TRL's implicit prompt, split with ``trl.extract_prompt``).
-- ``hh_rlhf``: ``chosen`` / ``rejected`` as whole ``\\n\\nHuman: ...\\n\\nAssistant: ...`` transcripts.
+- ``hh_rlhf``: ``chosen`` / ``rejected`` as whole ``\\n\\nHuman: ...\\n\\nAssistant: ...``
+  transcripts.
 - ``guanaco``: one ``text`` field of ``### Human: ...### Assistant: ...`` turns.
 - ``gsm8k``: ``question`` and ``answer`` (the answer must end in its ``#### N`` line).
 - ``columns``: columns named in the config (``ColumnDataModule``, ``PreferenceDataModule``).
@@ -56,8 +57,8 @@ PREFERENCE_FORMATS = ("sharegpt", "openai_preference", "trl", "hh_rlhf", "column
 ROLES = ("system", "user", "assistant", "tool")
 
 # Role names found in public chat data -> this project's roles. ShareGPT's `function_call` is the
-# assistant calling a tool (its own output: trained); `observation` / `tool` / `function` / `ipython`
-# are what the tool returned (context: masked).
+# assistant calling a tool (its own output: trained); `observation` / `tool` / `function` /
+# `ipython` are what the tool returned (context: masked).
 DEFAULT_ROLES = {
     "system": "system",
     "developer": "system",
@@ -87,7 +88,8 @@ class UnmappedRole(RowError):
 
 
 def role_map(overrides: Optional[Mapping[str, str]]) -> dict[str, str]:
-    """``DEFAULT_ROLES`` with the config's ``data.roles`` on top (names compared case-insensitively)."""
+    """``DEFAULT_ROLES`` with the config's ``data.roles`` on top (names compared
+    case-insensitively)."""
     roles = dict(DEFAULT_ROLES)
     for name, role in (overrides or {}).items():
         if role not in ROLES:
@@ -106,7 +108,8 @@ def to_messages(
     role_key: str = "role",
     content_key: str = "content",
 ) -> list[Message]:
-    """A list of message objects (``{role, content}`` or ShareGPT's ``{from, value}``) -> messages."""
+    """A list of message objects (``{role, content}`` or ShareGPT's ``{from, value}``) ->
+    messages."""
     if not isinstance(items, list) or not items:
         raise RowError(f"field '{field}' is not a non-empty list of messages")
     messages = []
@@ -170,7 +173,8 @@ def alpaca_messages(row: dict, roles: Mapping[str, str]) -> list[Message]:
 
 
 def alpaca_turns(row: dict, instruction: str, extra: Optional[str], output: str) -> list[Message]:
-    """One Alpaca exchange; a non-empty input goes under the instruction as the Alpaca prompt has it."""
+    """One Alpaca exchange; a non-empty input goes under the instruction as the Alpaca prompt has
+    it."""
     prompt = required_str(row, instruction).strip()
     text = (optional_str(row, extra) or "").strip() if extra else ""
     if text:
@@ -193,7 +197,8 @@ def openai_messages(row: dict, roles: Mapping[str, str]) -> list[Message]:
 
 
 def trl_messages(row: dict, roles: Mapping[str, str]) -> list[Message]:
-    """TRL's conversational ``messages`` rows, or ``prompt`` + ``completion`` (strings or messages)."""
+    """TRL's conversational ``messages`` rows, or ``prompt`` + ``completion`` (strings or
+    messages)."""
     if "messages" in row:
         return openai_messages(row, roles)
     completion = row.get("completion")
@@ -239,7 +244,8 @@ def column_messages(
     messages_column: Optional[str] = None,
     input_column: Optional[str] = None,
 ) -> list[Message]:
-    """A ready list of messages, or a prompt (+ Alpaca-style input) column, a response column and a system column."""
+    """A ready list of messages, or a prompt (+ Alpaca-style input) column, a response column and a
+    system column."""
     if messages_column:
         return to_messages(row.get(messages_column), roles, messages_column)
     system = optional_str(row, system_column) if system_column else None
@@ -261,7 +267,8 @@ _SFT_READERS: dict[str, Callable[..., list[Message]]] = {
 def sft_reader(
     fmt: str, roles: Mapping[str, str], columns: Optional[dict] = None
 ) -> Callable[[dict], list[Message]]:
-    """The row -> messages function of a format (a partial of a module-level function, so `datasets` can hash it)."""
+    """The row -> messages function of a format (a partial of a module-level function, so `datasets`
+    can hash it)."""
     if fmt not in _SFT_READERS:
         raise UserError(
             f"data.format '{fmt}' is not an SFT format (one of: {', '.join(SFT_FORMATS)}); "
@@ -297,8 +304,9 @@ def _reply(row: dict, key: str, roles: Mapping[str, str], **keys) -> str:
 
 
 def trl_pair(row: dict, roles: Mapping[str, str]) -> Pair:
-    """An explicit ``prompt`` with one reply each, or ``chosen`` / ``rejected`` whole conversations sharing
-    their prompt (then a ``prompt`` column, as ``HuggingFaceH4/ultrafeedback_binarized`` has, only repeats it)."""
+    """An explicit ``prompt`` with one reply each, or ``chosen`` / ``rejected`` whole conversations
+    sharing their prompt (then a ``prompt`` column, as ``HuggingFaceH4/ultrafeedback_binarized``
+    has, only repeats it)."""
     chosen, rejected = row.get("chosen"), row.get("rejected")
     whole = (
         isinstance(chosen, list)
@@ -336,7 +344,8 @@ def trl_pair(row: dict, roles: Mapping[str, str]) -> Pair:
 
 
 def sharegpt_pair(row: dict, roles: Mapping[str, str]) -> Pair:
-    """LLaMA-Factory: ``conversations`` is the prompt, ``chosen`` / ``rejected`` single ``{from, value}`` replies."""
+    """LLaMA-Factory: ``conversations`` is the prompt, ``chosen`` / ``rejected`` single
+    ``{from, value}`` replies."""
     keys = {"role_key": "from", "content_key": "value"}
     return (
         sharegpt_messages(row, roles),
@@ -362,7 +371,8 @@ _HH_REPLY = "\n\nAssistant:"
 
 
 def hh_rlhf_pair(row: dict, roles: Mapping[str, str]) -> Pair:
-    """Two ``Human:/Assistant:`` transcripts sharing a prompt, split at their last assistant turn."""
+    """Two ``Human:/Assistant:`` transcripts sharing a prompt, split at their last assistant
+    turn."""
     prompt_text, chosen = _split_last_reply(required_str(row, "chosen"))
     rejected_prompt_text, rejected = _split_last_reply(required_str(row, "rejected"))
     if prompt_text != rejected_prompt_text:
@@ -393,7 +403,8 @@ def column_pair(
     rejected_column: str,
     system_column: Optional[str] = None,
 ) -> Pair:
-    """Prompt / chosen / rejected columns; chosen and rejected may be conversations ending in their reply."""
+    """Prompt / chosen / rejected columns; chosen and rejected may be conversations ending in their
+    reply."""
     chosen_context, chosen = _context_and_reply(row, chosen_column, roles)
     rejected_context, rejected = _context_and_reply(row, rejected_column, roles)
     if chosen_context != rejected_context:
@@ -484,7 +495,8 @@ _PAIR_GUESSES = {
 
 
 def _guess(row: dict) -> Optional[str]:
-    """The format one row's fields show, ``*_pair`` for the preference twins of SFT formats; None when unclear."""
+    """The format one row's fields show, ``*_pair`` for the preference twins of SFT formats; None
+    when unclear."""
 
     def has(*keys):
         return all(row.get(key) is not None for key in keys)

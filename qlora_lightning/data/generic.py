@@ -9,13 +9,15 @@ from qlora_lightning.data.formats import Format
 
 
 class ColumnDataModule(SFTDataModule):
-    """Local files or a hub dataset whose columns are named in the config (``format: columns``), or any SFT format.
+    """Local files or a hub dataset whose columns are named in the config (``format: columns``), or
+    any SFT format.
 
     Args:
         prompt_column: Column holding the prompt (an Alpaca instruction).
         response_column: Column holding the response (the tokens that carry loss).
         system_column: Optional column holding a system prompt.
-        messages_column: Column holding a list of ``{role, content}`` messages; overrides the three above.
+        messages_column: Column holding a list of ``{role, content}`` messages; overrides the three
+            above.
         input_column: Optional column of an Alpaca ``input``, joined under the prompt as
             ``{prompt}\\n\\n### Input:\\n{input}`` when it is not empty.
     """

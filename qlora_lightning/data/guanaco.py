@@ -6,7 +6,8 @@ from qlora_lightning.data.base import SFTDataModule
 
 
 class GuanacoDataModule(SFTDataModule):
-    """OpenAssistant Guanaco (``timdettmers/openassistant-guanaco``) or a local file in any SFT format."""
+    """OpenAssistant Guanaco (``timdettmers/openassistant-guanaco``) or a local file in any SFT
+    format."""
 
     default_path = "timdettmers/openassistant-guanaco"
     native_format = "guanaco"

@@ -74,7 +74,8 @@ def read_label(row: dict, column: str) -> bool:
 def unpaired_example(
     row: dict, to_messages: Callable[[dict], list[Message]], label_column: str
 ) -> list[Example]:
-    """One labelled row: its last assistant turn is the completion, the turns before it the prompt."""
+    """One labelled row: its last assistant turn is the completion, the turns before it the
+    prompt."""
     # First: a bad label stops the run whatever else the row holds.
     label = read_label(row, label_column)
     messages = to_messages(row)
@@ -123,7 +124,8 @@ def tokenize_completion(
 def _encode_rows(
     batch: dict[str, list], to_examples: Callable[[dict], list[Example]], **tokenize
 ) -> dict[str, list]:
-    """Raw rows (columns) -> one tokenized row per example, each with its origin (module-level, for caching)."""
+    """Raw rows (columns) -> one tokenized row per example, each with its origin (module-level, for
+    caching)."""
     out = defaultdict(list)
 
     def add(origin: str, encoded: dict) -> None:
@@ -169,7 +171,8 @@ def _dropped(reason: str) -> dict:
 def pad_unpaired(
     rows: list[dict], pad_id: int, max_seq_length: int, multiple: Optional[int] = None
 ) -> dict:
-    """B rows -> the (B, T) sequences, the (B,) labels and the (B, T') mismatched KL sequences (module docstring).
+    """B rows -> the (B, T) sequences, the (B,) labels and the (B, T') mismatched KL sequences
+    (module docstring).
 
     A batch of one row pairs it with itself: its KL estimate is then its own log-ratio (hence
     ``KTOModule`` wants batches of two rows or more).
@@ -194,7 +197,8 @@ def pad_unpaired(
 
 
 class KTODataModule(SFTDataModule):
-    """Unpaired rows (prompt, completion, label) for KTO, or preference pairs split into them; see the module docstring.
+    """Unpaired rows (prompt, completion, label) for KTO, or preference pairs split into them; see
+    the module docstring.
 
     Args:
         label_column: The field holding each row's label (unpaired rows).
@@ -203,7 +207,8 @@ class KTODataModule(SFTDataModule):
     """
 
     default_path = "trl-lib/kto-mix-14k"
-    # Unpaired rows in every SFT layout but named columns; pairs in every preference layout but named columns.
+    # Unpaired rows in every SFT layout but named columns; pairs in every preference layout but
+    # named columns.
     formats = tuple(
         name for name in dict.fromkeys(SFT_FORMATS + PREFERENCE_FORMATS) if name != "columns"
     )

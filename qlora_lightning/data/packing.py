@@ -53,7 +53,8 @@ def pack_examples(ds: datasets.Dataset, max_seq_length: int) -> datasets.Dataset
     """Tokenized examples -> packs of at most ``max_seq_length`` tokens, by best-fit decreasing.
 
     Args:
-        ds: Rows of ``input_ids`` and ``labels`` (equal-length lists), each at most ``max_seq_length`` long.
+        ds: Rows of ``input_ids`` and ``labels`` (equal-length lists), each at most
+            ``max_seq_length`` long.
         max_seq_length: Capacity of a pack in tokens.
 
     Returns:
@@ -62,7 +63,8 @@ def pack_examples(ds: datasets.Dataset, max_seq_length: int) -> datasets.Dataset
     """
     from trl import pack_dataset
 
-    # One map batch packs all rows together: packing in chunks would leave a half-empty pack per chunk.
+    # One map batch packs all rows together: packing in chunks would leave a half-empty pack per
+    # chunk.
     return pack_dataset(
         ds.select_columns(["input_ids", "labels"]),
         max_seq_length,
@@ -74,7 +76,8 @@ def pack_examples(ds: datasets.Dataset, max_seq_length: int) -> datasets.Dataset
 def collate_packs(
     packs: list[dict], pad_id: int, padding_free: bool, pad_to_multiple_of: int | None = None
 ) -> dict[str, Any]:
-    """Packs -> one batch: (B, T) right-padded rows, or with ``padding_free`` one (1, sum of lengths) row.
+    """Packs -> one batch: (B, T) right-padded rows, or with ``padding_free`` one (1, sum of
+    lengths) row.
 
     Right padding (padded mode, or up to ``pad_to_multiple_of``) gets position id 0 on every pad
     token, so that each one is a one-token "example" of its own that no real token attends to.

@@ -1,4 +1,5 @@
-"""Preference pairs for DPO: a prompt, a chosen and a rejected response -> token ids of both sequences.
+"""Preference pairs for DPO: a prompt, a chosen and a rejected response -> token ids of both
+sequences.
 
 Rows are read by format (``data.format``, ``auto`` by default; see ``data/formats.py``):
 TRL's explicit and implicit-prompt rows (``trl-lib/ultrafeedback_binarized``,
@@ -61,10 +62,12 @@ def tokenize_pair(
     max_prompt_length: int,
     use_chat_template: bool,
 ) -> dict:
-    """``{chosen,rejected}_prompt_ids`` / ``{chosen,rejected}_ids`` and what was cut, per the module's policy.
+    """``{chosen,rejected}_prompt_ids`` / ``{chosen,rejected}_ids`` and what was cut, per the
+    module's policy.
 
     Raises:
-        RowError: for an empty response, identical responses, or a prompt whose head fills ``max_seq_length``.
+        RowError: for an empty response, identical responses, or a prompt whose head fills
+            ``max_seq_length``.
     """
     if not chosen.strip() or not rejected.strip():
         raise RowError("empty response")
@@ -95,7 +98,8 @@ def tokenize_pair(
 def prompt_and_response(
     prompt: list[Message], reply: str, tokenizer, fmt: ChatFormat, use_chat_template: bool
 ) -> tuple[int, list[int], list[int]]:
-    """The kept head's length, the prompt's ids (head included) and the reply's ids (EOS included)."""
+    """The kept head's length, the prompt's ids (head included) and the reply's ids (EOS
+    included)."""
     messages = prompt + [{"role": "assistant", "content": reply}]
     ids, kinds = encode_segments(
         render_segments(messages, tokenizer, fmt, use_chat_template, "last_assistant"),
@@ -114,8 +118,8 @@ def cut_to_fit(
     max_seq_length: int,
     max_prompt_length: int,
 ) -> tuple[list[int], list[int], bool, bool]:
-    """One prompt + reply sequence cut per the SFT policy (``plan_cut``): the kept prompt and reply ids,
-    and whether each was cut."""
+    """One prompt + reply sequence cut per the SFT policy (``plan_cut``): the kept prompt and reply
+    ids, and whether each was cut."""
     prompt_cut, response_cut = plan_cut(
         n_head, len(prompt_ids), len(response_ids), max_seq_length, max_prompt_length
     )
@@ -171,7 +175,8 @@ def _encode_pair_row(
 def pad_pairs(
     rows: list[dict], pad_id: int, multiple: Optional[int] = None
 ) -> dict[str, torch.Tensor]:
-    """B pairs -> (2B, T) ``input_ids`` / ``attention_mask`` / ``labels``: the chosen sequences, then the rejected.
+    """B pairs -> (2B, T) ``input_ids`` / ``attention_mask`` / ``labels``: the chosen sequences,
+    then the rejected.
 
     Both halves are padded to one length so that a single forward covers them; labels are -100
     on the prompt and on padding. Precomputed reference log-probs, when the rows have them,
@@ -200,12 +205,14 @@ def _reference_columns(
 
 
 class PreferenceDataModule(SFTDataModule):
-    """Preference pairs (prompt, chosen, rejected) for DPO; see the module docstring for formats and truncation.
+    """Preference pairs (prompt, chosen, rejected) for DPO; see the module docstring for formats and
+    truncation.
 
     Args:
         prompt_column: ``format: columns``: column of the prompt (a string or a list of messages);
             unused when chosen and rejected are whole conversations.
-        chosen_column: ``format: columns``: column of the preferred response (a string, or messages ending with it).
+        chosen_column: ``format: columns``: column of the preferred response (a string, or messages
+            ending with it).
         rejected_column: ``format: columns``: column of the dispreferred response.
         system_column: ``format: columns``: optional column of a system prompt.
     """
@@ -272,7 +279,8 @@ class PreferenceDataModule(SFTDataModule):
         the same data with the same reference reads them back instead of recomputing them.
 
         Args:
-            compute: A collated batch (``collate``) -> the reference's (B,) chosen and rejected log-probs.
+            compute: A collated batch (``collate``) -> the reference's (B,) chosen and rejected
+                log-probs.
             reference_fingerprint: Identifies the reference weights.
             batch_size: Pairs per reference forward.
         """

@@ -29,9 +29,10 @@ class PromptsDataModule(SFTDataModule):
     and packing arguments do not apply.
 
     Args:
-        prompt_column: Column holding the prompt (``text`` for a ``.txt`` file, one prompt per line).
-        adapter_column: Column naming the adapter for its row (PEFT mixed-adapter batches, so rows of
-            one batch may use different adapters); rows without one use the active adapter.
+        prompt_column: Column holding the prompt (``text`` for a ``.txt`` file, one prompt per
+            line).
+        adapter_column: Column naming the adapter for its row (PEFT mixed-adapter batches, so rows
+            of one batch may use different adapters); rows without one use the active adapter.
         split: Split to read (a local file has only ``train``).
     """
 
@@ -96,7 +97,8 @@ class PromptsDataModule(SFTDataModule):
     val_dataloader = test_dataloader = train_dataloader
 
     def collate(self, rows: list[dict]) -> dict:
-        """Prompt ids stay lists (generation left-pads them); ``adapter_names`` only when a row names one."""
+        """Prompt ids stay lists (generation left-pads them); ``adapter_names`` only when a row
+        names one."""
         batch = {
             "prompt_ids": [r["prompt_ids"] for r in rows],
             "records": [r["record"] for r in rows],

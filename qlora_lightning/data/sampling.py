@@ -1,4 +1,5 @@
-"""Samplers whose order is a pure function of (seed, epoch), so a resumed run sees the same batches."""
+"""Samplers whose order is a pure function of (seed, epoch), so a resumed run sees the same
+batches."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ class EpochSeededSampler(DistributedSampler):
     """
 
     def __init__(self, data: Sized, seed: int = 0, num_replicas: int = 1, rank: int = 0):
-        # Not DistributedSampler.__init__, which asks the process group; everything it sets is set here.
+        # Not DistributedSampler.__init__, which asks the process group; everything it sets is set
+        # here.
         self.dataset, self.seed, self.epoch = data, seed, 0
         self.num_replicas, self.rank, self.shuffle, self.drop_last = num_replicas, rank, True, False
         self.num_samples = math.ceil(len(data) / num_replicas)
@@ -77,11 +79,13 @@ class LengthGroupedSampler(EpochSeededSampler):
 
     transformers' grouping: a random permutation cut into mega-batches of up to 50 batches, each
     sorted by length, the longest batch first (an out-of-memory error shows at once). Over several
-    ranks the groups are ``batch_size x num_replicas`` long, so each rank's batches stay similar too.
+    ranks the groups are ``batch_size x num_replicas`` long, so each rank's batches stay similar
+    too.
 
     Args:
         lengths: Token count of each example.
-        batch_size: Examples per batch, so that each run of ``batch_size`` indices has similar lengths.
+        batch_size: Examples per batch, so that each run of ``batch_size`` indices has similar
+            lengths.
         seed: Seed of the permutation (plus the epoch).
         num_replicas: Ranks sharing the data.
         rank: This rank.

@@ -127,7 +127,8 @@ def _template(tokenizer, messages: list[Message], add_generation_prompt: bool, d
 def encode_segments(
     segments: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase, use_chat_template: bool
 ) -> tuple[list[int], list[str]]:
-    """Token ids and, per token, its segment's kind; BOS (when added) counts as head, EOS follows each reply."""
+    """Token ids and, per token, its segment's kind; BOS (when added) counts as head, EOS follows
+    each reply."""
     ids = _bos(tokenizer, use_chat_template)
     kinds = [HEAD] * len(ids)
     for text, kind in segments:
@@ -146,7 +147,8 @@ def encode_segments(
 def plan_cut(
     n_head: int, n_prompt: int, n_response: int, limit: int, max_prompt_length: int
 ) -> tuple[int, int]:
-    """Tokens to cut from the prompt (just after its head) and from the response's end, per the policy above.
+    """Tokens to cut from the prompt (just after its head) and from the response's end, per the
+    policy above.
 
     Args:
         n_head: Leading prompt tokens that are never cut (BOS, a leading system message).
@@ -156,7 +158,8 @@ def plan_cut(
         max_prompt_length: The prompt is cut no shorter than this while the response is cut instead.
 
     Raises:
-        RowError: ``prompt_too_long_even_truncated`` when the head leaves no room for a response token.
+        RowError: ``prompt_too_long_even_truncated`` when the head leaves no room for a response
+            token.
     """
     excess = n_prompt + n_response - limit
     if excess <= 0:
@@ -182,7 +185,8 @@ def tokenize_messages(
     Turns after the last assistant turn add nothing to train on and are left out.
 
     Raises:
-        RowError: when no assistant turn would carry loss, or the row cannot fit (``PROMPT_TOO_LONG``).
+        RowError: when no assistant turn would carry loss, or the row cannot fit
+            (``PROMPT_TOO_LONG``).
     """
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     messages = messages[: last + 1]

@@ -1,14 +1,16 @@
-"""Model cards (``README.md``) for the folders the project writes, and their upload to the Hugging Face hub.
+"""Model cards (``README.md``) for the folders the project writes, and their upload to the Hugging
+Face hub.
 
 - ``fit`` writes one into the adapter folder: the base model, the data and its report
   (``data_report.json`` of the run), the LoRA and training settings, the final metrics, and the
   lines that load the adapter;
-- ``merge`` into the merged folder: the same facts of the adapter's training, the merge and its check;
+- ``merge`` into the merged folder: the same facts of the adapter's training, the merge and its
+  check;
 - ``export`` into the GGUF folder: the files, how to run them, the same facts.
 
-Each card's facts also go to ``training_summary.json`` beside it, which the next step (merge, export)
-reads to carry them on. The cards are ``huggingface_hub.ModelCard`` documents: YAML metadata the
-hub indexes (``base_model``, ``library_name``, ``tags``, ``datasets``) and a Markdown body.
+Each card's facts also go to ``training_summary.json`` beside it, which the next step (merge,
+export) reads to carry them on. The cards are ``huggingface_hub.ModelCard`` documents: YAML metadata
+the hub indexes (``base_model``, ``library_name``, ``tags``, ``datasets``) and a Markdown body.
 
 ``push_folder`` uploads a folder with ``HfApi.create_repo`` and ``HfApi.upload_folder``.
 """
@@ -46,7 +48,8 @@ def _version() -> str:
 
 
 def hub_id(name: Optional[str]) -> Optional[str]:
-    """``name`` as a hub model or dataset id, if it is one (not a local path); an alias's hub model."""
+    """``name`` as a hub model or dataset id, if it is one (not a local path); an alias's hub
+    model."""
     if not name:
         return None
     if name in ALIAS_HUB_IDS:
@@ -83,7 +86,8 @@ def _without_none(value: Any) -> Any:
 
 
 def data_summary(report: Optional[dict]) -> Optional[dict]:
-    """``data_report.json`` without its row listings: the data, its format, rows read and per split kept/dropped."""
+    """``data_report.json`` without its row listings: the data, its format, rows read and per split
+    kept/dropped."""
     if not report:
         return None
     splits = {
@@ -100,7 +104,8 @@ def data_summary(report: Optional[dict]) -> Optional[dict]:
 
 
 def fit_summary(module, trainer, log_dir: Optional[Union[str, Path]]) -> dict:
-    """What ``fit`` trained: the facts of the adapter's card, from the module, the Trainer and the run folder."""
+    """What ``fit`` trained: the facts of the adapter's card, from the module, the Trainer and the
+    run folder."""
     from qlora_lightning.model.build import spec_dict
 
     record = getattr(module, "run_record", None) or {}
@@ -382,7 +387,8 @@ def write_merged_card(
     report: dict,
     repo_id: Optional[str] = None,
 ) -> Path:
-    """``README.md`` (and ``training_summary.json``) of a folder that ``merge`` wrote from ``adapter_dir``."""
+    """``README.md`` (and ``training_summary.json``) of a folder that ``merge`` wrote from
+    ``adapter_dir``."""
     folder = Path(output)
     where = repo_id or str(folder)
     adapter = read_summary(adapter_dir) or {}
@@ -480,8 +486,8 @@ python -m qlora_lightning export --format gguf --dtype q8_0 --model {where if no
 def write_gguf_card(
     output: Union[str, Path], source: Union[str, Path], name: str, repo_id: Optional[str] = None
 ) -> Path:
-    """``README.md`` (and ``training_summary.json``) of an ``export`` folder: every ``.gguf`` file in it;
-    the training facts come from ``source`` (a merged folder or an adapter)."""
+    """``README.md`` (and ``training_summary.json``) of an ``export`` folder: every ``.gguf`` file
+    in it; the training facts come from ``source`` (a merged folder or an adapter)."""
     folder = Path(output)
     earlier = read_summary(source) or {}
     files = sorted(folder.glob("*.gguf"))

@@ -49,7 +49,8 @@ def extract_answer(text: str) -> Optional[str]:
 
 
 def is_correct(generation: str, reference: str) -> bool:
-    """Whether the generation's final number equals the reference's (a reference without one never matches)."""
+    """Whether the generation's final number equals the reference's (a reference without one never
+    matches)."""
     gold = extract_answer(reference)
     return gold is not None and extract_answer(generation) == gold
 

@@ -1,5 +1,5 @@
-"""``python -m qlora_lightning export --format gguf``: a merged model (or an adapter, merged first by
-``merge``) -> one GGUF file that llama.cpp, Ollama and LM Studio load, with its tokenizer.
+"""``python -m qlora_lightning export --format gguf``: a merged model (or an adapter, merged first
+by ``merge``) -> one GGUF file that llama.cpp, Ollama and LM Studio load, with its tokenizer.
 
 Written with the ``gguf`` package's own writer, constants and tensor-name map (``GGUFWriter``,
 ``MODEL_ARCH``, ``get_tensor_name_map``) and its quantizers (``gguf.quants``), the way llama.cpp's
@@ -14,7 +14,8 @@ converter lays a Llama out:
   matrix whose rows are no multiple of 32 stays F16, as llama.cpp's converter does;
 - the tokenizer's vocabulary, merges, token types, special ids, BOS/EOS flags and chat template
   under the keys llama.cpp and transformers' GGUF reader read (``tokenizer_metadata``): byte-level
-  BPE (GPT-2, SmolLM2, Llama 3) as ``gpt2``, sentencepiece-style BPE (Llama 2, Mistral) as ``llama``.
+  BPE (GPT-2, SmolLM2, Llama 3) as ``gpt2``, sentencepiece-style BPE (Llama 2, Mistral) as
+  ``llama``.
 
 The file is written tensor by tensor (one tensor converted in memory at a time) to
 ``<file>.partial``, renamed into place when whole. The folder gets a ``README.md`` model card
@@ -131,7 +132,8 @@ class Planned:
 
 
 def plan_tensors(state: dict[str, torch.Tensor], config, dtype: str) -> list[Planned]:
-    """Each tensor's GGUF name (from ``gguf``'s tensor-name map for the architecture) and storage type.
+    """Each tensor's GGUF name (from ``gguf``'s tensor-name map for the architecture) and storage
+    type.
 
     Raises:
         UserError: a tensor that llama.cpp's architecture has no place for.
@@ -204,7 +206,8 @@ def stored_nbytes(planned: Planned) -> tuple[tuple[int, ...], "np.dtype", int]:
 
 
 def _pre_tokenizer_name(pre: Optional[dict]) -> Optional[str]:
-    """llama.cpp's name (``tokenizer.ggml.pre``) for a byte-level BPE pre-tokenizer, or None if unknown.
+    """llama.cpp's name (``tokenizer.ggml.pre``) for a byte-level BPE pre-tokenizer, or None if
+    unknown.
 
     The regex splits are matched against transformers' own table of them
     (``GGUF_PRE_TOKENIZER_SPLITS``), so that the file reads back as the tokenizer it came from.
@@ -280,8 +283,8 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     )
     byte_level = any(step.get("type") == "ByteLevel" for step in steps)
     metaspace = next((s for s in steps if s.get("type") == "Metaspace"), None)
-    # Older sentencepiece-style files (Llama 2's own tokenizer.json): no pre-tokenizer, the "▁" comes from
-    # a normalizer that prepends it and replaces spaces with it.
+    # Older sentencepiece-style files (Llama 2's own tokenizer.json): no pre-tokenizer, the "▁"
+    # comes from a normalizer that prepends it and replaces spaces with it.
     norm = spec.get("normalizer") or {}
     norm_steps = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
     prepends = any(s.get("type") == "Prepend" and s.get("prepend") == "\u2581" for s in norm_steps)
@@ -395,7 +398,8 @@ def write_gguf(
     dtype: str = "bf16",
     name: Optional[str] = None,
 ) -> Path:
-    """Write ``model`` (a transformers Llama or Mistral) and ``tokenizer`` as one GGUF file at ``path``.
+    """Write ``model`` (a transformers Llama or Mistral) and ``tokenizer`` as one GGUF file at
+    ``path``.
 
     Args:
         model: The model; its weights are read in their own dtype and rounded once to ``dtype``.
@@ -418,8 +422,8 @@ def write_gguf(
     partial = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(str(partial), arch)
     try:
-        # transformers' GGUF reader takes a llama file named exactly "mistral" for its own Mistral class,
-        # which it then cannot map to tensors: any other spelling reads as Llama.
+        # transformers' GGUF reader takes a llama file named exactly "mistral" for its own Mistral
+        # class, which it then cannot map to tensors: any other spelling reads as Llama.
         name = name or path.stem
         writer.add_name("Mistral" if name == "mistral" else name)
         writer.add_type(gguf.GGUFType.MODEL)
@@ -463,7 +467,8 @@ def write_gguf(
 
 
 def load_merged(folder: Union[str, Path]):
-    """The model and tokenizer of a merged (or any Llama/Mistral) folder, checked before the weights load.
+    """The model and tokenizer of a merged (or any Llama/Mistral) folder, checked before the weights
+    load.
 
     Raises:
         UserError: no such folder, no model in it (an adapter folder is named as such), an
@@ -500,7 +505,8 @@ def export_gguf(
     repo_id: Optional[str] = None,
     source: Optional[Union[str, Path]] = None,
 ) -> Path:
-    """Export a merged model folder to ``<output>/<name>-<DTYPE>.gguf`` and write the folder's model card.
+    """Export a merged model folder to ``<output>/<name>-<DTYPE>.gguf`` and write the folder's model
+    card.
 
     Args:
         repo_id: The hub repository the folder goes to, for the card's loading lines.
@@ -521,7 +527,8 @@ def export_gguf(
 
 
 def default_name(source: Path) -> str:
-    """A name for the export of ``source``: its folder name (a run's ``adapter`` folder: the run's name)."""
+    """A name for the export of ``source``: its folder name (a run's ``adapter`` folder: the run's
+    name)."""
     source = source.resolve()
     return source.parent.name if source.name == "adapter" else source.name
 
@@ -530,7 +537,8 @@ def default_name(source: Path) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line (``error: ... (see --help)``) like the other commands'."""
+    """argparse, but a bad option is one line (``error: ... (see --help)``) like the other
+    commands'."""
 
     def error(self, message: str):
         sys.exit(f"error: {message} (see --help)")
@@ -601,7 +609,8 @@ def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(args: Optional[Sequence[str]] = None) -> Path:
-    """Run the export CLI; return the written file's path (bad input raises ``UserError``: exit 1)."""
+    """Run the export CLI; return the written file's path (bad input raises ``UserError``: exit
+    1)."""
     from qlora_lightning.evaluate import card as model_card
 
     opts = parse_args(args)
@@ -623,7 +632,8 @@ def main(args: Optional[Sequence[str]] = None) -> Path:
 
 
 def _export_adapter(opts: argparse.Namespace, output: Path, name: str) -> Path:
-    """Merge the adapter through ``merge`` (checked, float32) into a temporary folder, then export that."""
+    """Merge the adapter through ``merge`` (checked, float32) into a temporary folder, then export
+    that."""
     from qlora_lightning.evaluate.merge import base_spec_for, merge_and_check
 
     adapter = Path(opts.adapter)

@@ -49,7 +49,8 @@ def left_pad(
 
 
 def stop_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
-    """The tokenizer's EOS and any the model's generation config adds (chat models end turns with their own)."""
+    """The tokenizer's EOS and any the model's generation config adds (chat models end turns with
+    their own)."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for token in configured if isinstance(configured, (list, tuple)) else [configured]:
@@ -76,7 +77,8 @@ def greedy_generate(
     batch_size: int = 8,
     adapter_names: Optional[Sequence[str]] = None,
 ) -> list[list[int]]:
-    """The greedy continuation of each prompt, without the prompt and cut before the first stop token.
+    """The greedy continuation of each prompt, without the prompt and cut before the first stop
+    token.
 
     Prompts are generated in batches of similar length (less padding), and the results come
     back in the order of ``prompts``.

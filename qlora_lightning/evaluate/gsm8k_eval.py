@@ -136,7 +136,8 @@ class GSM8KEval(Callback):
     def evaluate(
         self, trainer: Trainer, pl_module: LightningModule, stage: str, limit: Optional[int] = None
     ) -> float:
-        """Score this rank's share of the first ``limit`` examples; return the accuracy over all ranks."""
+        """Score this rank's share of the first ``limit`` examples; return the accuracy over all
+        ranks."""
         examples = self._stage_examples(trainer, stage)[:limit]
         mine = examples[trainer.global_rank :: trainer.world_size]
         scored = self.score(pl_module, mine)
@@ -165,11 +166,13 @@ class GSM8KEval(Callback):
     def score(
         self, pl_module: LightningModule, examples: list[tuple[list[int], str]]
     ) -> list[Scored]:
-        """Generate greedily for each (prompt ids, reference) with ``adapter`` active and judge the answers."""
+        """Generate greedily for each (prompt ids, reference) with ``adapter`` active and judge the
+        answers."""
         if not examples:
             return []
         tokenizer, model = pl_module.tokenizer, pl_module.model
-        # The trainer's precision (bf16 autocast under bf16-mixed), as in training: hooks run outside it.
+        # The trainer's precision (bf16 autocast under bf16-mixed), as in training: hooks run
+        # outside it.
         with (
             pl_module.trainer.precision_plugin.forward_context(),
             using_adapter(model, self.adapter),

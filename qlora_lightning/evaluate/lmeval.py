@@ -1,10 +1,11 @@
-"""``python -m qlora_lightning eval`` and ``LMEvalCallback``: lm-evaluation-harness tasks on the model as trained.
+"""``python -m qlora_lightning eval`` and ``LMEvalCallback``: lm-evaluation-harness tasks on the
+model as trained.
 
 The model lm-eval scores is the one in memory, handed to lm-eval's Hugging Face wrapper as an object
-(``HFLM(pretrained=<model>, tokenizer=...)``): for an adapter, its 4-bit base loaded and quantized as in
-training with the adapter (and any others) on top, exactly what ``GSM8KEval`` and ``merge``'s check
-run (``merge.adapter_on_base``); nothing is merged or reloaded from disk. A merged folder (``merge
---output``) is evaluated as the plain model it is.
+(``HFLM(pretrained=<model>, tokenizer=...)``): for an adapter, its 4-bit base loaded and quantized
+as in training with the adapter (and any others) on top, exactly what ``GSM8KEval`` and ``merge``'s
+check run (``merge.adapter_on_base``); nothing is merged or reloaded from disk. A merged folder
+(``merge --output``) is evaluated as the plain model it is.
 
 Tasks are lm-eval's, by name (``--tasks``), with its few-shot settings, limit and batch size. Tasks
 whose data lm-eval downloads need the network; ``gsm8k_local`` (``assets/lm_eval/gsm8k_local.yaml``)
@@ -13,7 +14,8 @@ come in with ``--include_path``. Results go to a JSON file beside the run (``lm_
 adapter's run folder), the per-question generations and scores to a JSONL beside it, and, from the
 callback, the metrics to the run's loggers as ``lmeval/<task>/<metric>[/<filter>]``.
 
-lm-eval is optional (the ``eval`` extra): it is imported when a task runs, and its absence is one line.
+lm-eval is optional (the ``eval`` extra): it is imported when a task runs, and its absence is one
+line.
 """
 
 from __future__ import annotations
@@ -110,8 +112,8 @@ def task_manager(
     include_path: Sequence[Union[str, Path]] = (),
     metadata: Optional[dict] = None,
 ):
-    """lm-eval's ``TaskManager`` over the shipped task YAMLs, ``include_path`` and, only when a task is
-    not found there, lm-eval's own ~15,000 (indexing them takes ~30 s on 2 busy cores).
+    """lm-eval's ``TaskManager`` over the shipped task YAMLs, ``include_path`` and, only when a task
+    is not found there, lm-eval's own ~15,000 (indexing them takes ~30 s on 2 busy cores).
 
     Raises:
         UserError: a missing include path, or a task name that none of them knows.
@@ -154,8 +156,9 @@ def evaluate_model(
     seed: Optional[int] = 0,
     mixed_precision_dtype: Optional[torch.dtype] = None,
 ) -> dict:
-    """lm-eval's ``simple_evaluate`` of ``tasks`` on ``model`` as it is in memory (its active adapter),
-    through lm-eval's ``HFLM`` wrapper; returns lm-eval's results, per-question ``samples`` included.
+    """lm-eval's ``simple_evaluate`` of ``tasks`` on ``model`` as it is in memory (its active
+    adapter), through lm-eval's ``HFLM`` wrapper; returns lm-eval's results, per-question
+    ``samples`` included.
 
     Args:
         model: A causal LM: a ``PeftModel`` over a 4-bit base, or any transformers model.
@@ -166,8 +169,10 @@ def evaluate_model(
         batch_size: Prompts per forward or ``generate``.
         max_gen_toks: Longest generation in tokens; None: lm-eval's 256.
         manager: A ``task_manager`` (built from ``include_path`` and ``metadata`` when None).
-        apply_chat_template: Render prompts (few-shot turns included) with the tokenizer's chat template.
-        seed: lm-eval's seeds (Python, NumPy, torch: it sets the global generators); None leaves them alone.
+        apply_chat_template: Render prompts (few-shot turns included) with the tokenizer's chat
+            template.
+        seed: lm-eval's seeds (Python, NumPy, torch: it sets the global generators); None leaves
+            them alone.
         mixed_precision_dtype: Autocast dtype for the forwards (a GPU run's ``bf16-mixed``).
     """
     _lm_eval()
@@ -175,7 +180,8 @@ def evaluate_model(
     from lm_eval.models.huggingface import HFLM
 
     manager = manager or task_manager(tasks, include_path, metadata)
-    # HFLM puts the model in eval mode (and logs that the model is no name); `inference_mode` restores train mode.
+    # HFLM puts the model in eval mode (and logs that the model is no name); `inference_mode`
+    # restores train mode.
     with inference_mode(model), _quiet("lm_eval.models.huggingface", logging.ERROR):
         lm = HFLM(
             pretrained=model,
@@ -218,8 +224,8 @@ class _quiet:
 
 
 def metrics_of(results: dict, prefix: str = METRIC_PREFIX) -> dict[str, float]:
-    """``{"lmeval/<task>/<metric>[/<filter>]": value}`` of lm-eval's results (standard errors left out;
-    gsm8k: ``lmeval/gsm8k/exact_match/strict-match`` and ``.../flexible-extract``)."""
+    """``{"lmeval/<task>/<metric>[/<filter>]": value}`` of lm-eval's results (standard errors left
+    out; gsm8k: ``lmeval/gsm8k/exact_match/strict-match`` and ``.../flexible-extract``)."""
     metrics = {}
     for task, values in results.get("results", {}).items():
         for key, value in values.items():
@@ -232,9 +238,9 @@ def metrics_of(results: dict, prefix: str = METRIC_PREFIX) -> dict[str, float]:
 
 
 def write_results(results: dict, path: Union[str, Path], extra: Optional[dict] = None) -> Path:
-    """lm-eval's results (without the per-question samples) as JSON at ``path``; the samples as JSONL
-    beside it (``<name>.samples.jsonl``: each question, the generation, what each filter took, its scores;
-    not the few-shot prompt)."""
+    """lm-eval's results (without the per-question samples) as JSON at ``path``; the samples as
+    JSONL beside it (``<name>.samples.jsonl``: each question, the generation, what each filter took,
+    its scores; not the few-shot prompt)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     summary = {key: value for key, value in results.items() if key != "samples"}
@@ -272,9 +278,10 @@ class LMEvalCallback(Callback):
 
     The model is the module's, with its adapter as it is at that step, in the trainer's precision;
     train mode, the adapter in use and the global random generators are as before afterwards, so the
-    run goes on as without it. Metrics go to the run's loggers as ``lmeval/<task>/<metric>[/<filter>]``
-    at the step; lm-eval's results to ``<run folder>/lm_eval/step_<N>.json`` (and the per-question
-    samples beside it). Rank 0 evaluates; under DDP the other ranks wait.
+    run goes on as without it. Metrics go to the run's loggers as
+    ``lmeval/<task>/<metric>[/<filter>]`` at the step; lm-eval's results to
+    ``<run folder>/lm_eval/step_<N>.json`` (and the per-question samples beside it). Rank 0
+    evaluates; under DDP the other ranks wait.
 
     Args:
         tasks: lm-eval task names; ``gsm8k_local`` is the shipped local GSM8K task.
@@ -284,7 +291,8 @@ class LMEvalCallback(Callback):
         batch_size: Prompts per forward or ``generate``.
         max_gen_toks: Longest generation in tokens; None: lm-eval's 256.
         include_path: More folders of task YAMLs.
-        metadata: Task metadata, e.g. ``{"gsm8k_test": FILE, "gsm8k_train": FILE}`` for ``gsm8k_local``.
+        metadata: Task metadata, e.g. ``{"gsm8k_test": FILE, "gsm8k_train": FILE}`` for
+            ``gsm8k_local``.
         apply_chat_template: Render prompts with the tokenizer's chat template.
         adapter: The adapter to evaluate (see ``model.adapters``); the active one when None.
         eval_at_start: Also evaluate before the first optimizer step (the baseline).
@@ -360,7 +368,8 @@ class LMEvalCallback(Callback):
             self.evaluate(trainer, pl_module)
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule) -> Optional[dict[str, float]]:
-        """Run the tasks once per optimizer step (accumulation calls this per micro-batch); rank 0's metrics."""
+        """Run the tasks once per optimizer step (accumulation calls this per micro-batch); rank 0's
+        metrics."""
         step = trainer.global_step
         if self._last_step == step:
             return None
@@ -419,7 +428,8 @@ class LMEvalCallback(Callback):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line (``error: ... (see --help)``) like the other commands'."""
+    """argparse, but a bad option is one line (``error: ... (see --help)``) like the other
+    commands'."""
 
     def error(self, message: str):
         sys.exit(f"error: {message} (see --help)")
@@ -609,8 +619,8 @@ def load_for_eval(opts: argparse.Namespace):
 
 
 def default_output(opts: argparse.Namespace) -> Path:
-    """``<run folder>/lm_eval/<tasks>-<time>.json``: an adapter's run folder (the adapter's parent when it is a
-    run's ``adapter``), else the adapter or model folder itself."""
+    """``<run folder>/lm_eval/<tasks>-<time>.json``: an adapter's run folder (the adapter's parent
+    when it is a run's ``adapter``), else the adapter or model folder itself."""
     source = Path(opts.adapter or opts.model).resolve()
     folder = source.parent if opts.adapter and source.name == "adapter" else source
     name = re.sub(r"[^\w.+-]", "_", "+".join(opts.tasks))[:80]

@@ -84,7 +84,8 @@ def base_spec_for(
     adapter_dir: Union[str, Path], base: Optional[str] = None, **overrides
 ) -> BaseModelSpec:
     """How to load the base of a saved adapter: the checkpoint PEFT recorded (or ``base``),
-    quantized as in training (from the spec ``fit`` saved beside the adapter), then ``overrides``."""
+    quantized as in training (from the spec ``fit`` saved beside the adapter), then
+    ``overrides``."""
     try:
         recorded = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     except (OSError, ValueError) as err:
@@ -138,8 +139,9 @@ def adapter_on_base(
     device: Union[str, torch.device] = "cpu",
     dtype: Optional[torch.dtype] = None,
 ) -> PeftModel:
-    """The adapter on its quantized base, as training and ``GSM8KEval`` run it; with ``dtype``, everything
-    that is not 4-bit (adapter, embeddings, norms, the 4-bit matmuls' compute) in that dtype instead."""
+    """The adapter on its quantized base, as training and ``GSM8KEval`` run it; with ``dtype``,
+    everything that is not 4-bit (adapter, embeddings, norms, the 4-bit matmuls' compute) in that
+    dtype instead."""
     if dtype is None:
         return PeftModel.from_pretrained(load_base_model(spec, device), str(adapter_dir))
     name = str(dtype).removeprefix("torch.")
@@ -206,9 +208,10 @@ def _perplexity(out: Outputs) -> float:
 
 
 def divergence(candidate: Outputs, reference: Outputs) -> dict[str, float]:
-    """How far ``candidate`` is from ``reference``: mean KL(reference || candidate) per position, the share
-    of positions whose greedy token differs, and the mean |difference| of each response token's NLL
-    (per token, so that errors of both signs cannot cancel as they do in a perplexity)."""
+    """How far ``candidate`` is from ``reference``: mean KL(reference || candidate) per position,
+    the share of positions whose greedy token differs, and the mean |difference| of each response
+    token's NLL (per token, so that errors of both signs cannot cancel as they do in a
+    perplexity)."""
     kl = F.kl_div(candidate.log_probs, reference.log_probs, log_target=True, reduction="none").sum(
         -1
     )
@@ -224,7 +227,8 @@ def divergence(candidate: Outputs, reference: Outputs) -> dict[str, float]:
 
 
 def verdict(merged: dict[str, float], floor: dict[str, float], positions: int) -> dict[str, dict]:
-    """Per measure: the merge's error, the floor's, the limit (``MARGIN`` x floor + slack), pass or not."""
+    """Per measure: the merge's error, the floor's, the limit (``MARGIN`` x floor + slack), pass or
+    not."""
     slack = {**SLACK, "disagreement": 1 / positions}
     out = {}
     for measure, value in merged.items():
@@ -247,7 +251,8 @@ def check_merge(
     device: Union[str, torch.device] = "cpu",
     reference: Optional[Outputs] = None,
 ) -> tuple[dict, Outputs]:
-    """The check's report for merged outputs (and the reference's outputs, to reuse for another merge)."""
+    """The check's report for merged outputs (and the reference's outputs, to reuse for another
+    merge)."""
     if reference is None:
         reference = outputs_on(adapter_on_base(adapter_dir, spec, device), batch)
     floor = outputs_on(adapter_on_base(adapter_dir, spec, device, dtype=dtype), batch)
@@ -276,7 +281,8 @@ def merge_and_check(
     device: Union[str, torch.device] = "cpu",
     allow_divergence: bool = False,
 ) -> dict:
-    """Merge, check against adapter-on-4-bit, and save the model, tokenizer and ``merge_report.json`` to ``output``.
+    """Merge, check against adapter-on-4-bit, and save the model, tokenizer and
+    ``merge_report.json`` to ``output``.
 
     The merged model is saved to ``<output>.partial`` and freed before the reference is loaded
     (never two models in memory); it becomes ``output`` when the check passes or divergence is
@@ -342,7 +348,8 @@ def _what_passes(
     device,
     reference: Outputs,
 ) -> Optional[str]:
-    """The first of the likelier fixes whose merge passes the check (tried in memory), as CLI options."""
+    """The first of the likelier fixes whose merge passes the check (tried in memory), as CLI
+    options."""
     tries = (
         [("dequantized", dtype), ("dequantized", torch.float32)]
         if into == "original"
@@ -439,7 +446,8 @@ def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(args: Optional[Sequence[str]] = None) -> dict:
-    """Run the merge CLI; print the report; return it (a failed check raises ``UserError``: exit 1)."""
+    """Run the merge CLI; print the report; return it (a failed check raises ``UserError``: exit
+    1)."""
     from qlora_lightning.evaluate import card as model_card
 
     opts = parse_args(args)

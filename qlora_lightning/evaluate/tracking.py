@@ -1,11 +1,12 @@
 """What a run records through its loggers, whichever they are: TensorBoard, CSV, W&B, MLflow.
 
-- The run folder, where the project writes a run's files (``data_report.json``, ``run_summary.json``,
-  ``config.yaml``, the adapter, ``checkpoints/``, ``lm_eval/``). TensorBoard and CSV name it
-  (``log_dir``); other loggers do not, and Lightning's ``Trainer.log_dir`` then answers their
-  ``save_dir``, shared by every run. The project uses what Lightning's ``ModelCheckpoint`` uses for
-  its checkpoints instead, ``<save_dir>/<name>/<version>``: for W&B ``<save_dir>/<project>/<run id>``,
-  for MLflow's file store ``<save_dir>/<experiment id>/<run id>`` (the run's own folder there).
+- The run folder, where the project writes a run's files (``data_report.json``,
+  ``run_summary.json``, ``config.yaml``, the adapter, ``checkpoints/``, ``lm_eval/``). TensorBoard
+  and CSV name it (``log_dir``); other loggers do not, and Lightning's ``Trainer.log_dir`` then
+  answers their ``save_dir``, shared by every run. The project uses what Lightning's
+  ``ModelCheckpoint`` uses for its checkpoints instead, ``<save_dir>/<name>/<version>``: for W&B
+  ``<save_dir>/<project>/<run id>``, for MLflow's file store ``<save_dir>/<experiment id>/<run id>``
+  (the run's own folder there).
 - The folder of a logger's runs (``run_root``), where ``--ckpt_path last`` looks for this run's
   ``last.ckpt``, and the run a resumed ``fit`` continues (``continue_run``).
 - Tables and JSON documents (GSM8K samples, the data report, lm-eval results): a W&B table, an
@@ -43,7 +44,8 @@ def is_mlflow(logger: Any) -> bool:
 
 
 def run_dir(logger: Optional[Logger], default_root_dir: str) -> str:
-    """The folder of this run's files (see the module's docstring); without a logger, ``default_root_dir``.
+    """The folder of this run's files (see the module's docstring); without a logger,
+    ``default_root_dir``.
 
     Asking a W&B or MLflow logger starts its run (the run id names the folder): ask on rank 0, or on
     every rank through a broadcast, as ``Trainer.log_dir`` does.
@@ -68,8 +70,8 @@ def run_root(logger: Optional[Logger], default_root_dir: str) -> Optional[Path]:
         return Path(logger.root_dir)
     save_dir = Path(logger.save_dir or default_root_dir)
     if is_mlflow(logger):
-        # Its `name` is the experiment id, which creates the experiment and a run: looked up instead.
-        # Compat.py.
+        # Its `name` is the experiment id, which creates the experiment and a run: looked up
+        # instead. Compat.py.
         experiment = logger._mlflow_client.get_experiment_by_name(logger._experiment_name)
         return save_dir / experiment.experiment_id if experiment is not None else None
     return save_dir / str(logger.name)  # W&B: the project
@@ -81,10 +83,10 @@ def continue_run(logger: Optional[Logger], run: str, step: int) -> bool:
 
     TensorBoard: the events logged from ``step`` on are purged (``cli.continue_run_folder``). W&B
     resumes the run of that id (``resume="allow"``, Lightning's default): offline, a second
-    ``offline-run-*`` folder of the same id, which ``wandb sync`` appends to the first. MLflow logs to
-    that run again; it keeps every value, so the steps a resume repeats hold two (the last is the resumed one's),
-    and it refuses a param a second value: one that ``--allow_config_changes`` changed is logged as
-    ``resumed_at_step_<N>/<key>``.
+    ``offline-run-*`` folder of the same id, which ``wandb sync`` appends to the first. MLflow logs
+    to that run again; it keeps every value, so the steps a resume repeats hold two (the last is the
+    resumed one's), and it refuses a param a second value: one that ``--allow_config_changes``
+    changed is logged as ``resumed_at_step_<N>/<key>``.
     """
     if isinstance(logger, (TensorBoardLogger, CSVLogger)):
         if not run.startswith("version_") or not run[len("version_") :].isdigit():
@@ -127,7 +129,8 @@ def _keep_logged_params(logger: Logger, step: int) -> None:
 
 
 def _flat(params: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` (or a Namespace) -> ``{"a/b": 1}``, as Lightning's MLflow logger names nested params."""
+    """``{"a": {"b": 1}}`` (or a Namespace) -> ``{"a/b": 1}``, as Lightning's MLflow logger names
+    nested params."""
     params = (
         vars(params) if hasattr(params, "__dict__") and not isinstance(params, dict) else params
     )
@@ -156,8 +159,9 @@ def _plain(value: Any) -> Any:
 def log_table(
     loggers: Sequence[Logger], key: str, columns: list[str], rows: list[list[Any]], step: int
 ) -> None:
-    """Rows of ``columns`` to every logger that shows tables (W&B: a table under ``key``; MLflow: a table
-    artifact ``<key>_step<N>.json``); TensorBoard as markdown text. Others (CSV) skip it. Rank 0 only."""
+    """Rows of ``columns`` to every logger that shows tables (W&B: a table under ``key``; MLflow: a
+    table artifact ``<key>_step<N>.json``); TensorBoard as markdown text. Others (CSV) skip it. Rank
+    0 only."""
     rows = [[_plain(cell) for cell in row] for row in rows]
     for logger in loggers:
         if is_wandb(logger):
@@ -187,8 +191,9 @@ def log_table(
 
 
 def log_document(loggers: Sequence[Logger], name: str, document: dict) -> None:
-    """A JSON document (``name``, e.g. ``data_report.json``) beside a run held elsewhere than its run
-    folder: a W&B run file, an MLflow artifact. TensorBoard and CSV runs have their run folder."""
+    """A JSON document (``name``, e.g. ``data_report.json``) beside a run held elsewhere than its
+    run folder: a W&B run file, an MLflow artifact. TensorBoard and CSV runs have their run
+    folder."""
     for logger in loggers:
         if is_wandb(logger):
             run = logger.experiment

@@ -21,7 +21,8 @@ from qlora_lightning.model.build import BaseModelSpec, spec_dict
 
 # PEFT models are typed as the torch Modules they are: build.py says why peft is not imported here.
 
-# Written beside a saved adapter: how its base was loaded and quantized, which the merge must repeat.
+# Written beside a saved adapter: how its base was loaded and quantized, which the merge must
+# repeat.
 BASE_SPEC_FILE = "qlora_base.json"
 
 Combination = Literal[
@@ -49,9 +50,11 @@ class AdapterMix:
         weights: One weight per adapter (negative subtracts).
         combination_type: ``linear`` (same ranks; fast, approximate), ``cat`` (exact: the rank is
             the sum of the ranks), ``svd`` (exact update, re-factorized to ``svd_rank``),
-            ``ties``/``dare_*``/``magnitude_prune`` (sparsified task-vector merges; need ``density``).
+            ``ties``/``dare_*``/``magnitude_prune`` (sparsified task-vector merges; need
+            ``density``).
         svd_rank: Rank of the result for the ``*svd`` types; the largest input rank when None.
-        density: Fraction of entries kept by the pruning types (``ties``, ``dare_*``, ``magnitude_prune*``).
+        density: Fraction of entries kept by the pruning types (``ties``, ``dare_*``,
+            ``magnitude_prune*``).
     """
 
     name: str
@@ -85,7 +88,8 @@ class AdapterSet:
 
 
 def attach_adapters(model: torch.nn.Module, adapters: AdapterSet) -> torch.nn.Module:
-    """Load ``adapters.paths`` into PEFT ``model`` under their names (frozen), add the mixes, set the active one."""
+    """Load ``adapters.paths`` into PEFT ``model`` under their names (frozen), add the mixes, set
+    the active one."""
     for name, path in adapters.paths.items():
         if name in model.peft_config:
             raise UserError(

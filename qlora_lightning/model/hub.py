@@ -1,4 +1,5 @@
-"""Hub ids on a machine without a network: one quick check, then no retries, and one line that says what to do.
+"""Hub ids on a machine without a network: one quick check, then no retries, and one line that says
+what to do.
 
 Without this, transformers and huggingface_hub retry an unreachable hub for about a minute (24
 warnings) before an error that names whichever file they tried first.
@@ -20,7 +21,8 @@ from qlora_lightning.errors import UserError
 
 @functools.lru_cache(maxsize=None)
 def _reachable(endpoint: str) -> bool:
-    """Whether a TCP connection to the hub opens within 3 seconds (asked once per process and endpoint)."""
+    """Whether a TCP connection to the hub opens within 3 seconds (asked once per process and
+    endpoint)."""
     url = urlparse(endpoint)
     try:
         socket.create_connection(
@@ -40,8 +42,8 @@ def _cached(repo_id: str) -> bool:
 
 
 def check_hub_id(name: str, what: str = "model") -> None:
-    """Return when ``name`` is a local folder, the hub answers, or the hub's cache holds it (the hub libraries
-    are then put offline, so they read the cache without retrying the network).
+    """Return when ``name`` is a local folder, the hub answers, or the hub's cache holds it (the hub
+    libraries are then put offline, so they read the cache without retrying the network).
 
     Raises:
         UserError: ``name`` is none of these: one line naming it and how to point at a local copy.

@@ -1,12 +1,13 @@
-"""The training plan: every speed and memory lever of a run, decided once, before the model is built.
+"""The training plan: every speed and memory lever of a run, decided once, before the model is
+built.
 
-``resolve_plan`` reads the module's settings (the base and adapter specs, ``gradient_checkpointing``,
-``memory_budget_gib``, ``loss_chunk_size``, the optimizer), the data's declared micro-batch shape
-and the device and strategy. It decides the checkpointing mode (``auto`` through the memory
-estimator) and with it what waits in CPU memory, whether and how the decoder layers compile, where
-the base matmul goes last, where the input embeddings live, and which optimizer state to plan for.
-``build_model`` applies the plan, ``TrainingPlan.estimate`` prices it, and ``configure_model`` and
-the ``estimate`` command print it; nothing downstream decides again.
+``resolve_plan`` reads the module's settings (the base and adapter specs,
+``gradient_checkpointing``, ``memory_budget_gib``, ``loss_chunk_size``, the optimizer), the data's
+declared micro-batch shape and the device and strategy. It decides the checkpointing mode (``auto``
+through the memory estimator) and with it what waits in CPU memory, whether and how the decoder
+layers compile, where the base matmul goes last, where the input embeddings live, and which
+optimizer state to plan for. ``build_model`` applies the plan, ``TrainingPlan.estimate`` prices it,
+and ``configure_model`` and the ``estimate`` command print it; nothing downstream decides again.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def optimizer_kind(factory: Any) -> str:
 
 
 def should_compile(setting: Union[bool, Literal["auto"]], device: Union[str, torch.device]) -> bool:
-    """``compile_layers``: true, false, or ``auto``: on a CUDA device where Triton can build kernels.
+    """``compile_layers``: true, false, or ``auto``: on a CUDA device where Triton can build
+    kernels.
 
     Triton compiles a small C launcher per kernel, so ``auto`` also wants a C compiler; without
     one it trains eagerly (and says so) rather than fail at the first step.
@@ -198,7 +200,8 @@ class TrainingPlan:
         return "cpu" if self.cpu_embeddings else "device"
 
     def estimate(self, config, base: BaseModelSpec, lora: LoraSpec) -> dict[str, float]:
-        """``estimate_peak_memory`` of this plan, for the base's transformers ``config`` and specs."""
+        """``estimate_peak_memory`` of this plan, for the base's transformers ``config`` and
+        specs."""
         if self.micro_batch is None:
             raise ValueError("a plan without a micro-batch shape has no memory estimate")
         return estimate_peak_memory(
@@ -318,7 +321,8 @@ def resolve_plan(
 
     Raises:
         UserError: ``cpu_embeddings`` or ``compile_layers: true`` under FSDP; ``auto`` without a
-            budget on an unknown device; data that declares no micro-batch shape where one is needed.
+            budget on an unknown device; data that declares no micro-batch shape where one is
+            needed.
     """
     fsdp = is_fsdp(strategy)
     if fsdp and base.cpu_embeddings:
@@ -328,7 +332,8 @@ def resolve_plan(
         )
     if fsdp and base.compile_layers is True:
         # Untested: FSDP swaps the layers' weights for views of its flat parameters, and compiling
-        # FSDP (1) models needs use_orig_params, which these configs leave off. ``auto`` leaves it out.
+        # FSDP (1) models needs use_orig_params, which these configs leave off. ``auto`` leaves it
+        # out.
         raise UserError(
             "model.base.compile_layers does not work under FSDP: set it to false, or use ddp"
         )

@@ -63,9 +63,11 @@ class QLoRAModule(Building, Inputs, Stepping, CheckpointState, Predicting):
         optimizer: Optimizer over the trainable (adapter) parameters only.
         lr_scheduler: Learning-rate shape after warm-up.
         warmup_ratio: Fraction of the optimizer steps spent warming up linearly from zero.
-        adapter_dir: Where ``fit`` saves the final adapter and tokenizer; default ``<log_dir>/adapter``.
+        adapter_dir: Where ``fit`` saves the final adapter and tokenizer; default
+            ``<log_dir>/adapter``.
         nonfinite: On a non-finite loss or gradient: ``skip`` the optimizer step (and count it in
-            ``train/skipped_steps``) or ``stop`` the run, leaving the last checkpoint from before it.
+            ``train/skipped_steps``) or ``stop`` the run, leaving the last checkpoint from before
+            it.
         adapters: Named adapters loaded (frozen) beside the module's own ``default`` one, combined
             and switched per evaluation or per prompt (see ``adapters.py``).
         max_new_tokens: Longest greedy generation of ``predict``, in tokens.
@@ -116,7 +118,8 @@ class QLoRAModule(Building, Inputs, Stepping, CheckpointState, Predicting):
         # The config that runs this module (``resume.run_record``), set by the CLI and written into
         # every checkpoint, so that a resume can be checked against it.
         self.run_record: Optional[dict] = None
-        # Set by the CLI's --push_to_hub: the hub repository the adapter goes to (for its model card).
+        # Set by the CLI's --push_to_hub: the hub repository the adapter goes to (for its model
+        # card).
         self.push_to_hub: Optional[str] = None
         self.saved_adapter_dir: Optional[Path] = None  # where on_fit_end saved the adapter
         # The last batch's attention mask on the device, and whether its host copy pads anything.

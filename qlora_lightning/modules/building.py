@@ -48,7 +48,8 @@ class Building(LightningModule):
     """``configure_model`` (the plan, then the model it says) and ``configure_optimizers``; the
     settings they read are ``QLoRAModule``'s."""
 
-    # Sequences in the model's forward per example of a micro-batch (DPO: a chosen and a rejected one).
+    # Sequences in the model's forward per example of a micro-batch (DPO: a chosen and a rejected
+    # one).
     sequences_per_example = 1
 
     plan: Optional[TrainingPlan]
@@ -62,7 +63,8 @@ class Building(LightningModule):
         on_gpu: bool = False,
         model_config=None,
     ) -> TrainingPlan:
-        """This module's plan on its trainer's device and strategy, for its DataModule's micro-batches.
+        """This module's plan on its trainer's device and strategy, for its DataModule's
+        micro-batches.
 
         Args:
             estimate: Also price the plan (``TrainingPlan.peak_gib``); needs the DataModule's shape.

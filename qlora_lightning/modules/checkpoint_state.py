@@ -77,7 +77,8 @@ class CheckpointState(LightningModule):
 
     @override
     def on_fit_end(self) -> None:
-        # Under FSDP the adapter is sharded: every rank takes part in gathering it, rank 0 writes it.
+        # Under FSDP the adapter is sharded: every rank takes part in gathering it, rank 0 writes
+        # it.
         gathered = full_state_dict(self.trainer.strategy)
         # trainer.log_dir is a broadcast from rank 0 under DDP/FSDP: every rank must ask.
         path = Path(
@@ -95,7 +96,8 @@ class CheckpointState(LightningModule):
                     if key.startswith("model.")
                 }
             )
-            # The trained adapter only: a frozen one beside it (e.g. DPO's reference) is an input, not a result.
+            # The trained adapter only: a frozen one beside it (e.g. DPO's reference) is an input,
+            # not a result.
             save_adapter(self.model, path, state_dict)
             self.tokenizer.save_pretrained(path)
             save_base_spec(self.base, path)

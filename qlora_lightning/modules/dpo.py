@@ -1,4 +1,5 @@
-"""Preference tuning on one 4-bit base: DPO (and IPO, hinge) against a reference; ORPO and SimPO without one.
+"""Preference tuning on one 4-bit base: DPO (and IPO, hinge) against a reference; ORPO and SimPO
+without one.
 
 The policy is the base with the trainable adapter. The reference is the same base with the
 adapter switched off or, when DPO starts from an SFT adapter, a frozen copy of that adapter
@@ -53,7 +54,8 @@ def reference_fingerprint(model: torch.nn.Module) -> str:
 
 
 class PreferenceModule(QLoRAModule):
-    """What DPO and KTO share: the reference on the one 4-bit base, response log-probs, and per-batch metrics.
+    """What DPO and KTO share: the reference on the one 4-bit base, response log-probs, and
+    per-batch metrics.
 
     A subclass gives ``batch_metrics(batch)``: each of ``metric_names`` -> a 0-d tensor (a mean
     over the batch's examples) or a 1-d one (a value per example it covers, e.g. KTO's desirable
@@ -127,8 +129,8 @@ class PreferenceModule(QLoRAModule):
             return self.response_logps(batch)[0]
 
     def response_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N,) summed response log-probs of a batch's N sequences (``input_ids``, ``attention_mask``,
-        ``labels``), and (N,) response token counts.
+        """(N,) summed response log-probs of a batch's N sequences (``input_ids``,
+        ``attention_mask``, ``labels``), and (N,) response token counts.
 
         Chunked per ``loss_chunk_size`` (the same values, never the full (N, T, V) logits).
         """
@@ -193,7 +195,8 @@ class PreferenceModule(QLoRAModule):
 
 
 class DPOModule(PreferenceModule):
-    """DPO (or IPO, hinge, ORPO, SimPO) on preference pairs, with batches laid out by ``PreferenceDataModule``.
+    """DPO (or IPO, hinge, ORPO, SimPO) on preference pairs, with batches laid out by
+    ``PreferenceDataModule``.
 
     Each step runs chosen and rejected sequences through the policy in one (2B, T) forward; a
     sequence's log-prob is the sum over its response tokens. Logs ``loss``, ``rewards/chosen``,
@@ -214,9 +217,9 @@ class DPOModule(PreferenceModule):
         sft_adapter: Directory of the adapter an SFT run saved. It is loaded twice on the one
             base: frozen, as the reference, and trainable, as the policy's start (unless
             ``lora.init_adapter`` names another). Without it the reference is the bare base.
-        precompute_ref_logps: Compute the reference log-probs of every pair once, before
-            training, and cache them with the tokenized data; each step then runs the policy only.
-            Without a ``fit`` (``validate``, ``test``), or for data without them, they are computed live.
+        precompute_ref_logps: Compute the reference log-probs of every pair once, before training,
+            and cache them with the tokenized data; each step then runs the policy only. Without a
+            ``fit`` (``validate``, ``test``), or for data without them, they are computed live.
         ref_batch_size: Pairs per forward when precomputing the reference log-probs.
     """
 
@@ -304,7 +307,8 @@ class DPOModule(PreferenceModule):
     # ---- steps -----------------------------------------------------------------------
 
     def batch_metrics(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Loss and metrics (means over the batch's pairs) of one (2B, T) pair batch; see ``metric_names``."""
+        """Loss and metrics (means over the batch's pairs) of one (2B, T) pair batch; see
+        ``metric_names``."""
         if self.loss_type in REFERENCE_FREE:
             return self._reference_free_metrics(*self.response_logps(batch))
         if "ref_chosen_logps" in batch:
@@ -340,7 +344,8 @@ class DPOModule(PreferenceModule):
         )
         if self.loss_type == "orpo":
             odds, chosen_rewards, rejected_rewards = orpo_loss(chosen_avg, rejected_avg, self.beta)
-            # The SFT term: the chosen responses' NLL per token over the batch, as TRL's ORPOTrainer.
+            # The SFT term: the chosen responses' NLL per token over the batch, as TRL's
+            # ORPOTrainer.
             loss = -chosen.sum() / chosen_tokens.sum().clamp(min=1) + odds.mean()
         else:
             losses, chosen_rewards, rejected_rewards = simpo_loss(

@@ -15,7 +15,8 @@ from qlora_lightning.losses import labelled_positions
 from qlora_lightning.model.build import CpuEmbedding
 from qlora_lightning.speed.masks import known_to_the_host
 
-# The batch key of the chunked loss's labelled positions (``losses.labelled_positions``), found on the host.
+# The batch key of the chunked loss's labelled positions (``losses.labelled_positions``), found on
+# the host.
 LOSS_POSITIONS = "loss_positions"
 
 
@@ -46,7 +47,8 @@ class Inputs(LightningModule):
 
     def _as_known(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], ContextManager[None]]:
         """``inputs`` for the model, and what the host knows of them for its mask building
-        (``qlora_lightning.speed.masks``): whether it builds the positions, and whether the mask pads.
+        (``qlora_lightning.speed.masks``): whether it builds the positions, and whether the mask
+        pads.
 
         A mask is known where it is the last batch's as moved to the device: one that pads nothing
         is dropped (the causal mask over the model's own positions says the same), one that pads is

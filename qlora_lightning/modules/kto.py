@@ -1,4 +1,5 @@
-"""KTO on one 4-bit base: unpaired thumbs-up / thumbs-down rows against a reference, as TRL's KTOTrainer.
+"""KTO on one 4-bit base: unpaired thumbs-up / thumbs-down rows against a reference, as TRL's
+KTOTrainer.
 
 Each row's completion is scored by the policy and the reference (the adapter off, or a frozen SFT
 adapter: ``PreferenceModule``). KTO compares each row's implied reward with a reference point,
@@ -22,7 +23,8 @@ from qlora_lightning.modules.dpo import PreferenceModule
 
 
 class KTOModule(PreferenceModule):
-    """KTO (or APO-zero's unpaired variant) on unpaired rows, with batches laid out by ``KTODataModule``.
+    """KTO (or APO-zero's unpaired variant) on unpaired rows, with batches laid out by
+    ``KTODataModule``.
 
     Logs, as TRL's KTOTrainer does, ``loss``, ``kl`` (the reference point), ``rewards/chosen`` and
     ``logps/chosen`` (means over the desirable rows), ``rewards/rejected`` and ``logps/rejected``
@@ -94,7 +96,8 @@ class KTOModule(PreferenceModule):
             )
 
     def kl_logratio(self, batch: dict) -> torch.Tensor:
-        """The mean ``log pi - log pi_ref`` over the batch's mismatched pairs, averaged over ranks as TRL does."""
+        """The mean ``log pi - log pi_ref`` over the batch's mismatched pairs, averaged over ranks
+        as TRL does."""
         mismatched = {
             name: batch[f"kl_{name}"] for name in ("input_ids", "attention_mask", "labels")
         }

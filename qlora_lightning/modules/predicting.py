@@ -29,16 +29,17 @@ class Predicting(LightningModule):
         self._reset_metrics()
 
     def _reset_metrics(self) -> None:
-        """Fresh metric states, made under this loop's grad mode. ``validate`` and ``test`` run under
-        inference mode, so the states they leave are inference tensors, which the validation inside
-        a later ``fit`` of the same module (no-grad only) could not update in place."""
+        """Fresh metric states, made under this loop's grad mode. ``validate`` and ``test`` run
+        under inference mode, so the states they leave are inference tensors, which the validation
+        inside a later ``fit`` of the same module (no-grad only) could not update in place."""
         for metric in self.modules():
             if isinstance(metric, Metric):
                 metric.reset()
 
     @override
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        """Greedy generations for a ``PromptsDataModule`` batch: each input row plus ``generation``."""
+        """Greedy generations for a ``PromptsDataModule`` batch: each input row plus
+        ``generation``."""
         if "prompt_ids" not in batch:
             raise UserError(
                 "predict generates from prompts: use data: qlora_lightning.PromptsDataModule"

@@ -58,7 +58,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).is_file():
             raise UserError(f"checkpoint '{path}' does not exist")
         try:
-            # Tensors, plain values and CHECKPOINT_CLASSES only: loading never runs code a checkpoint names.
+            # Tensors, plain values and CHECKPOINT_CLASSES only: loading never runs code a
+            # checkpoint names.
             with torch.serialization.safe_globals(CHECKPOINT_CLASSES):
                 checkpoint = super().load_checkpoint(
                     path, map_location=map_location, weights_only=True

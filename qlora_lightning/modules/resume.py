@@ -1,8 +1,10 @@
-"""What a checkpoint must hold, and how it is read back, for a resume to repeat the uninterrupted run.
+"""What a checkpoint must hold, and how it is read back, for a resume to repeat the uninterrupted
+run.
 
 - RNG streams as tensors and plain values, so that checkpoints load with ``weights_only=True``
   (no unpickling of arbitrary objects).
-- The loop state of a checkpoint written when ``fit`` ended, put in the form Lightning resumes exactly.
+- The loop state of a checkpoint written when ``fit`` ended, put in the form Lightning resumes
+  exactly.
 - A record of the config that wrote the checkpoint, compared with the config that resumes it.
 - ``--ckpt_path last``: the newest checkpoint of this run, not of any run under the same root.
 - No run folder left behind by a run whose setup failed.
@@ -71,7 +73,8 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def as_saved_after_last_batch(checkpoint: dict) -> bool:
-    """Rewrite, in place, the loop state of a checkpoint written when ``fit`` ended; True if it was one.
+    """Rewrite, in place, the loop state of a checkpoint written when ``fit`` ended; True if it was
+    one.
 
     ``ModelCheckpoint`` saves ``last.ckpt`` in ``on_train_end`` when no save fell on the final step
     (``max_steps`` or ``max_epochs`` reached between ``every_n_train_steps``). By then Lightning has
@@ -204,8 +207,8 @@ def find_last(root: Optional[Path], current: dict, load) -> str:
     """The newest ``last.ckpt`` under ``root/*/checkpoints`` written by this run (``RUN_KEYS``).
 
     Args:
-        root: The logger's directory of run folders (TensorBoard: ``version_N``; W&B, MLflow: run ids);
-            None where the logger has run nothing yet.
+        root: The logger's directory of run folders (TensorBoard: ``version_N``; W&B, MLflow: run
+            ids); None where the logger has run nothing yet.
         current: This config's ``run_record``.
         load: Reads a checkpoint (``AtomicCheckpointIO.load_checkpoint``).
     """
@@ -243,7 +246,8 @@ class RunFolderGuard(Callback):
     Lightning creates it at the start of setup (the logger's writer, ``config.yaml``,
     ``data_report.json``), before the data is read and the model loaded; a missing data file or an
     unknown model would leave an empty folder behind. Setup has succeeded once the stage starts
-    (``on_fit_start``: data read, model built, checkpoint restored). A resumed run's folder is never removed.
+    (``on_fit_start``: data read, model built, checkpoint restored). A resumed run's folder is never
+    removed.
     """
 
     def __init__(self) -> None:
@@ -276,7 +280,8 @@ class RunFolderGuard(Callback):
 
 
 class StepCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint``, told in a resumed run that the restored step is saved already.
+    """Lightning's ``ModelCheckpoint``, told in a resumed run that the restored step is saved
+    already.
 
     It forgets that across a resume, so the resumed run's first micro-batch saved the restored step
     again (as ``...-v1.ckpt``, and as ``last.ckpt``) in the middle of the next step's accumulation:

@@ -29,7 +29,8 @@ class SFTModule(QLoRAModule):
 
     @override
     def on_fit_start(self) -> None:
-        # The data picks the batch layout and the model the attention kernel: only here are both known.
+        # The data picks the batch layout and the model the attention kernel: only here are both
+        # known.
         check_packing_backend(
             getattr(self.trainer.datamodule, "packing", "off"),
             self.model.config._attn_implementation,
@@ -60,7 +61,8 @@ class SFTModule(QLoRAModule):
         self.log("train/skipped_steps", self._skipped_steps.float())
         if not proceed:
             return
-        # Gradients hold (1 / (accumulation * world size)) * sum over the step; make it a per-token mean.
+        # Gradients hold (1 / (accumulation * world size)) * sum over the step; make it a per-token
+        # mean.
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / tokens
         grads = self.step_gradients(optimizer)
         # One multi-tensor kernel, not one launch per tensor (they add up at small batches)
@@ -71,7 +73,8 @@ class SFTModule(QLoRAModule):
         self.log("train/loss_tokens", tokens)
 
     def loss_sum(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed NLL over the batch's labelled tokens, and their count (chunked per ``loss_chunk_size``)."""
+        """Summed NLL over the batch's labelled tokens, and their count (chunked per
+        ``loss_chunk_size``)."""
         if self.loss_chunk_size is None:
             return lm_loss_sum(self(**model_inputs(batch)), batch["labels"])
         return chunked_lm_loss_sum(

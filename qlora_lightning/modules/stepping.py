@@ -1,6 +1,7 @@
-"""Around each optimizer step: the adapter's gradients (averaged where FSDP leaves them to the module,
-clipped where FSDP must do it), the guard that skips or stops on a non-finite loss or gradient, and
-progress-bar values shown once they reach the host, so that no step waits for the GPU."""
+"""Around each optimizer step: the adapter's gradients (averaged where FSDP leaves them to the
+module, clipped where FSDP must do it), the guard that skips or stops on a non-finite loss or
+gradient, and progress-bar values shown once they reach the host, so that no step waits for the
+GPU."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ class Stepping(LightningModule):
             and gradient_clip_algorithm in (None, "norm")
             and is_fsdp(self.trainer.strategy)
         ):
-            # Lightning's FSDP precision plugin refuses norm clipping (it holds no handle on the FSDP
-            # root); the root's clip_grad_norm_ takes the norm over every rank's shard.
+            # Lightning's FSDP precision plugin refuses norm clipping (it holds no handle on the
+            # FSDP root); the root's clip_grad_norm_ takes the norm over every rank's shard.
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -64,7 +65,8 @@ class Stepping(LightningModule):
 
     @property
     def skipped_steps(self) -> int:
-        """Optimizer steps skipped for a non-finite loss or gradient (reading it waits for the GPU)."""
+        """Optimizer steps skipped for a non-finite loss or gradient (reading it waits for the
+        GPU)."""
         return int(self._skipped_steps)
 
     def guard_nonfinite(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> bool:

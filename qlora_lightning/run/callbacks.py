@@ -114,7 +114,8 @@ def all_ranks(trainer: Trainer, values: list[float]) -> torch.Tensor:
 
 
 def peak_memory_metrics(alloc_gib: torch.Tensor, reserved_gib: torch.Tensor) -> dict[str, float]:
-    """``perf/peak_{alloc,reserved}_gib`` (the largest rank) and, over several ranks, one per rank."""
+    """``perf/peak_{alloc,reserved}_gib`` (the largest rank) and, over several ranks, one per
+    rank."""
     metrics = {
         "perf/peak_alloc_gib": alloc_gib.max().item(),
         "perf/peak_reserved_gib": reserved_gib.max().item(),
@@ -130,9 +131,10 @@ class PerfMonitor(Callback):
     """Logs ``perf/*`` to the trainer's logger and writes a JSON run summary next to the logs.
 
     Args:
-        warmup_steps: Optimizer steps left out of the statistics (compilation, allocator warm-up), at
-            the start of every process: a resumed run warms up again.
-        peak_tflops: bf16 peak of the GPU in TFLOP/s for MFU; looked up from the device name when None.
+        warmup_steps: Optimizer steps left out of the statistics (compilation, allocator warm-up),
+            at the start of every process: a resumed run warms up again.
+        peak_tflops: bf16 peak of the GPU in TFLOP/s for MFU; looked up from the device name when
+            None.
         summary_file: File name of the JSON summary, written in the logger's directory.
         offload_waits: Time the GPU's waits for offloaded activations (``perf/offload_wait_s``): two
             CUDA events per activation brought back, a few microseconds of host time each. Under
@@ -203,7 +205,8 @@ class PerfMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """The steps measured so far and the training time, so that a resumed run's summary covers the whole run.
+        """The steps measured so far and the training time, so that a resumed run's summary covers
+        the whole run.
 
         The step just measured is recorded first (its end event is behind the work the checkpoint
         already waited for): the resumed run starts after it and would never measure it. Every rank
@@ -223,7 +226,8 @@ class PerfMonitor(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._on_cuda(trainer):
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
-            # Before any activation or optimizer state: what the weights take (per shard under FSDP).
+            # Before any activation or optimizer state: what the weights take (per shard under
+            # FSDP).
             self._start_alloc_gib = torch.cuda.memory_allocated(trainer.strategy.root_device) / _GIB
         self._sync(trainer)
         self._collector.start()
@@ -249,7 +253,8 @@ class PerfMonitor(Callback):
         w["tokens"] = w["tokens"] + real  # a device tensor when counted from a mask: summed there
         w["padded_tokens"] += ids.numel()
         w["samples"] += examples
-        # Attention span for the FLOP count: the longest example of a padding-free row, else the row.
+        # Attention span for the FLOP count: the longest example of a padding-free row, else the
+        # row.
         w["max_len"] = max(w["max_len"], int(batch.get("max_length_q", ids.shape[1])))
         if not self._stepped:  # still accumulating micro-batches of this optimizer step
             return
@@ -266,7 +271,8 @@ class PerfMonitor(Callback):
         if step > self._first_step + self.warmup_steps and not w["tainted"]:
             self._pending.append((step, w, self._start, end))
         self._start, self._window = end, self._new_window()
-        # The step before: its end is behind the work just queued, so waiting for it keeps the GPU busy.
+        # The step before: its end is behind the work just queued, so waiting for it keeps the GPU
+        # busy.
         while len(self._pending) > 1:
             self._record(trainer, *self._pending.popleft())
 
@@ -389,7 +395,8 @@ class PerfMonitor(Callback):
         on_cuda = self._on_cuda(trainer)
         device = trainer.strategy.root_device
         not_measured = "not measured (CPU run)"
-        # Allocated and reserved GiB per rank, gathered in on_train_end; this rank's alone before that.
+        # Allocated and reserved GiB per rank, gathered in on_train_end; this rank's alone before
+        # that.
         peaks = self._peaks_per_rank
         if peaks is None and on_cuda:
             peaks = torch.tensor([[*self._peak_memory_gib(trainer), self._start_alloc_gib or 0.0]])
@@ -421,7 +428,8 @@ class PerfMonitor(Callback):
             "peak_reserved_gib": peaks[:, 1].max().item() if on_cuda else not_measured,
             "peak_alloc_gib_per_rank": peaks[:, 0].tolist() if on_cuda else not_measured,
             "peak_reserved_gib_per_rank": peaks[:, 1].tolist() if on_cuda else not_measured,
-            # Allocated when training started: the weights and adapter as placed (sharded under FSDP).
+            # Allocated when training started: the weights and adapter as placed (sharded under
+            # FSDP).
             "model_alloc_gib_per_rank": peaks[:, 2].tolist() if on_cuda else not_measured,
             "final_train_loss": metrics.get("train/loss"),
             "final_val_loss": metrics.get("val/loss"),
@@ -430,7 +438,8 @@ class PerfMonitor(Callback):
     def write_summary(
         self, trainer: Trainer, pl_module: LightningModule, directory: Optional[Path] = None
     ) -> Path:
-        """Write the summary JSON in ``directory`` (default: the log directory) and return its path."""
+        """Write the summary JSON in ``directory`` (default: the log directory) and return its
+        path."""
         directory = Path(directory or trainer.log_dir or trainer.default_root_dir)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / self.summary_file

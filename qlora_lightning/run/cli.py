@@ -67,11 +67,12 @@ class QLoRACLI(LightningCLI):
             help="fit: upload the saved adapter folder (with its README.md model card) to this "
             "Hugging Face model repository, ORG/NAME (created if absent)",
         )
-        # save_on_train_epoch_end: a step that ends an epoch is saved right then. Otherwise Lightning
-        # defers it to a validation it expects next (which val_check_interval may not run) and saves
-        # after the next micro-batch instead, in the middle of an accumulation, which no resume can repeat.
-        # enable_version_counter false: a resumed run overwrites last.ckpt (and the files of steps it
-        # repeats) rather than writing last-v1.ckpt beside a stale last.ckpt that `--ckpt_path last` would take.
+        # save_on_train_epoch_end: a step that ends an epoch is saved right then. Otherwise
+        # Lightning defers it to a validation it expects next (which val_check_interval may not run)
+        # and saves after the next micro-batch instead, in the middle of an accumulation, which no
+        # resume can repeat. enable_version_counter false: a resumed run overwrites last.ckpt (and
+        # the files of steps it repeats) rather than writing last-v1.ckpt beside a stale last.ckpt
+        # that `--ckpt_path last` would take.
         parser.set_defaults(
             {
                 "checkpoint.save_last": True,
@@ -104,8 +105,8 @@ class QLoRACLI(LightningCLI):
         # beside `enable_checkpointing: false`: that setting drops it instead.
         if config.get("enable_checkpointing") is False:
             callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
-        # Atomic checkpoints, added here rather than as a trainer default: a plugin instance among the
-        # defaults cannot be written to the run's config.yaml, which must rerun the run.
+        # Atomic checkpoints, added here rather than as a trainer default: a plugin instance among
+        # the defaults cannot be written to the run's config.yaml, which must rerun the run.
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -113,14 +114,15 @@ class QLoRACLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks + [RunFolderGuard(), RunReport()])
 
     def _parse_ckpt_path(self) -> None:
-        """For ``fit``, nothing. LightningCLI's own replaces the config's model with the hyperparameters
-        stored in the checkpoint (its class included): a resume runs the config, and ``before_fit``
-        checks the checkpoint against it."""
+        """For ``fit``, nothing. LightningCLI's own replaces the config's model with the
+        hyperparameters stored in the checkpoint (its class included): a resume runs the config, and
+        ``before_fit`` checks the checkpoint against it."""
         if self.config.get("subcommand") != "fit":
             super()._parse_ckpt_path()
 
     def run_record(self) -> dict:
-        """This run's config as plain values (``resume.run_record``), as its checkpoints record it."""
+        """This run's config as plain values (``resume.run_record``), as its checkpoints record
+        it."""
         dump = self.parser.dump(
             self.config, skip_link_targets=False, skip_none=False, format="yaml"
         )
@@ -158,7 +160,8 @@ class QLoRACLI(LightningCLI):
         if changes:
             log.warning("resuming %s under a changed config: %s", ckpt, "; ".join(changes))
         self.config_init[self.subcommand]["ckpt_path"] = ckpt
-        # The run folder's config.yaml is the run's config, not how it was resumed: it reruns the run.
+        # The run folder's config.yaml is the run's config, not how it was resumed: it reruns the
+        # run.
         self.config[self.subcommand]["ckpt_path"] = None
         continue_run_folder(self.trainer, ckpt, root, checkpoint["global_step"])
 
@@ -173,8 +176,8 @@ class QLoRACLI(LightningCLI):
 
 
 def continue_run_folder(trainer: Trainer, ckpt: str, root: Optional[Path], step: int) -> None:
-    """Resuming from a checkpoint of ``root/<run>`` (``version_N``; a W&B or MLflow run id): log to that
-    run, not a new one (``tracking.continue_run``).
+    """Resuming from a checkpoint of ``root/<run>`` (``version_N``; a W&B or MLflow run id): log to
+    that run, not a new one (``tracking.continue_run``).
 
     TensorBoard then shows one curve, with the events that the interrupted run logged from index
     ``step`` (the checkpoint's global step) on purged: Lightning logs an optimizer step's train
@@ -237,7 +240,8 @@ def make_cli(
 
 
 class _WithoutTrainer(QLoRACLI):
-    """The parse and the classes of ``fit``, no Trainer: a GPU config builds on a machine without one."""
+    """The parse and the classes of ``fit``, no Trainer: a GPU config builds on a machine without
+    one."""
 
     def instantiate_trainer(self, **kwargs) -> None:
         return None
@@ -273,8 +277,9 @@ _TRAINER_KEYS = (
 
 
 def project_help(command: str) -> str:
-    """``COMMAND --help``: the model's and the data's own keys first (for the classes in ``--config``, else
-    SFTModule and SFTDataModule), then the Trainer keys the configs use; ``--help-all`` has the rest."""
+    """``COMMAND --help``: the model's and the data's own keys first (for the classes in
+    ``--config``, else SFTModule and SFTDataModule), then the Trainer keys the configs use;
+    ``--help-all`` has the rest."""
     parts = [
         f"usage: qlora-lightning {command} --config FILE [--model.init_args.KEY VALUE] "
         "[--data.init_args.KEY VALUE] [--trainer.KEY VALUE] [--ckpt_path PATH]"
@@ -315,8 +320,9 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     console.configure(verbose="--verbose" in argv)
     argv = [arg for arg in argv if arg != "--verbose"]  # the project's flag, not LightningCLI's
-    # MLflow 3.7+ refuses its file store (`--trainer.logger MLFlowLogger`'s default, ./mlruns) unless told it
-    # may: a local store needs no server and no database package. Set to false to be refused.
+    # MLflow 3.7+ refuses its file store (`--trainer.logger MLFlowLogger`'s default, ./mlruns)
+    # unless told it may: a local store needs no server and no database package. Set to false to be
+    # refused.
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     if args is None:
         sys.argv[1:] = (

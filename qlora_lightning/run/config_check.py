@@ -46,8 +46,8 @@ def _load(command: str) -> Optional[dict]:
 
 
 def record(command: str, config) -> None:
-    """Keep the keys of ``config`` (the parsed namespace of ``command``) for ``check``. A cache folder
-    that cannot be written costs only the next mistake's speed."""
+    """Keep the keys of ``config`` (the parsed namespace of ``command``) for ``check``. A cache
+    folder that cannot be written costs only the next mistake's speed."""
     known = _load(command) or {"key": help_cache.source_key(), "classes": {}}
     known["top"] = sorted(vars(config))
     known["trainer"] = sorted(vars(config.trainer))
@@ -96,9 +96,9 @@ def _number_kind(hint) -> Optional[list[str]]:
 
 
 def check(argv: list[str]) -> Optional[str]:
-    """The first mistake in ``COMMAND [--config FILE]... [--KEY VALUE]...`` that the record proves, as
-    one line without the ``error:`` prefix; None when there is none or the arguments are not of that
-    simple shape."""
+    """The first mistake in ``COMMAND [--config FILE]... [--KEY VALUE]...`` that the record proves,
+    as one line without the ``error:`` prefix; None when there is none or the arguments are not of
+    that simple shape."""
     command, rest = argv[0], argv[1:]
     pairs = _pairs(rest)
     if pairs is None:
@@ -152,7 +152,8 @@ def _read_yaml(path: str) -> Any:
 
 
 def _scalar(text: str) -> Any:
-    """A command-line value as LightningCLI reads it first: as YAML (``2`` is an int, ``two`` a string)."""
+    """A command-line value as LightningCLI reads it first: as YAML (``2`` is an int, ``two`` a
+    string)."""
     import yaml
 
     try:

@@ -30,7 +30,8 @@ _HARMLESS_RECORDS = (
     # `datasets` fails to read a JSON file with rows of clashing types as one table and says so at
     # ERROR level; the project then reads it row by row and counts each bad row in data_report.json.
     ("datasets.packaged_modules.json.json", "Failed to load JSON from file"),
-    # lm-eval (`eval`) on a --max_gen_toks the project passes on purpose, and on every task that loads its own data.
+    # lm-eval (`eval`) on a --max_gen_toks the project passes on purpose, and on every task that
+    # loads its own data.
     ("lm_eval.evaluator", "generation_kwargs:"),
     ("lm_eval.api.task", "gsm8k_local: Custom kwargs"),
 )
@@ -78,7 +79,8 @@ def configure(verbose: bool = False) -> None:
 
 
 def _quiet_progress_bars() -> None:
-    """`datasets`' per-split bars and transformers' weight-loading bar: a line each per phase, seconds long."""
+    """`datasets`' per-split bars and transformers' weight-loading bar: a line each per phase,
+    seconds long."""
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()

@@ -1,6 +1,6 @@
-"""``python -m qlora_lightning estimate --config X.yaml [--KEY VALUE ...]``: the training plan a config
-makes on a GPU (what ``gradient_checkpointing: auto`` picks, and why), then its predicted peak GPU
-memory piece by piece (``speed/estimate.py``), without a GPU or the model's weights."""
+"""``python -m qlora_lightning estimate --config X.yaml [--KEY VALUE ...]``: the training plan a
+config makes on a GPU (what ``gradient_checkpointing: auto`` picks, and why), then its predicted
+peak GPU memory piece by piece (``speed/estimate.py``), without a GPU or the model's weights."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ def print_plan(plan: TrainingPlan) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """``estimate --config X.yaml [--model.init_args.lora.r 16 ...]``: print the plan and the predicted peak."""
+    """``estimate --config X.yaml [--model.init_args.lora.r 16 ...]``: print the plan and the
+    predicted peak."""
     parser = argparse.ArgumentParser(
         prog="qlora-lightning estimate",
         usage="%(prog)s --config FILE [--KEY VALUE ...]",

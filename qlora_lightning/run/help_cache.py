@@ -1,10 +1,10 @@
-"""``fit --help`` (and validate/test/predict) answered from a file: rendering it builds LightningCLI's
-parser, which imports torch, Lightning and transformers (~10 s on 2 cores); reading the cached text
-imports none of them.
+"""``fit --help`` (and validate/test/predict) answered from a file: rendering it builds
+LightningCLI's parser, which imports torch, Lightning and transformers (~10 s on 2 cores); reading
+the cached text imports none of them.
 
 The text is kept under the cache folder, one file per command and terminal width (argparse wraps to
-the width), with the key it was rendered under on its first line. The key covers what else the text is
-made of: this package's source files (size and modification time), the versions of Python and of
+the width), with the key it was rendered under on its first line. The key covers what else the text
+is made of: this package's source files (size and modification time), the versions of Python and of
 the libraries that render it, and jsonargparse's settings in the environment.
 """
 
@@ -21,14 +21,17 @@ from typing import Optional
 
 from qlora_lightning.paths import PACKAGE_DIR, cache_dir
 
-# The subcommands whose help the project renders (cli.project_help); merge and estimate answer at once.
+# The subcommands whose help the project renders (cli.project_help); merge and estimate answer at
+# once.
 COMMANDS = ("fit", "validate", "test", "predict")
-# Signatures, docstrings and type names in the help come from these, and its layout from jsonargparse.
+# Signatures, docstrings and type names in the help come from these, and its layout from
+# jsonargparse.
 _RENDERERS = ("jsonargparse", "lightning", "torch", "transformers")
 
 
 def asked_for(argv: list[str]) -> Optional[str]:
-    """The command of ``COMMAND --help``, else None (any other argument gets LightningCLI's own answer)."""
+    """The command of ``COMMAND --help``, else None (any other argument gets LightningCLI's own
+    answer)."""
     return (
         argv[0] if len(argv) == 2 and argv[0] in COMMANDS and argv[1] in ("-h", "--help") else None
     )
@@ -67,8 +70,9 @@ def read(command: str) -> Optional[str]:
 
 
 def write(command: str, text: str) -> None:
-    """Keep ``text`` for ``read``: written beside and renamed into place, so a concurrent reader never
-    sees half a file. A cache folder that cannot be written costs only the next help's speed."""
+    """Keep ``text`` for ``read``: written beside and renamed into place, so a concurrent reader
+    never sees half a file. A cache folder that cannot be written costs only the next help's
+    speed."""
     path = _path(command)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

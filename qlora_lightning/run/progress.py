@@ -81,8 +81,8 @@ class StepRichProgressBar(RichProgressBar):
 
 
 def count_steps(trainer: Trainer) -> None:
-    """Give ``trainer``'s own progress bar (Lightning's Rich or tqdm bar, not a user's) the step-aware
-    counting above, in place: the subclasses add no state."""
+    """Give ``trainer``'s own progress bar (Lightning's Rich or tqdm bar, not a user's) the
+    step-aware counting above, in place: the subclasses add no state."""
     bar = trainer.progress_bar_callback
     for lightning_bar, step_bar in (
         (RichProgressBar, StepRichProgressBar),

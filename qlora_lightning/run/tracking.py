@@ -1,9 +1,10 @@
-"""The CLI's Trainer and what it reports to its loggers beyond Lightning's metrics and hyperparameters.
+"""The CLI's Trainer and what it reports to its loggers beyond Lightning's metrics and
+hyperparameters.
 
 - ``Trainer``: Lightning's, whose ``log_dir`` is this run's folder under every logger
   (``evaluate/tracking.run_dir``). Lightning's answers a W&B or MLflow logger's ``save_dir``, the
-  same for every run, so that their runs' ``data_report.json``, ``run_summary.json``, ``config.yaml``
-  and adapter overwrote each other there, away from the run's checkpoints.
+  same for every run, so that their runs' ``data_report.json``, ``run_summary.json``,
+  ``config.yaml`` and adapter overwrote each other there, away from the run's checkpoints.
 - ``RunReport``: the config keys beside the module's hyperparameters (data, seed, trainer), the data
   report (a table, and the JSON) and the run summary, to the loggers that keep a run away from its
   run folder (W&B, MLflow); TensorBoard gets the data report as text.
@@ -33,7 +34,8 @@ class Trainer(LightningTrainer):
         logger = self.loggers[0] if self.loggers else None
         if logger is None or isinstance(logger, (TensorBoardLogger, CSVLogger)):
             return super().log_dir
-        # Their run id comes from rank 0's run: asked there only, then shared as Lightning shares its answer.
+        # Their run id comes from rank 0's run: asked there only, then shared as Lightning shares
+        # its answer.
         dirpath = run_dir(logger, self.default_root_dir) if self.is_global_zero else None
         return self.strategy.broadcast(dirpath)
 
@@ -43,7 +45,8 @@ def _remote(trainer: LightningTrainer) -> list:
 
 
 class RunReport(Callback):
-    """Reports the run's config, data report and summary to its loggers (see the module's docstring)."""
+    """Reports the run's config, data report and summary to its loggers (see the module's
+    docstring)."""
 
     @override
     def setup(self, trainer: LightningTrainer, pl_module: LightningModule, stage: str) -> None:
@@ -74,7 +77,8 @@ class RunReport(Callback):
 
 
 def data_report_table(report: dict) -> tuple[list[str], list[list]]:
-    """One row per split of ``data_report.json``: its counts, and the drop reasons with their counts."""
+    """One row per split of ``data_report.json``: its counts, and the drop reasons with their
+    counts."""
     columns = [
         "split",
         "rows",

@@ -1,4 +1,5 @@
-"""Activation checkpointing of the decoder layers, optionally with what it keeps offloaded to CPU memory.
+"""Activation checkpointing of the decoder layers, optionally with what it keeps offloaded to CPU
+memory.
 
 ``CheckpointMode`` names the modes by what they do; ``TrainingPlan`` (``model/plan.py``) picks one
 and ``enable_checkpointing`` puts it on a model.
@@ -69,7 +70,8 @@ class CheckpointMode(Enum):
 
     @classmethod
     def of(cls, value: Union["CheckpointMode", Checkpointing]) -> "CheckpointMode":
-        """The mode a config value (``false``, ``true``, ``offload``, ...) names; a mode is itself."""
+        """The mode a config value (``false``, ``true``, ``offload``, ...) names; a mode is
+        itself."""
         if isinstance(value, cls):
             return value
         try:
@@ -82,7 +84,8 @@ class CheckpointMode(Enum):
 
     @property
     def checkpoints(self) -> bool:
-        """Whether transformers' per-layer checkpointing hook is on (every mode but keeping activations)."""
+        """Whether transformers' per-layer checkpointing hook is on (every mode but keeping
+        activations)."""
         return self is not CheckpointMode.KEEP_ACTIVATIONS
 
     @property
@@ -120,7 +123,8 @@ class CheckpointMode(Enum):
 def enable_checkpointing(
     model: torch.nn.Module, mode: Union[CheckpointMode, Checkpointing]
 ) -> None:
-    """Turn on transformers' (non-reentrant) checkpointing of each decoder layer, offloaded per ``mode``.
+    """Turn on transformers' (non-reentrant) checkpointing of each decoder layer, offloaded per
+    ``mode``.
 
     ``OFFLOAD_SAVED_NO_RECOMPUTE`` takes over the same hook (transformers calls it for each layer in
     training only) to run the layer once under the offloading instead.
@@ -167,8 +171,9 @@ def offloaded_checkpoint(function, *args, **kwargs):
 
 
 def offloaded_halves(layer: torch.nn.Module, function, hidden_states: torch.Tensor) -> torch.Tensor:
-    """``function(hidden_states)`` (``layer``'s forward, a ``partial`` holding its keyword arguments)
-    as two checkpoints, attention then MLP, whose inputs (the residual stream) wait in CPU memory."""
+    """``function(hidden_states)`` (``layer``'s forward, a ``partial`` holding its keyword
+    arguments) as two checkpoints, attention then MLP, whose inputs (the residual stream) wait in
+    CPU memory."""
     kwargs = function.keywords
     with OffloadToCpu():
         hidden_states = hidden_states + checkpoint(
@@ -193,7 +198,8 @@ def offloaded_layer(layer: torch.nn.Module, function, *args, **kwargs):
 
 
 def _weights(layer: torch.nn.Module):
-    """The layer's parameters and the quantization constants of its 4-bit ones (bitsandbytes' QuantState)."""
+    """The layer's parameters and the quantization constants of its 4-bit ones (bitsandbytes'
+    QuantState)."""
     for param in layer.parameters():
         yield param
         state = getattr(param, "quant_state", None)
@@ -218,7 +224,8 @@ class OffloadToCpu(torch.autograd.graph.saved_tensors_hooks):
     _last: Optional[weakref.ref] = None
 
     def __init__(self, keep: frozenset[int] = frozenset()):
-        """``keep``: storage addresses of tensors to leave on the device (weights, which stay there anyway)."""
+        """``keep``: storage addresses of tensors to leave on the device (weights, which stay there
+        anyway)."""
         super().__init__(functools.partial(self.pack, keep=keep), self.unpack)
 
     # Both hooks run eagerly, never traced: autograd calls them from inside compiled code, such as
@@ -260,7 +267,8 @@ def _worth_offloading(tensor: torch.Tensor, keep: frozenset[int]) -> bool:
 
 
 class _Parked:
-    """One saved tensor in pinned CPU memory, copied back to its device on demand or ahead of time."""
+    """One saved tensor in pinned CPU memory, copied back to its device on demand or ahead of
+    time."""
 
     __slots__ = ("host", "device", "before", "back", "ready", "__weakref__")
 
@@ -277,7 +285,8 @@ class _Parked:
         self.ready: Optional[torch.cuda.Event] = None
 
     def prefetch(self) -> None:
-        """Queue the copy back on the side stream (after the copy out, which is queued there too)."""
+        """Queue the copy back on the side stream (after the copy out, which is queued there
+        too)."""
         if self.back is not None:
             return
         compute, stream = torch.cuda.current_stream(self.device), _copy_stream(self.device)

@@ -91,7 +91,8 @@ def dims_of(config) -> Dims:
 
 
 def layer_linears(d: Dims) -> list[tuple[int, int]]:
-    """(in, out) of the linear layers of one decoder layer; all of them get LoRA under ``all-linear``."""
+    """(in, out) of the linear layers of one decoder layer; all of them get LoRA under
+    ``all-linear``."""
     attn = [(d.hidden, d.attn), (d.hidden, d.kv), (d.hidden, d.kv), (d.attn, d.hidden)]
     mlp = [(d.hidden, d.inter)] * (2 if d.gated_mlp else 1) + [(d.inter, d.hidden)]
     return attn + mlp
@@ -100,7 +101,8 @@ def layer_linears(d: Dims) -> list[tuple[int, int]]:
 def weight_bytes(
     d: Dims, quantization: str = "nf4", double_quant: bool = True, upcast_frozen: bool = False
 ) -> dict[str, float]:
-    """Bytes of the frozen base: 4-bit linears (with their constants) and the 16-bit (or fp32) rest."""
+    """Bytes of the frozen base: 4-bit linears (with their constants) and the 16-bit (or fp32)
+    rest."""
     n = d.layers * sum(i * o for i, o in layer_linears(d))
     if quantization in ("nf4", "fp4"):
         constants = n / BLOCK * (1 + 4 / DQ_BLOCK) if double_quant else n / BLOCK * 4
@@ -162,9 +164,9 @@ def logits_bytes(
     """Peak bytes of the loss: logits, fp32 log-softmax and their gradients in the backward.
 
     The project's plain loss keeps the fp32 log-softmax (4 bytes/logit) and, in the backward, its
-    gradient and the input gradient (4 + 4); transformers' model output also keeps the bf16 logits (2).
-    The chunked loss recomputes one chunk at a time in the backward (bf16 logits, fp32 log-softmax
-    and its gradient) and holds a gathered copy of the hidden states.
+    gradient and the input gradient (4 + 4); transformers' model output also keeps the bf16 logits
+    (2). The chunked loss recomputes one chunk at a time in the backward (bf16 logits, fp32
+    log-softmax and its gradient) and holds a gathered copy of the hidden states.
     """
     if loss_chunk_size:
         return min(loss_chunk_size, tokens) * d.vocab * 10 + tokens * d.hidden * 4
@@ -174,8 +176,8 @@ def logits_bytes(
 def optimizer_state_bytes(optimizer: str) -> tuple[int, bool]:
     """Bytes of state per trainable parameter of an Adam-family optimizer, and whether it is paged.
 
-    Two moments each, 8-bit (bitsandbytes ``*8bit``) or fp32; bitsandbytes' ``Paged*`` optimizers keep
-    them in CUDA managed memory, which the allocator's peak does not count.
+    Two moments each, 8-bit (bitsandbytes ``*8bit``) or fp32; bitsandbytes' ``Paged*`` optimizers
+    keep them in CUDA managed memory, which the allocator's peak does not count.
     """
     name = optimizer.rsplit(".", 1)[-1]
     return (2 if "8bit" in name else 8), name.startswith("Paged")
@@ -212,11 +214,13 @@ def estimate_peak_memory(
         double_quant: Whether the 4-bit constants are quantized too.
         lora_dropout: Adapter dropout (above zero it keeps a mask per LoRA input).
         optimizer: The optimizer's class name or path (``optimizer_state_bytes``).
-        loss_impl: ``project`` (``SFTModule``) or ``transformers`` (loss from ``labels`` in the model).
-        upcast_frozen: ``BaseModelSpec.upcast_frozen`` (the transformers + PEFT recipe's fp32 upcast).
+        loss_impl: ``project`` (``SFTModule``) or ``transformers`` (loss from ``labels`` in the
+            model).
+        upcast_frozen: ``BaseModelSpec.upcast_frozen`` (the transformers + PEFT recipe's fp32
+            upcast).
         liger_kernel: ``BaseModelSpec.liger_kernel``.
-        attn_implementation: ``BaseModelSpec.attn_implementation``; ``sdpa`` and ``eager`` build a dense
-            (B, 1, T, T) mask when a sliding window is shorter than the sequence.
+        attn_implementation: ``BaseModelSpec.attn_implementation``; ``sdpa`` and ``eager`` build a
+            dense (B, 1, T, T) mask when a sliding window is shorter than the sequence.
         cpu_embeddings: ``BaseModelSpec.cpu_embeddings``: the input embedding table in CPU memory.
         lean_forward: ``LoraSpec.lean_forward``: the adapter's update added into each projection's
             output, without PEFT's copy of that output and its separate full-size update.
@@ -251,8 +255,9 @@ def estimate_peak_memory(
         # A dense sliding-window mask: (B, 1, T, T) bool and its bf16 bias.
         attention += 3 * batch * seq * seq
     layer = attention + mlp
-    # The halves mode checkpoints a Llama-style layer's attention and MLP apart (others whole): the backward
-    # recomputes one at a time, and the residual stream between them waits in CPU memory too.
+    # The halves mode checkpoints a Llama-style layer's attention and MLP apart (others whole): the
+    # backward recomputes one at a time, and the residual stream between them waits in CPU memory
+    # too.
     halves = mode.splits_halves and d.gated_mlp
     recomputed = max(attention, mlp) if halves else layer
     logits = logits_bytes(d, tokens, loss_chunk_size, loss_impl)
@@ -273,7 +278,8 @@ def estimate_peak_memory(
         working = recomputed + tokens * (2 if upcast_frozen else 1) * (4 * d.inter + 4 * d.hidden)
         if lean_forward:
             # PEFT's forward holds a copy of the widest projection's output and its full-size update
-            # beside it: two (tokens x intermediate) bf16 tensors, which the lean forward never makes.
+            # beside it: two (tokens x intermediate) bf16 tensors, which the lean forward never
+            # makes.
             working -= tokens * 2 * 2 * d.inter
         parts["peak_of_loss_or_recomputed_layer"] = max(logits, working)
     else:
@@ -300,8 +306,8 @@ def choose_checkpointing(
     Fastest first: keeping the activations; for micro-batches of at most ``FEW_TOKENS`` tokens,
     offloading all the layers save without recomputing; recomputing layers; recomputing layers with
     their inputs offloaded; the same per attention and MLP (measured faster still at large
-    micro-batches, but not at every size, so tried only where whole layers do not fit; for layers
-    it cannot split its estimate is the whole layers'). When nothing fits, the leaner of the last two.
+    micro-batches, but not at every size, so tried only where whole layers do not fit; for layers it
+    cannot split its estimate is the whole layers'). When nothing fits, the leaner of the last two.
 
     Args:
         budget_gib: The GPU memory the step may use.

@@ -65,7 +65,8 @@ class HostReadings:
         self._pending.append((tag, copy_to_host(value), Mark(value.device)))
 
     def arrived(self, wait: bool = False) -> Iterator[tuple[Any, torch.Tensor]]:
-        """(tag, CPU copy) of each value that has reached the host, oldest first; ``wait``: all of them."""
+        """(tag, CPU copy) of each value that has reached the host, oldest first; ``wait``: all of
+        them."""
         while self._pending and (wait or self._pending[0][2].reached()):
             tag, value, mark = self._pending.popleft()
             mark.wait()

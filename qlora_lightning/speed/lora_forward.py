@@ -41,8 +41,8 @@ from qlora_lightning.speed import nf4
 
 
 class LeanLoraLinear4bit(Linear4bit):
-    """PEFT's LoRA layer on a bitsandbytes 4-bit linear, with the adapter's update added by one ``addmm``
-    or carried by the base matmul itself."""
+    """PEFT's LoRA layer on a bitsandbytes 4-bit linear, with the adapter's update added by one
+    ``addmm`` or carried by the base matmul itself."""
 
     # Compiled, matmuls of at most this many tokens (None: any) dequantize in the graph
     # (LoraSpec.compiled_dequant_tokens, where the measurements are).
@@ -56,7 +56,8 @@ class LeanLoraLinear4bit(Linear4bit):
         lora_B, scaling = self.lora_B[name].weight, self.scaling[name]
         in_graph = _in_graph(self.base_layer, x, self.compiled_dequant_tokens)
         # The adapter on the inner dimension copies the input, where addmm copies the output: it
-        # pays for the wide outputs (benchmarks/lora_gemm.py: gate_proj 12% faster, down_proj 4% slower).
+        # pays for the wide outputs (benchmarks/lora_gemm.py: gate_proj 12% faster, down_proj 4%
+        # slower).
         if in_graph and self.out_features >= self.in_features:
             return nf4.linear_4bit_lora(self.base_layer, x, h, lora_B, scaling)
         result = nf4.linear_4bit(self.base_layer, x) if in_graph else self.base_layer(x)
@@ -90,7 +91,8 @@ class LeanLoraLinear4bit(Linear4bit):
 
 
 class BaseLastLoraLinear4bit(LeanLoraLinear4bit):
-    """PEFT's LoRA layer on a bitsandbytes 4-bit linear, computing the adapter's update before the base matmul.
+    """PEFT's LoRA layer on a bitsandbytes 4-bit linear, computing the adapter's update before the
+    base matmul.
 
     Nothing is saved for the backward after the adapter, so a checkpoint's recomputation, which
     stops once it has every saved tensor back, never redoes the base matmul.

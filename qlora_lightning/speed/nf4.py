@@ -61,8 +61,8 @@ def dequantize_4bit(
 
 
 def supports(layer: torch.nn.Module) -> bool:
-    """Whether ``linear_4bit`` computes ``layer``'s output: a bitsandbytes NF4 ``Linear4bit`` with its
-    quant state, a compute dtype and no trainable bias."""
+    """Whether ``linear_4bit`` computes ``layer``'s output: a bitsandbytes NF4 ``Linear4bit`` with
+    its quant state, a compute dtype and no trainable bias."""
     state = getattr(getattr(layer, "weight", None), "quant_state", None)
     bias = getattr(layer, "bias", None)
     return (
@@ -75,7 +75,8 @@ def supports(layer: torch.nn.Module) -> bool:
 
 
 def linear_4bit(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What bitsandbytes' ``Linear4bit`` ``layer`` returns for ``x`` (see ``supports``), in torch operations.
+    """What bitsandbytes' ``Linear4bit`` ``layer`` returns for ``x`` (see ``supports``), in torch
+    operations.
 
     For compiled graphs. The dequantization is checkpointed, which there tags its operations
     must-recompute: the backward dequantizes again instead of keeping the 16-bit weight (the
@@ -149,8 +150,8 @@ def _dequantized(layout: tuple, quantized: tuple) -> torch.Tensor:
 
 
 class _ConcatenatedLinear(torch.autograd.Function):
-    """``[x | hs] @ [W | lora_B]^T + bias`` with ``W = dequantize(*quantized)``; gradients for ``x``,
-    ``hs`` and ``lora_B`` only (the base is frozen)."""
+    """``[x | hs] @ [W | lora_B]^T + bias`` with ``W = dequantize(*quantized)``; gradients for
+    ``x``, ``hs`` and ``lora_B`` only (the base is frozen)."""
 
     @staticmethod
     def forward(ctx, x, hs, lora_B, bias, layout, *quantized):
@@ -164,7 +165,8 @@ class _ConcatenatedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # Not one matmul over [W | lora_B] as in the forward: slicing x's gradient out of the
-        # product costs more than the second read of the gradient it saves (benchmarks/lora_gemm.py).
+        # product costs more than the second read of the gradient it saves
+        # (benchmarks/lora_gemm.py).
         hs, lora_B, *quantized = ctx.saved_tensors
         weight = _dequantized(ctx.layout, quantized)
         grad_hs = grad @ lora_B.to(grad.dtype)

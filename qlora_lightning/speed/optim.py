@@ -18,7 +18,8 @@ from bitsandbytes.optim import AdamW8bit as _BnbAdamW8bit
 
 
 class AdamW8bit(_BnbAdamW8bit):
-    """bitsandbytes' 8-bit AdamW, the same updates, without a ``torch.cuda.synchronize()`` per tensor.
+    """bitsandbytes' 8-bit AdamW, the same updates, without a ``torch.cuda.synchronize()`` per
+    tensor.
 
     bitsandbytes launches its kernels on the default CUDA stream, where training makes the
     gradients, so they run after them and in order; waiting for each before launching the next
