@@ -301,17 +301,18 @@ def main() -> None:
     (out / "dpo_memory.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{report['arch']}, {args.seq} tokens per sequence, {args.steps} measured steps")
     print(
-        f"{'variant':<16} {'seqs':>5} {'loaded GiB':>10} {'setup peak':>10} {'train peak':>10} {'reserved':>9} "
-        f"{'step s':>7}"
+        f"{'variant':<16} {'seqs':>5} {'loaded GiB':>10} {'setup peak':>10} {'train peak':>10} "
+        f"{'reserved':>9} {'step s':>7}"
     )
     for r in results:
         seqs = str(r.get("sequences_per_step", "-"))
         if r.get("kl_sequences_per_step"):  # kto: its rows + their KL pairs
             seqs += f"+{r['kl_sequences_per_step']}"
         print(
-            f"{r['variant']:<16} {seqs:>5} {_fmt(r.get('loaded_gib')):>10} {_fmt(r.get('setup_peak_alloc_gib')):>10} "
-            f"{_fmt(r.get('peak_alloc_gib')):>10} {_fmt(r.get('peak_reserved_gib')):>9} "
-            f"{_fmt(r.get('step_time_s'), '.3f'):>7}  {r.get('status', '')}"
+            f"{r['variant']:<16} {seqs:>5} {_fmt(r.get('loaded_gib')):>10} "
+            f"{_fmt(r.get('setup_peak_alloc_gib')):>10} {_fmt(r.get('peak_alloc_gib')):>10} "
+            f"{_fmt(r.get('peak_reserved_gib')):>9} {_fmt(r.get('step_time_s'), '.3f'):>7}  "
+            f"{r.get('status', '')}"
         )
     print(f"wrote {out / 'dpo_memory.json'}")
     if any("status" in r for r in results):

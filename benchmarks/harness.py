@@ -603,8 +603,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--goals",
         action="store_true",
-        help="the speed and memory goals, each on its path with its baseline, and a verdict for each "
-        f"(--archs: those archs' goals only; {QUICK_BUDGET_S:.0f} s unless --budget-s: "
+        help="the speed and memory goals, each on its path with its baseline, and a verdict for "
+        f"each (--archs: those archs' goals only; {QUICK_BUDGET_S:.0f} s unless --budget-s: "
         "Mistral's, then Llama-2's and Gemma's, fit one 10-minute GPU command each)",
     )
     parser.add_argument(

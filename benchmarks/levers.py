@@ -193,7 +193,7 @@ MEANINGS = {
     "bnb_dequant` / `dequant512": "`lora.compiled_dequant_tokens` 0 / 512 (default: no limit)",
     "eager": "`base.compile_layers: false` (on a GPU the default compiles each layer's parts)",
     "no_gc": "`gradient_checkpointing: false`",
-    "thawed_heap": "without the `qlora_lightning.FreezeHeap` callback (every other project job has it, as the "
-    "configs do)",
+    "thawed_heap": "without the `qlora_lightning.FreezeHeap` callback (every other project job has "
+    "it, as the configs do)",
 }
 LEGEND = "impl: " + "; ".join(f"`{name}` = {meaning}" for name, meaning in MEANINGS.items()) + "."

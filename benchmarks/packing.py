@@ -153,10 +153,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"# Packing benchmark, {meta['device']}",
         "",
-        f"{meta['arch']} (random weights, NF4, LoRA r=16 on all linear layers, gradient checkpointing, "
-        f"attention `{meta['attn']}`), GSM8K train, {meta['num_examples']} examples, max_seq_length "
-        f"{meta['max_seq_length']}, one epoch per layout; tokens/s = non-pad tokens over the optimizer steps "
-        f"after {meta['warmup']} warm-up steps. Command: `{meta['command']}`. Loss: n/a (random weights).",
+        f"{meta['arch']} (random weights, NF4, LoRA r=16 on all linear layers, gradient "
+        f"checkpointing, attention `{meta['attn']}`), GSM8K train, {meta['num_examples']} "
+        f"examples, max_seq_length {meta['max_seq_length']}, one epoch per layout; tokens/s = "
+        f"non-pad tokens over the optimizer steps after {meta['warmup']} warm-up steps. Command: "
+        f"`{meta['command']}`. Loss: n/a (random weights).",
         "",
         "| layout | rows x micro-batch | steps | padded-token fraction | non-pad tokens/s | x off "
         "| examples/s | epoch s | peak alloc GiB |",
@@ -166,15 +167,16 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         ratio = r["tokens_per_sec"] / ref["tokens_per_sec"] if ref and r["tokens_per_sec"] else None
         peak = r["peak_alloc_gib"] if isinstance(r["peak_alloc_gib"], float) else None
         lines.append(
-            f"| {r['layout']} | {r['micro_batch']} | {r['optimizer_steps']} "
-            f"| {r['padded_token_fraction']:.3f} | {fmt(r['tokens_per_sec'], '.0f')} | {fmt(ratio, '.2f')} "
-            f"| {fmt(r['samples_per_sec'], '.2f')} | {fmt(r['train_time_s'], '.1f')} | {fmt(peak, '.2f')} |"
+            f"| {r['layout']} | {r['micro_batch']} | {r['optimizer_steps']} | "
+            f"{r['padded_token_fraction']:.3f} | {fmt(r['tokens_per_sec'], '.0f')} | "
+            f"{fmt(ratio, '.2f')} | {fmt(r['samples_per_sec'], '.2f')} | "
+            f"{fmt(r['train_time_s'], '.1f')} | {fmt(peak, '.2f')} |"
         )
     lines += [
         "",
         "rows x micro-batch: examples (off) or packs of up to max_seq_length tokens (padded, "
-        "padding_free; padding_free lays them out as one row) per micro-batch. Every layout sees the same "
-        "examples.",
+        "padding_free; padding_free lays them out as one row) per micro-batch. Every layout sees "
+        "the same examples.",
         "",
     ]
     return "\n".join(lines)

@@ -358,10 +358,10 @@ _ACCURACY, _MARGIN = "val/rewards/accuracy", "val/rewards/margin"
 
 def _trl_table(results: dict[str, dict]) -> str:
     lines = [
-        "| config | rows (train / val) | steps x accumulation | validation loss before | after: project | "
-        "after: TRL | gap | final training loss: project / TRL | held-out | wall time of fit: project "
-        "(with a validation pass; DPO: and the reference log-probs) / TRL | "
-        "peak host memory |",
+        "| config | rows (train / val) | steps x accumulation | validation loss before | after: "
+        "project | after: TRL | gap | final training loss: project / TRL | held-out | wall time of "
+        "fit: project (with a validation pass; DPO: and the reference log-probs) / TRL | peak host "
+        "memory |",
         "|" + "---|" * 11,
     ]
     for name, r in results.items():
@@ -370,24 +370,27 @@ def _trl_table(results: dict[str, dict]) -> str:
         )
         if "gsm8k_exact_match_before" in r:
             held_out = (
-                f"perplexity {r['val_before']['val/ppl']:.3f} -> {r['val_after']['val/ppl']:.3f}; GSM8K "
-                f"exact match {r['gsm8k_exact_match_before']:.3f} -> {r['gsm8k_exact_match_after']:.3f}"
+                f"perplexity {r['val_before']['val/ppl']:.3f} -> {r['val_after']['val/ppl']:.3f}; "
+                f"GSM8K exact match {r['gsm8k_exact_match_before']:.3f} -> "
+                f"{r['gsm8k_exact_match_after']:.3f}"
             )
         elif _ACCURACY in r["val_before"]:
             held_out = (
-                f"reward accuracy {r['val_before'][_ACCURACY]:.3f} -> {r['val_after'][_ACCURACY]:.3f} "
-                f"(TRL {r['val_trl_after'][_ACCURACY]:.3f}), margin {r['val_before'][_MARGIN]:.4f} -> "
-                f"{r['val_after'][_MARGIN]:.4f} (TRL {r['val_trl_after'][_MARGIN]:.4f})"
+                f"reward accuracy {r['val_before'][_ACCURACY]:.3f} -> "
+                f"{r['val_after'][_ACCURACY]:.3f} (TRL {r['val_trl_after'][_ACCURACY]:.3f}), "
+                f"margin {r['val_before'][_MARGIN]:.4f} -> {r['val_after'][_MARGIN]:.4f} (TRL "
+                f"{r['val_trl_after'][_MARGIN]:.4f})"
             )
         else:
             held_out = (
                 f"perplexity {r['val_before']['val/ppl']:.3f} -> {r['val_after']['val/ppl']:.3f}"
             )
         lines.append(
-            f"| `{name}` | {r['train_samples']} / {r['val_samples']} | {r['steps']} x {r['accumulate']} | "
-            f"{before:.4f} | {after:.4f} | {trl:.4f} | {abs(after - trl) / trl:.2%} | "
-            f"{r['final_train_loss']:.4f} / {r['trl']['final_train_loss']:.4f} | {held_out} | "
-            f"{r['fit_seconds'] / 60:.1f} / {r['trl']['fit_seconds'] / 60:.1f} min | {r['peak_rss_gib']:.2f} GiB |"
+            f"| `{name}` | {r['train_samples']} / {r['val_samples']} | {r['steps']} x "
+            f"{r['accumulate']} | {before:.4f} | {after:.4f} | {trl:.4f} | "
+            f"{abs(after - trl) / trl:.2%} | {r['final_train_loss']:.4f} / "
+            f"{r['trl']['final_train_loss']:.4f} | {held_out} | {r['fit_seconds'] / 60:.1f} / "
+            f"{r['trl']['fit_seconds'] / 60:.1f} min | {r['peak_rss_gib']:.2f} GiB |"
         )
     return "\n".join(lines)
 
@@ -401,18 +404,19 @@ def _loss_type(config: str) -> str:
 
 def _preference_table(results: dict[str, dict]) -> str:
     lines = [
-        "| config | method | rows (train / val) | steps x accumulation | held-out reward accuracy before -> after | "
-        "held-out reward margin before -> after | validation loss before -> after | wall time of fit | "
-        "peak host memory |",
+        "| config | method | rows (train / val) | steps x accumulation | held-out reward accuracy "
+        "before -> after | held-out reward margin before -> after | validation loss before -> "
+        "after | wall time of fit | peak host memory |",
         "|" + "---|" * 9,
     ]
     for name, r in results.items():
         before, after = r["val_before"], r["val_after"]
         lines.append(
             f"| `{name}` | {_loss_type(r['config'])} | {r['train_samples']} / {r['val_samples']} | "
-            f"{r['steps']} x {r['accumulate']} | {before[_ACCURACY]:.3f} -> {after[_ACCURACY]:.3f} | "
-            f"{before[_MARGIN]:.4f} -> {after[_MARGIN]:.4f} | {before['val/loss']:.4f} -> "
-            f"{after['val/loss']:.4f} | {r['fit_seconds'] / 60:.1f} min | {r['peak_rss_gib']:.2f} GiB |"
+            f"{r['steps']} x {r['accumulate']} | {before[_ACCURACY]:.3f} -> {after[_ACCURACY]:.3f} "
+            f"| {before[_MARGIN]:.4f} -> {after[_MARGIN]:.4f} | {before['val/loss']:.4f} -> "
+            f"{after['val/loss']:.4f} | {r['fit_seconds'] / 60:.1f} min | {r['peak_rss_gib']:.2f} "
+            "GiB |"
         )
     return "\n".join(lines)
 

@@ -218,9 +218,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"# QLoRA benchmark, {meta['device']}",
         "",
-        f"Random weights with the published dims, NF4 + double quant, bf16 compute, LoRA on all linear "
-        f"layers, median of {meta['steps']} optimizer steps after {meta['warmup']} warm-up steps, each "
-        f"configuration in its own process; command: `{meta['command']}`. Loss: n/a (random weights).",
+        "Random weights with the published dims, NF4 + double quant, bf16 compute, LoRA on all "
+        f"linear layers, median of {meta['steps']} optimizer steps after {meta['warmup']} warm-up "
+        f"steps, each configuration in its own process; command: `{meta['command']}`. Loss: n/a "
+        "(random weights).",
         "",
     ]
     if meta.get("note"):
@@ -239,21 +240,22 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                 else None
             )
             lines.append(
-                f"| {exp.name} | {fmt(r.get('peak_alloc_gib'))} | {fmt(r.get('peak_reserved_gib'))} "
-                f"| {fmt(r.get('estimated_peak_gib'))} | {fmt(r.get('step_time_s'), '.3f')} "
-                f"| {fmt(minutes, '.1f')} | {exp.t4_peak_gb} | {exp.t4_minutes} | n/a |"
+                f"| {exp.name} | {fmt(r.get('peak_alloc_gib'))} | "
+                f"{fmt(r.get('peak_reserved_gib'))} | {fmt(r.get('estimated_peak_gib'))} | "
+                f"{fmt(r.get('step_time_s'), '.3f')} | {fmt(minutes, '.1f')} | {exp.t4_peak_gb} | "
+                f"{exp.t4_minutes} | n/a |"
             )
         lines += [
             "",
-            "Training time = measured step time x samples / 8 (one epoch), extrapolated, not run to "
-            "the end; every sample is a full 512 tokens here (the originals had shorter ones). "
+            "Training time = measured step time x samples / 8 (one epoch), extrapolated, not run "
+            "to the end; every sample is a full 512 tokens here (the originals had shorter ones). "
             "Not comparable 1:1 with the T4 (another GPU, another software stack).",
             "",
         ]
         return "\n".join(lines)
     lines += [
-        "| arch | shape | impl | tokens/s | x baseline | wall tokens/s | peak alloc GiB | peak reserved GiB "
-        "| est. GiB | est. error | MFU | step s | status |",
+        "| arch | shape | impl | tokens/s | x baseline | wall tokens/s | peak alloc GiB | peak "
+        "reserved GiB | est. GiB | est. error | MFU | step s | status |",
         "|---" * 13 + "|",
     ]
     for r in rows:
@@ -276,9 +278,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         LEGEND
         + " Peaks are torch allocator peaks after model load (PagedAdamW8bit's paged state lives "
-        "in CUDA managed memory, which they do not count). wall tokens/s: the project's measured steps over "
-        "host wall time with the GPU synchronized at both ends (its tokens/s is the median step timed by GPU "
-        "events).",
+        "in CUDA managed memory, which they do not count). wall tokens/s: the project's measured "
+        "steps over host wall time with the GPU synchronized at both ends (its tokens/s is the "
+        "median step timed by GPU events).",
         "",
     ]
     return "\n".join(lines + goal_lines(rows) + stall_lines(rows) + profile_lines(rows))
@@ -291,16 +293,16 @@ def profile_lines(rows: list[dict]) -> list[str]:
     if not profiled:
         return []
     lines = [
-        f"GPU time per step by kind of kernel (`--profile`, the last {PROFILED_STEPS} measured steps "
-        "traced; busy = kernel time / span of the steps):",
+        f"GPU time per step by kind of kernel (`--profile`, the last {PROFILED_STEPS} measured "
+        "steps traced; busy = kernel time / span of the steps):",
         "",
     ]
     for r in profiled:
         p = r["profile"]
         kinds = ", ".join(f"{kind} {ms:.1f}" for kind, ms in p["ms_per_step"].items())
         lines.append(
-            f"- {r['arch']} {r['batch']}x{r['seq']} {r['variant']}: busy {fmt(p['gpu_busy'], '.0%')}, "
-            f"{p['kernels_per_step']:.0f} kernels; ms: {kinds}"
+            f"- {r['arch']} {r['batch']}x{r['seq']} {r['variant']}: busy "
+            f"{fmt(p['gpu_busy'], '.0%')}, {p['kernels_per_step']:.0f} kernels; ms: {kinds}"
         )
     return lines + [""]
 

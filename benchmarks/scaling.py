@@ -308,11 +308,11 @@ def markdown(meta: dict, rows: list[dict], reload_result: Optional[dict]) -> str
     lines = [
         f"# QLoRA scaling, {meta['device']}",
         "",
-        f"{meta['arch']} dims, random weights, NF4 + double quant, {meta['compute']} compute, "
-        f"LoRA r={meta['r']} on all linear layers, {meta['batch']}x{meta['seq']} tokens per GPU per micro-batch, "
-        f"{meta.get('accumulate', 1)} micro-batch(es) per optimizer step, "
-        f"median of {meta['steps']} "
-        f"steps after {meta['warmup']} warm-up steps; command: `{meta['command']}`.",
+        f"{meta['arch']} dims, random weights, NF4 + double quant, {meta['compute']} compute, LoRA "
+        f"r={meta['r']} on all linear layers, {meta['batch']}x{meta['seq']} tokens per GPU per "
+        f"micro-batch, {meta.get('accumulate', 1)} micro-batch(es) per optimizer step, median of "
+        f"{meta['steps']} steps after {meta['warmup']} warm-up steps; command: "
+        f"`{meta['command']}`.",
         "",
         "| run | GPUs | tokens/s | tokens/s per GPU | scaling efficiency | step s | MFU "
         "| model GiB per rank | peak alloc GiB per rank | peak reserved GiB per rank |",
@@ -320,11 +320,11 @@ def markdown(meta: dict, rows: list[dict], reload_result: Optional[dict]) -> str
     ]
     for r in rows:
         lines.append(
-            f"| {r['run']} | {r['gpus']} | {_fmt(r['tokens_per_sec'], '.0f')} "
-            f"| {_fmt(r['tokens_per_sec_per_gpu'], '.0f')} | {_fmt(r['scaling_efficiency'], '.1%')} "
-            f"| {_fmt(r['step_time_s'], '.3f')} | {_fmt(r['mfu'], '.1%')} "
-            f"| {_fmt(r.get('model_alloc_gib_per_rank'))} | {_fmt(r['peak_alloc_gib_per_rank'])} "
-            f"| {_fmt(r['peak_reserved_gib_per_rank'])} |"
+            f"| {r['run']} | {r['gpus']} | {_fmt(r['tokens_per_sec'], '.0f')} | "
+            f"{_fmt(r['tokens_per_sec_per_gpu'], '.0f')} | {_fmt(r['scaling_efficiency'], '.1%')} "
+            f"| {_fmt(r['step_time_s'], '.3f')} | {_fmt(r['mfu'], '.1%')} | "
+            f"{_fmt(r.get('model_alloc_gib_per_rank'))} | {_fmt(r['peak_alloc_gib_per_rank'])} | "
+            f"{_fmt(r['peak_reserved_gib_per_rank'])} |"
         )
     if reload_result:
         verdict = "same" if reload_result["same"] else "DIFFERENT"
@@ -332,8 +332,8 @@ def markdown(meta: dict, rows: list[dict], reload_result: Optional[dict]) -> str
             "",
             f"FSDP adapter reloaded on one device: logits {verdict} (max |diff| "
             f"{reload_result['max_abs_diff']:.3g}, tolerance {reload_result['tolerance']:.3g} = "
-            f"{LOGITS_TOLERANCE:.0%} of max |logit| {reload_result['logits_abs_max']:.3g}; argmax agreement "
-            f"{reload_result['argmax_agreement']:.1%}).",
+            f"{LOGITS_TOLERANCE:.0%} of max |logit| {reload_result['logits_abs_max']:.3g}; argmax "
+            f"agreement {reload_result['argmax_agreement']:.1%}).",
         ]
     return "\n".join(lines) + "\n"
 

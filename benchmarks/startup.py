@@ -94,8 +94,8 @@ def main() -> None:
             time_command(tree, COMMANDS["fit --help"], caches[name])
             time_command(tree, PARSE_ONLY, caches[name])
         print(
-            f"{os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the start; "
-            f"median of {args.repeat} runs, seconds"
+            f"{os.cpu_count()} cores, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} "
+            f"at the start; median of {args.repeat} runs, seconds"
         )
         print(f"{'':<24} " + "  ".join(f"{name:>10}" for name in trees) + "   (each run)")
         for command, argv in COMMANDS.items():

@@ -246,11 +246,12 @@ def stall_lines(rows: list[dict]) -> list[str]:
         return []
     return (
         [
-            "Steps over 1.05x their job's median, with what else happened in them (GC: host seconds in "
-            "Python's garbage collector; host CPU: CPU seconds of the job's threads; runqueue: their seconds "
-            "waiting for a CPU; steal: seconds the hypervisor took from the machine's CPUs; copies waited for: "
-            "GPU seconds the compute stream waited for offloaded activations; cudaMalloc: new device blocks; "
-            "pinned: new pinned host blocks; SM MHz: lowest clock sampled; reasons: clock event reasons seen):",
+            "Steps over 1.05x their job's median, with what else happened in them (GC: host "
+            "seconds in Python's garbage collector; host CPU: CPU seconds of the job's threads; "
+            "runqueue: their seconds waiting for a CPU; steal: seconds the hypervisor took from "
+            "the machine's CPUs; copies waited for: GPU seconds the compute stream waited for "
+            "offloaded activations; cudaMalloc: new device blocks; pinned: new pinned host blocks; "
+            "SM MHz: lowest clock sampled; reasons: clock event reasons seen):",
             "",
         ]
         + lines

@@ -105,7 +105,8 @@ def explain(events: list[dict], host_gaps: list[tuple], n: int, top: int) -> Non
             named[e["name"][:90]][0] += e["dur"]
             named[e["name"][:90]][1] += 1
         print(
-            f"\n  gap {gap / 1e3:.2f} ms before {name[:70]}; host window {(ts - since) / 1e3:.2f} ms:"
+            f"\n  gap {gap / 1e3:.2f} ms before {name[:70]}; host window {(ts - since) / 1e3:.2f} "
+            "ms:"
         )
         for key, (dur, count) in sorted(named.items(), key=lambda kv: -kv[1][0])[:top]:
             print(f"    {dur / 1e3:8.2f} ms {count:5d}  {key}")
@@ -143,8 +144,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     )
     span = stream[-1]["ts"] + stream[-1]["dur"] - stream[0]["ts"]
     print(
-        f"stream {main_stream}: {len(stream)} kernels and copies, busy {per_stream[main_stream] / 1e3:.1f} ms "
-        f"of {span / 1e3:.1f} ms; other streams: "
+        f"stream {main_stream}: {len(stream)} kernels and copies, busy "
+        f"{per_stream[main_stream] / 1e3:.1f} ms of {span / 1e3:.1f} ms; other streams: "
         + ", ".join(f"{s}: {d / 1e3:.1f} ms" for s, d in per_stream.items() if s != main_stream)
     )
     copies: dict[str, list] = defaultdict(lambda: [0.0, 0])
@@ -190,7 +191,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     device_total = sum(v[0] for v in device_gaps.values())
     print(
         f"idle {total_gap / 1e3:.1f} ms; in gaps >= {args.min_gap_us:.0f} us: waiting for the host "
-        f"{host_total / 1e3:.1f} ms ({len(host_gaps)} gaps), for the device {device_total / 1e3:.1f} ms"
+        f"{host_total / 1e3:.1f} ms ({len(host_gaps)} gaps), for the device "
+        f"{device_total / 1e3:.1f} ms"
     )
 
     frames = enclosing_frames(events, queries)

@@ -50,13 +50,15 @@ PRIVATE = [
         "transformers.masking_utils",
         "_ignore_causal_mask_sdpa",
         "speed/masks.py replaces it (and the public find_packed_sequence_indices beside it)",
-        "inside masks.known_to_the_host, entered by the module around its own forward; restored after",
+        "inside masks.known_to_the_host, entered by the module around its own forward; restored "
+        "after",
     ),
     Private(
         "transformers",
         "transformers.modeling_layers.GradientCheckpointingLayer",
         "__call__",
-        "speed/checkpointing.py sets each decoder layer's _gradient_checkpointing_func, which it calls",
+        "speed/checkpointing.py sets each decoder layer's _gradient_checkpointing_func, which it "
+        "calls",
         "on the layers of the model the package builds",
     ),
     Private(
@@ -88,7 +90,8 @@ PRIVATE = [
         "torch",
         "torch.optim.AdamW",
         "_step_supports_amp_scaling",
-        "modules/stepping.py guard_nonfinite reads it (a fused optimizer skips a step on the device)",
+        "modules/stepping.py guard_nonfinite reads it (a fused optimizer skips a step on the "
+        "device)",
         checked_by="test_fused_adam_says_it_skips_steps_on_the_device",
     ),
     Private(
@@ -112,7 +115,8 @@ PRIVATE = [
         "bitsandbytes",
         "bitsandbytes.functional.QuantState",
         "__init__",
-        "speed/nf4.py reads its fields (absmax, shape, code, blocksize, quant_type, offset, state2)",
+        "speed/nf4.py reads its fields (absmax, shape, code, blocksize, quant_type, offset, "
+        "state2)",
         checked_by="test_quant_state_fields_nf4_py_reads",
     ),
     Private(
@@ -138,7 +142,8 @@ PRIVATE = [
         "lightning",
         "lightning.pytorch.loggers.TensorBoardLogger",
         "_version",
-        "evaluate/tracking.py continue_run sets it (and _kwargs' purge_step) to log a resume to its run folder",
+        "evaluate/tracking.py continue_run sets it (and _kwargs' purge_step) to log a resume to "
+        "its run folder",
         "on the run's own logger",
         checked_by="test_lightning_state_that_resume_and_cli_rely_on",
     ),
@@ -155,9 +160,9 @@ PRIVATE = [
         "lightning",
         "lightning.pytorch.loggers.MLFlowLogger",
         "_run_id",
-        "evaluate/tracking.py continue_run sets it (before the run starts: _initialized is False) to resume "
-        "an MLflow run; run_root reads _mlflow_client and _experiment_name to find the experiment without "
-        "starting a run",
+        "evaluate/tracking.py continue_run sets it (before the run starts: _initialized is False) "
+        "to resume an MLflow run; run_root reads _mlflow_client and _experiment_name to find the "
+        "experiment without starting a run",
         "on the run's own logger",
         checked_by="test_logger_state_tracking_py_sets",
     ),
@@ -172,7 +177,8 @@ PRIVATE = [
         "lightning",
         "lightning.pytorch.loops.fit_loop._FitLoop",
         "state_dict",
-        "modules/resume.py rewrites its epoch_progress and the batch loop's state for an exact resume",
+        "modules/resume.py rewrites its epoch_progress and the batch loop's state for an exact "
+        "resume",
         checked_by="test_lightning_state_that_resume_and_cli_rely_on",
     ),
     Private(

@@ -51,7 +51,8 @@ def test_an_unknown_command_is_one_line_naming_the_commands():
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(
-        "error: unknown command 'frobnicate' (one of: fit, validate, test, predict, eval, merge, export, estimate"
+        "error: unknown command 'frobnicate' (one of: fit, validate, test, predict, eval, merge, "
+        "export, estimate"
     )
 
 

@@ -54,8 +54,8 @@ def test_the_installed_release_is_one_the_private_code_was_written_for(library):
     installed = importlib.metadata.version(library)
     users = "; ".join(p.use for p in PRIVATE if p.library == library)
     assert SpecifierSet(RANGES[library]).contains(installed, prereleases=True), (
-        f"{library} {installed} is outside {RANGES[library]}, the releases this code was checked with: {users}. "
-        f"Run this file against it, then widen the range in compat.py and setup.cfg"
+        f"{library} {installed} is outside {RANGES[library]}, the releases this code was checked "
+        f"with: {users}. Run this file against it, then widen the range in compat.py and setup.cfg"
     )
 
 
@@ -80,8 +80,8 @@ def test_gradient_checkpointing_layer_calls_the_function_checkpointing_py_replac
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     assert "self._gradient_checkpointing_func(" in inspect.getsource(GradientCheckpointingLayer), (
-        "transformers' GradientCheckpointingLayer no longer calls _gradient_checkpointing_func, which "
-        "qlora_lightning/speed/checkpointing.py sets to offload layer inputs"
+        "transformers' GradientCheckpointingLayer no longer calls _gradient_checkpointing_func, "
+        "which qlora_lightning/speed/checkpointing.py sets to offload layer inputs"
     )
 
 
@@ -130,7 +130,8 @@ def test_dataset_fingerprint_preference_py_reads():
     import datasets
 
     assert isinstance(datasets.Dataset.from_dict({"a": [1]})._fingerprint, str), (
-        "datasets.Dataset._fingerprint: qlora_lightning/data/preference.py hashes it to cache reference log-probs"
+        "datasets.Dataset._fingerprint: qlora_lightning/data/preference.py hashes it to cache "
+        "reference log-probs"
     )
 
 
@@ -139,8 +140,9 @@ def test_fused_adam_says_it_skips_steps_on_the_device():
 
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
     assert optimizer._step_supports_amp_scaling, (
-        "torch's fused AdamW no longer sets _step_supports_amp_scaling: modules/stepping.py guard_nonfinite reads it "
-        "(with a default of False, so it would silently wait for the GPU at every step)"
+        "torch's fused AdamW no longer sets _step_supports_amp_scaling: modules/stepping.py "
+        "guard_nonfinite reads it (with a default of False, so it would silently wait for the GPU "
+        "at every step)"
     )
 
 

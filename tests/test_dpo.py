@@ -288,8 +288,8 @@ def test_pair_tokens_match_sft_rendering(tokenizer):
 
 def test_pair_tokens_with_a_chat_template(tokenizer):
     chatml = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% "
+        "endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     templated = copy.deepcopy(tokenizer)
     templated.chat_template = chatml

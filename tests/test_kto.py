@@ -280,7 +280,8 @@ def test_awkward_unpaired_rows_train_exactly_their_completion(tmp_path, tokenize
     [
         (
             None,
-            "line 3 of '.*' \\(.* split\\): bad label: no field 'label' \\(every row needs a label, true or false\\)",
+            "line 3 of '.*' \\(.* split\\): bad label: no field 'label' \\(every row needs a "
+            "label, true or false\\)",
         ),
         ("yes", "line 3 .*bad label: 'label' is 'yes', not true or false"),
         (0.5, "line 3 .*bad label: 'label' is 0.5, not true or false"),

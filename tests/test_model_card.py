@@ -255,7 +255,8 @@ def test_an_upload_that_fails_is_one_line(tmp_path, monkeypatch):
         push_folder(tmp_path, "my-org/name", "a commit")
     assert (
         str(err.value)
-        == f"--push_to_hub my-org/name: upload of '{tmp_path}' failed: 401 Client Error: Unauthorized"
+        == f"--push_to_hub my-org/name: upload of '{tmp_path}' failed: 401 Client Error: "
+        "Unauthorized"
     )
     with pytest.raises(UserError, match="does not exist"):
         push_folder(tmp_path / "missing", "my-org/name", "a commit")

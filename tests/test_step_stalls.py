@@ -113,8 +113,8 @@ def test_slow_steps_are_listed_with_what_happened_in_them():
     (line,) = [ln for ln in step_stalls.stall_lines([row]) if ln.startswith("- ")]
     assert line.startswith("- mistral-7b 8x1024 v: median 0.660 s (GC 0.000 s")
     assert (
-        "step 2: 1.050 s (GC 0.410 s, host CPU 0.900 s, runqueue 0.120 s, steal 0.30 s, cudaMalloc 0, "
-        "pinned 3 (0.050 s), SM 1980 MHz, 650 W, reasons sw_power_cap)"
+        "step 2: 1.050 s (GC 0.410 s, host CPU 0.900 s, runqueue 0.120 s, steal 0.30 s, cudaMalloc "
+        "0, pinned 3 (0.050 s), SM 1980 MHz, 650 W, reasons sw_power_cap)"
     ) in line
     assert step_stalls.stall_lines([{**row, "step_times_s": [0.66, 0.67, 0.65]}]) == []  # none slow
 

@@ -554,8 +554,9 @@ class SFTDataModule(LightningDataModule):
                 held = train.train_test_split(test_size=self.val_fraction, seed=self.seed)
             except ValueError:  # too few rows for both splits: datasets says so in sklearn's words
                 raise UserError(
-                    f"data '{self.path}': {len(train)} usable rows cannot make a training split and a "
-                    f"validation split of {self.val_fraction:g}; add rows, or name a val_split"
+                    f"data '{self.path}': {len(train)} usable rows cannot make a training split "
+                    f"and a validation split of {self.val_fraction:g}; add rows, or name a "
+                    "val_split"
                 ) from None
             train, val = held["train"], held["test"]
         self.read_report.update(

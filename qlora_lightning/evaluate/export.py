@@ -82,7 +82,8 @@ def check_architecture(config) -> str:
         )
     if getattr(config, "hidden_act", "silu") != "silu":
         raise UserError(
-            f"GGUF export: hidden_act '{config.hidden_act}' is not supported (llama.cpp's llama uses silu)"
+            f"GGUF export: hidden_act '{config.hidden_act}' is not supported (llama.cpp's llama "
+            "uses silu)"
         )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -314,7 +315,8 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     size = max(vocab.values()) + 1
     if size > vocab_size:
         raise UserError(
-            f"GGUF export: the tokenizer has {size} tokens, more than the model's {vocab_size} embeddings"
+            f"GGUF export: the tokenizer has {size} tokens, more than the model's {vocab_size} "
+            "embeddings"
         )
     tokens: list[Optional[str]] = [None] * vocab_size
     for token, index in vocab.items():
@@ -547,8 +549,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = _Parser(
         prog="python -m qlora_lightning export",
-        description="A merged model (or an adapter, merged first as merge does) as one GGUF file for "
-        "llama.cpp, Ollama and LM Studio, with its tokenizer and a README.md model card.",
+        description="A merged model (or an adapter, merged first as merge does) as one GGUF file "
+        "for llama.cpp, Ollama and LM Studio, with its tokenizer and a README.md model card.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(

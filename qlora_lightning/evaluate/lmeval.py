@@ -135,7 +135,8 @@ def task_manager(
         )
         hint = f"; did you mean {', '.join(close)}?" if close else " (lm_eval ls tasks lists them)"
         raise UserError(
-            f"unknown lm-eval task{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{hint}"
+            f"unknown lm-eval task{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}{hint}"
         )
     return manager
 
@@ -445,8 +446,8 @@ def _limit(text: str) -> float:
 def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = _Parser(
         prog="python -m qlora_lightning eval",
-        description="lm-evaluation-harness tasks on a trained adapter on its 4-bit base, as trained "
-        "(or on a merged model folder), in memory through lm-eval's HF wrapper.",
+        description="lm-evaluation-harness tasks on a trained adapter on its 4-bit base, as "
+        "trained (or on a merged model folder), in memory through lm-eval's HF wrapper.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -476,13 +477,14 @@ def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--without_adapter",
         action="store_true",
-        help="with --adapter: score its base alone, loaded and quantized as in training, the adapter "
-        "switched off (the score before training)",
+        help="with --adapter: score its base alone, loaded and quantized as in training, the "
+        "adapter switched off (the score before training)",
     )
     parser.add_argument(
         "--tasks",
         default=",".join(DEFAULT_TASKS),
-        help="comma-separated lm-eval task names (default: gsm8k_local, the shipped local GSM8K task)",
+        help="comma-separated lm-eval task names (default: gsm8k_local, the shipped local GSM8K "
+        "task)",
     )
     parser.add_argument(
         "--num_fewshot",
@@ -643,8 +645,8 @@ def main(args: Optional[Sequence[str]] = None) -> Path:
     what = (
         "merged model"
         if not opts.adapter
-        else f"{'its base, adapter off' if opts.without_adapter else 'adapter ' + repr(model.active_adapter)} on "
-        f"{model.peft_config[model.active_adapter].base_model_name_or_path}"
+        else f"{'its base, adapter off' if opts.without_adapter else 'adapter ' + repr(model.active_adapter)} "
+        f"on {model.peft_config[model.active_adapter].base_model_name_or_path}"
     )
     log.info("evaluating %s (%s) on %s", opts.adapter or opts.model, what, ", ".join(opts.tasks))
     with model.disable_adapter() if opts.without_adapter else contextlib.nullcontext():

@@ -370,7 +370,8 @@ def _what_passes(
 
 def _failure_line(report: dict, failed: list[str]) -> str:
     worst = ", ".join(
-        f"{name} {report['measures'][name]['merge']:.3g} > limit {report['measures'][name]['limit']:.3g}"
+        f"{name} {report['measures'][name]['merge']:.3g} > limit "
+        f"{report['measures'][name]['limit']:.3g}"
         for name in failed
     )
     fix = report.get("passes_instead")
@@ -381,8 +382,8 @@ def _failure_line(report: dict, failed: list[str]) -> str:
     )
     dtype = report["dtype"].removeprefix("torch.")
     return (
-        f"merge check failed against adapter-on-4-bit ({worst}; limits: {MARGIN:g}x the floor of {dtype} rounding): "
-        f"{hint}; nothing written (--allow-divergence writes it anyway)"
+        f"merge check failed against adapter-on-4-bit ({worst}; limits: {MARGIN:g}x the floor of "
+        f"{dtype} rounding): {hint}; nothing written (--allow-divergence writes it anyway)"
     )
 
 

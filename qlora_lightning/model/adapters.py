@@ -97,7 +97,8 @@ def attach_adapters(model: torch.nn.Module, adapters: AdapterSet) -> torch.nn.Mo
             )
         if not Path(path, "adapter_config.json").is_file():
             raise UserError(
-                f"adapter '{name}': '{path}' is not a PEFT adapter directory (no adapter_config.json)"
+                f"adapter '{name}': '{path}' is not a PEFT adapter directory (no "
+                "adapter_config.json)"
             )
         model.load_adapter(path, adapter_name=name, is_trainable=False)
     for mix in adapters.mixes:
@@ -121,7 +122,8 @@ def attach_adapters(model: torch.nn.Module, adapters: AdapterSet) -> torch.nn.Mo
     if adapters.active is not None:
         if adapters.active not in model.peft_config:
             raise UserError(
-                f"adapters.active '{adapters.active}' is not loaded; loaded: {sorted(model.peft_config)}"
+                f"adapters.active '{adapters.active}' is not loaded; loaded: "
+                f"{sorted(model.peft_config)}"
             )
         model.set_adapter(adapters.active, inference_mode=True)
     return model

@@ -268,9 +268,10 @@ def check_4bit_shapes(path: str, spec: BaseModelSpec) -> None:
             and module.weight.numel() % per_element
         ):
             raise UserError(
-                f"model '{spec.name_or_path}': {name} ({module.out_features} x {module.in_features} = "
-                f"{module.weight.numel()} weights) does not pack into 4-bit {spec.compute_dtype} storage, "
-                f"which needs a multiple of {per_element}: use base.quantization int8 or none"
+                f"model '{spec.name_or_path}': {name} ({module.out_features} x "
+                f"{module.in_features} = {module.weight.numel()} weights) does not pack into 4-bit "
+                f"{spec.compute_dtype} storage, which needs a multiple of {per_element}: use "
+                "base.quantization int8 or none"
             )
 
 
@@ -385,12 +386,13 @@ def embeddings_to_cpu(model: PreTrainedModel) -> None:
     # The tie first: it rules the option out whatever the embedding's kind (Gemma's is both).
     if head is not None and head.weight is embedding.weight:
         raise UserError(
-            f"base.cpu_embeddings: {model.config.model_type} ties its input embedding to the output "
-            "head, which needs the table on the device anyway; set it to false"
+            f"base.cpu_embeddings: {model.config.model_type} ties its input embedding to the "
+            "output head, which needs the table on the device anyway; set it to false"
         )
     if type(embedding) is not torch.nn.Embedding:
         raise UserError(
-            f"base.cpu_embeddings: {type(embedding).__name__} is not a plain embedding; set it to false"
+            f"base.cpu_embeddings: {type(embedding).__name__} is not a plain embedding; set it to "
+            "false"
         )
     model.set_input_embeddings(CpuEmbedding(embedding))
 

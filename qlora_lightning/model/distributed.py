@@ -164,14 +164,15 @@ def check_fsdp_precision(strategy: FSDPStrategy, precision: str, dtype: torch.dt
     true_dtype = _TRUE_PRECISION_DTYPES.get(precision)
     if true_dtype is not None and true_dtype != dtype:
         raise UserError(
-            f"under FSDP, trainer.precision {precision} casts every weight to {true_dtype}, the packed "
-            f"4-bit ones (stored as {dtype}) included: use bf16-mixed, or set base.compute_dtype to match"
+            f"under FSDP, trainer.precision {precision} casts every weight to {true_dtype}, the "
+            f"packed 4-bit ones (stored as {dtype}) included: use bf16-mixed, or set "
+            "base.compute_dtype to match"
         )
     param_dtype = getattr(strategy.mixed_precision_config, "param_dtype", None)
     if param_dtype is not None and param_dtype != dtype:
         raise UserError(
-            f"FSDP's mixed precision casts parameters to {param_dtype}, the packed 4-bit ones (stored as "
-            f"{dtype}) included: set the strategy's mixed_precision to "
+            f"FSDP's mixed precision casts parameters to {param_dtype}, the packed 4-bit ones "
+            f"(stored as {dtype}) included: set the strategy's mixed_precision to "
             "torch.distributed.fsdp.MixedPrecision with no param_dtype (autocast does the rest)"
         )
 
@@ -199,8 +200,9 @@ def cast_frozen_for_fsdp(model: torch.nn.Module, dtype: torch.dtype) -> None:
                 continue
             if not param.dtype.is_floating_point:
                 raise UserError(
-                    f"FSDP cannot shard {type(layer).__name__}.{name} ({param.dtype}): use quantization "
-                    "nf4/fp4 (stored as the compute dtype) or none, or the ddp strategy"
+                    f"FSDP cannot shard {type(layer).__name__}.{name} ({param.dtype}): use "
+                    "quantization nf4/fp4 (stored as the compute dtype) or none, or the ddp "
+                    "strategy"
                 )
             if param.dtype != dtype and type(param).__name__ != "Params4bit":
                 param.data = param.data.to(dtype)

@@ -58,7 +58,8 @@ def check_hub_id(name: str, what: str = "model") -> None:
     )
     if not _cached(name):
         raise UserError(
-            f"{what} '{name}' is not a local folder, the hub ({constants.ENDPOINT}) cannot be reached "
-            f"and no copy of it is cached: point base.name_or_path at a local folder holding the "
-            f"model's config, weights and tokenizer (or connect and run once to cache it)"
+            f"{what} '{name}' is not a local folder, the hub ({constants.ENDPOINT}) cannot be "
+            "reached and no copy of it is cached: point base.name_or_path at a local folder "
+            "holding the model's config, weights and tokenizer (or connect and run once to cache "
+            "it)"
         )

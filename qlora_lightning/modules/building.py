@@ -138,9 +138,10 @@ class Building(LightningModule):
         except Exception:  # no estimate for an architecture or data the estimator cannot read
             estimate = "no estimate for this architecture or data"
         return (
-            f"out of GPU memory loading '{self.base.name_or_path}' ({estimate}; {free / 2**30:.1f} of "
-            f"{total / 2**30:.1f} GiB free on {device}): use base.quantization nf4, lower data.batch_size "
-            "or data.max_seq_length, keep gradient_checkpointing on, or free the GPU"
+            f"out of GPU memory loading '{self.base.name_or_path}' ({estimate}; {free / 2**30:.1f} "
+            f"of {total / 2**30:.1f} GiB free on {device}): use base.quantization nf4, lower "
+            "data.batch_size or data.max_seq_length, keep gradient_checkpointing on, or free the "
+            "GPU"
         )
 
     @override

@@ -250,7 +250,8 @@ class DPOModule(PreferenceModule):
         super().__init__(*args, beta=beta, sft_adapter=sft_adapter, **kwargs)
         if label_smoothing and loss_type not in ("sigmoid", "simpo"):
             raise UserError(
-                f"model.label_smoothing applies to the sigmoid and simpo losses only, not {loss_type}"
+                "model.label_smoothing applies to the sigmoid and simpo losses only, not "
+                f"{loss_type}"
             )
         if loss_type in REFERENCE_FREE and (precompute_ref_logps or sft_adapter):
             raise UserError(

@@ -73,7 +73,8 @@ class Inputs(LightningModule):
         ):
             if getattr(config, scale, None) not in (None, 1, 1.0):
                 raise UserError(
-                    f"model.loss_chunk_size does not support {config.model_type} ({scale}); unset it"
+                    f"model.loss_chunk_size does not support {config.model_type} ({scale}); unset "
+                    "it"
                 )
         head = causal_lm.get_output_embeddings()
         cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3

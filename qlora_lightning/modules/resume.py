@@ -175,14 +175,15 @@ def check_resume(
         )
     if module_class(recorded) != module_class(current):
         raise UserError(
-            f"checkpoint '{path}' was written by {module_class(recorded)}, not {module_class(current)}: "
-            "start a new run (model.init_args.lora.init_adapter starts it from a saved adapter)"
+            f"checkpoint '{path}' was written by {module_class(recorded)}, not "
+            f"{module_class(current)}: start a new run (model.init_args.lora.init_adapter starts "
+            "it from a saved adapter)"
         )
     changes = differences(recorded, current)
     if changes and not allow_changes:
         raise UserError(
-            f"checkpoint '{path}' was written by another config ({'; '.join(changes)}): "
-            "resume with the same config, or pass --allow_config_changes true to change it on purpose"
+            f"checkpoint '{path}' was written by another config ({'; '.join(changes)}): resume "
+            "with the same config, or pass --allow_config_changes true to change it on purpose"
         )
     return changes
 

@@ -12,12 +12,18 @@ COMMANDS = {
     "validate": "validation loss and metrics of a model and adapter",
     "test": "test metrics, e.g. GSM8K exact match (configs/gsm8k_eval.yaml)",
     "predict": "generate for a file of prompts into JSONL (configs/predict_quickstart.yaml)",
-    "eval": "lm-evaluation-harness tasks (gsm8k_local: local GSM8K) on an adapter as trained, or a merged model",
-    "merge": "merge an adapter into its base as a standalone model, checked against adapter-on-4-bit",
-    "export": "write a merged model (or an adapter, merged first) as a GGUF file for llama.cpp and Ollama",
+    "eval": "lm-evaluation-harness tasks (gsm8k_local: local GSM8K) on an adapter as trained, or a "
+    "merged model",
+    "merge": "merge an adapter into its base as a standalone model, checked against "
+    "adapter-on-4-bit",
+    "export": "write a merged model (or an adapter, merged first) as a GGUF file for llama.cpp and "
+    "Ollama",
     "estimate": "predict a config's peak GPU memory and what gradient_checkpointing auto picks",
 }
-USAGE = "usage: qlora-lightning (or python -m qlora_lightning) COMMAND [--config FILE] [options] [--verbose]"
+USAGE = (
+    "usage: qlora-lightning (or python -m qlora_lightning) COMMAND [--config FILE] [options] "
+    "[--verbose]"
+)
 
 
 def help_text() -> str:

@@ -54,12 +54,13 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="qlora-lightning estimate",
         usage="%(prog)s --config FILE [--KEY VALUE ...]",
-        description="The training plan of a config (what gradient_checkpointing auto picks, and why) and its "
-        "predicted peak GPU memory, piece by piece (the 4-bit weights, LoRA and its optimizer "
-        "state, activations, logits), without a GPU or the model's weights.",
-        epilog="Any key of the config can be overridden as --KEY VALUE, e.g. --data.init_args.batch_size 8 "
-        "--data.init_args.max_seq_length 1024 --model.init_args.lora.r 64 --model.init_args.loss_chunk_size "
-        "1024. With --model.init_args.gradient_checkpointing auto, add --model.init_args.memory_budget_gib "
+        description="The training plan of a config (what gradient_checkpointing auto picks, and "
+        "why) and its predicted peak GPU memory, piece by piece (the 4-bit weights, LoRA and its "
+        "optimizer state, activations, logits), without a GPU or the model's weights.",
+        epilog="Any key of the config can be overridden as --KEY VALUE, e.g. "
+        "--data.init_args.batch_size 8 --data.init_args.max_seq_length 1024 "
+        "--model.init_args.lora.r 64 --model.init_args.loss_chunk_size 1024. With "
+        "--model.init_args.gradient_checkpointing auto, add --model.init_args.memory_budget_gib "
         "GIB: the estimate then says which mode auto picks for that budget.",
     )
     parser.add_argument(
@@ -80,9 +81,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"error: {one_line(str(err))}")
     print_plan(result["plan"])
     print(
-        f"{result['model']}, {result['batch_size']} sequences x {result['max_seq_length']} tokens per micro-batch, "
-        f"gradient_checkpointing {result['gradient_checkpointing']}"
-        f"{' (what auto picks for this budget)' if result['chosen_by_auto'] else ''}:"
+        f"{result['model']}, {result['batch_size']} sequences x {result['max_seq_length']} tokens "
+        "per micro-batch, gradient_checkpointing "
+        f"{result['gradient_checkpointing']}{' (what auto picks for this budget)' if result['chosen_by_auto'] else ''}:"
     )
     for key, value in result.items():
         if key.endswith("_gib") and key not in (
@@ -94,7 +95,8 @@ def main(argv: list[str]) -> None:
     print(f"  {'predicted peak (allocated)':<36} {result['total_gib']:7.2f} GiB")
     if result["paged_optimizer_state_gib"]:
         print(
-            f"  {'optimizer state (paged, not counted)':<36} {result['paged_optimizer_state_gib']:7.2f} GiB"
+            f"  {'optimizer state (paged, not counted)':<36} "
+            f"{result['paged_optimizer_state_gib']:7.2f} GiB"
         )
     if result["offloaded_to_cpu_gib"]:
         print(f"  {'kept in CPU memory':<36} {result['offloaded_to_cpu_gib']:7.2f} GiB")
