@@ -28,9 +28,10 @@ Each variant runs in its own process (peaks cannot leak between them), all from 
 step time is the median after ``--warmup`` steps. Loss values on random weights mean nothing and
 are not reported. Results: ``<out>/dpo_memory.json``.
 
-    python benchmarks/dpo_memory.py --out benchmarks/results/dpo_memory     # GPU, ~5-8 minutes
-    python benchmarks/dpo_memory.py --tiny --out /tmp/dpo_memory             # CPU dry run, tiny dims
-    python benchmarks/dpo_memory.py --out benchmarks/results/kto_memory --variants dpo kto   # two of them
+    python benchmarks/dpo_memory.py --out benchmarks/results/dpo_memory  # GPU, ~5-8 minutes
+    python benchmarks/dpo_memory.py --tiny --out /tmp/dpo_memory         # CPU dry run, tiny dims
+    python benchmarks/dpo_memory.py --out benchmarks/results/kto_memory \
+        --variants dpo kto                                               # two of them
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--out", help="folder for dpo_memory.json")
     parser.add_argument(
         "--tiny", action="store_true", help="tiny dims and 64-token sequences (CPU dry run)"

@@ -14,8 +14,8 @@ then ``--repeats`` timed ones; the GPU is synchronized before every clock read a
 reported. Prefill is timed apart (a one-token generation), so decode speed is
 ``batch * (new_tokens - 1) / (total - prefill)``. Peak allocated memory is reset per model.
 
-    python benchmarks/generation.py --out benchmarks/results/generation     # GPU, about 5-10 minutes
-    python benchmarks/generation.py --tiny --out /tmp/generation-tiny       # CPU dry run, tiny dims
+    python benchmarks/generation.py --out benchmarks/results/generation  # GPU, about 5-10 minutes
+    python benchmarks/generation.py --tiny --out /tmp/generation-tiny    # CPU dry run, tiny dims
 """
 
 from __future__ import annotations
@@ -175,7 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     model = adapter_on_base(work / "adapter", spec, device)
     results += measure(model, "nf4+lora", args, vocab, device)
     del model
-    gc.collect()  # PEFT wrappers hold reference cycles: without this the 4-bit model would count in the next peak
+    # PEFT wrappers hold reference cycles: without this the 4-bit model would count in the next peak
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     model = merge_adapter(work / "adapter", spec, "dequantized", torch.bfloat16, device)

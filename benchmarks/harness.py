@@ -20,9 +20,11 @@ it (``step_stalls.py``); the report lists the slow steps. Results go to ``<out>/
 ``harness.md`` and ``harness.png`` (when matplotlib is there), rewritten after each run.
 
     python benchmarks/harness.py --quick --out /tmp/bench            # one ~10-minute GPU command
-    python benchmarks/harness.py --goals --archs mistral-7b --no-peer --out /tmp/goals  # its goals, met or not
+    python benchmarks/harness.py --goals --archs mistral-7b --no-peer \
+        --out /tmp/goals                                             # its goals, met or not
     python benchmarks/harness.py --archs gemma-7b --shapes 8x1024 --variants default chunked_ce
-    python benchmarks/harness.py --archs llama-2-7b --shapes 1x512 --variants default eager --repeat 3
+    python benchmarks/harness.py --archs llama-2-7b --shapes 1x512 --variants default eager \
+        --repeat 3
     python benchmarks/harness.py --original --out /tmp/orig          # the original T4 experiments
     python benchmarks/harness.py --tiny --quick --out /tmp/dry       # CPU dry run, tiny dims
     python benchmarks/harness.py --report benchmarks/results/X.json  # re-render a saved run

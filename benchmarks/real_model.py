@@ -23,8 +23,10 @@ tokenization, given to TRL pre-tokenized: what is compared is training (``tests/
 checks that TRL tokenizes these chat rows the same way).
 
     python benchmarks/real_model.py throughput --out benchmarks/results/<date>_real_model
-    python benchmarks/real_model.py learn --config configs/smollm2_gsm8k.yaml --out benchmarks/results/<date>_real_model
-    python benchmarks/real_model.py report --out benchmarks/results/<date>_real_model   # the learn runs as a table
+    python benchmarks/real_model.py learn --config configs/smollm2_gsm8k.yaml \
+        --out benchmarks/results/<date>_real_model
+    python benchmarks/real_model.py report \
+        --out benchmarks/results/<date>_real_model  # the learn runs as a table
 """
 
 from __future__ import annotations

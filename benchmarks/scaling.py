@@ -22,7 +22,8 @@ that only the strategy differs. Results: ``<out>/scaling.json`` and ``scaling.md
 
     python benchmarks/scaling.py --out /tmp/scaling              # 2 GPUs; 4 model loads of 7B
     python benchmarks/scaling.py --out /tmp/scaling --runs fsdp reload   # a part; the report merges
-    python benchmarks/scaling.py --out /tmp/acc4 --runs single ddp --accumulate 4   # all-reduce 1 in 4
+    python benchmarks/scaling.py --out /tmp/acc4 --runs single ddp \
+        --accumulate 4                                           # all-reduce 1 in 4
     python benchmarks/scaling.py --tiny --out /tmp/dry           # CPU dry run over gloo, tiny dims
 
 Loss values on random weights mean nothing and are not reported.

@@ -80,7 +80,7 @@ def extract(rev: str, into: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--baseline", metavar="REV", help="a commit to time beside --tree")
     parser.add_argument("--repeat", type=int, default=3)

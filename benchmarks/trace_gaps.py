@@ -113,7 +113,7 @@ def explain(events: list[dict], host_gaps: list[tuple], n: int, top: int) -> Non
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("trace")
     parser.add_argument("--min-gap-us", type=float, default=10.0)
     parser.add_argument("--depth", type=int, default=3, help="named frames per host-bound gap")

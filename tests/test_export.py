@@ -30,7 +30,8 @@ from tests.conftest import REPO, TINY_LLAMA, shared_path
 
 gguf = pytest.importorskip("gguf", reason="needs the real extra: pip install -e '.[real]'")
 
-from qlora_lightning.evaluate import export as gguf_export  # noqa: E402  (imports gguf lazily, but its tests need it)
+# (imports gguf lazily, but its tests need it)
+from qlora_lightning.evaluate import export as gguf_export  # noqa: E402
 from qlora_lightning.evaluate.export import export_gguf, permute_for_llama_cpp  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -416,7 +417,7 @@ def test_an_adapter_is_merged_through_merge_then_exported(tmp_path):
     assert_round_trip(path, merged, tokenizer, "f16")
 
 
-# ---- bad input -----------------------------------------------------------------------------------------
+# ---- bad input -----------------------------------------------------------------------------------
 
 
 def _one_line(args: list[str]) -> str:

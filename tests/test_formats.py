@@ -560,7 +560,8 @@ def test_fit_runs_on_each_format_from_its_path_alone(tmp_path, caplog):
 def test_a_dataset_module_of_its_own_layout_as_the_readme_writes_it(tokenizer, tmp_path):
     namespace: dict = {}
     readme = (REPO / "README.md").read_text()
-    exec(readme.split("# my_project/data.py\n")[1].split("```")[0], namespace)  # noqa: S102 - the README's code
+    # the README's code
+    exec(readme.split("# my_project/data.py\n")[1].split("```")[0], namespace)  # noqa: S102
     rows = [{"q": f"What is {i} + 1?", "a": str(i + 1)} for i in range(6)]
     dm = namespace["TriviaDataModule"](
         path=str(write_jsonl(tmp_path / "trivia.jsonl", rows)),

@@ -100,7 +100,7 @@ def _fit_stopped_then_resumed(root: Path, *logger: str) -> None:
     _fit(root, *logger, "--ckpt_path", "last", "--allow_config_changes", "true")
 
 
-# ---- reading each logger's files back --------------------------------------------------------------
+# ---- reading each logger's files back ------------------------------------------------------------
 
 
 def tensorboard_series(run: Path) -> dict[str, dict[int, float]]:

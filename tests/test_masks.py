@@ -76,7 +76,8 @@ def test_importing_the_package_changes_nothing_in_the_libraries_it_builds_on():
         def snapshot():
             return {(name, attr): id(value) for name, module in list(sys.modules.items())
                     if name.split(".")[0] in LIBS and isinstance(module, types.ModuleType)
-                    for attr, value in list(vars(module).items()) if not isinstance(value, types.ModuleType)}
+                    for attr, value in list(vars(module).items())
+                    if not isinstance(value, types.ModuleType)}
         before = snapshot()
         import qlora_lightning
         for info in pkgutil.walk_packages(qlora_lightning.__path__, "qlora_lightning."):

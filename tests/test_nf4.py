@@ -68,7 +68,8 @@ def test_gives_bitsandbytes_weight_output_and_input_gradient(shape, nested, devi
     assert actual.dtype == torch.bfloat16
     bias = None if layer.bias is None else layer.bias.to(torch.bfloat16)
     assert torch.equal(actual, torch.nn.functional.linear(x, weight, bias))
-    # ... and what its layer computes here (on a GPU, a fused kernel for so few rows: other rounding).
+    # ... and what its layer computes here (on a GPU, a fused kernel for so few rows: other
+    # rounding).
     expected = layer(x)
     torch.testing.assert_close(actual, expected, rtol=0.02, atol=0.01)
     grad = torch.randn_like(expected)

@@ -82,7 +82,7 @@ def _without_none(value: Any) -> Any:
     return value
 
 
-# ---- facts -----------------------------------------------------------------------------------------
+# ---- facts ---------------------------------------------------------------------------------------
 
 
 def data_summary(report: Optional[dict]) -> Optional[dict]:
@@ -170,7 +170,7 @@ def read_summary(folder: Union[str, Path]) -> Optional[dict]:
         return None
 
 
-# ---- rendering ---------------------------------------------------------------------------------------
+# ---- rendering -----------------------------------------------------------------------------------
 
 
 # Data settings a card leaves out: the tokenizer is the base's, the rest changes no result.
@@ -343,8 +343,11 @@ def write_adapter_card(
     val_loss = (facts.get("metrics") or {}).get("val/loss")
     body = f"""# {name}
 
-Trained with qlora_lightning by {_OBJECTIVES.get(facts.get("objective"), facts.get("objective"))} on `{data_path}`
-for {steps} optimizer steps{f"; final validation loss {val_loss:.4g}" if val_loss is not None else ""}.
+Trained with qlora_lightning by {_OBJECTIVES.get(facts.get("objective"), facts.get("objective"))} \
+on `{data_path}`
+for {steps} optimizer steps{
+        f"; final validation loss {val_loss:.4g}" if val_loss is not None else ""
+    }.
 
 {training_sections(facts)}
 
@@ -371,7 +374,8 @@ tokenizer = AutoTokenizer.from_pretrained("{where}")
 A standalone model, checked against the adapter on its 4-bit base, then a GGUF file for llama.cpp:
 
 ```bash
-python -m qlora_lightning merge --adapter {where if not repo_id else "ADAPTER_FOLDER"} --output merged
+python -m qlora_lightning merge --adapter {where if not repo_id else "ADAPTER_FOLDER"} \
+--output merged
 python -m qlora_lightning export --format gguf --dtype q8_0 --model merged
 ```
 """
@@ -458,8 +462,10 @@ A standalone {dtype} model: the LoRA adapter `{report.get("adapter")}` merged in
 
 ## Merge check: {check}
 
-The merged model against the adapter on its 4-bit base as trained, on {report.get("positions", "?")} positions of
-shipped GSM8K, Guanaco and CodeAlpaca rows (`merge_report.json` holds every number).{table}{ppl_line}
+The merged model against the adapter on its 4-bit base as trained, on \
+{report.get("positions", "?")} positions of
+shipped GSM8K, Guanaco and CodeAlpaca rows (`merge_report.json` holds every number).\
+{table}{ppl_line}
 
 ## Training of the adapter
 
@@ -477,7 +483,8 @@ tokenizer = AutoTokenizer.from_pretrained("{where}")
 A GGUF file for llama.cpp and Ollama:
 
 ```bash
-python -m qlora_lightning export --format gguf --dtype q8_0 --model {where if not repo_id else "MERGED_FOLDER"}
+python -m qlora_lightning export --format gguf --dtype q8_0 \
+--model {where if not repo_id else "MERGED_FOLDER"}
 ```
 """
     card = _card(
@@ -521,16 +528,16 @@ def write_gguf_card(
     repo = repo_id or "ORG/NAME"
     body = f"""# {name} (GGUF)
 
-`{
-        source
-    }` as GGUF files for llama.cpp, Ollama and LM Studio (architecture `llama`), with its tokenizer and
+`{source}` as GGUF files for llama.cpp, Ollama and LM Studio (architecture `llama`), with its \
+tokenizer and
 chat template, written by qlora_lightning `export`.
 
 | file | weights | size |
 |---|---|---|
 {listing}
 
-BF16 and F16 round each weight once; Q8_0 stores blocks of 32 weights as 8-bit integers with a 16-bit scale.
+BF16 and F16 round each weight once; Q8_0 stores blocks of 32 weights as 8-bit integers with a \
+16-bit scale.
 Norms are F32 in every file.
 
 ## Use
@@ -573,7 +580,7 @@ From the hub: `llama-cli -hf {repo}` (llama.cpp) or `ollama run hf.co/{repo}`.
     return _save(card, folder, facts)
 
 
-# ---- the hub ---------------------------------------------------------------------------------------------
+# ---- the hub -------------------------------------------------------------------------------------
 
 
 def check_repo_id(repo_id: str) -> None:

@@ -63,7 +63,7 @@ def _gguf():
     return gguf
 
 
-# ---- the model ------------------------------------------------------------------------------------
+# ---- the model -----------------------------------------------------------------------------------
 
 
 def check_architecture(config) -> str:
@@ -203,7 +203,7 @@ def stored_nbytes(planned: Planned) -> tuple[tuple[int, ...], "np.dtype", int]:
     return tuple(byte_shape), np.dtype(np.uint8), math.prod(byte_shape)
 
 
-# ---- the tokenizer ---------------------------------------------------------------------------------
+# ---- the tokenizer -------------------------------------------------------------------------------
 
 
 def _pre_tokenizer_name(pre: Optional[dict]) -> Optional[str]:
@@ -390,7 +390,7 @@ def add_tokenizer(writer, meta: dict) -> None:
         writer.add_chat_template(meta["chat_template"])
 
 
-# ---- the file --------------------------------------------------------------------------------------
+# ---- the file ------------------------------------------------------------------------------------
 
 
 def write_gguf(
@@ -535,7 +535,7 @@ def default_name(source: Path) -> str:
     return source.parent.name if source.name == "adapter" else source.name
 
 
-# ---- the command ------------------------------------------------------------------------------------
+# ---- the command ---------------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):

@@ -222,7 +222,9 @@ class GSM8KEval(Callback):
         if not scored or not trainer.is_global_zero:
             return
         text = "\n\n---\n\n".join(
-            f"**{'correct' if s.correct else 'wrong'}**\n\n```\n{s.prompt}\n```\n\n**generation**\n\n```\n{s.generation}\n```\n\n**reference**\n\n```\n{s.reference}\n```"
+            f"**{'correct' if s.correct else 'wrong'}**\n\n```\n{s.prompt}\n```\n\n"
+            f"**generation**\n\n```\n{s.generation}\n```\n\n"
+            f"**reference**\n\n```\n{s.reference}\n```"
             for s in scored
         )
         for logger in trainer.loggers:

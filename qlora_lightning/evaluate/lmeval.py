@@ -62,7 +62,7 @@ def _lm_eval():
     return lm_eval
 
 
-# ---- the local GSM8K task's data ----------------------------------------------------------------------
+# ---- the local GSM8K task's data -----------------------------------------------------------------
 
 
 def _read_gsm8k(path: Union[str, Path], role: str) -> list[dict]:
@@ -104,7 +104,7 @@ def load_gsm8k_local(
     )
 
 
-# ---- running lm-eval ----------------------------------------------------------------------------------
+# ---- running lm-eval -----------------------------------------------------------------------------
 
 
 def task_manager(
@@ -271,7 +271,7 @@ def results_table(results: dict) -> str:
     return make_table(results)
 
 
-# ---- during fit ---------------------------------------------------------------------------------------
+# ---- during fit ----------------------------------------------------------------------------------
 
 
 class LMEvalCallback(Callback):
@@ -406,7 +406,9 @@ class LMEvalCallback(Callback):
                     apply_chat_template=self.apply_chat_template,
                     seed=None,
                 )
-        finally:  # lm-eval draws from the global generators (few-shot sampling, its seeds): training must not see it
+        finally:
+            # lm-eval draws from the global generators (few-shot sampling, its seeds): training must
+            # not see it
             torch.set_rng_state(states[0])
             random.setstate(states[1])
             np.random.set_state(states[2])
@@ -425,7 +427,7 @@ class LMEvalCallback(Callback):
         return metrics
 
 
-# ---- the command --------------------------------------------------------------------------------------
+# ---- the command ---------------------------------------------------------------------------------
 
 
 class _Parser(argparse.ArgumentParser):
@@ -645,7 +647,8 @@ def main(args: Optional[Sequence[str]] = None) -> Path:
     what = (
         "merged model"
         if not opts.adapter
-        else f"{'its base, adapter off' if opts.without_adapter else 'adapter ' + repr(model.active_adapter)} "
+        else f"{'its base, adapter off' if opts.without_adapter else 'adapter '}"
+        f"{'' if opts.without_adapter else repr(model.active_adapter)} "
         f"on {model.peft_config[model.active_adapter].base_model_name_or_path}"
     )
     log.info("evaluating %s (%s) on %s", opts.adapter or opts.model, what, ", ".join(opts.tasks))

@@ -74,7 +74,8 @@ _CHECK_SETS = (
     ("guanaco.jsonl", guanaco_messages, GuanacoDataModule),
     ("codealpaca.json", alpaca_messages, CodeAlpacaDataModule),
 )
-MARGIN = 3.0  # a correct merge's error in units of the floor's (measured 0.9-1.1 in bf16 and fp16, tiny Llama)
+# a correct merge's error in units of the floor's (measured 0.9-1.1 in bf16 and fp16, tiny Llama)
+MARGIN = 3.0
 # What a float32 merge may differ by where the floor is zero: summation order (and one near-tie
 # flipping one greedy token, added per check as 1 / positions).
 SLACK = {"kl": 1e-5, "disagreement": 0.0, "response_nll_gap": 1e-4}

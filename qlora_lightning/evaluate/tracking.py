@@ -146,7 +146,7 @@ def _flat(params: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-# ---- tables and documents ------------------------------------------------------------------------------
+# ---- tables and documents ------------------------------------------------------------------------
 
 
 def _plain(value: Any) -> Any:

@@ -83,7 +83,8 @@ def main(argv: list[str]) -> None:
     print(
         f"{result['model']}, {result['batch_size']} sequences x {result['max_seq_length']} tokens "
         "per micro-batch, gradient_checkpointing "
-        f"{result['gradient_checkpointing']}{' (what auto picks for this budget)' if result['chosen_by_auto'] else ''}:"
+        f"{result['gradient_checkpointing']}"
+        f"{' (what auto picks for this budget)' if result['chosen_by_auto'] else ''}:"
     )
     for key, value in result.items():
         if key.endswith("_gib") and key not in (

@@ -146,5 +146,6 @@ def use_lean_lora(
 ) -> None:
     """Give every PEFT 4-bit LoRA layer of ``model`` the lean forward, in place."""
     for layer in [m for m in model.modules() if type(m) is Linear4bit]:
-        layer.__class__ = LeanLoraLinear4bit  # a subclass adding no parameters or buffers: only the forward changes
+        # a subclass adding no parameters or buffers: only the forward changes
+        layer.__class__ = LeanLoraLinear4bit
         layer.compiled_dequant_tokens = compiled_dequant_tokens
