@@ -280,7 +280,9 @@ def test_padding_free_is_exact_with_gpu_attention(attn):
     model = build_model(
         spec, LoraSpec(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False, device="cuda"
     )
-    to_cuda = lambda b: {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}  # noqa: E731
+    to_cuda = lambda b: {  # noqa: E731
+        k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()
+    }
     off, free = gsm8k("off"), gsm8k("padding_free", batch_size=8)
     ref_nll, ref_tokens, _ = _nll_and_grads(
         model, [to_cuda(off.collate([r])) for r in off.splits["train"]]
