@@ -1,7 +1,8 @@
 """The package's import rule, read from the source (nothing is imported): a module imports its own
 layer and lower ones only. Layers, lowest first:
 
-    foundation (errors, paths, losses, compat, bounds) < speed < model < data < evaluate < modules < run
+    foundation (errors, paths, losses, compat, bounds) < speed < model < data < evaluate < modules
+    < run
 
 ``qlora_lightning/__init__.py`` (the names exported on first use) and ``__main__.py`` sit above them all.
 Every import counts: at the top of a file, inside a function, under ``TYPE_CHECKING``.
