@@ -3,9 +3,9 @@
 The public names below are imported on first use (PEP 562), so that ``python -m qlora_lightning
 --help`` answers without loading torch, transformers and Lightning.
 
-Layers, lowest first: the foundation (``errors``, ``paths``, ``losses``, ``compat``: they import
-nothing of the package but each other) < ``speed`` < ``model`` < ``data`` < ``evaluate`` <
-``modules`` < ``run``. A module imports its own layer and lower ones only
+Layers, lowest first: the foundation (``errors``, ``paths``, ``losses``, ``compat``, ``bounds``:
+they import nothing of the package but each other) < ``speed`` < ``model`` < ``data`` <
+``evaluate`` < ``modules`` < ``run``. A module imports its own layer and lower ones only
 (``tests/test_layout.py``).
 """
 

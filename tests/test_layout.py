@@ -1,7 +1,8 @@
 """The package's import rule, read from the source (nothing is imported): a module imports its own
 layer and lower ones only. Layers, lowest first:
 
-    foundation (errors, paths, losses, compat) < speed < model < data < evaluate < modules < run
+    foundation (errors, paths, losses, compat, bounds) < speed < model < data < evaluate < modules
+    < run
 
 ``qlora_lightning/__init__.py`` (the names exported on first use) and ``__main__.py`` sit above them
 all. Every import counts: at the top of a file, inside a function, under ``TYPE_CHECKING``.
@@ -13,7 +14,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qlora_lightning"
-FOUNDATION = ("errors", "paths", "losses", "compat")
+FOUNDATION = ("errors", "paths", "losses", "compat", "bounds")
 LAYERS = ("foundation", "speed", "model", "data", "evaluate", "modules", "run", "entry")
 SUBPACKAGES = LAYERS[1:-1]
 

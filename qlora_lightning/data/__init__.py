@@ -1,8 +1,8 @@
 """DataModules: one shared base, one small file per dataset; row formats, tokenization, packing and
 sampling.
 
-May import: the foundation (``errors``, ``paths``, ``losses``, ``compat``), ``speed``, ``model`` and
-``data`` itself.
+May import: the foundation (``errors``, ``paths``, ``losses``, ``compat``, ``bounds``), ``speed``,
+``model`` and ``data`` itself.
 """
 
 from qlora_lightning.data.base import SFTDataModule, load_raw_dataset, pad_batch

@@ -17,13 +17,13 @@ from jsonargparse.typing import (
     NonNegativeInt,
     OpenUnitInterval,
     PositiveInt,
-    restricted_number_type,
 )
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
+from qlora_lightning.bounds import SequenceLength
 from qlora_lightning.data.formats import (
     SFT_FORMATS,
     UNMAPPED,
@@ -51,13 +51,12 @@ from qlora_lightning.paths import shipped
 
 # `datasets` (with pandas and pyarrow) is imported where data is loaded: a config's parse, which
 # imports this module, then stays a second shorter (benchmarks/startup.py). The annotations name its
-# types without importing it (they are never evaluated); a TYPE_CHECKING import would not do, as
-# jsonargparse runs those of the modules whose classes a config names.
+# types through these aliases, Any to mypy, without importing it; a TYPE_CHECKING import would not
+# do, as jsonargparse runs those of the modules whose classes a config names.
+Dataset = Any  # datasets.Dataset
+DatasetDict = Any  # datasets.DatasetDict
 
 log = logging.getLogger(__name__)
-
-# Room for a prompt and a response; checked when a config is parsed.
-SequenceLength = restricted_number_type("SequenceLength", int, [(">=", 16)])
 
 _LISTED = 100  # dropped rows listed one by one in data_report.json (all are counted)
 
@@ -76,7 +75,7 @@ _FILE_BUILDERS = {
 ORIGIN = "__origin__"
 
 
-def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> datasets.DatasetDict:
+def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> DatasetDict:
     """A local file or directory, or else a hub dataset id, as a DatasetDict of splits with an
     ``ORIGIN`` column."""
     import datasets
@@ -120,7 +119,7 @@ def load_raw_dataset(path: str, hub_config: Optional[str] = None) -> datasets.Da
         raise UserError(f"cannot load data '{path}': {first}") from None
 
 
-def _file_origins(path: Path, ds: datasets.Dataset) -> list[str]:
+def _file_origins(path: Path, ds: Dataset) -> list[str]:
     """Each row's place in its file: the line of a JSON Lines or text file, the item of a JSON
     array, else the row."""
     if path.suffix.lower() in (".jsonl", ".json", ".txt"):
@@ -145,7 +144,7 @@ def resolve_tokenizer(
     return load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
 
 
-def _lenient_json(path: Path) -> datasets.DatasetDict:
+def _lenient_json(path: Path) -> DatasetDict:
     """A JSON / JSONL file that arrow cannot read as one table (rows of clashing types, broken
     lines): one text column of per-row JSON, decoded and judged row by row in ``decode_row``."""
     import datasets
@@ -227,9 +226,7 @@ def _row_key(row: dict) -> str:
     return json.dumps({k: v for k, v in row.items() if k != ORIGIN}, sort_keys=True, default=str)
 
 
-def drop_duplicates(
-    ds: datasets.Dataset, seen: dict[str, str]
-) -> tuple[datasets.Dataset, list[dict]]:
+def drop_duplicates(ds: Dataset, seen: dict[str, str]) -> tuple[Dataset, list[dict]]:
     """The rows whose content no earlier row had (``seen``: content -> origin, updated), and the
     others' entries."""
     keep, dropped = [], []
@@ -368,7 +365,7 @@ class SFTDataModule(LightningDataModule):
                 "data.group_by_length applies only with data.packing 'off' (packs are already full)"
             )
         self.packing, self.group_by_length = packing, group_by_length
-        self.splits: dict[str, datasets.Dataset] = {}
+        self.splits: dict[str, Dataset] = {}
         self.strict = strict
         self.report: dict[str, dict] = {}  # per split: rows, kept, truncated, dropped
         self.read_report: dict[
@@ -393,6 +390,7 @@ class SFTDataModule(LightningDataModule):
         A ``functools.partial`` of a module-level function: `datasets` hashes it to cache the
         tokenized split, which a bound method would defeat.
         """
+        assert self.row_format is not None  # read by setup before a split is encoded
         return sft_reader(self.row_format, self.roles, self.columns())
 
     def encoder(self) -> tuple[Callable[..., dict], dict]:
@@ -498,7 +496,7 @@ class SFTDataModule(LightningDataModule):
     # ---- pieces ----------------------------------------------------------------------
 
     @staticmethod
-    def first_rows(ds: datasets.Dataset) -> list[dict]:
+    def first_rows(ds: Dataset) -> list[dict]:
         """Up to 20 first rows, decoded: what format detection looks at."""
         first = []
         for row in ds.select(range(min(len(ds), 20))):
@@ -508,10 +506,10 @@ class SFTDataModule(LightningDataModule):
                 continue
         return first
 
-    def _read_format(self, ds: datasets.Dataset) -> str:
+    def _read_format(self, ds: Dataset) -> str:
         """``data.format``, or the format its first rows show (logged), after a warning for fields
         no key reads."""
-        fmt = self.format
+        fmt: str = self.format
         if fmt == "auto":
             first = self.first_rows(ds)
             fmt = detect_format(first, self.preference, self.path, fallback=self.native_format)
@@ -526,7 +524,7 @@ class SFTDataModule(LightningDataModule):
             self._warn_unused_fields(ds, read)
         return fmt
 
-    def _warn_unused_fields(self, ds: datasets.Dataset, read: set[str]) -> None:
+    def _warn_unused_fields(self, ds: Dataset, read: set[str]) -> None:
         """One warning naming each column no key reads that holds a value in some row (counted)."""
         unused = {}
         for name in set(ds.column_names) - read - {ORIGIN, RAW_JSON}:
@@ -542,7 +540,7 @@ class SFTDataModule(LightningDataModule):
                 detail,
             )
 
-    def _split(self, raw: datasets.DatasetDict) -> tuple[datasets.Dataset, datasets.Dataset]:
+    def _split(self, raw: DatasetDict) -> tuple[Dataset, Dataset]:
         # Duplicates go before the held-out split, so that no row sits in both splits. A dataset's
         # own splits are each its authors' choice: deduplicated apart.
         train, duplicates = drop_duplicates(raw[self.train_split], {})
@@ -574,12 +572,12 @@ class SFTDataModule(LightningDataModule):
             )
         return self._sample(train, self.num_samples), self._sample(val, self.num_val_samples)
 
-    def _sample(self, ds: datasets.Dataset, n: Optional[int]) -> datasets.Dataset:
+    def _sample(self, ds: Dataset, n: Optional[int]) -> Dataset:
         if n is None or n >= len(ds):
             return ds
         return ds.shuffle(seed=self.seed).select(range(n))
 
-    def _encode(self, ds: datasets.Dataset, name: str) -> datasets.Dataset:
+    def _encode(self, ds: Dataset, name: str) -> Dataset:
         encode, fn_kwargs = self.encoder()
         encoded = ds.map(
             encode,
@@ -636,6 +634,8 @@ class SFTDataModule(LightningDataModule):
     def _refuse(self, drops: list[dict], name: str) -> None:
         """Stop on the first bad row under ``strict``, and on the first row a ``refusal_hint``
         answers for."""
+        first: Optional[dict]
+        hint: Optional[str]
         if drops and self.strict:
             first, hint = drops[0], "data.strict is on"
         else:
@@ -656,7 +656,7 @@ class SFTDataModule(LightningDataModule):
             return "map it with data.roles, or drop such rows with data.unmapped_roles: drop"
         return None
 
-    def _loader(self, ds: datasets.Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         # Stateful: checkpoints record the position inside the epoch, so resuming never
         # repeats or skips a batch.
         sampler = None

@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from qlora_lightning.data.base import ORIGIN, SFTDataModule, pad_batch, without_origin
+from qlora_lightning.data.base import ORIGIN, Dataset, SFTDataModule, pad_batch, without_origin
 from qlora_lightning.data.formats import (
     PREFERENCE_FORMATS,
     SFT_FORMATS,
@@ -224,13 +224,13 @@ class KTODataModule(SFTDataModule):
         super().__init__(**kwargs)
         self.label_column, self.from_pairs = label_column, from_pairs
 
-    def _read_format(self, ds: datasets.Dataset) -> str:
+    def _read_format(self, ds: Dataset) -> str:
         if self.from_pairs is None:
             self.from_pairs = holds_pairs(self.first_rows(ds))
         self.preference = self.from_pairs  # what format detection may find
         return super()._read_format(ds)
 
-    def _warn_unused_fields(self, ds: datasets.Dataset, read: set[str]) -> None:
+    def _warn_unused_fields(self, ds: Dataset, read: set[str]) -> None:
         super()._warn_unused_fields(ds, read if self.from_pairs else read | {self.label_column})
 
     def refusal_hint(self, reason: str) -> Optional[str]:
@@ -239,6 +239,7 @@ class KTODataModule(SFTDataModule):
         return super().refusal_hint(reason)
 
     def encoder(self) -> tuple[Callable[..., dict], dict]:
+        assert self.row_format is not None  # read by setup before a split is encoded
         if self.from_pairs:
             to_examples = functools.partial(
                 pair_examples, to_pair=preference_reader(self.row_format, self.roles)

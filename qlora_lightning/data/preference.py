@@ -26,7 +26,7 @@ the tokens of both (the perf callback counts throughput from it).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -79,7 +79,7 @@ def tokenize_pair(
     ]
     if sequences[0][:2] != sequences[1][:2]:
         raise RowError("the prompt tokenizes differently before chosen and rejected")
-    out = {"prompt_truncated": False, "response_truncated": False}
+    out: dict[str, Any] = {"prompt_truncated": False, "response_truncated": False}
     for name, sequence in zip(REPLIES, sequences):
         prompt_ids, response_ids, prompt_cut, response_cut = cut_to_fit(
             *sequence, max_seq_length, max_prompt_length
@@ -160,7 +160,9 @@ def _encode_pair_row(
         )
         return {**out, "drop_reason": ""}
     except RowError as err:
-        empty = {f"{name}{part}_ids": [] for name in REPLIES for part in ("_prompt", "")}
+        empty: dict[str, list[int]] = {
+            f"{name}{part}_ids": [] for name in REPLIES for part in ("_prompt", "")
+        }
         return {
             **empty,
             "prompt_truncated": False,
@@ -249,6 +251,7 @@ class PreferenceDataModule(SFTDataModule):
         return self.column_names
 
     def encoder(self) -> tuple[Callable[..., dict], dict]:
+        assert self.row_format is not None  # read by setup before a split is encoded
         to_pair = preference_reader(self.row_format, self.roles, self.columns())
         return _encode_pair_row, {
             "to_pair": to_pair,

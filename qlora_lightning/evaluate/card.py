@@ -32,7 +32,8 @@ SUMMARY_FILE = "training_summary.json"
 CARD_FILE = "README.md"
 # Base-model aliases of the project (gguf.ALIASES) and the hub model whose weights they hold.
 ALIAS_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-_OBJECTIVES = {
+# Looked up with the objective a summary records: None when it records none.
+_OBJECTIVES: dict[Optional[str], str] = {
     "SFTModule": "supervised fine-tuning (SFT)",
     "DPOModule": "direct preference optimization (DPO family)",
     "KTOModule": "KTO (unpaired preferences)",

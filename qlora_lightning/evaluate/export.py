@@ -338,7 +338,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int) -> dict:
     scores = None
     # llama.cpp merges sentencepiece-style by the score of the token a merge makes.
     if kind == "llama":
-        rank = {}
+        rank: dict[str, int] = {}
         for r, merge in enumerate(merges):
             rank.setdefault(merge.replace(" ", ""), r)
         scores = [-float(rank[t]) if t in rank else 0.0 for t in tokens]

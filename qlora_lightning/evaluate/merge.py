@@ -37,7 +37,7 @@ import math
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, Optional, Sequence, Union
+from typing import Any, Literal, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +59,12 @@ from qlora_lightning.errors import UserError
 from qlora_lightning.evaluate.generation import inference_mode
 from qlora_lightning.losses import IGNORE_INDEX
 from qlora_lightning.model.adapters import read_base_spec
-from qlora_lightning.model.build import BaseModelSpec, load_base_model, load_tokenizer
+from qlora_lightning.model.build import (
+    BaseModelSpec,
+    ComputeDtype,
+    load_base_model,
+    load_tokenizer,
+)
 from qlora_lightning.paths import shipped
 
 log = logging.getLogger(__name__)
@@ -145,7 +150,7 @@ def adapter_on_base(
     dtype instead."""
     if dtype is None:
         return PeftModel.from_pretrained(load_base_model(spec, device), str(adapter_dir))
-    name = str(dtype).removeprefix("torch.")
+    name = cast(ComputeDtype, str(dtype).removeprefix("torch."))  # torch.float32 -> "float32"
     model = PeftModel.from_pretrained(
         load_base_model(replace(spec, compute_dtype=name), device), str(adapter_dir)
     )
@@ -304,7 +309,7 @@ def merge_and_check(
     tokenizer.save_pretrained(partial)
     merged_outputs = outputs_on(merged, batch)
     del merged
-    report = {
+    report: dict[str, Any] = {
         "adapter": str(adapter_dir),
         "base": spec.name_or_path,
         "into": into,
@@ -351,7 +356,7 @@ def _what_passes(
 ) -> Optional[str]:
     """The first of the likelier fixes whose merge passes the check (tried in memory), as CLI
     options."""
-    tries = (
+    tries: list[tuple[Into, torch.dtype]] = (
         [("dequantized", dtype), ("dequantized", torch.float32)]
         if into == "original"
         else [("dequantized", torch.float32)]

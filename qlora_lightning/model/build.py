@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Literal, Optional, Union
 
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_number_type
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -24,6 +24,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from qlora_lightning.bounds import Fraction
 from qlora_lightning.errors import UserError, first_line
 from qlora_lightning.model.gguf import dequantized_checkpoint, gguf_source
 from qlora_lightning.model.hub import check_hub_id
@@ -46,8 +47,7 @@ if TYPE_CHECKING:  # plan.py imports distributed.py, which imports this module
 log = logging.getLogger(__name__)
 
 Quantization = Literal["nf4", "fp4", "int8", "none"]
-# A float in [0, 1); checked when a config is parsed.
-Fraction = restricted_number_type("Fraction", float, [(">=", 0.0), ("<", 1.0)])
+ComputeDtype = Literal["bfloat16", "float16", "float32"]
 
 
 @dataclass
@@ -96,7 +96,7 @@ class BaseModelSpec:
     tokenizer: Optional[str] = None
     quantization: Quantization = "nf4"
     double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    compute_dtype: ComputeDtype = "bfloat16"
     random_init: bool = False
     config_overrides: dict = field(default_factory=dict)
     attn_implementation: Optional[str] = "sdpa"

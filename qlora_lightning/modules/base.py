@@ -18,11 +18,11 @@ import torch
 from jsonargparse.typing import PositiveFloat, PositiveInt
 from lightning.pytorch.cli import OptimizerCallable
 
+from qlora_lightning.bounds import Fraction
 from qlora_lightning.errors import UserError
 from qlora_lightning.model.adapters import AdapterSet
 from qlora_lightning.model.build import (
     BaseModelSpec,
-    Fraction,
     LoraSpec,
     load_tokenizer,
     spec_dict,

@@ -41,7 +41,7 @@ def paged_adamw_8bit(params, lr: float = 2e-4, weight_decay: float = 0.0) -> tor
 
 
 # What it builds, for the plan's optimizer kind (``plan.optimizer_kind``), without building one.
-paged_adamw_8bit.optimizer_class = "bitsandbytes.optim.PagedAdamW8bit"
+setattr(paged_adamw_8bit, "optimizer_class", "bitsandbytes.optim.PagedAdamW8bit")
 
 
 class Building(LightningModule):
@@ -129,6 +129,7 @@ class Building(LightningModule):
         free, total = torch.cuda.mem_get_info(device)
         try:
             data = getattr(self._trainer, "datamodule", None)
+            assert self.plan is not None  # resolved in configure_model, before the model loads
             shape = self.plan.micro_batch or declared_micro_batch(data, self.sequences_per_example)
             plan = replace(self.plan, micro_batch=shape)
             gib = plan.peak_gib

@@ -31,6 +31,7 @@ class CheckpointState(LightningModule):
     model: Optional[torch.nn.Module]
     adapter_dir: Optional[str]
     run_record: Optional[dict]
+    saved_adapter_dir: Optional[Path]
     _pending_rng_states: Optional[dict]
     _skipped_steps: torch.Tensor
 

@@ -16,10 +16,11 @@ from dataclasses import replace
 from typing import Iterator, Optional
 
 import torch
-from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
+from jsonargparse.typing import PositiveFloat, PositiveInt
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from qlora_lightning.bounds import LabelSmoothing
 from qlora_lightning.errors import UserError
 from qlora_lightning.losses import (
     REFERENCE_FREE,
@@ -33,9 +34,6 @@ from qlora_lightning.losses import (
 from qlora_lightning.model.build import add_frozen_adapter, trainable_state_dict
 from qlora_lightning.model.distributed import is_fsdp
 from qlora_lightning.modules.base import LOSS_POSITIONS, QLoRAModule
-
-# Checked when a config is parsed: at 0.5 the labels carry no preference at all.
-LabelSmoothing = restricted_number_type("LabelSmoothing", float, [(">=", 0.0), ("<", 0.5)])
 
 REFERENCE_ADAPTER = "reference"
 

@@ -35,6 +35,7 @@ class Inputs(LightningModule):
         inputs, known = self._as_known(
             {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
         )
+        assert self.model is not None  # built in configure_model
         with known:
             return self.model(**inputs, use_cache=False).logits
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import numpy as np
 import torch
@@ -32,7 +32,10 @@ from qlora_lightning.errors import UserError
 def collect_rng_states() -> dict[str, Any]:
     """The global generators (torch, CUDA, NumPy, Python) as tensors, lists and numbers."""
     version, internal, gauss = random.getstate()
-    algorithm, keys, pos, has_gauss, cached = np.random.get_state()
+    # The legacy tuple, numpy's default; its stubs type the default call as returning the dict form.
+    algorithm, keys, pos, has_gauss, cached = cast(
+        "tuple[str, np.ndarray, int, int, float]", np.random.get_state()
+    )
     states = {
         "torch": torch.get_rng_state(),
         "python": {"version": version, "state": list(internal), "gauss": gauss},

@@ -269,6 +269,7 @@ class PerfMonitor(Callback):
         end = Mark(trainer.strategy.root_device)
         step = trainer.global_step  # already incremented by this optimizer step
         if step > self._first_step + self.warmup_steps and not w["tainted"]:
+            assert self._start is not None  # marked in on_train_start
             self._pending.append((step, w, self._start, end))
         self._start, self._window = end, self._new_window()
         # The step before: its end is behind the work just queued, so waiting for it keeps the GPU
@@ -396,8 +397,8 @@ class PerfMonitor(Callback):
         device = trainer.strategy.root_device
         not_measured = "not measured (CPU run)"
         # Allocated and reserved GiB per rank, gathered in on_train_end; this rank's alone before
-        # that.
-        peaks = self._peaks_per_rank
+        # that. A tensor wherever it is read below (on CUDA); None only where it is not.
+        peaks: Any = self._peaks_per_rank
         if peaks is None and on_cuda:
             peaks = torch.tensor([[*self._peak_memory_gib(trainer), self._start_alloc_gib or 0.0]])
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

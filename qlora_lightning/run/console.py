@@ -64,7 +64,9 @@ def configure(verbose: bool = False) -> None:
     if not any(getattr(h, "_qlora_console", False) for h in project.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_ProjectFormatter())
-        handler._qlora_console = True  # configure() may run more than once in a process (tests)
+        setattr(
+            handler, "_qlora_console", True
+        )  # configure() may run more than once in a process (tests)
         project.addHandler(handler)
     project.setLevel(logging.INFO)
     if verbose:

@@ -3,5 +3,6 @@ matmul, the host's answers to mask checks, optimizers without host-device waits,
 clock, lagged reads of GPU results, and the peak-memory estimator (which ``auto`` in the training
 plan asks).
 
-May import: the foundation (``errors``, ``paths``, ``losses``, ``compat``) and ``speed`` itself.
+May import: the foundation (``errors``, ``paths``, ``losses``, ``compat``, ``bounds``) and
+``speed`` itself.
 """

@@ -119,7 +119,7 @@ def linear_4bit_lora(
     """
     state = layer.weight.quant_state
     dtype = layer.compute_dtype
-    quantized = (layer.weight, state.code, state.absmax)
+    quantized: tuple[torch.Tensor, ...] = (layer.weight, state.code, state.absmax)
     if state.nested:
         quantized += (state.state2.code, state.state2.absmax, state.offset)
     layout = (
