@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from qlora_lightning.errors import UserError, first_line
+from qlora_lightning.errors import OneLineParser, UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -538,16 +537,8 @@ def default_name(source: Path) -> str:
 # ---- the command ---------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line (``error: ... (see --help)``) like the other
-    commands'."""
-
-    def error(self, message: str):
-        sys.exit(f"error: {message} (see --help)")
-
-
 def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m qlora_lightning export",
         description="A merged model (or an adapter, merged first as merge does) as one GGUF file "
         "for llama.cpp, Ollama and LM Studio, with its tokenizer and a README.md model card.",

@@ -38,7 +38,7 @@ from jsonargparse.typing import PositiveInt
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from qlora_lightning.errors import UserError, first_line
+from qlora_lightning.errors import OneLineParser, UserError, first_line
 from qlora_lightning.evaluate.generation import inference_mode
 from qlora_lightning.model.adapters import AdapterSet, attach_adapters, using_adapter
 from qlora_lightning.paths import PACKAGE_DIR, shipped
@@ -430,14 +430,6 @@ class LMEvalCallback(Callback):
 # ---- the command ---------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line (``error: ... (see --help)``) like the other
-    commands'."""
-
-    def error(self, message: str):
-        sys.exit(f"error: {message} (see --help)")
-
-
 def _limit(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -446,7 +438,7 @@ def _limit(text: str) -> float:
 
 
 def parse_args(args: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m qlora_lightning eval",
         description="lm-evaluation-harness tasks on a trained adapter on its 4-bit base, as "
         "trained (or on a merged model folder), in memory through lm-eval's HF wrapper.",
