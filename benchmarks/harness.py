@@ -94,9 +94,8 @@ class Job:
     round: int = 0  # of --repeat
     profile: bool = False  # trace the GPU kernels of the last PROFILED_STEPS measured steps
     profile_host: bool = False  # and the host's work (a diagnostic: it slows the steps it traces)
-    trace_dir: Optional[str] = (
-        None  # where the profiled steps' Chrome trace goes, gzipped (implies profile)
-    )
+    # Where the profiled steps' Chrome trace goes, gzipped (implies profile)
+    trace_dir: Optional[str] = None
 
     @property
     def shape(self) -> str:

@@ -111,9 +111,8 @@ def train(args: argparse.Namespace, dm, model: torch.nn.Module | None, root: Pat
         adapter_dir=str(root / "adapter"),
         **kwargs,
     )
-    module.model = (
-        model  # None: configure_model builds it; else the base loaded by an earlier layout
-    )
+    # None: configure_model builds it; else the base loaded by an earlier layout.
+    module.model = model
     monitor = PerfMonitor(warmup_steps=args.warmup)
     trainer = Trainer(
         accelerator="auto",

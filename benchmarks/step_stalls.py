@@ -30,9 +30,8 @@ SMI_FIELDS = (
     "timestamp,clocks.sm,power.draw",
 )
 SMI_PERIOD_MS = 50
-RUNQUEUE = (
-    "runqueue_ns"  # a reading's key: each thread's total nanoseconds ready to run but not running
-)
+# A reading's key: each thread's total nanoseconds ready to run but not running.
+RUNQUEUE = "runqueue_ns"
 SLOW = 1.05  # a step this many times the median step or more is listed with what happened in it
 
 # Bits of the clock event reasons that slow the clock (not "idle" or "applications clocks").

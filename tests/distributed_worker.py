@@ -125,9 +125,8 @@ class TokenTally(Callback):
         self._tokens, self._stepped = 0, False
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self._stepped = (
-            True  # also at an epoch's end, after fewer than accumulate_grad_batches batches
-        )
+        # Also at an epoch's end, after fewer than accumulate_grad_batches batches.
+        self._stepped = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._tokens += int(real_tokens_and_examples(batch)[0])

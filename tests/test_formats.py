@@ -181,9 +181,8 @@ def test_last_assistant_only_and_weight_zero_turns_are_shown_not_trained(tokeniz
     assert row["labels"] == expected_tokens(c, tokenizer, last_only=True)[1]
 
     weighted = SFT_ROWS["openai"](c)
-    weighted["messages"][2]["weight"] = (
-        0  # OpenAI's per-message weight: the first answer is shown only
-    )
+    # OpenAI's per-message weight: the first answer is shown only.
+    weighted["messages"][2]["weight"] = 0
     rows = [weighted] + [SFT_ROWS["openai"](conversation(i)) for i in range(1, 4)]
     dm = sft_data(write_jsonl(tmp_path / "w.jsonl", rows), tokenizer, val_fraction=0.5)
     row = next(

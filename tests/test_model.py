@@ -200,9 +200,8 @@ def test_auto_checkpointing_builds_the_fastest_mode_the_memory_budget_allows(
     )
     module = sft_module(gradient_checkpointing="auto")
     trainer = cpu_trainer(tmp_path, max_steps=1, limit_val_batches=0)
-    module._trainer = (
-        trainer  # the estimate reads the micro-batch shape off the trainer's DataModule
-    )
+    # The estimate reads the micro-batch shape off the trainer's DataModule.
+    module._trainer = trainer
     trainer.datamodule = data
     peak = {
         mode: module.plan_training(estimate=True, gradient_checkpointing=mode).peak_gib

@@ -375,9 +375,8 @@ class SFTDataModule(LightningDataModule):
     formats: tuple[str, ...] = SFT_FORMATS  # the values of data.format this module reads
     # Whether ``encoder()``'s function maps batches of raw rows (and may turn one row into several).
     encodes_batches = False
-    native_format: Optional[str] = (
-        None  # what `auto` reads when no row shows a format (the dataset's own)
-    )
+    # What `auto` reads when no row shows a format (the dataset's own)
+    native_format: Optional[str] = None
     preference = False  # whether rows are preference pairs (decides what `auto` may detect)
 
     def columns(self) -> Optional[dict]:

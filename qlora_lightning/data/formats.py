@@ -78,9 +78,8 @@ DEFAULT_ROLES = {
 Pair = tuple[list[Message], str, str]  # prompt messages, chosen reply, rejected reply
 
 
-UNMAPPED = (
-    "unmapped role"  # how an UnmappedRole's message starts, to tell it from other drop reasons
-)
+# How an UnmappedRole's message starts, to tell it from other drop reasons.
+UNMAPPED = "unmapped role"
 
 
 class UnmappedRole(RowError):

@@ -105,7 +105,6 @@ class PromptsDataModule(SFTDataModule):
         }
         named = [r["record"].get(self.adapter_column) for r in rows]
         if any(named):
-            batch["adapter_names"] = (
-                named  # None entries: filled with the active adapter by the module
-            )
+            # None entries: filled with the active adapter by the module.
+            batch["adapter_names"] = named
         return batch

@@ -23,9 +23,8 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora_lightning.losses import IGNORE_INDEX
 
-Message = (
-    dict  # {"role": "system" | "user" | "assistant" | "tool", "content": str[, "train": bool]}
-)
+# {"role": "system" | "user" | "assistant" | "tool", "content": str[, "train": bool]}.
+Message = dict
 TrainOn = Literal["all_assistant", "last_assistant"]
 PROMPT_TOO_LONG = "prompt_too_long_even_truncated"
 

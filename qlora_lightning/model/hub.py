@@ -53,9 +53,8 @@ def check_hub_id(name: str, what: str = "model") -> None:
     if not constants.HF_HUB_OFFLINE and _reachable(constants.ENDPOINT):
         return
     constants.HF_HUB_OFFLINE = True  # read at call time by huggingface_hub and transformers
-    os.environ["HF_HUB_OFFLINE"] = (
-        "1"  # and by processes this one starts (DataLoader workers, DDP ranks)
-    )
+    # And by processes this one starts (DataLoader workers, DDP ranks)
+    os.environ["HF_HUB_OFFLINE"] = "1"
     if not _cached(name):
         raise UserError(
             f"{what} '{name}' is not a local folder, the hub ({constants.ENDPOINT}) cannot be "

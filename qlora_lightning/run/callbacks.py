@@ -163,20 +163,16 @@ class PerfMonitor(Callback):
         self._pending: deque[tuple[int, dict, Mark, Mark]] = deque()
         self._train_start: Optional[float] = None
         self._train_seconds = 0.0
-        self._earlier_seconds = (
-            0.0  # training time of the run before it was resumed (from the checkpoint)
-        )
-        self._first_step = (
-            0  # the step training started from in this process (a resumed run's: the checkpoint's)
-        )
+        # Training time of the run before it was resumed (from the checkpoint)
+        self._earlier_seconds = 0.0
+        # The step training started from in this process (a resumed run's: the checkpoint's)
+        self._first_step = 0
         self._trainer: Optional[Trainer] = None  # for state_dict, which Lightning calls without it
         self._stepped = False
-        self._peaks_per_rank: Optional[torch.Tensor] = (
-            None  # (world, 3) GiB, gathered at the end of training
-        )
-        self._start_alloc_gib: Optional[float] = (
-            None  # the model (weights, adapter) once the strategy placed it
-        )
+        # (world, 3) GiB, gathered at the end of training.
+        self._peaks_per_rank: Optional[torch.Tensor] = None
+        # The model (weights, adapter) once the strategy placed it.
+        self._start_alloc_gib: Optional[float] = None
         self._collector = CollectorClock()  # host time in Python's garbage collector (collector.py)
         self._gc_seconds = 0.0  # its reading at the end of the previous step
 

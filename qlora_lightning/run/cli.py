@@ -325,9 +325,8 @@ def main(args: list[str] | None = None) -> None:
     # refused.
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     if args is None:
-        sys.argv[1:] = (
-            argv  # LightningCLI reads sys.argv itself (and warns when given a copy of it)
-        )
+        # LightningCLI reads sys.argv itself (and warns when given a copy of it)
+        sys.argv[1:] = argv
     try:
         command = help_cache.asked_for(argv)
         if command:

@@ -61,12 +61,10 @@ class CheckpointMode(Enum):
     KEEP_ACTIVATIONS = False  # no checkpointing: the most memory, no recomputation
     RECOMPUTE_LAYERS = True  # each layer keeps its input on the GPU and recomputes the rest
     RECOMPUTE_LAYERS_OFFLOAD_INPUTS = "offload"  # the same, with the inputs in CPU memory
-    RECOMPUTE_HALVES_OFFLOAD_INPUTS = (
-        "offload_halves"  # the same per attention and MLP (Llama-style)
-    )
-    OFFLOAD_SAVED_NO_RECOMPUTE = (
-        "offload_all"  # no recomputation: all a layer saves waits in CPU memory
-    )
+    # The same per attention and MLP (Llama-style)
+    RECOMPUTE_HALVES_OFFLOAD_INPUTS = "offload_halves"
+    # No recomputation: all a layer saves waits in CPU memory.
+    OFFLOAD_SAVED_NO_RECOMPUTE = "offload_all"
 
     @classmethod
     def of(cls, value: Union["CheckpointMode", Checkpointing]) -> "CheckpointMode":
